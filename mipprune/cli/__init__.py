@@ -1,0 +1,37 @@
+"""``mipprune`` command line: one module per command group, all registered on one Typer app.
+
+Project errors (``MipPruneError``) are shown as one red line and exit code 2, not a traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from mipprune.cli._app import app
+
+# Each module below adds its commands to ``app`` when imported.
+from mipprune.cli import prune as _prune  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    from rich.console import Console
+
+    from solvers.errors import MipPruneError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except MipPruneError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+__all__ = ["app", "main"]

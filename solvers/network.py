@@ -1,0 +1,339 @@
+"""A small numpy IR for feed-forward ReLU networks (the only thing the verification code sees).
+
+Layers act on one sample's tensor; shapes exclude the batch axis. ``Network.forward`` is the float64
+reference forward used to re-check every counterexample. ``Network.to_affine_relu()`` folds the
+network into alternating affine maps and ReLUs, the form the bound and MILP code works on.
+
+ONNX import lives in :mod:`solvers.onnx_import` and is exposed as ``Network.from_onnx``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import numpy as np
+import scipy.sparse as sp
+
+from solvers.errors import InvalidInputError, UnsupportedLayerError
+
+Shape = tuple[int, ...]
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    a, b = v
+    return int(a), int(b)
+
+
+def _finite(name: str, a) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInputError(f"{name} must be finite; got NaN or inf entries")
+    return arr
+
+
+@dataclass(eq=False)
+class Dense:
+    """``y = W x + b``; ``weight`` (out, in), ``bias`` (out,)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.weight = _finite("Dense.weight", self.weight)
+        if self.weight.ndim != 2:
+            raise InvalidInputError(f"Dense.weight must be 2-D (out, in); got shape {self.weight.shape}")
+        self.bias = np.zeros(self.weight.shape[0]) if self.bias is None else _finite("Dense.bias", self.bias).reshape(-1)
+        if self.bias.shape != (self.weight.shape[0],):
+            raise InvalidInputError(f"Dense.bias must have shape ({self.weight.shape[0]},); got {self.bias.shape}")
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if int(np.prod(in_shape)) != self.weight.shape[1] or len(in_shape) != 1:
+            raise InvalidInputError(f"Dense layer expects input shape ({self.weight.shape[1]},); got {in_shape}")
+        return (self.weight.shape[0],)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T + self.bias
+
+    def as_matrix(self, in_shape: Shape) -> tuple[sp.csr_matrix, np.ndarray]:
+        return sp.csr_matrix(self.weight), self.bias.copy()
+
+
+@dataclass(eq=False)
+class Conv2d:
+    """2-D convolution on (C, H, W); ``weight`` (out, in, kh, kw), symmetric zero ``padding``."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def __post_init__(self):
+        self.weight = _finite("Conv2d.weight", self.weight)
+        if self.weight.ndim != 4:
+            raise InvalidInputError(f"Conv2d.weight must be 4-D (out, in, kh, kw); got shape {self.weight.shape}")
+        self.bias = np.zeros(self.weight.shape[0]) if self.bias is None else _finite("Conv2d.bias", self.bias).reshape(-1)
+        self.stride, self.padding, self.dilation = _pair(self.stride), _pair(self.padding), _pair(self.dilation)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        out, cin, kh, kw = self.weight.shape
+        if len(in_shape) != 3 or in_shape[0] != cin:
+            raise InvalidInputError(f"Conv2d layer expects input shape ({cin}, H, W); got {in_shape}")
+        _, H, W = in_shape
+        oh = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        ow = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if oh <= 0 or ow <= 0:
+            raise InvalidInputError(f"Conv2d output would be empty for input shape {in_shape}")
+        return (out, oh, ow)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        out, cin, kh, kw = self.weight.shape
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        _, oh, ow = self.output_shape(x.shape[1:])
+        # windows: (N, C, oh, ow, kh, kw) gathered with strides (no copy until einsum)
+        win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+        win = win[:, :, : (oh - 1) * sh + 1 : sh, : (ow - 1) * sw + 1 : sw, ::dh, ::dw]
+        return np.einsum("ncpqij,ocij->nopq", win, self.weight, optimize=True) + self.bias[None, :, None, None]
+
+    def as_matrix(self, in_shape: Shape) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The convolution as a sparse (out·oh·ow) × (in·H·W) matrix and the bias per output."""
+        out, cin, kh, kw = self.weight.shape
+        _, H, W = in_shape
+        _, oh, ow = self.output_shape(in_shape)
+        o, p, q, c, i, j = np.meshgrid(np.arange(out), np.arange(oh), np.arange(ow), np.arange(cin),
+                                       np.arange(kh), np.arange(kw), indexing="ij")
+        r = p * self.stride[0] - self.padding[0] + i * self.dilation[0]
+        s = q * self.stride[1] - self.padding[1] + j * self.dilation[1]
+        ok = (r >= 0) & (r < H) & (s >= 0) & (s < W) & (self.weight[o, c, i, j] != 0)
+        rows = ((o * oh + p) * ow + q)[ok]
+        cols = ((c * H + r) * W + s)[ok]
+        vals = self.weight[o, c, i, j][ok]
+        M = sp.csr_matrix((vals, (rows, cols)), shape=(out * oh * ow, cin * H * W))
+        return M, np.repeat(self.bias, oh * ow)
+
+
+@dataclass(eq=False)
+class ReLU:
+    """Element-wise ``max(0, x)``."""
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return tuple(in_shape)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0.0)
+
+
+@dataclass(eq=False)
+class Flatten:
+    """Row-major flattening of one sample's tensor (as torch and ONNX do)."""
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return (int(np.prod(in_shape)),)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(x.shape[0], -1)
+
+    def as_matrix(self, in_shape: Shape) -> tuple[sp.csr_matrix, np.ndarray]:
+        n = int(np.prod(in_shape))
+        return sp.identity(n, format="csr"), np.zeros(n)
+
+
+@dataclass(eq=False)
+class Normalize:
+    """Input scaling ``(x − mean) / std``; ``mean`` and ``std`` broadcast against one sample's shape."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def __post_init__(self):
+        self.mean = _finite("Normalize.mean", self.mean)
+        self.std = _finite("Normalize.std", self.std)
+        if np.any(self.std == 0):
+            raise InvalidInputError("Normalize.std must be non-zero; got a zero entry")
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        try:
+            np.broadcast_shapes(tuple(in_shape), self.mean.shape, self.std.shape)
+        except ValueError:
+            raise InvalidInputError(f"Normalize mean/std shapes {self.mean.shape}/{self.std.shape} do not "
+                                    f"broadcast to the input shape {in_shape}") from None
+        return tuple(in_shape)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std
+
+    def as_matrix(self, in_shape: Shape) -> tuple[sp.csr_matrix, np.ndarray]:
+        scale = np.broadcast_to(1.0 / self.std, in_shape).reshape(-1)
+        shift = np.broadcast_to(-self.mean / self.std, in_shape).reshape(-1)
+        return sp.diags(scale, format="csr"), shift.astype(np.float64).copy()
+
+
+@dataclass(eq=False)
+class Add:
+    """Residual addition: the current tensor plus the activation ``source``.
+
+    Activations are numbered as in :meth:`Network.activations`: 0 is the network input and ``i + 1``
+    the output of layer ``i``; ``source`` must be an earlier activation of the same shape.
+    """
+
+    source: int
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return tuple(in_shape)
+
+
+Layer = Union[Dense, Conv2d, ReLU, Flatten, Normalize, Add]
+AFFINE = (Dense, Conv2d, Flatten, Normalize)
+
+
+@dataclass(eq=False)
+class AffineBlock:
+    """``y = weight @ x + bias`` on flattened vectors; ``weight`` is CSR (out, in)."""
+
+    weight: sp.csr_matrix
+    bias: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    def dense(self) -> np.ndarray:
+        return self.weight.toarray()
+
+
+@dataclass(eq=False)
+class Network:
+    """A feed-forward network: ``layers`` applied in order to inputs of shape ``input_shape``."""
+
+    layers: list
+    input_shape: Shape
+    names: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        self.layers = list(self.layers)
+        if not self.names:
+            self.names = [f"{type(l).__name__.lower()}_{i}" for i, l in enumerate(self.layers)]
+        self.shapes = self._propagate_shapes()
+
+    def _propagate_shapes(self) -> list[Shape]:
+        shapes = [self.input_shape]
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, (Dense, Conv2d, ReLU, Flatten, Normalize, Add)):
+                raise UnsupportedLayerError(f"layer {i} must be one of Dense, Conv2d, ReLU, Flatten, "
+                                            f"Normalize, Add; got {type(layer).__name__}")
+            if isinstance(layer, Add):
+                if not 0 <= layer.source <= i or shapes[layer.source] != shapes[-1]:
+                    raise InvalidInputError(
+                        f"Add at layer {i} must reference an earlier activation of shape {shapes[-1]}; "
+                        f"got source {layer.source}")
+            shapes.append(layer.output_shape(shapes[-1]))
+        return shapes
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_inputs(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.shapes[-1]
+
+    @property
+    def n_outputs(self) -> int:
+        return int(np.prod(self.output_shape))
+
+    def __repr__(self) -> str:
+        body = ", ".join(type(l).__name__ for l in self.layers)
+        return f"Network(input_shape={self.input_shape}, layers=[{body}])"
+
+    # ------------------------------------------------------------------ forward
+    def _batch(self, x) -> tuple[np.ndarray, bool]:
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape == self.input_shape or (x.ndim == 1 and x.size == self.n_inputs):
+            return x.reshape((1,) + self.input_shape), False
+        if x.shape[1:] == self.input_shape:
+            return x, True
+        if x.ndim == 2 and x.shape[1] == self.n_inputs:
+            return x.reshape((x.shape[0],) + self.input_shape), True
+        raise InvalidInputError(f"input must have shape (N, *{self.input_shape}), {self.input_shape} or "
+                                f"(N, {self.n_inputs}); got {x.shape}")
+
+    def activations(self, x) -> list[np.ndarray]:
+        """All activations, batched: ``[input, output of layer 0, …]`` (float64)."""
+        xb, _ = self._batch(x)
+        acts = [xb]
+        for layer in self.layers:
+            if isinstance(layer, Add):
+                acts.append(acts[-1] + acts[layer.source])
+            else:
+                acts.append(layer.forward(acts[-1]))
+        return acts
+
+    def forward(self, x) -> np.ndarray:
+        """Float64 forward. ``x``: (N, *input_shape), (N, n_inputs) or one sample; output (N, n_outputs)
+        for a batch, (n_outputs,) for one sample."""
+        xb, batched = self._batch(x)
+        out = self.activations(xb)[-1].reshape(xb.shape[0], -1)
+        return out if batched else out[0]
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ verification form
+    def to_affine_relu(self) -> list[AffineBlock]:
+        """Fold into ``[A_0, A_1, …, A_L]`` with ``x_{i+1} = ReLU(A_i x_i)`` and output ``A_L x_L``.
+
+        Consecutive affine layers are composed; a network ending in ReLU gets an identity last block.
+        Residual ``Add`` layers are not expressible in this form and raise ``UnsupportedLayerError``.
+        """
+        blocks: list[AffineBlock] = []
+        cur: AffineBlock | None = None
+        shape = self.input_shape
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Add):
+                raise UnsupportedLayerError(
+                    f"layer {i} ({self.names[i]}): residual Add is not supported by the affine/ReLU "
+                    "verification form; got a residual connection")
+            if isinstance(layer, ReLU):
+                if cur is None:
+                    if blocks:   # ReLU after ReLU is idempotent
+                        shape = layer.output_shape(shape)
+                        continue
+                    n = int(np.prod(shape))
+                    cur = AffineBlock(sp.identity(n, format="csr"), np.zeros(n))
+                blocks.append(cur)
+                cur = None
+            else:
+                W, b = layer.as_matrix(shape)
+                if cur is None:
+                    cur = AffineBlock(W.tocsr(), b)
+                else:
+                    cur = AffineBlock((W @ cur.weight).tocsr(), W @ cur.bias + b)
+            shape = layer.output_shape(shape)
+        if cur is None:
+            n = int(np.prod(shape))
+            cur = AffineBlock(sp.identity(n, format="csr"), np.zeros(n))
+        blocks.append(cur)
+        for blk in blocks:
+            blk.weight.eliminate_zeros()
+        return blocks
+
+    @classmethod
+    def from_onnx(cls, path) -> "Network":
+        """Read an ONNX file (see :mod:`solvers.onnx_import` for the supported operators)."""
+        from solvers.onnx_import import network_from_onnx
+
+        return network_from_onnx(path)
+
+
+def network_from_blocks(blocks: Sequence[AffineBlock], input_shape: Shape | None = None) -> Network:
+    """Inverse of :meth:`Network.to_affine_relu` (Dense + ReLU layers); handy in tests."""
+    layers: list = []
+    for i, blk in enumerate(blocks):
+        layers.append(Dense(blk.dense(), blk.bias))
+        if i < len(blocks) - 1:
+            layers.append(ReLU())
+    return Network(layers, input_shape or (blocks[0].shape[1],))

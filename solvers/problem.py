@@ -1,0 +1,201 @@
+"""The channel-selection problem, held as sufficient statistics (numpy only).
+
+A layer computes ``Y ≈ Z W`` where ``Z`` (n×d) holds its inputs, unfolded so that every column
+belongs to one input *channel* (``groups[j]`` is the channel of column ``j``), and ``Y`` (n×m) its
+outputs (pre-bias). Keeping the channel set ``S`` and refitting gives the relative error
+
+    err(S) = min_W ‖Y − Z_S W‖² / ‖Y‖²,
+
+which depends on the data only through ``G = ZᵀZ`` (d×d), ``B = ZᵀY`` (d×m) and ``‖Y‖²``. Those are
+what the bridge accumulates, streaming, so no method ever needs the activations themselves.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+from solvers.errors import InvalidInputError
+
+
+def _as_float_matrix(name: str, a, ndim: int) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise InvalidInputError(f"{name} must be a {ndim}-D array; got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInputError(f"{name} must be finite; got NaN or inf entries")
+    return arr
+
+
+class SelectionProblem:
+    """Group subset selection for one layer, from Gram statistics.
+
+    Parameters
+    ----------
+    gram : array (d, d)
+        ``ZᵀZ`` (float64; symmetric positive semi-definite).
+    cross : array (d, m)
+        ``ZᵀY``.
+    target_sq : float
+        ``‖Y‖²_F`` (must be > 0).
+    groups : int array (d,)
+        Channel index (0 … C−1) of each column; every channel must own at least one column.
+    costs : array (C,), optional
+        Non-negative cost of keeping each channel (for budgets; default 1 each).
+    weights : array (d, m), optional
+        The layer's current weights in the same layout; default the full least-squares fit.
+    """
+
+    def __init__(self, gram, cross, target_sq, groups, costs=None, weights=None):
+        G = _as_float_matrix("gram", gram, 2)
+        B = _as_float_matrix("cross", cross, 2)
+        d = G.shape[0]
+        if G.shape != (d, d):
+            raise InvalidInputError(f"gram must be square; got shape {G.shape}")
+        if B.shape[0] != d:
+            raise InvalidInputError(f"cross must have {d} rows (one per column of Z); got shape {B.shape}")
+        target_sq = float(target_sq)
+        if not np.isfinite(target_sq) or target_sq <= 0:
+            raise InvalidInputError(f"target_sq (‖Y‖²) must be a finite number > 0; got {target_sq}")
+        g = np.asarray(groups)
+        if g.shape != (d,):
+            raise InvalidInputError(f"groups must have shape ({d},) (one channel per column); got {g.shape}")
+        if g.size and not np.issubdtype(g.dtype, np.integer):
+            if not np.all(np.equal(np.mod(g, 1), 0)):
+                raise InvalidInputError("groups must hold integer channel indices; got non-integers")
+        g = g.astype(np.int64)
+        if d == 0:
+            raise InvalidInputError("the problem must have at least one column; got d = 0")
+        if g.min() < 0:
+            raise InvalidInputError(f"groups must be channel indices >= 0; got {g.min()}")
+        C = int(g.max()) + 1
+        present = np.bincount(g, minlength=C)
+        if np.any(present == 0):
+            missing = np.flatnonzero(present == 0)[:5].tolist()
+            raise InvalidInputError(f"every channel 0..{C - 1} must own a column; got none for {missing}")
+        if costs is None:
+            c = np.ones(C)
+        else:
+            c = np.asarray(costs, dtype=np.float64).reshape(-1)
+            if c.shape != (C,):
+                raise InvalidInputError(f"costs must have shape ({C},) (one per channel); got {c.shape}")
+            if np.any(~np.isfinite(c)) or np.any(c < 0):
+                raise InvalidInputError("costs must be finite and >= 0; got negative or non-finite entries")
+        self.gram = 0.5 * (G + G.T)
+        self.cross = B
+        self.target_sq = target_sq
+        self.groups = g
+        self.costs = c
+        self.n_channels = C
+        if weights is None:
+            self.weights = self.refit(np.ones(C, dtype=bool))
+        else:
+            W = _as_float_matrix("weights", weights, 2)
+            if W.shape != B.shape:
+                raise InvalidInputError(f"weights must have shape {B.shape} (d×m); got {W.shape}")
+            self.weights = W
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_data(cls, Z, Y, groups, costs=None, weights=None) -> "SelectionProblem":
+        """Build from materialized data: ``Z`` (n×d) inputs, ``Y`` (n×m) outputs."""
+        Z = _as_float_matrix("Z", Z, 2)
+        Y = _as_float_matrix("Y", Y, 2)
+        if Z.shape[0] != Y.shape[0]:
+            raise InvalidInputError(
+                f"Z and Y must have the same number of rows (samples); got {Z.shape[0]} and {Y.shape[0]}"
+            )
+        if Z.shape[0] == 0:
+            raise InvalidInputError("Z and Y must hold at least one sample; got 0 rows")
+        return cls(Z.T @ Z, Z.T @ Y, float(np.sum(Y * Y)), groups, costs=costs, weights=weights)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_columns(self) -> int:
+        """d, the number of columns of Z."""
+        return self.gram.shape[0]
+
+    @property
+    def n_outputs(self) -> int:
+        """m, the number of outputs of the layer."""
+        return self.cross.shape[1]
+
+    def __repr__(self) -> str:
+        return (f"SelectionProblem(channels={self.n_channels}, columns={self.n_columns}, "
+                f"outputs={self.n_outputs})")
+
+    # ------------------------------------------------------------------ validation helpers
+    def check_mask(self, mask) -> np.ndarray:
+        """Return ``mask`` as a bool array (C,), or raise ``InvalidInputError``."""
+        m = np.asarray(mask)
+        if m.shape != (self.n_channels,):
+            raise InvalidInputError(f"mask must have shape ({self.n_channels},); got {m.shape}")
+        return m.astype(bool)
+
+    def check_k(self, k) -> int:
+        """Return ``k`` as an int in [1, C], or raise ``InvalidInputError``."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise InvalidInputError(f"k must be an integer; got {k!r}")
+        if not 1 <= int(k) <= self.n_channels:
+            raise InvalidInputError(f"k must satisfy 1 <= k <= {self.n_channels}; got {k}")
+        return int(k)
+
+    def column_mask(self, mask) -> np.ndarray:
+        """Bool array (d,): the columns owned by the kept channels."""
+        return self.check_mask(mask)[self.groups]
+
+    # ------------------------------------------------------------------ evaluation
+    def refit(self, mask, ridge: float = 0.0) -> np.ndarray:
+        """Least-squares weights (d×m) on the kept columns, zeros on the others.
+
+        Solves ``(G_SS + ridge·I) W_S = B_S`` (Cholesky; minimum-norm least squares when
+        ``G_SS`` is singular, e.g. for dead channels).
+        """
+        cols = self.column_mask(mask)
+        W = np.zeros_like(self.cross)
+        if not cols.any():
+            return W
+        G = self.gram[np.ix_(cols, cols)]
+        if ridge:
+            G = G + ridge * np.eye(G.shape[0])
+        B = self.cross[cols]
+        try:
+            W[cols] = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, check_finite=False), B,
+                                             check_finite=False)
+            # Cholesky can "succeed" on a numerically singular G with a garbage answer: check it.
+            if not np.all(np.isfinite(W)) or np.linalg.norm(G @ W[cols] - B) > 1e-6 * (np.linalg.norm(B) + 1e-300):
+                raise np.linalg.LinAlgError
+        except (np.linalg.LinAlgError, ValueError):
+            W[cols] = scipy.linalg.lstsq(G, B, cond=1e-12, check_finite=False)[0]
+        return W
+
+    def error_of(self, weights) -> float:
+        """Relative error ``‖Y − Z W‖² / ‖Y‖²`` of arbitrary weights (d×m)."""
+        W = np.asarray(weights, dtype=np.float64)
+        if W.shape != self.cross.shape:
+            raise InvalidInputError(f"weights must have shape {self.cross.shape}; got {W.shape}")
+        sq = self.target_sq - 2.0 * np.sum(W * self.cross) + np.sum(W * (self.gram @ W))
+        return max(0.0, float(sq)) / self.target_sq
+
+    def error(self, mask, *, refit: bool = True) -> float:
+        """Relative reconstruction error of keeping the channels in ``mask``.
+
+        With ``refit=True`` (default) the kept weights are refitted by least squares; with
+        ``refit=False`` the current weights are kept and the dropped rows zeroed.
+        """
+        if refit:
+            return self.error_of(self.refit(mask))
+        W = self.weights * self.column_mask(mask)[:, None]
+        return self.error_of(W)
+
+    def channel_norms(self, ord: int = 1) -> np.ndarray:
+        """Per-channel norm (C,) of the current weights (L1 by default: sum of |w| over the group)."""
+        a = np.abs(self.weights) if ord == 1 else self.weights ** 2
+        per_row = a.sum(axis=1)
+        out = np.bincount(self.groups, weights=per_row, minlength=self.n_channels)
+        return out if ord == 1 else np.sqrt(out)
+
+    def mask_from_support(self, support) -> np.ndarray:
+        """Bool mask (C,) from an iterable of kept channel indices."""
+        m = np.zeros(self.n_channels, dtype=bool)
+        m[np.asarray(list(support), dtype=np.int64)] = True
+        return m
