@@ -33,7 +33,7 @@ _LAZY = {
     "Normalize": "solvers.network",
     "Add": "solvers.network",
     "load_vnnlib": "solvers.vnnlib",
-    "Spec": "solvers.vnnlib",
+    "Spec": "solvers.spec",
     "compute_bounds": "solvers.bounds",
     "verify": "solvers.verify",
     "Verdict": "solvers.result",

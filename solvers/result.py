@@ -84,3 +84,51 @@ class SelectionResult:
     def support(self) -> np.ndarray:
         """Indices of the kept channels, ascending."""
         return np.flatnonzero(self.mask)
+
+
+class Verdict(str, enum.Enum):
+    """Answer of a verification query (VNN-COMP words in comments)."""
+
+    VERIFIED = "verified"    # unsat: no input in the region reaches the unsafe outputs (proven)
+    FALSIFIED = "falsified"  # sat: a counterexample, re-checked with the float64 forward
+    UNKNOWN = "unknown"      # nothing proven (e.g. incomplete method gave up)
+    TIMEOUT = "timeout"      # the time limit was hit before an answer
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.value
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """Outcome of :func:`solvers.verify`.
+
+    Attributes
+    ----------
+    verdict : Verdict
+    counterexample : float64 array (n_inputs,) or None
+        Set iff ``verdict is FALSIFIED``; inside the input region, and its float64 forward output
+        lies in the unsafe region.
+    output : float64 array (n_outputs,) or None
+        The network's output at the counterexample.
+    time : float
+        Wall-clock seconds of the whole query.
+    stage : str
+        What decided it: ``"attack"``, ``"bounds"``, ``"lp"``, ``"milp"`` (or ``"none"``).
+    stage_times : dict
+        Seconds spent per stage.
+    milp_vars, milp_binaries, milp_nodes : int
+        Size of the largest MILP built (0 when none) and branch-and-bound nodes summed over solves.
+    message : str
+        Human-readable detail (e.g. which disjunct was proven, solver statuses).
+    """
+
+    verdict: Verdict
+    counterexample: np.ndarray | None = None
+    output: np.ndarray | None = None
+    time: float = 0.0
+    stage: str = "none"
+    stage_times: dict = field(default_factory=dict, compare=False)
+    milp_vars: int = 0
+    milp_binaries: int = 0
+    milp_nodes: int = 0
+    message: str = ""
