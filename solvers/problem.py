@@ -173,7 +173,12 @@ class SelectionProblem:
         W = np.asarray(weights, dtype=np.float64)
         if W.shape != self.cross.shape:
             raise InvalidInputError(f"weights must have shape {self.cross.shape}; got {W.shape}")
-        sq = self.target_sq - 2.0 * np.sum(W * self.cross) + np.sum(W * (self.gram @ W))
+        rows = np.flatnonzero(np.any(W != 0, axis=1))
+        if rows.size < W.shape[0]:  # pruned weights: only the kept rows of G matter
+            Wr, G, B = W[rows], self.gram[np.ix_(rows, rows)], self.cross[rows]
+        else:
+            Wr, G, B = W, self.gram, self.cross
+        sq = self.target_sq - 2.0 * np.sum(Wr * B) + np.sum(Wr * (G @ Wr))
         return max(0.0, float(sq)) / self.target_sq
 
     def error(self, mask, *, refit: bool = True) -> float:

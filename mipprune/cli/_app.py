@@ -10,3 +10,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    """Prune neural networks by solving for the channels to keep, then verify them as MILPs."""
+    # A root callback keeps every command a subcommand (Typer runs a lone command as the program).

@@ -1,0 +1,170 @@
+"""``mipprune prune``: train (or load) a digits classifier, select channels, prune, report.
+
+Without ``--model`` the seeded default CNN (:func:`mipprune.models.digits_cnn`) is trained on the
+embedded digits data in a few seconds. ``--model FILE`` loads a *whole pickled module* written with
+``torch.save(model, FILE)``; it is loaded with ``torch.load(FILE, weights_only=False)``, which runs
+pickled code: only load files you trust.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mipprune.cli._app import app
+from solvers.errors import InvalidInputError
+
+_INPUT_SHAPES = ((1, 8, 8), (64,))  # the digits as images (CNNs) or flat vectors (MLPs)
+
+
+def _load_model(path: Path):
+    import torch
+    from torch import nn
+
+    if not path.is_file():
+        raise InvalidInputError(f"--model must be an existing file; got {str(path)!r}")
+    try:
+        # A full pickled module (torch.save(model, path)) needs weights_only=False: trusted files only.
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InvalidInputError(f"--model must be a module saved with torch.save(model, FILE); got "
+                                f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"--model must hold a torch.nn.Module saved with torch.save(model, FILE); "
+                                f"got {type(model).__name__} (a state_dict needs its model class)")
+    return model
+
+
+def _infer_input_shape(model, x_images) -> tuple[int, ...]:
+    """The first of (1, 8, 8) and (64,) on which ``model`` returns (N, 10) logits."""
+    import torch
+
+    from mipprune.train import eval_mode
+
+    errors = []
+    for shape in _INPUT_SHAPES:
+        x = x_images[:2].reshape(2, *shape)
+        try:
+            with eval_mode(model), torch.no_grad():
+                out = model(x)
+        except Exception as exc:  # the user's model rejects this layout: try the next one
+            errors.append(f"{shape}: {type(exc).__name__}: {exc}")
+            continue
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 10):
+            return shape
+        errors.append(f"{shape}: output shape {tuple(getattr(out, 'shape', ()))}")
+    raise InvalidInputError("--model must take digits inputs of shape (N, 1, 8, 8) or (N, 64) and return "
+                            f"(N, 10) logits; got {'; '.join(errors)}")
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+@app.command("prune")
+def prune_command(
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="A whole module saved with torch.save(model, FILE) (loaded with "
+        "weights_only=False: trusted files only), evaluated on the digits. Default: train the digits CNN."),
+    method: str = typer.Option("lasso", "--method", help="Selection method: lasso, magnitude, random, "
+                               "exact, greedy, backward (see solvers.select.METHODS)."),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of channels REMOVED per layer, in (0, 1)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and calibration)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (torch.save) here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    seed: int = typer.Option(0, "--seed", help="Seed of data split, training, sampling and selection."),
+    positions: int = typer.Option(10, "--positions", help="Spatial positions sampled per image per conv."),
+    epochs: int = typer.Option(5, "--epochs", help="Training epochs of the default model (ignored with --model)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Solver backend of the method (default: its own)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds per layer selection."),
+    sequential: bool = typer.Option(True, "--sequential/--one-shot",
+                                    help="He et al.'s sequential calibration (default) or one capture."),
+) -> None:
+    """Prune a digits classifier: select the channels to keep per layer, refit, and report accuracy,
+    parameters and FLOPs before and after (with and without least-squares reconstruction)."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from mipprune.data import load_digits_data, make_loader
+    from mipprune.selector import ChannelSelector
+    from mipprune.train import count_flops, count_params, evaluate, resolve_device, train_digits_cnn
+
+    console = Console()
+    t_start = time.perf_counter()
+    # Validate everything cheap before any training.
+    dev = resolve_device(device)
+    if epochs < 0:
+        raise InvalidInputError(f"--epochs must be >= 0; got {epochs}")
+    selector = ChannelSelector(method, sparsity=sparsity, backend=backend, positions=positions, seed=seed,
+                               time_limit=time_limit, sequential=sequential, device=dev, progress=True)
+
+    t0 = time.perf_counter()
+    if model is None:
+        console.print(f"[bold]Training[/] the default digits CNN ({epochs} epochs, seed {seed}) on {dev}")
+        net, data = train_digits_cnn(seed=seed, epochs=epochs, device=dev, progress=True)
+        input_shape = (1, 8, 8)
+        source = "digits_cnn (trained)"
+    else:
+        net = _load_model(model).to(dev)
+        data = load_digits_data(seed=seed, device=dev)
+        input_shape = _infer_input_shape(net, data.x_train)
+        source = str(model)
+    train_time = time.perf_counter() - t0
+    x_train = data.x_train.reshape(len(data.x_train), *input_shape)
+    x_test = data.x_test.reshape(len(data.x_test), *input_shape)
+    test = (x_test, data.y_test)
+    calib = make_loader(x_train, batch_size=256)
+
+    console.print(f"[bold]Selecting[/] channels: method={method}, sparsity={sparsity}, "
+                  f"{'sequential' if sequential else 'one-shot'} calibration on {len(x_train)} images")
+    t0 = time.perf_counter()
+    selector.fit(net, calib)
+    fit_time = time.perf_counter() - t0
+    pruned = selector.prune(net)
+    masked = selector.prune(net, reconstruct=False)
+
+    acc_dense, acc_masked, acc_pruned = (evaluate(m, test) for m in (net, masked, pruned))
+    params = (count_params(net), count_params(pruned))
+    flops = (count_flops(net, input_shape), count_flops(pruned, input_shape))
+    total_time = time.perf_counter() - t_start
+
+    console.print(selector.report())
+    summary = Table(title="Summary (digits test set)")
+    summary.add_column("quantity")
+    summary.add_column("before", justify="right")
+    summary.add_column("after", justify="right")
+    summary.add_column("after / before", justify="right")
+    summary.add_row("accuracy (mask only, old weights)", f"{acc_dense:.4f}", f"{acc_masked:.4f}", "")
+    summary.add_row("accuracy (reconstructed)", f"{acc_dense:.4f}", f"{acc_pruned:.4f}", "")
+    summary.add_row("parameters", _fmt_int(params[0]), _fmt_int(params[1]), f"{params[1] / params[0]:.3f}")
+    summary.add_row("FLOPs (MACs / sample)", _fmt_int(flops[0]), _fmt_int(flops[1]), f"{flops[1] / flops[0]:.3f}")
+    summary.caption = (f"time: {'training' if model is None else 'loading'} {train_time:.2f} s, "
+                       f"selection {fit_time:.2f} s, total {total_time:.2f} s")
+    console.print(summary)
+
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(pruned.cpu(), out)
+        console.print(f"pruned model saved to {out} (load with torch.load(path, weights_only=False))")
+    if json_path is not None:
+        record = {
+            "config": {"model": source, "method": method, "sparsity": sparsity, "device": str(dev),
+                       "seed": seed, "positions": positions, "epochs": epochs if model is None else None,
+                       "backend": backend, "time_limit": time_limit, "sequential": sequential,
+                       "input_shape": list(input_shape), "calibration_samples": len(x_train),
+                       "test_samples": len(x_test)},
+            "layers": selector.report_rows(),
+            "accuracy": {"dense": acc_dense, "pruned_no_reconstruction": acc_masked,
+                         "pruned_reconstructed": acc_pruned},
+            "params": {"before": params[0], "after": params[1], "ratio": params[1] / params[0]},
+            "flops": {"before": flops[0], "after": flops[1], "ratio": flops[1] / flops[0]},
+            "time": {"train": train_time, "select": fit_time, "total": total_time},
+        }
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(record, indent=2))
+        console.print(f"results written to {json_path}")
+

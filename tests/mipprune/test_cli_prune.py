@@ -1,0 +1,106 @@
+"""``mipprune prune`` end to end (in-process through the console-script entry point)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mipprune.cli import main
+from mipprune.data import load_digits_data, make_loader
+from mipprune.models import mlp
+from mipprune.train import count_flops, count_params, evaluate, train_classifier
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is faster than contending for two."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, " ".join(out.split()), " ".join(err.split())  # undo rich's line wrapping
+
+
+def test_prune_default_model_writes_consistent_json_and_model(tmp_path, capsys):
+    js, pt = tmp_path / "run.json", tmp_path / "pruned.pt"
+    code, out, err = _run(["prune", "--epochs", "2", "--method", "magnitude", "--sparsity", "0.5",
+                           "--json", str(js), "--out", str(pt)], capsys)
+    assert code == 0, err
+    assert "Channel selection" in out and "Summary" in out
+    rec = json.loads(js.read_text())
+    assert rec["config"]["method"] == "magnitude" and rec["config"]["input_shape"] == [1, 8, 8]
+    assert [(r["kept"], r["total"]) for r in rec["layers"]] == [(8, 16), (16, 32), (32, 64)]
+    p, f, acc = rec["params"], rec["flops"], rec["accuracy"]
+    assert p["after"] < p["before"] and p["ratio"] == pytest.approx(p["after"] / p["before"])
+    assert f["after"] < f["before"] and f["ratio"] == pytest.approx(f["after"] / f["before"])
+    assert all(0 <= a <= 1 for a in acc.values())
+    assert acc["pruned_reconstructed"] > acc["pruned_no_reconstruction"]
+    assert rec["time"]["total"] >= rec["time"]["train"] + rec["time"]["select"]
+    # the saved model is the one the numbers describe
+    pruned = torch.load(pt, weights_only=False)
+    data = load_digits_data(seed=0)
+    assert count_params(pruned) == p["after"] and count_flops(pruned, (1, 8, 8)) == f["after"]
+    assert evaluate(pruned, (data.x_test, data.y_test)) == pytest.approx(acc["pruned_reconstructed"])
+
+
+def test_prune_loads_a_pickled_flat_input_model(tmp_path, capsys):
+    data = load_digits_data(seed=0, flat=True)
+    torch.manual_seed(0)
+    net = train_classifier(mlp((64, 32, 32, 10)), make_loader(data.x_train, data.y_train, shuffle=True),
+                           epochs=3, lr=1e-2)
+    path, js = tmp_path / "mlp.pt", tmp_path / "mlp.json"
+    torch.save(net, path)
+    code, out, err = _run(["prune", "--model", str(path), "--method", "random", "--sparsity", "0.25",
+                           "--one-shot", "--json", str(js)], capsys)
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    assert rec["config"]["input_shape"] == [64] and rec["config"]["sequential"] is False
+    assert [(r["kept"], r["total"]) for r in rec["layers"]] == [(24, 32), (24, 32)]
+    assert rec["accuracy"]["dense"] == pytest.approx(evaluate(net, (data.x_test, data.y_test)))
+    assert rec["params"]["after"] < rec["params"]["before"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "1.5"], "sparsity must be in (0, 1); got 1.5"),
+    (["--method", "nope"], "method must be one of"),
+    (["--model", "/nonexistent/model.pt"], "--model must be an existing file; got '/nonexistent/model.pt'"),
+    (["--epochs", "-1"], "--epochs must be >= 0; got -1"),
+])
+def test_prune_bad_options_give_one_red_line_and_exit_2(args, message, capsys):
+    code, out, err = _run(["prune", *args], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_prune_on_cuda_without_cuda_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, out, err = _run(["prune", "--device", "cuda"], capsys)
+    assert code == 2 and "CUDA is not available" in err
+
+
+def test_prune_rejects_a_file_that_is_not_a_module(tmp_path, capsys):
+    path = tmp_path / "state.pt"
+    torch.save(mlp().state_dict(), path)
+    code, out, err = _run(["prune", "--model", str(path)], capsys)
+    assert code == 2 and "--model must hold a torch.nn.Module" in err and "got OrderedDict" in err
+
+
+@pytest.mark.gpu
+def test_prune_on_cuda_end_to_end(tmp_path, capsys):
+    js = tmp_path / "cuda.json"
+    code, out, err = _run(["prune", "--device", "cuda", "--epochs", "2", "--json", str(js)], capsys)
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    assert rec["config"]["device"].startswith("cuda")
+    assert rec["accuracy"]["pruned_reconstructed"] > rec["accuracy"]["pruned_no_reconstruction"]
