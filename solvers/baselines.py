@@ -39,21 +39,23 @@ def select_by_scores(problem: SelectionProblem, scores, k: int, *, method: str, 
                             info=info)
 
 
-def _need_k(k, method):
+def _need_k(k: int | None, method: str) -> None:
     if k is None:
         raise InvalidInputError(f"method {method!r} needs k (channels to keep); got k=None")
 
 
-def select_magnitude(problem: SelectionProblem, *, k=None, budget=None, backend=None, time_limit=None,
-                     seed=0) -> SelectionResult:
+def select_magnitude(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
+                     backend: str | None = None, time_limit: float | None = None,
+                     seed: int = 0) -> SelectionResult:
     """Keep the k channels whose current weights have the largest L1 norm (Li et al. 2017), refit."""
     _need_k(k, "magnitude")
     start = time.perf_counter()
     return select_by_scores(problem, problem.channel_norms(1), k, method="magnitude", start=start)
 
 
-def select_random(problem: SelectionProblem, *, k=None, budget=None, backend=None, time_limit=None,
-                  seed=0) -> SelectionResult:
+def select_random(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
+                  backend: str | None = None, time_limit: float | None = None,
+                  seed: int = 0) -> SelectionResult:
     """Keep k channels drawn uniformly at random (seeded), refit."""
     _need_k(k, "random")
     start = time.perf_counter()
