@@ -6,6 +6,8 @@ imported lazily, so ``import solvers`` is cheap and heavy solvers (cvxpy, pyomo)
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 from solvers.errors import (
     InfeasibleBudgetError,
@@ -25,6 +27,7 @@ _LAZY = {
     "select_channels": "solvers.select",
     "allocate_budget": "solvers.budget",
     "BudgetResult": "solvers.budget",
+    "LayerBudget": "solvers.budget",
     "Network": "solvers.network",
     "Dense": "solvers.network",
     "Conv2d": "solvers.network",
@@ -39,12 +42,29 @@ _LAZY = {
     "Verdict": "solvers.result",
     "VerificationResult": "solvers.result",
     "pgd_attack": "solvers.attack",
+    "available_backends": "solvers.backends",
 }
 
 __all__ = [
     "MipPruneError", "InvalidInputError", "UnsupportedLayerError", "InfeasibleBudgetError",
     "SolverNotAvailableError", "SolverError", "Status", "SelectionResult", *_LAZY,
 ]
+
+
+class _SolversPackage(types.ModuleType):
+    """``solvers.verify`` is both a submodule (``solvers/verify.py``, per DESIGN.md) and the public
+    function. Importing the submodule makes Python bind the module object on the package, which
+    would shadow the function; keep the function there instead (``from solvers.verify import ...``
+    and ``importlib.import_module("solvers.verify")`` still give the module)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _FUNCTION_NAMED_LIKE_MODULE and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_FUNCTION_NAMED_LIKE_MODULE = {"verify"}
+sys.modules[__name__].__class__ = _SolversPackage
 
 
 def __getattr__(name: str):

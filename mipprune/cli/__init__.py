@@ -10,6 +10,7 @@ from mipprune.cli._app import app
 
 # Each module below adds its commands to ``app`` when imported.
 from mipprune.cli import prune as _prune  # noqa: E402,F401
+from mipprune.cli import verify as _verify  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     from solvers.errors import MipPruneError
 
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone mode returns typer.Exit's code instead of exiting: pass it on.
+        code = app(args=argv, standalone_mode=False)
     except MipPruneError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}")
         sys.exit(2)
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 __all__ = ["app", "main"]

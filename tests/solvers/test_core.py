@@ -68,3 +68,14 @@ def test_problem_rejects_bad_shapes_with_clear_messages():
         solvers.select_channels(p, k=0, method="magnitude")
     with pytest.raises(InvalidInputError, match="method must be one of"):
         solvers.select_channels(p, k=2, method="nope")
+
+
+def test_solvers_verify_stays_the_function_after_submodule_import():
+    # solvers/verify.py shares its name with the public function; importing the submodule first
+    # must not shadow solvers.verify (the pipeline entry point) with the module object.
+    import importlib
+
+    import solvers
+
+    module = importlib.import_module("solvers.verify")
+    assert callable(solvers.verify) and solvers.verify is module.verify

@@ -1,0 +1,142 @@
+"""VNN-COMP 2022 MNIST-FC: our verifier on the competition's instances, against the competition's tools.
+
+Runs ``mipprune.suite.run_suite`` on ``../shared/benchmarks/vnncomp2022_mnist_fc`` (relative to the
+repository root; ``--bench-dir`` overrides) with the instances' own time limits (120 s for 256×2,
+300 s otherwise; ``--max-timeout`` / ``--timeout-scale`` shrink them) and prints: solved (sat /
+unsat), timeouts, WRONG verdicts (sat/unsat against the competition's consensus; must be 0),
+median / mean time over solved instances, and, on exactly the same instances, each competition
+tool's correct answers, wrong answers and median raw time from ``ground_truth.csv``. Competition
+times come from the VNN-COMP 2022 hardware (AWS, per-tool instance types) and include each tool's
+start-up overhead: compare the counts; read the times as orders of magnitude only. The ratio column
+is our solved count over each tool's.
+
+``--baseline plain`` also runs the same instances with the pipeline's shortcuts off (interval
+bounds, no attack: the bare MILP) in the same run, and reports the time ratio on instances both
+solved.
+
+    python benchmarks/bench_vnncomp.py [--network 256x2] [--filter TEXT] [--max-timeout S]
+        [--timeout-scale F] [--jobs N] [--backend highs] [--baseline plain] [--out PATH.json]
+
+Writes PATH.json (summary, per-instance rows, machine) and PATH.csv (one row per instance).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from mipprune.suite import (  # noqa: E402
+    CSV_FIELDS, instances_path, read_ground_truth, run_suite, summarize, summary_table, write_results_csv,
+)
+
+DEFAULT_BENCH = REPO.parent / "shared" / "benchmarks" / "vnncomp2022_mnist_fc"
+
+
+def _machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        import highspy
+
+        info["highspy"] = getattr(highspy, "__version__", "?")
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        info["load_avg_start"] = os.getloadavg()
+    except OSError:  # pragma: no cover
+        pass
+    return info
+
+
+def _run(args, console, label: str, options: dict | None):
+    done = {"n": 0, "total": 0}
+
+    def on_start(n):
+        done["total"] = n
+        console.print(f"[bold]{label}[/]: {n} instances, jobs={args.jobs}")
+
+    def on_result(r):
+        done["n"] += 1
+        flag = " [red]WRONG[/]" if r.wrong else ""
+        console.print(f"  [{done['n']:>3}/{done['total']}] {r.network} {r.property}: {r.verdict:<7} "
+                      f"{r.time_s:7.2f} s  {r.stage:<6} bin={r.binaries} nodes={r.nodes}"
+                      f" (consensus {r.consensus or '-'}){flag}")
+
+    t0 = time.perf_counter()
+    rows = run_suite(args.bench_dir, jobs=args.jobs, filter=args.filter, network=args.network,
+                     timeout_scale=args.timeout_scale, max_timeout=args.max_timeout, backend=args.backend,
+                     options=options, on_start=on_start, on_result=on_result)
+    return rows, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH)
+    ap.add_argument("--network", default=None, help="only networks whose file name contains this, e.g. 256x2")
+    ap.add_argument("--filter", default=None, help="only instances whose 'network/property' contains this")
+    ap.add_argument("--max-timeout", type=float, default=None, help="cap every time limit (seconds)")
+    ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every time limit")
+    ap.add_argument("--jobs", type=int, default=1, help="instances in parallel (processes)")
+    ap.add_argument("--backend", default="highs")
+    ap.add_argument("--baseline", choices=["none", "plain"], default="none",
+                    help="also run the bare MILP (interval bounds, no attack) on the same instances")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "vnncomp.json")
+    args = ap.parse_args()
+    console = Console(width=max(Console().width, 110))
+
+    gt_file = instances_path(args.bench_dir).parent / "ground_truth.csv"
+    gt = read_ground_truth(gt_file) if gt_file.is_file() else {}
+    machine = _machine()
+    rows, wall = _run(args, console, "mipprune (bounds → attack → LP → MILP)", None)
+    summary = summarize(rows, gt)
+    title = f"VNN-COMP 2022 MNIST-FC, {len(rows)} instances" + (f" ({args.network})" if args.network else "")
+    console.print(summary_table(summary, title=title))
+    limits = sorted({r.timeout_s for r in rows})
+    console.print(f"time limits used: {', '.join(f'{t:g}' for t in limits)} s per instance. Tools: VNN-COMP "
+                  "2022 answers and raw times (their hardware, start-up overhead included), counted only "
+                  "when within the same limit; 'wrong' = sat/unsat against the consensus")
+
+    result = {"benchmark": str(args.bench_dir), "args": {k: str(v) for k, v in vars(args).items()},
+              "machine": machine, "wall_s": wall, "summary": summary,
+              "rows": [{k: v for k, v in asdict(r).items() if k in CSV_FIELDS} for r in rows]}
+
+    if args.baseline == "plain":
+        base_rows, base_wall = _run(args, console, "baseline: bare MILP (interval bounds, no attack)",
+                                    {"bounds_method": "interval", "attack": False})
+        base = summarize(base_rows, gt)
+        pairs = [(r.time_s, b.time_s) for r, b in zip(rows, base_rows) if r.solved and b.solved]
+        ratio = statistics.median([b / max(r, 1e-9) for r, b in pairs]) if pairs else None
+        bt = Table(title="Same run: full pipeline vs bare MILP")
+        for c in ("configuration", "solved", "timeout", "wrong", "median s (solved)", "median speed-up"):
+            bt.add_column(c, justify="left" if c == "configuration" else "right")
+        fmt = lambda t: "-" if t is None else f"{t:.2f}"  # noqa: E731
+        bt.add_row("bounds → attack → LP → MILP", str(summary["ours"]["solved"]), str(summary["ours"]["timeout"]),
+                   str(summary["ours"]["wrong"]), fmt(summary["ours"]["median_time_s"]),
+                   "-" if ratio is None else f"{ratio:.1f}×")
+        bt.add_row("bare MILP", str(base["ours"]["solved"]), str(base["ours"]["timeout"]),
+                   str(base["ours"]["wrong"]), fmt(base["ours"]["median_time_s"]), "1.0×")
+        console.print(bt)
+        result["baseline_plain"] = {"summary": base, "wall_s": base_wall, "median_speedup_on_both_solved": ratio,
+                                    "rows": [{k: v for k, v in asdict(r).items() if k in CSV_FIELDS}
+                                             for r in base_rows]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    write_results_csv(rows, args.out.with_suffix(".csv"))
+    console.print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")
+    if summary["ours"]["wrong"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
