@@ -1,5 +1,10 @@
 """``mipprune prune``: train (or load) a digits classifier, select channels, prune, report.
 
+Targets: ``--sparsity`` (fraction of channels removed per layer, default 0.5), or a network-wide
+``--flops`` / ``--params`` fraction of the dense FLOPs / parameters to keep (widths allocated by
+:func:`solvers.allocate_budget`). ``--finetune N`` adds N epochs of knowledge-distillation
+fine-tuning of the pruned model from the dense one (:func:`mipprune.train.finetune`).
+
 Without ``--model`` the seeded default CNN (:func:`mipprune.models.digits_cnn`) is trained on the
 embedded digits data in a few seconds. ``--model FILE`` loads a *whole pickled module* written with
 ``torch.save(model, FILE)``; it is loaded with ``torch.load(FILE, weights_only=False)``, which runs
@@ -69,9 +74,23 @@ def prune_command(
     model: Optional[Path] = typer.Option(
         None, "--model", help="A whole module saved with torch.save(model, FILE) (loaded with "
         "weights_only=False: trusted files only), evaluated on the digits. Default: train the digits CNN."),
-    method: str = typer.Option("lasso", "--method", help="Selection method: lasso, magnitude, random, "
-                               "exact, greedy, backward (see solvers.select.METHODS)."),
-    sparsity: float = typer.Option(0.5, "--sparsity", help="Fraction of channels REMOVED per layer, in (0, 1)."),
+    method: str = typer.Option("lasso", "--method", help="Selection method: lasso, exact, greedy, backward, "
+                               "magnitude, random (solvers), l1, bn_scale, hrank, mean_activation, similarity "
+                               "(criteria + refit), tecu (block-coordinate descent)."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of channels REMOVED per layer, "
+                                             "in (0, 1). Default 0.5 unless --flops or --params is given."),
+    flops: Optional[float] = typer.Option(None, "--flops", help="Fraction of the dense FLOPs (MACs) to KEEP, in "
+                                          "(0, 1]: per-layer widths allocated network-wide."),
+    params: Optional[float] = typer.Option(None, "--params", help="Fraction of the dense parameters to KEEP, in "
+                                           "(0, 1]: per-layer widths allocated network-wide."),
+    budget_backend: str = typer.Option("highs", "--budget-backend", help="Width allocation solver: highs (MILP) "
+                                       "or cpsat (OR-Tools CP-SAT)."),
+    budget_time_limit: Optional[float] = typer.Option(None, "--budget-time-limit",
+                                                      help="Seconds for the width allocation."),
+    finetune_epochs: int = typer.Option(0, "--finetune", help="Epochs of knowledge-distillation fine-tuning of "
+                                        "the pruned model on the training split (0: none)."),
+    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Adam learning rate of --finetune."),
+    max_iter: int = typer.Option(3, "--max-iter", help="TECU outer iterations (--method tecu)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and calibration)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (torch.save) here."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
@@ -91,7 +110,7 @@ def prune_command(
 
     from mipprune.data import load_digits_data, make_loader
     from mipprune.selector import ChannelSelector
-    from mipprune.train import count_flops, count_params, evaluate, resolve_device, train_digits_cnn
+    from mipprune.train import count_flops, count_params, evaluate, finetune, resolve_device, train_digits_cnn
 
     console = Console()
     t_start = time.perf_counter()
@@ -99,8 +118,16 @@ def prune_command(
     dev = resolve_device(device)
     if epochs < 0:
         raise InvalidInputError(f"--epochs must be >= 0; got {epochs}")
-    selector = ChannelSelector(method, sparsity=sparsity, backend=backend, positions=positions, seed=seed,
-                               time_limit=time_limit, sequential=sequential, device=dev, progress=True)
+    if finetune_epochs < 0:
+        raise InvalidInputError(f"--finetune must be >= 0 epochs; got {finetune_epochs}")
+    if sparsity is None and flops is None and params is None:
+        sparsity = 0.5
+    selector = ChannelSelector(method, sparsity=sparsity, flops=flops, params=params, backend=backend,
+                               budget_backend=budget_backend, budget_time_limit=budget_time_limit,
+                               positions=positions, seed=seed, time_limit=time_limit, sequential=sequential,
+                               max_iter=max_iter, device=dev, progress=True)
+    target = (f"sparsity={sparsity}" if sparsity is not None else
+              f"flops={flops}" if flops is not None else f"params={params}")
 
     t0 = time.perf_counter()
     if model is None:
@@ -119,7 +146,7 @@ def prune_command(
     test = (x_test, data.y_test)
     calib = make_loader(x_train, batch_size=256)
 
-    console.print(f"[bold]Selecting[/] channels: method={method}, sparsity={sparsity}, "
+    console.print(f"[bold]Selecting[/] channels: method={method}, {target}, "
                   f"{'sequential' if sequential else 'one-shot'} calibration on {len(x_train)} images")
     t0 = time.perf_counter()
     selector.fit(net, calib)
@@ -128,8 +155,18 @@ def prune_command(
     masked = selector.prune(net, reconstruct=False)
 
     acc_dense, acc_masked, acc_pruned = (evaluate(m, test) for m in (net, masked, pruned))
-    params = (count_params(net), count_params(pruned))
-    flops = (count_flops(net, input_shape), count_flops(pruned, input_shape))
+    n_params = (count_params(net), count_params(pruned))
+    n_flops = (count_flops(net, input_shape), count_flops(pruned, input_shape))
+    acc_tuned, tune_time = None, 0.0
+    if finetune_epochs > 0:
+        console.print(f"[bold]Fine-tuning[/] the pruned model: {finetune_epochs} epochs of knowledge distillation "
+                      "from the dense model on the training split")
+        t0 = time.perf_counter()
+        train = make_loader(x_train, data.y_train, batch_size=64, shuffle=True, seed=seed)
+        pruned = finetune(pruned, net, train, epochs=finetune_epochs, lr=finetune_lr, device=dev, seed=seed,
+                          progress=True)
+        tune_time = time.perf_counter() - t0
+        acc_tuned = evaluate(pruned, test)
     total_time = time.perf_counter() - t_start
 
     console.print(selector.report())
@@ -140,11 +177,28 @@ def prune_command(
     summary.add_column("after / before", justify="right")
     summary.add_row("accuracy (mask only, old weights)", f"{acc_dense:.4f}", f"{acc_masked:.4f}", "")
     summary.add_row("accuracy (reconstructed)", f"{acc_dense:.4f}", f"{acc_pruned:.4f}", "")
-    summary.add_row("parameters", _fmt_int(params[0]), _fmt_int(params[1]), f"{params[1] / params[0]:.3f}")
-    summary.add_row("FLOPs (MACs / sample)", _fmt_int(flops[0]), _fmt_int(flops[1]), f"{flops[1] / flops[0]:.3f}")
+    if acc_tuned is not None:
+        summary.add_row(f"accuracy (reconstructed + KD fine-tuning, {finetune_epochs} ep.)", f"{acc_dense:.4f}",
+                        f"{acc_tuned:.4f}", "")
+    summary.add_row("parameters", _fmt_int(n_params[0]), _fmt_int(n_params[1]), f"{n_params[1] / n_params[0]:.3f}")
+    summary.add_row("FLOPs (MACs / sample)", _fmt_int(n_flops[0]), _fmt_int(n_flops[1]),
+                    f"{n_flops[1] / n_flops[0]:.3f}")
     summary.caption = (f"time: {'training' if model is None else 'loading'} {train_time:.2f} s, "
-                       f"selection {fit_time:.2f} s, total {total_time:.2f} s")
+                       f"selection {fit_time:.2f} s" + (f", fine-tuning {tune_time:.2f} s" if acc_tuned is not None
+                                                        else "") + f", total {total_time:.2f} s")
     console.print(summary)
+    budget = selector.budget_
+    if budget is not None:
+        alloc = budget["allocation"]
+        lo, hi = budget["window"]
+        gap = "-" if alloc.get("gap") is None else f"{100 * alloc['gap']:.2f}%"
+        console.print(f"[bold]Budget[/]: {budget['metric']} kept {budget['achieved_ratio']:.4f} of dense "
+                      f"(target window [{lo:.4f}, {hi:.4f}]: {'hit' if budget['in_window'] else 'MISSED'}); "
+                      f"allocation {alloc.get('status')}, objective {alloc.get('objective')}, "
+                      f"bound {alloc.get('bound')}, gap {gap}; widths {budget['widths']}")
+    if selector.tecu_history_ is not None:
+        steps = ", ".join(f"{h['iteration']}: {h['objective']:.3e}" for h in selector.tecu_history_)
+        console.print(f"[bold]TECU[/] end-to-end objective per iteration: {steps}")
 
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,17 +206,22 @@ def prune_command(
         console.print(f"pruned model saved to {out} (load with torch.load(path, weights_only=False))")
     if json_path is not None:
         record = {
-            "config": {"model": source, "method": method, "sparsity": sparsity, "device": str(dev),
+            "config": {"model": source, "method": method, "sparsity": sparsity, "flops_target": flops,
+                       "params_target": params, "budget_backend": budget_backend,
+                       "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "max_iter": max_iter,
+                       "device": str(dev),
                        "seed": seed, "positions": positions, "epochs": epochs if model is None else None,
                        "backend": backend, "time_limit": time_limit, "sequential": sequential,
                        "input_shape": list(input_shape), "calibration_samples": len(x_train),
                        "test_samples": len(x_test)},
             "layers": selector.report_rows(),
             "accuracy": {"dense": acc_dense, "pruned_no_reconstruction": acc_masked,
-                         "pruned_reconstructed": acc_pruned},
-            "params": {"before": params[0], "after": params[1], "ratio": params[1] / params[0]},
-            "flops": {"before": flops[0], "after": flops[1], "ratio": flops[1] / flops[0]},
-            "time": {"train": train_time, "select": fit_time, "total": total_time},
+                         "pruned_reconstructed": acc_pruned, "pruned_finetuned": acc_tuned},
+            "params": {"before": n_params[0], "after": n_params[1], "ratio": n_params[1] / n_params[0]},
+            "flops": {"before": n_flops[0], "after": n_flops[1], "ratio": n_flops[1] / n_flops[0]},
+            "budget": selector.budget_,
+            "tecu_history": selector.tecu_history_,
+            "time": {"train": train_time, "select": fit_time, "finetune": tune_time, "total": total_time},
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=2))

@@ -43,7 +43,8 @@ def test_prune_default_model_writes_consistent_json_and_model(tmp_path, capsys):
     p, f, acc = rec["params"], rec["flops"], rec["accuracy"]
     assert p["after"] < p["before"] and p["ratio"] == pytest.approx(p["after"] / p["before"])
     assert f["after"] < f["before"] and f["ratio"] == pytest.approx(f["after"] / f["before"])
-    assert all(0 <= a <= 1 for a in acc.values())
+    assert acc["pruned_finetuned"] is None and rec["budget"] is None and rec["tecu_history"] is None
+    assert all(0 <= a <= 1 for a in acc.values() if a is not None)
     assert acc["pruned_reconstructed"] > acc["pruned_no_reconstruction"]
     assert rec["time"]["total"] >= rec["time"]["train"] + rec["time"]["select"]
     # the saved model is the one the numbers describe
@@ -70,7 +71,27 @@ def test_prune_loads_a_pickled_flat_input_model(tmp_path, capsys):
     assert rec["params"]["after"] < rec["params"]["before"]
 
 
+@pytest.mark.parametrize("metric,target,method", [("flops", 0.5, "greedy"), ("params", 0.4, "hrank")])
+def test_prune_budget_with_finetuning_lands_in_the_window(metric, target, method, tmp_path, capsys):
+    js = tmp_path / "budget.json"
+    code, out, err = _run(["prune", "--epochs", "2", "--method", method, f"--{metric}", str(target),
+                           "--positions", "4", "--finetune", "1", "--json", str(js)], capsys)
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    ratio = rec[metric]["ratio"]
+    assert 0.995 * target <= ratio <= target
+    b = rec["budget"]
+    assert b["metric"] == metric and b["in_window"] and b["achieved_ratio"] == pytest.approx(ratio)
+    assert b["allocation"]["status"] == "optimal" and rec["config"][f"{metric}_target"] == target
+    assert rec["config"]["sparsity"] is None and rec["config"]["finetune_epochs"] == 1
+    assert 0 <= rec["accuracy"]["pruned_finetuned"] <= 1 and rec["time"]["finetune"] > 0
+    assert "Budget" in out and "hit" in out and "fine-tuning" in out
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--flops", "1.5"], "flops must be in (0, 1]; got 1.5"),
+    (["--flops", "0.5", "--sparsity", "0.5"], "give exactly one of sparsity"),
+    (["--finetune", "-1"], "--finetune must be >= 0 epochs; got -1"),
     (["--sparsity", "1.5"], "sparsity must be in (0, 1); got 1.5"),
     (["--method", "nope"], "method must be one of"),
     (["--model", "/nonexistent/model.pt"], "--model must be an existing file; got '/nonexistent/model.pt'"),

@@ -56,10 +56,13 @@ def test_sparsity_out_of_range_is_rejected(sparsity):
 
 
 def test_constructor_messages():
-    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .* or k .*; got both"):
+    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .*, k .*, flops or params .*; "
+                                                "got sparsity and k"):
         ChannelSelector(sparsity=0.5, k={"3": 4})
-    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .* or k .*; got neither"):
+    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .*; got none"):
         ChannelSelector()
+    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .*; got flops and params"):
+        ChannelSelector(flops=0.5, params=0.5)
     with pytest.raises(InvalidInputError, match=r"method must be one of \[.*'lasso'.*\]; got 'nope'"):
         ChannelSelector("nope", sparsity=0.5)
     with pytest.raises(InvalidInputError, match=r"k\['3'\] must be an integer >= 1; got 0"):
