@@ -11,6 +11,7 @@ from mipprune.cli._app import app
 # Each module below adds its commands to ``app`` when imported.
 from mipprune.cli import prune as _prune  # noqa: E402,F401
 from mipprune.cli import verify as _verify  # noqa: E402,F401
+from mipprune.cli import experiment as _experiment  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
