@@ -46,17 +46,10 @@ HEURISTICS = ("greedy", "backward", "lasso", "magnitude", "random")
 
 def synthetic_layer(C: int, cols: int, m: int, n: int, seed: int) -> SelectionProblem:
     """bench_lasso's conv-like layer with ``cols`` columns per channel (9 = 3×3 kernel, 1 = 1×1)."""
-    rng = np.random.default_rng(seed)
-    n_factors = max(4, C // 8)
-    F = rng.normal(size=(n, n_factors))
-    channel = 0.7 * F @ (rng.normal(size=(n_factors, C)) / np.sqrt(n_factors)) + 0.7 * rng.normal(size=(n, C))
-    Z = channel[:, :, None] + 0.5 * rng.normal(size=(n, C, cols))
-    Z = np.maximum(Z, 0.0) * rng.uniform(0.5, 2.0, size=(1, C, 1))
-    Z = Z.reshape(n, C * cols)
-    importance = rng.permutation(np.geomspace(1.0, 0.02, C))
-    groups = np.repeat(np.arange(C), cols)
-    W = rng.normal(size=(C * cols, m)) * importance[groups][:, None] / np.sqrt(C * cols)
-    return SelectionProblem.from_data(Z, Z @ W, groups, weights=W)
+    from bench_lasso import synthetic_layer as layer_data  # same generator, same seeds
+
+    Z, W, Y, groups = layer_data(C, m, n, seed, cols=cols)
+    return SelectionProblem.from_data(Z, Y, groups, weights=W)
 
 
 def main(argv=None) -> int:

@@ -39,8 +39,9 @@ from solvers.select import select_channels  # noqa: E402
 KERNEL = 9  # 3×3 conv: columns per input channel
 
 
-def synthetic_layer(C: int, m: int, n: int, seed: int):
-    """Unfolded conv-layer data: Z (n × 9C, post-ReLU, correlated channels), W (9C × m), Y = Z W.
+def synthetic_layer(C: int, m: int, n: int, seed: int, cols: int = KERNEL):
+    """Unfolded conv-layer data: Z (n × cols·C, post-ReLU, correlated channels), W (cols·C × m),
+    Y = Z W, groups (cols·C,); ``cols`` columns per channel (9 = 3×3 kernel, 1 = 1×1).
 
     Channels share a few latent factors (correlation), the 9 taps of a channel are neighbouring
     pixels of one feature map (correlated), and the layer weights have decaying channel importance,
@@ -50,12 +51,12 @@ def synthetic_layer(C: int, m: int, n: int, seed: int):
     n_factors = max(4, C // 8)
     F = rng.normal(size=(n, n_factors))
     channel = 0.7 * F @ (rng.normal(size=(n_factors, C)) / np.sqrt(n_factors)) + 0.7 * rng.normal(size=(n, C))
-    Z = channel[:, :, None] + 0.5 * rng.normal(size=(n, C, KERNEL))
+    Z = channel[:, :, None] + 0.5 * rng.normal(size=(n, C, cols))
     Z = np.maximum(Z, 0.0) * rng.uniform(0.5, 2.0, size=(1, C, 1))
-    Z = Z.reshape(n, C * KERNEL)
+    Z = Z.reshape(n, C * cols)
     importance = rng.permutation(np.geomspace(1.0, 0.02, C))
-    groups = np.repeat(np.arange(C), KERNEL)
-    W = rng.normal(size=(C * KERNEL, m)) * importance[groups][:, None] / np.sqrt(C * KERNEL)
+    groups = np.repeat(np.arange(C), cols)
+    W = rng.normal(size=(C * cols, m)) * importance[groups][:, None] / np.sqrt(C * cols)
     return Z, W, Z @ W, groups
 
 

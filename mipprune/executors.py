@@ -171,8 +171,9 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """The same jobs as Ray tasks (one CPU each). Starts a local Ray with ``num_cpus=jobs`` unless
-    Ray is already initialised (e.g. connected to a cluster with ``ray.init(address=...)``)."""
+    """The same jobs as Ray tasks (one CPU each). Connects to the cluster at ``$RAY_ADDRESS`` when set;
+    otherwise starts a local Ray with ``num_cpus=jobs``, unless Ray is already initialised (e.g.
+    connected to a cluster with ``ray.init(address=...)`` before the run)."""
 
     def __init__(self, jobs: int = 1):
         if jobs < 1:
@@ -187,8 +188,12 @@ class RayExecutor:
         self.jobs = int(jobs)
         self._started = False
         if not ray.is_initialized():
-            ray.init(num_cpus=self.jobs, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            if os.environ.get("RAY_ADDRESS"):
+                # A cluster: ray.init reads the address; the cluster, not us, decides the CPUs.
+                ray.init(log_to_driver=False, configure_logging=False)
+            else:
+                ray.init(num_cpus=self.jobs, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
             self._started = True
 
     def imap_unordered(self, fn: Callable, jobs: Iterable) -> Iterator[tuple]:

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from solvers.errors import InvalidInputError, SolverError
 from solvers.network import AffineBlock, Network
+from solvers.spec import check_box
 
 METHODS = ("interval", "crown", "lp")
 
@@ -102,16 +103,7 @@ def as_blocks(network) -> list[AffineBlock]:
 
 def make_region(n_inputs: int, lower, upper, l1_center=None, l1_radius=None) -> Region:
     """Validate and pack an input region of ``n_inputs`` coordinates."""
-    lo = np.asarray(lower, dtype=np.float64).reshape(-1)
-    hi = np.asarray(upper, dtype=np.float64).reshape(-1)
-    if lo.shape != (n_inputs,) or hi.shape != (n_inputs,):
-        raise InvalidInputError(f"lower and upper must have shape ({n_inputs},); got {lo.shape} and {hi.shape}")
-    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-        raise InvalidInputError("lower and upper must be finite; got NaN or inf")
-    if np.any(lo > hi):
-        i = int(np.flatnonzero(lo > hi)[0])
-        raise InvalidInputError(f"input box must be non-empty (lower <= upper); "
-                                f"got lower[{i}]={lo[i]} > upper[{i}]={hi[i]}")
+    lo, hi = check_box(lower, upper, n_inputs)
     if (l1_center is None) != (l1_radius is None):
         raise InvalidInputError("l1_center and l1_radius must be given together; got only one of them")
     if l1_center is None:

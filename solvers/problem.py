@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from solvers.errors import InvalidInputError
+from solvers.errors import InfeasibleBudgetError, InvalidInputError
 
 
 def _as_float_matrix(name: str, a, ndim: int) -> np.ndarray:
@@ -138,6 +138,17 @@ class SelectionProblem:
         if not 1 <= int(k) <= self.n_channels:
             raise InvalidInputError(f"k must satisfy 1 <= k <= {self.n_channels}; got {k}")
         return int(k)
+
+    def check_budget(self, budget) -> float:
+        """Return ``budget`` (total ``costs`` of the kept channels) as a float that lets at least the
+        cheapest channel in, or raise ``InvalidInputError`` / ``InfeasibleBudgetError``."""
+        budget = float(budget)
+        if not budget >= 0:
+            raise InvalidInputError(f"budget must be >= 0; got {budget}")
+        if self.costs.min() > budget:
+            raise InfeasibleBudgetError(
+                f"budget must allow at least one channel (cheapest costs {self.costs.min():g}); got {budget:g}")
+        return budget
 
     def column_mask(self, mask) -> np.ndarray:
         """Bool array (d,): the columns owned by the kept channels."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from solvers.errors import InfeasibleBudgetError, InvalidInputError
+from solvers.errors import InvalidInputError
 from solvers.problem import SelectionProblem
 from solvers.result import SelectionResult
 
@@ -65,12 +65,7 @@ def select_channels(problem: SelectionProblem, *, k: int | None = None, budget: 
         if method not in BUDGET_METHODS:
             raise InvalidInputError(
                 f"budget is supported by methods {sorted(BUDGET_METHODS)}; got method {method!r}")
-        budget = float(budget)
-        if not budget >= 0:
-            raise InvalidInputError(f"budget must be >= 0; got {budget}")
-        if problem.costs.min() > budget:
-            raise InfeasibleBudgetError(
-                f"budget must allow at least one channel (cheapest costs {problem.costs.min():g}); got {budget:g}")
+        budget = problem.check_budget(budget)
     if time_limit is not None and not time_limit > 0:
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
     return fn(problem, k=k, budget=budget, backend=backend, time_limit=time_limit, seed=seed)

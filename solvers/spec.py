@@ -14,6 +14,24 @@ import numpy as np
 from solvers.errors import InvalidInputError
 
 
+def check_box(lower, upper, n_inputs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``lower``, ``upper`` as flat float64 arrays of one shape (``(n_inputs,)`` when given), finite,
+    with ``lower <= upper``; else ``InvalidInputError``."""
+    lo = np.asarray(lower, dtype=np.float64).reshape(-1)
+    hi = np.asarray(upper, dtype=np.float64).reshape(-1)
+    if n_inputs is not None and (lo.shape != (n_inputs,) or hi.shape != (n_inputs,)):
+        raise InvalidInputError(f"lower and upper must have shape ({n_inputs},); got {lo.shape} and {hi.shape}")
+    if lo.shape != hi.shape:
+        raise InvalidInputError(f"lower and upper must have the same shape; got {lo.shape} and {hi.shape}")
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise InvalidInputError("lower and upper must be finite; got NaN or inf")
+    if np.any(lo > hi):
+        i = int(np.flatnonzero(lo > hi)[0])
+        raise InvalidInputError(f"input box must be non-empty (lower <= upper); "
+                                f"got lower[{i}]={lo[i]} > upper[{i}]={hi[i]}")
+    return lo, hi
+
+
 @dataclass(frozen=True, eq=False)
 class Spec:
     """One verification query. Shapes: ``lower``/``upper`` (n_inputs,), each disjunct ``A`` (k, n_outputs),
@@ -27,16 +45,7 @@ class Spec:
     name: str = ""
 
     def __post_init__(self):
-        lo = np.asarray(self.lower, dtype=np.float64).reshape(-1)
-        hi = np.asarray(self.upper, dtype=np.float64).reshape(-1)
-        if lo.shape != hi.shape:
-            raise InvalidInputError(f"lower and upper must have the same shape; got {lo.shape} and {hi.shape}")
-        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-            raise InvalidInputError("input bounds must be finite; got NaN or inf")
-        if np.any(lo > hi):
-            i = int(np.flatnonzero(lo > hi)[0])
-            raise InvalidInputError(f"input box must be non-empty (lower <= upper); got lower[{i}]={lo[i]} > "
-                                    f"upper[{i}]={hi[i]}")
+        lo, hi = check_box(self.lower, self.upper)
         if not self.disjuncts:
             raise InvalidInputError("the unsafe output region must have at least one disjunct; got none")
         ds = []

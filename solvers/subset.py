@@ -59,7 +59,7 @@ import numpy as np
 import scipy.linalg
 
 from solvers.baselines import result_from_mask
-from solvers.errors import InfeasibleBudgetError, InvalidInputError, SolverError, SolverNotAvailableError
+from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.greedy import Whitened, backward_mask, forward_mask, improve_by_swaps, whiten
 from solvers.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
@@ -843,12 +843,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     if k is not None:
         k = problem.check_k(k)
     if budget is not None:
-        budget = float(budget)
-        if not budget >= 0:
-            raise InvalidInputError(f"budget must be >= 0; got {budget}")
-        if problem.costs.min() > budget:
-            raise InfeasibleBudgetError(
-                f"budget must allow at least one channel (cheapest costs {problem.costs.min():g}); got {budget:g}")
+        budget = problem.check_budget(budget)
     if not (isinstance(rel_gap, (int, float)) and 0 <= rel_gap < 1):
         raise InvalidInputError(f"rel_gap must be in [0, 1); got {rel_gap!r}")
     if time_limit is not None and not time_limit > 0:

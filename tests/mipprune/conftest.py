@@ -119,9 +119,9 @@ class DataDependent(nn.Module):
         return x if x.sum() > 0 else -x
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Run torch single-threaded for the test: tiny ops under a loaded machine are 100x faster
+    """Run torch single-threaded in every test here: tiny ops under a loaded machine are 100x faster
     without OpenMP's thread hand-offs (restored afterwards)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -163,3 +163,16 @@ def batches(shape: tuple[int, ...], n_batches: int, seed: int = 0) -> list[torch
     """``n_batches`` random input batches of ``shape``."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g) for _ in range(n_batches)]
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run ``mipprune`` in-process; return (exit code, stdout, stderr) with rich's wrapping undone."""
+    from mipprune.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, " ".join(out.split()), " ".join(err.split())

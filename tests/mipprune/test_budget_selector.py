@@ -18,14 +18,6 @@ from solvers.select import select_channels
 from tests.mipprune.conftest import conv_net
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def digits():
     model, data = train_digits_cnn(seed=0, epochs=2)

@@ -6,34 +6,15 @@ import json
 import pytest
 import torch
 
-from mipprune.cli import main
+from tests.mipprune.conftest import run_cli
 from mipprune.data import load_digits_data, make_loader
 from mipprune.models import mlp
 from mipprune.train import count_flops, count_params, evaluate, train_classifier
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is faster than contending for two."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, " ".join(out.split()), " ".join(err.split())  # undo rich's line wrapping
-
-
 def test_prune_default_model_writes_consistent_json_and_model(tmp_path, capsys):
     js, pt = tmp_path / "run.json", tmp_path / "pruned.pt"
-    code, out, err = _run(["prune", "--epochs", "2", "--method", "magnitude", "--sparsity", "0.5",
+    code, out, err = run_cli(["prune", "--epochs", "2", "--method", "magnitude", "--sparsity", "0.5",
                            "--json", str(js), "--out", str(pt)], capsys)
     assert code == 0, err
     assert "Channel selection" in out and "Summary" in out
@@ -61,7 +42,7 @@ def test_prune_loads_a_pickled_flat_input_model(tmp_path, capsys):
                            epochs=3, lr=1e-2)
     path, js = tmp_path / "mlp.pt", tmp_path / "mlp.json"
     torch.save(net, path)
-    code, out, err = _run(["prune", "--model", str(path), "--method", "random", "--sparsity", "0.25",
+    code, out, err = run_cli(["prune", "--model", str(path), "--method", "random", "--sparsity", "0.25",
                            "--one-shot", "--json", str(js)], capsys)
     assert code == 0, err
     rec = json.loads(js.read_text())
@@ -74,7 +55,7 @@ def test_prune_loads_a_pickled_flat_input_model(tmp_path, capsys):
 @pytest.mark.parametrize("metric,target,method", [("flops", 0.5, "greedy"), ("params", 0.4, "hrank")])
 def test_prune_budget_with_finetuning_lands_in_the_window(metric, target, method, tmp_path, capsys):
     js = tmp_path / "budget.json"
-    code, out, err = _run(["prune", "--epochs", "2", "--method", method, f"--{metric}", str(target),
+    code, out, err = run_cli(["prune", "--epochs", "2", "--method", method, f"--{metric}", str(target),
                            "--positions", "4", "--finetune", "1", "--json", str(js)], capsys)
     assert code == 0, err
     rec = json.loads(js.read_text())
@@ -98,7 +79,7 @@ def test_prune_budget_with_finetuning_lands_in_the_window(metric, target, method
     (["--epochs", "-1"], "--epochs must be >= 0; got -1"),
 ])
 def test_prune_bad_options_give_one_red_line_and_exit_2(args, message, capsys):
-    code, out, err = _run(["prune", *args], capsys)
+    code, out, err = run_cli(["prune", *args], capsys)
     assert code == 2
     assert message in err and "Traceback" not in err
 
@@ -106,21 +87,21 @@ def test_prune_bad_options_give_one_red_line_and_exit_2(args, message, capsys):
 def test_prune_on_cuda_without_cuda_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    code, out, err = _run(["prune", "--device", "cuda"], capsys)
+    code, out, err = run_cli(["prune", "--device", "cuda"], capsys)
     assert code == 2 and "CUDA is not available" in err
 
 
 def test_prune_rejects_a_file_that_is_not_a_module(tmp_path, capsys):
     path = tmp_path / "state.pt"
     torch.save(mlp().state_dict(), path)
-    code, out, err = _run(["prune", "--model", str(path)], capsys)
+    code, out, err = run_cli(["prune", "--model", str(path)], capsys)
     assert code == 2 and "--model must hold a torch.nn.Module" in err and "got OrderedDict" in err
 
 
 @pytest.mark.gpu
 def test_prune_on_cuda_end_to_end(tmp_path, capsys):
     js = tmp_path / "cuda.json"
-    code, out, err = _run(["prune", "--device", "cuda", "--epochs", "2", "--json", str(js)], capsys)
+    code, out, err = run_cli(["prune", "--device", "cuda", "--epochs", "2", "--json", str(js)], capsys)
     assert code == 0, err
     rec = json.loads(js.read_text())
     assert rec["config"]["device"].startswith("cuda")

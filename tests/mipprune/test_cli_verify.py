@@ -15,23 +15,13 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from mipprune.cli import main  # noqa: E402
+from tests.mipprune.conftest import run_cli  # noqa: E402
 from mipprune.suite import InstanceResult, read_instances, run_suite, summarize  # noqa: E402
 from solvers.network import Network  # noqa: E402
 from solvers.spec import Spec  # noqa: E402
 from solvers.vnnlib import load_vnnlib, read_result, write_vnnlib  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, " ".join(out.split()), " ".join(err.split())
 
 
 def _tiny_onnx(path: Path, n_in: int = 4, seed: int = 0) -> Path:
@@ -67,7 +57,7 @@ def tiny_bench(tmp_path_factory) -> Path:
 
 def test_verify_writes_a_valid_unsat_result_on_a_tiny_robust_instance(tiny_bench, tmp_path, capsys):
     res = tmp_path / "out.txt"
-    code, out, err = _run(["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
+    code, out, err = run_cli(["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
                            "--timeout", "20", "--result", str(res)], capsys)
     assert code == 0, err
     assert "unsat (verified)" in out and "decided by" in out
@@ -78,7 +68,7 @@ def test_verify_sat_result_holds_a_counterexample_that_checks_out(shared_bench, 
     onnx_path = shared_bench / "onnx" / "mnist-net_256x2.onnx"
     prop = shared_bench / "vnnlib" / "prop_1_0.03.vnnlib"        # consensus: sat
     res = tmp_path / "result.txt"
-    code, out, err = _run(["verify", str(onnx_path), str(prop), "--timeout", "30", "--result", str(res)], capsys)
+    code, out, err = run_cli(["verify", str(onnx_path), str(prop), "--timeout", "30", "--result", str(res)], capsys)
     assert code == 0, err
     assert "sat (falsified)" in out
     word, x, y = read_result(res)
@@ -90,23 +80,23 @@ def test_verify_sat_result_holds_a_counterexample_that_checks_out(shared_bench, 
 
 
 def test_verify_reports_missing_files_and_shape_mismatch_as_clear_errors(tiny_bench, tmp_path, capsys):
-    code, _, err = _run(["verify", str(tmp_path / "none.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib")], capsys)
+    code, _, err = run_cli(["verify", str(tmp_path / "none.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib")], capsys)
     assert code == 2 and "ONNX file must exist" in err
-    code, _, err = _run(["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tmp_path / "none.vnnlib")], capsys)
+    code, _, err = run_cli(["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tmp_path / "none.vnnlib")], capsys)
     assert code == 2 and "VNN-LIB file must exist" in err
     # a 784-input property on a 64-input network
     net64 = _tiny_onnx(tmp_path / "net64.onnx", n_in=64)
     prop784 = tmp_path / "p784.vnnlib"
     write_vnnlib(Spec.robustness(np.full(784, 0.5), 0.01, 0, 3), prop784)
-    code, _, err = _run(["verify", str(net64), str(prop784)], capsys)
+    code, _, err = run_cli(["verify", str(net64), str(prop784)], capsys)
     assert code == 2 and "must declare 64 inputs" in err and "got 784" in err
-    code, _, err = _run(["verify", str(net64), str(prop784), "--timeout", "0"], capsys)
+    code, _, err = run_cli(["verify", str(net64), str(prop784), "--timeout", "0"], capsys)
     assert code == 2 and "--timeout must be > 0" in err
 
 
 def test_verify_suite_writes_rows_and_flags_verdicts_against_a_wrong_consensus(tiny_bench, tmp_path, capsys):
     out_csv, out_json = tmp_path / "rows.csv", tmp_path / "summary.json"
-    code, out, err = _run(["verify-suite", str(tiny_bench), "--out", str(out_csv), "--json", str(out_json)], capsys)
+    code, out, err = run_cli(["verify-suite", str(tiny_bench), "--out", str(out_csv), "--json", str(out_json)], capsys)
     assert code == 0, err
     rows = list(csv.DictReader(open(out_csv)))
     assert [r["property"] for r in rows] == ["robust.vnnlib", "wide.vnnlib"]
@@ -127,7 +117,7 @@ def test_verify_suite_writes_rows_and_flags_verdicts_against_a_wrong_consensus(t
         w.writerow(["network", "vnnlib", "consensus", "toolA_verdict", "toolA_time_s_raw"])
         for r in rows:
             w.writerow([r["network"], r["property"], opposite[r["verdict"]], r["verdict"], "1.5"])
-    code, out, _ = _run(["verify-suite", str(bench2), "--out", str(tmp_path / "rows2.csv"), "--jobs", "2"], capsys)
+    code, out, _ = run_cli(["verify-suite", str(bench2), "--out", str(tmp_path / "rows2.csv"), "--jobs", "2"], capsys)
     assert code == 1
     assert "WRONG 2" in out and "toolA" in out
 

@@ -14,11 +14,6 @@ from solvers.errors import InvalidInputError
 from tests.mipprune.conftest import FunctionalNet, batches, conv_net
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
 @pytest.fixture
 def net_and_groups():
     model = conv_net()

@@ -17,15 +17,6 @@ from solvers.errors import InvalidInputError, MipPruneError
 CONSUMERS = ["3", "8", "10"]  # digits_cnn: conv 0→3, conv 3→linear 8 (after flatten), linear 8→10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is faster than contending for two."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def setup():
     model, data = train_digits_cnn(seed=0, epochs=3)

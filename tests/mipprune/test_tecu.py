@@ -16,11 +16,6 @@ from solvers.errors import InvalidInputError
 from tests.mipprune.conftest import batches, conv_net
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
 @pytest.fixture(scope="module")
 def setup():
     model = conv_net()

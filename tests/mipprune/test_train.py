@@ -21,15 +21,6 @@ from mipprune.train import (
 from solvers.errors import InvalidInputError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is faster than contending for two."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def trained():
     return train_digits_cnn(seed=0, epochs=3)
