@@ -139,6 +139,20 @@ def known_methods() -> tuple:
     return tuple(sorted(METHODS)) + (UNSTRUCTURED,)
 
 
+def _valid_arch(a: list) -> bool:
+    """Conv items (``"c8"``, ``"c16s2"``) first, then positive integer widths."""
+    from mipprune.models import parse_conv_item
+
+    n_conv = 0
+    while n_conv < len(a) and parse_conv_item(a[n_conv]) is not None:
+        n_conv += 1
+    return all(_is_int(w) and w >= 1 for w in a[n_conv:])
+
+
+def is_conv_arch(hidden: tuple) -> bool:
+    return any(isinstance(w, str) for w in hidden)
+
+
 def validate_config(c: ExperimentConfig) -> None:
     """Raise ``InvalidInputError`` ("x must be …; got …") for any out-of-range setting.
 
@@ -159,9 +173,10 @@ def validate_config(c: ExperimentConfig) -> None:
     norm_archs = []
     for a in archs:
         a = list(a) if hasattr(a, "__iter__") and not isinstance(a, (str, bytes)) else a
-        if not isinstance(a, list) or not a or not all(_is_int(w) and w >= 1 for w in a):
-            raise InvalidInputError(f"each architecture must be a non-empty list of positive hidden widths; got {a!r}")
-        norm_archs.append(tuple(int(w) for w in a))
+        if not isinstance(a, list) or not a or not _valid_arch(a):
+            raise InvalidInputError(f"each architecture must be a non-empty list of positive hidden widths, "
+                                    f"optionally after conv items like 'c8' or 'c16s2'; got {a!r}")
+        norm_archs.append(tuple(w if isinstance(w, str) else int(w) for w in a))
     if len(set(norm_archs)) != len(norm_archs):
         raise InvalidInputError(f"architectures must be distinct; got {[list(a) for a in norm_archs]}")
     put("architectures", tuple(norm_archs))
@@ -314,8 +329,10 @@ class ResultStore:
 
 # ============================================================================ networks
 def arch_label(hidden: tuple) -> str:
-    """``(100, 100, 100)`` → ``"3x100"``; mixed widths → ``"50-100"``."""
-    return f"{len(hidden)}x{hidden[0]}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
+    """``(100, 100, 100)`` → ``"3x100"``; mixed widths → ``"50-100"``; conv → ``"c8-c16s2-64"``."""
+    if len(set(hidden)) == 1 and not is_conv_arch(hidden):
+        return f"{len(hidden)}x{hidden[0]}"
+    return "-".join(map(str, hidden))
 
 
 def _hash(obj) -> str:
@@ -360,15 +377,15 @@ def _hidden_neurons(network) -> int:
 
 def _unstructured_prune(model, sparsity: float):
     """Copy of ``model`` with the ``sparsity`` fraction of smallest-magnitude weights of every Linear
-    layer but the output layer zeroed (``torch.nn.utils.prune.l1_unstructured``, made permanent).
-    The output layer is left whole: it is small and carries no ReLU (no MILP binaries)."""
+    and Conv2d layer but the output layer zeroed (``torch.nn.utils.prune.l1_unstructured``, made
+    permanent). The output layer is left whole: it is small and carries no ReLU (no MILP binaries)."""
     import copy
 
     from torch import nn
     from torch.nn.utils import prune
 
     pruned = copy.deepcopy(model)
-    for m in [m for m in pruned.modules() if isinstance(m, nn.Linear)][:-1]:
+    for m in [m for m in pruned.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]:
         prune.l1_unstructured(m, "weight", amount=sparsity)
         prune.remove(m, "weight")
     return pruned
@@ -376,7 +393,7 @@ def _unstructured_prune(model, sparsity: float):
 
 def _finetune_keeping_zeros(pruned, dense, loader, cfg: ExperimentConfig):
     """KD fine-tuning (:func:`mipprune.train.finetune`) under which zero weights stay zero: each Linear
-    weight is parametrized as ``W ⊙ mask`` (``torch.nn.utils.parametrize``; mask = the non-zeros
+    or Conv2d weight is parametrized as ``W ⊙ mask`` (``torch.nn.utils.parametrize``; mask = the non-zeros
     before fine-tuning), so pruned weights get no update; the parametrization is then folded in."""
     import copy
 
@@ -396,11 +413,11 @@ def _finetune_keeping_zeros(pruned, dense, loader, cfg: ExperimentConfig):
 
     student = copy.deepcopy(pruned)   # finetune's own deepcopy leaves a parametrized original unusable
     for m in student.modules():
-        if isinstance(m, nn.Linear) and bool((m.weight == 0).any()):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and bool((m.weight == 0).any()):
             parametrize.register_parametrization(m, "weight", _Mask((m.weight != 0).to(m.weight.dtype)))
     tuned = finetune(student, dense, loader, epochs=cfg.finetune_epochs, seed=cfg.seed)
     for m in tuned.modules():
-        if isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return tuned
 
@@ -457,21 +474,25 @@ def prepare_networks(cfg: ExperimentConfig, out: Path, *, log=print) -> tuple[li
     convert each to a solvers.Network and export it to ONNX. Returns ``(entries, data)``."""
     import torch
 
-    from mipprune.data import DIGITS_FLAT_SHAPE, load_digits_data, make_loader
+    from mipprune.data import DIGITS_FLAT_SHAPE, DIGITS_IMAGE_SHAPE, load_digits_data, make_loader
     from mipprune.export import to_network
-    from mipprune.models import mlp
+    from mipprune.models import conv_mlp, mlp
     from mipprune.train import evaluate, train_classifier
 
+    # Inputs are flat (N, 64) everywhere (queries, specs, VNN-LIB); conv nets see them as (N, 1, 8, 8).
     data = load_digits_data(seed=cfg.seed, test_size=cfg.test_size, flat=True)
-    test = (data.x_test, data.y_test)
     rng = np.random.default_rng(cfg.seed)
     calib_idx = np.sort(rng.permutation(len(data.x_train))[: cfg.calibration])
-    calib = make_loader(data.x_train[calib_idx], batch_size=256)
+    shape = DIGITS_FLAT_SHAPE
+
+    def shaped(x):
+        return x.reshape((len(x), *shape))
 
     def train_loader():
         # a fresh seeded loader per use: each model sees the same batches whatever was trained (or
         # loaded from the cache) before it, so a resumed run rebuilds identical models
-        return make_loader(data.x_train, data.y_train, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
+        return make_loader(shaped(data.x_train), data.y_train, batch_size=cfg.batch_size, shuffle=True,
+                           seed=cfg.seed)
 
     models_dir = out / "models"
     onnx_dir = out / "onnx"
@@ -479,14 +500,14 @@ def prepare_networks(cfg: ExperimentConfig, out: Path, *, log=print) -> tuple[li
 
     def finish(entry: NetEntry, model) -> NetEntry:
         entry.model = model
-        entry.network = to_network(model, DIGITS_FLAT_SHAPE)
+        entry.network = to_network(model, shape)
         entry.neurons = _hidden_neurons(entry.network)
         if cfg.export_onnx:
             onnx_dir.mkdir(parents=True, exist_ok=True)
             path = onnx_dir / f"{entry.file_stem}.onnx"
             stamp = onnx_dir / f"{entry.file_stem}.fingerprint"
             if not (path.exists() and stamp.exists() and stamp.read_text() == entry.fingerprint):
-                export_onnx(model, path, DIGITS_FLAT_SHAPE)
+                export_onnx(model, path, shape)
                 stamp.write_text(entry.fingerprint)
             entry.onnx = str(path.relative_to(out))
         entries.append(entry)
@@ -495,6 +516,9 @@ def prepare_networks(cfg: ExperimentConfig, out: Path, *, log=print) -> tuple[li
     train_keys = {k: getattr(cfg, k) for k in ("seed", "dataset", "test_size", "epochs", "lr", "batch_size")}
     for hidden in cfg.architectures:
         arch = arch_label(hidden)
+        shape = DIGITS_IMAGE_SHAPE if is_conv_arch(hidden) else DIGITS_FLAT_SHAPE
+        test = (shaped(data.x_test), data.y_test)
+        calib = make_loader(shaped(data.x_train[calib_idx]), batch_size=256)
         fp = _hash({"kind": "dense", "hidden": hidden, **train_keys})
         stem = f"{arch}_dense"
         dense, meta = _load_cached(models_dir / f"{stem}.pt", models_dir / f"{stem}.json", fp)
@@ -502,7 +526,8 @@ def prepare_networks(cfg: ExperimentConfig, out: Path, *, log=print) -> tuple[li
             t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
-                dense = mlp((DIGITS_FLAT_SHAPE[0], *hidden, 10))
+                dense = conv_mlp(hidden, DIGITS_IMAGE_SHAPE) if is_conv_arch(hidden) else \
+                    mlp((DIGITS_FLAT_SHAPE[0], *hidden, 10))
             train_classifier(dense, train_loader(), epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed)
             meta = {"fingerprint": fp, "accuracy": evaluate(dense, test), "train_time": time.perf_counter() - t0}
             _save_cached(dense, models_dir / f"{stem}.pt", models_dir / f"{stem}.json", meta)

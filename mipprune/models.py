@@ -1,6 +1,7 @@
 """Small reference models for the embedded digits data (8×8 grey images, 10 classes)."""
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from torch import nn
@@ -51,4 +52,44 @@ def mlp(sizes: Sequence[int] = (64, 100, 100, 10)) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-__all__ = ["digits_cnn", "mlp"]
+_CONV_ITEM = re.compile(r"^c(\d+)(?:s(\d+))?$")
+
+
+def parse_conv_item(item) -> tuple[int, int] | None:
+    """``"c8"`` → ``(8, 1)``, ``"c16s2"`` → ``(16, 2)`` (channels, stride); anything else → ``None``."""
+    m = _CONV_ITEM.match(item) if isinstance(item, str) else None
+    if m is None or int(m.group(1)) < 1 or int(m.group(2) or 1) < 1:
+        return None
+    return int(m.group(1)), int(m.group(2) or 1)
+
+
+def conv_mlp(arch: Sequence, in_shape: Sequence[int] = (1, 8, 8), n_classes: int = 10) -> nn.Sequential:
+    """A verification-friendly CNN (no pooling, no BatchNorm): ``Conv3×3→ReLU`` per conv item, then
+    ``Flatten``, then ``Linear→ReLU`` per width, then ``Linear`` to ``n_classes``.
+
+    ``arch``: conv items ``"c<channels>"`` or ``"c<channels>s<stride>"`` (3×3 kernel, padding 1) first,
+    then positive ints (hidden widths), e.g. ``["c8", "c16s2", 64]``. Input (N, *in_shape), output
+    (N, n_classes) logits.
+    """
+    arch = list(arch)
+    convs = [parse_conv_item(a) for a in arch]
+    n_conv = next((i for i, c in enumerate(convs) if c is None), len(arch))
+    widths = arch[n_conv:]
+    if any(parse_conv_item(a) is not None for a in widths) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+        raise InvalidInputError(f"arch must be conv items like 'c8' or 'c16s2' followed by positive widths; got {arch}")
+    c, h, w = (int(v) for v in in_shape)
+    layers: list[nn.Module] = []
+    for channels, stride in convs[:n_conv]:
+        layers += [nn.Conv2d(c, channels, 3, stride=stride, padding=1), nn.ReLU()]
+        c, h, w = channels, (h - 1) // stride + 1, (w - 1) // stride + 1
+    layers.append(nn.Flatten())
+    features = c * h * w
+    for width in widths:
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    layers.append(nn.Linear(features, n_classes))
+    return nn.Sequential(*layers)
+
+
+__all__ = ["digits_cnn", "mlp", "conv_mlp", "parse_conv_item"]

@@ -302,6 +302,8 @@ def test_default_config_matches_the_dataclass_defaults():
     ({"time_limit": -1}, r"time_limit must be a number > 0; got -1"),
     ({"executor": "dask"}, r"executor must be one of \['local', 'ray'\]; got 'dask'"),
     ({"architectures": [[16, 0]]}, r"each architecture must be a non-empty list of positive hidden widths"),
+    ({"architectures": [[16, "c8"]]}, r"each architecture must be a non-empty list of positive hidden widths"),
+    ({"architectures": [["c0", 16]]}, r"optionally after conv items like 'c8' or 'c16s2'; got \['c0', 16\]"),
     ({"jobs": 0}, r"jobs must be an integer >= 1; got 0"),
 ])
 def test_bad_config_values_are_clear_errors(overrides, match):
@@ -374,3 +376,38 @@ def test_models_do_not_depend_on_what_was_trained_before(tiny, tmp_path):
         if e.arch == "2x8":
             np.testing.assert_array_equal(e.network.forward(x), na[e.net_id].network.forward(x))
             assert e.accuracy == na[e.net_id].accuracy
+
+
+# ----------------------------------------------------------------------------- conv nets
+def test_conv_architecture_runs_end_to_end(tmp_path):
+    """A conv net ("c4" = 3×3 conv with 4 channels, "c4s2" stride 2) is trained on (N, 1, 8, 8) digits,
+    pruned (structured and unstructured), exported, and queried on the same flat 64-pixel inputs."""
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    toml = TINY_TOML.replace("architectures = [[16, 16]]", 'architectures = [["c4", "c4s2", 16]]')
+    toml = toml.replace('norms = ["linf", "l1"]', 'norms = ["linf"]')
+    cfg_path = tmp_path / "conv.toml"
+    cfg_path.write_text(toml)
+    cfg = ex.load_config(cfg_path)
+    assert cfg.architectures == (("c4", "c4s2", 16),)
+    res = ex.run_experiment(cfg, tmp_path / "out", progress=False)
+
+    assert {e.net_id for e in res.entries} == {"c4-c4s2-16/dense", "c4-c4s2-16/lasso/s50",
+                                               "c4-c4s2-16/unstructured/s50"}
+    assert len(res.rows) == 3 * cfg.n_images
+    assert all(r["verdict"] in {"verified", "falsified", "unknown", "timeout"} for r in res.rows)
+    dense = next(e for e in res.entries if e.method == "dense")
+    lasso = next(e for e in res.entries if e.method == "lasso")
+    assert isinstance(dense.model[0], torch.nn.Conv2d)
+    # 4·8·8 + 4·4·4 + 16 ReLUs; LASSO at 50 % keeps 2 + 2 channels and 8 neurons
+    assert dense.neurons == 256 + 64 + 16 and lasso.neurons == 128 + 32 + 8
+    x = np.random.default_rng(1).random((4, 64))
+    for e in res.entries:
+        with torch.no_grad():
+            y_torch = e.model(torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8)).double().numpy()
+        np.testing.assert_allclose(e.network.forward(x), y_torch, rtol=1e-4, atol=1e-4)
+        sess = ort.InferenceSession(str(tmp_path / "out" / e.onnx))
+        name = sess.get_inputs()[0].name
+        y_onnx = sess.run(None, {name: x[:1].reshape(1, 1, 8, 8).astype(np.float32)})[0]
+        np.testing.assert_allclose(y_onnx, y_torch[:1], rtol=1e-4, atol=1e-4)
