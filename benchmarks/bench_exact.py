@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", choices=["conv", "factor"], default="conv", help="synthetic layer generator")
     ap.add_argument("--n", type=int, default=None, help="sampled positions (rows of Z); conv 5000, factor 1000")
     ap.add_argument("--m", type=int, default=None, help="output channels; conv 64, factor 8")
+    ap.add_argument("--cols", type=int, default=None,
+                    help="columns per channel for every C (default: 9 at C = 64, 128; 1 at C = 256)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--backends", nargs="+", default=["bnb"], help="exact backends: bnb, highs, scip")
     ap.add_argument("--time-limit", type=float, default=None,
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     rows = []
     for C in args.channels:
         cols, target_limit, target_gap = SETTINGS[C]
+        cols = cols if args.cols is None else args.cols
         limit = target_limit if args.time_limit is None else min(target_limit, args.time_limit)
         for seed in args.seeds:
             k = C // 2
