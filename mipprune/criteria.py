@@ -371,7 +371,7 @@ def channel_scores(criterion: str, model: nn.Module, group: PruneGroup, data: It
     if data is None:
         raise InvalidInputError(f"criterion {criterion!r} needs calibration data; got data=None")
     if criterion == "similarity" and k is None:
-        raise InvalidInputError("criterion 'similarity' needs k (one representative per cluster); got k=None")
+        raise InvalidInputError("k (one representative per cluster) must be given for criterion 'similarity'; got k=None")
     stats = activation_statistics(model, group, data, max_images=max_images, need_rank=criterion == "hrank")
     if criterion == "hrank":
         return hrank_scores(stats)

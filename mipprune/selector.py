@@ -130,6 +130,9 @@ class ChannelSelector:
     exact_max_channels : int
         ``"tecu"``: blocks of at most this many channels are solved by ``"exact"``, larger ones by
         greedy + local search.
+    gap : float, optional
+        ``"exact"``: relative optimality gap at which a layer's selection stops as ``OPTIMAL``
+        (``None``: the solver's default 1e-4). Each layer's proven gap is in :meth:`report`.
     device : str, optional
         Device of the forward passes during calibration (``None``: the model's).
     progress : bool
@@ -154,7 +157,7 @@ class ChannelSelector:
                  budget_tolerance: float = 0.005, positions: int = 10, seed: int = 0,
                  time_limit: float | None = None, max_samples: int | None = None, sequential: bool = True,
                  max_iter: int = 3, objective: str = "output", exact_max_channels: int = 64,
-                 device: str | torch.device | None = None, progress: bool = False):
+                 gap: float | None = None, device: str | torch.device | None = None, progress: bool = False):
         known = _known_methods()
         if not isinstance(method, str) or method not in known:
             raise InvalidInputError(f"method must be one of {known}; got {method!r}")
@@ -162,9 +165,9 @@ class ChannelSelector:
                  if v is not None]
         if len(given) != 1:
             got = " and ".join(given) if given else "none"
-            raise InvalidInputError("give exactly one of sparsity (fraction of channels to remove), k (channels "
+            raise InvalidInputError("exactly one of sparsity (fraction of channels to remove), k (channels "
                                     "to keep per layer), flops or params (fraction of the dense FLOPs / "
-                                    f"parameters to keep); got {got}")
+                                    f"parameters to keep) must be given; got {got}")
         if sparsity is not None:
             sparsity = _fraction("sparsity", sparsity, closed=False)
         if flops is not None:
@@ -199,6 +202,12 @@ class ChannelSelector:
         if isinstance(exact_max_channels, bool) or not isinstance(exact_max_channels, (int, np.integer)) \
                 or exact_max_channels < 0:
             raise InvalidInputError(f"exact_max_channels must be an integer >= 0; got {exact_max_channels!r}")
+        if gap is not None:
+            if method != "exact":
+                raise InvalidInputError(f"gap applies to method 'exact' only; got method {method!r}")
+            if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 < gap < 1:
+                raise InvalidInputError(f"gap must be in (0, 1); got {gap!r}")
+        self.gap = None if gap is None else float(gap)
         self.method = method
         self.sparsity = sparsity
         self.k = k
@@ -266,7 +275,7 @@ class ChannelSelector:
             return select_by_scores(problem, scores, k, method=self.method, start=start,
                                     info={"scores": scores})
         return select_channels(problem, k=k, method=self.method, backend=self.backend,
-                               time_limit=self.time_limit, seed=self.seed)
+                               time_limit=self.time_limit, seed=self.seed, gap=self.gap)
 
     def fit(self, model: nn.Module, data: Iterable) -> "ChannelSelector":
         """Calibrate on ``data`` and choose the channels to keep; ``model`` is not modified.

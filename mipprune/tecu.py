@@ -9,7 +9,8 @@ channels to keep. The state is, per block, a mask and the least-squares weights 
    network, as in He et al.), giving the block's :class:`~solvers.SelectionProblem`.
 2. **Embedded sub-solve.** The block's channels are re-selected by a solver chosen by size:
    ``"exact"`` (certified MIQP, :mod:`solvers.subset`) for ``C <= exact_max_channels`` when it is
-   installed, else forward greedy followed by 1-swap local search (:mod:`solvers.greedy`).
+   installed, forward greedy up to ``GREEDY_MAX_CHANNELS`` (1024) and He et al.'s LASSO above it,
+   each followed by 1-swap local search in later iterations (:mod:`solvers.greedy`).
 3. **Later blocks refitted.** Every later block keeps its mask but is refitted by least squares on
    statistics recaptured from the new prefix (errors do not accumulate).
 4. **Monotone acceptance.** The candidate network is scored by the end-to-end objective on the
@@ -113,12 +114,19 @@ def _has_method(name: str) -> bool:
         return False
 
 
-def embedded_solver(n_channels: int, exact_max_channels: int) -> str:
+# Forward greedy costs O(k·C) rank-one refits per block; above this many channels the He et al.
+# LASSO (a C-variable QP per λ step) is the cheaper start for the local search.
+GREEDY_MAX_CHANNELS = 1024
+
+
+def embedded_solver(n_channels: int, exact_max_channels: int,
+                    greedy_max_channels: int = GREEDY_MAX_CHANNELS) -> str:
     """The block solver for a block of ``n_channels``: ``"exact"`` when small enough and installed,
-    else ``"greedy"`` (forward selection, then 1-swap local search)."""
+    ``"greedy"`` (forward selection) up to ``greedy_max_channels``, else ``"lasso"``; both
+    heuristics are followed by 1-swap local search in later iterations."""
     if n_channels <= exact_max_channels and _has_method("exact"):
         return "exact"
-    return "greedy"
+    return "greedy" if n_channels <= greedy_max_channels else "lasso"
 
 
 def _sub_solve(problem: SelectionProblem, k: int, solver: str, tau: float, eps: float, eps_min: float, t: int,
@@ -144,17 +152,21 @@ def _sub_solve(problem: SelectionProblem, k: int, solver: str, tau: float, eps: 
             res = result_from_mask(problem, mask, method="exact", start=time.perf_counter() - res.solve_time,
                                    backend=res.backend, iterations=res.iterations, bound=res.bound,
                                    status=res.status, info=res.info)
-        return res, res.status == Status.OPTIMAL and res.gap is not None and res.gap <= eps_min
+        final = res.status == Status.OPTIMAL and res.gap is not None and res.gap <= eps_min
+        if res.status == Status.OPTIMAL and not final:
+            # proven only to this iteration's looser tolerance eps: the gap stays, OPTIMAL does not
+            res = dataclasses.replace(res, status=Status.FEASIBLE)
+        return res, final
     start = time.perf_counter()
     if t == 0:
-        return select_channels(problem, k=k, method="greedy", seed=seed), False
+        return select_channels(problem, k=k, method=solver, seed=seed), False
     mask = current
     if mask is None:
-        mask = select_channels(problem, k=k, method="greedy", seed=seed).mask
+        mask = select_channels(problem, k=k, method=solver, seed=seed).mask
     deadline = start + tau
     improved = improve_by_swaps(problem, mask, deadline=deadline, max_passes=2 ** t)
     converged = np.array_equal(improved, mask) and time.perf_counter() < deadline
-    return result_from_mask(problem, improved, method="greedy", start=start, info={"local_search": True}), converged
+    return result_from_mask(problem, improved, method=solver, start=start, info={"local_search": True}), converged
 
 
 def _tighter(new: float | None, old: float | None) -> bool:

@@ -41,7 +41,7 @@ def select_by_scores(problem: SelectionProblem, scores, k: int, *, method: str, 
 
 def _need_k(k: int | None, method: str) -> None:
     if k is None:
-        raise InvalidInputError(f"method {method!r} needs k (channels to keep); got k=None")
+        raise InvalidInputError(f"k (channels to keep) must be given for method {method!r}; got k=None")
 
 
 def select_magnitude(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,

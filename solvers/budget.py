@@ -400,14 +400,18 @@ def _solve_highs(layers, metric, lo, hi, time_limit, min_ratio, target):
 
 
 # ----------------------------------------------------------------------------------- CP-SAT
-def _integer_scale(values) -> int:
-    """Smallest power of 10 (<= 1e6) making every value integral to 1e-9, else 1e6."""
+def _integer_scale(values) -> tuple[int, bool]:
+    """Smallest power of 10 (<= 1e6) making every value integral to 1e-9, and whether one does.
+
+    ``(10**6, False)`` when none does: CP-SAT then solves a rounded model, whose optimum and bound
+    prove nothing about the real one (the caller reports neither).
+    """
     vals = np.asarray([v for v in values if v != 0], float)
     for p in range(7):
         s = 10 ** p
         if vals.size == 0 or np.all(np.abs(vals * s - np.round(vals * s)) <= 1e-9 * np.maximum(1, np.abs(vals * s))):
-            return s
-    return 10 ** 6
+            return s, True
+    return 10 ** 6, False
 
 
 class _CpsatProcess:
@@ -486,10 +490,14 @@ def _solve_cpsat(layers, metric, lo, hi, time_limit, min_ratio, target):
     if importlib.util.find_spec("ortools") is None:
         raise SolverNotAvailableError("backend 'cpsat' needs OR-Tools (pip install ortools); it is not installed")
     out = _CpsatProcess.call(layers, metric, lo, hi, time_limit)
-    if out["status"] == "INFEASIBLE":
+    exact = out.get("exact_costs", out.get("info", {}).get("exact_costs", True))
+    if out["status"] == "INFEASIBLE" and exact:
         raise _infeasible(metric, min_ratio, lo / hi * target, target)
     if out["status"] not in ("OPTIMAL", "FEASIBLE"):
-        raise SolverError(f"CP-SAT found no width allocation (status {out['status']})")
+        raise SolverError(f"CP-SAT found no width allocation (status {out['status']}"
+                          + ("" if exact else "; costs rounded to 1e-6, use backend 'highs'") + ")")
+    if not exact:   # a rounded model: its widths are re-checked by the caller, its proof is not ours
+        return out["widths"], None, Status.FEASIBLE, out["info"]
     status = Status.OPTIMAL if out["status"] == "OPTIMAL" else Status.TIME_LIMIT
     return out["widths"], out["bound"], status, out["info"]
 
@@ -501,7 +509,7 @@ def _cpsat_worker(layers, metric, lo, hi, time_limit):
     except ImportError as exc:
         raise SolverNotAvailableError(f"backend 'cpsat' needs OR-Tools; import failed: {exc}") from exc
     coeffs = [L.coefficients(metric) for L in layers]
-    s = _integer_scale([v for abc in coeffs for v in abc])
+    s, exact_costs = _integer_scale([v for abc in coeffs for v in abc])
     m = cp_model.CpModel()
     w = []
     for L in layers:
@@ -549,12 +557,12 @@ def _cpsat_worker(layers, metric, lo, hi, time_limit):
     st = solver.Solve(m)
     name = solver.StatusName(st)
     if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return {"status": name}
+        return {"status": name, "exact_costs": exact_costs}
     widths = [int(solver.Value(x)) if not isinstance(x, int) else x for x in w]
     # valid float bound: integer bound minus the worst-case rounding of each layer's error
     bound = solver.BestObjectiveBound() / ERROR_SCALE - n_prunable * 0.5 / ERROR_SCALE
     return {"status": name, "widths": widths, "bound": float(bound),
-            "info": {"cost_scale": s, "error_scale": ERROR_SCALE, "branches": int(solver.NumBranches()),
+            "info": {"cost_scale": s, "exact_costs": exact_costs, "error_scale": ERROR_SCALE, "branches": int(solver.NumBranches()),
                      "cpsat_time": float(solver.WallTime())}}
 
 

@@ -356,9 +356,9 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
     """
     start = time.perf_counter()
     if budget is not None:
-        raise InvalidInputError(f"method 'lasso' takes k, not a cost budget; got budget={budget}")
+        raise InvalidInputError(f"method 'lasso' must be given k, not a cost budget; got budget={budget}")
     if k is None:
-        raise InvalidInputError("method 'lasso' needs k (channels to keep); got k=None")
+        raise InvalidInputError("k (channels to keep) must be given for method 'lasso'; got k=None")
     k = problem.check_k(k)
     if time_limit is not None and not time_limit > 0:
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")

@@ -24,6 +24,8 @@ METHODS: dict[str, str] = {
 
 # Methods that accept a cost budget (Σ cost ≤ budget) instead of, or with, a cardinality k.
 BUDGET_METHODS = {"exact", "greedy", "backward"}
+# Methods that prove a lower bound and so can be asked for a relative optimality gap.
+GAP_METHODS = {"exact"}
 
 
 def _resolve(method: str) -> Callable[..., SelectionResult]:
@@ -35,7 +37,7 @@ def _resolve(method: str) -> Callable[..., SelectionResult]:
 
 def select_channels(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
                     method: str = "lasso", backend: str | None = None, time_limit: float | None = None,
-                    seed: int = 0) -> SelectionResult:
+                    seed: int = 0, gap: float | None = None) -> SelectionResult:
     """Choose the channels of ``problem`` to keep.
 
     Parameters
@@ -53,19 +55,29 @@ def select_channels(problem: SelectionProblem, *, k: int | None = None, budget: 
         Seconds; a method stopped by it reports ``Status.TIME_LIMIT`` with its best incumbent.
     seed : int
         Seed of any randomness (the ``"random"`` method, restarts).
+    gap : float, optional
+        Methods that certify (``GAP_METHODS``): stop once the proven relative gap
+        ``(objective − bound)/objective`` is ``<= gap`` and report ``Status.OPTIMAL`` (default 1e-4).
     """
     if not isinstance(problem, SelectionProblem):
         raise InvalidInputError(f"problem must be a SelectionProblem; got {type(problem).__name__}")
     fn = _resolve(method)
     if k is None and budget is None:
-        raise InvalidInputError("give k (channels to keep) or budget (total cost to keep); got neither")
+        raise InvalidInputError("k (channels to keep) or budget (total cost to keep) must be given; got neither")
     if k is not None:
         k = problem.check_k(k)
     if budget is not None:
         if method not in BUDGET_METHODS:
             raise InvalidInputError(
-                f"budget is supported by methods {sorted(BUDGET_METHODS)}; got method {method!r}")
+                f"method must be one of {sorted(BUDGET_METHODS)} with a budget; got method {method!r}")
         budget = problem.check_budget(budget)
     if time_limit is not None and not time_limit > 0:
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
-    return fn(problem, k=k, budget=budget, backend=backend, time_limit=time_limit, seed=seed)
+    extra = {}
+    if gap is not None:
+        if method not in GAP_METHODS:
+            raise InvalidInputError(f"method must be one of {sorted(GAP_METHODS)} to request a gap; got {method!r}")
+        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 < gap < 1:
+            raise InvalidInputError(f"gap must be in (0, 1); got {gap!r}")
+        extra["rel_gap"] = float(gap)
+    return fn(problem, k=k, budget=budget, backend=backend, time_limit=time_limit, seed=seed, **extra)

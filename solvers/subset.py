@@ -839,7 +839,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     if backend == "highs" and importlib.util.find_spec("highspy") is None:
         raise SolverNotAvailableError("backend 'highs' needs highspy; it is not installed")
     if k is None and budget is None:
-        raise InvalidInputError("give k (channels to keep) or budget (total cost to keep); got neither")
+        raise InvalidInputError("k (channels to keep) or budget (total cost to keep) must be given; got neither")
     if k is not None:
         k = problem.check_k(k)
     if budget is not None:

@@ -99,6 +99,8 @@ def prune_command(
     epochs: int = typer.Option(5, "--epochs", help="Training epochs of the default model (ignored with --model)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Solver backend of the method (default: its own)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds per layer selection."),
+    gap: Optional[float] = typer.Option(None, "--gap", help="--method exact: relative optimality gap at which a "
+                                        "layer stops as optimal (default 1e-4)."),
     sequential: bool = typer.Option(True, "--sequential/--one-shot",
                                     help="He et al.'s sequential calibration (default) or one capture."),
 ) -> None:
@@ -125,7 +127,7 @@ def prune_command(
     selector = ChannelSelector(method, sparsity=sparsity, flops=flops, params=params, backend=backend,
                                budget_backend=budget_backend, budget_time_limit=budget_time_limit,
                                positions=positions, seed=seed, time_limit=time_limit, sequential=sequential,
-                               max_iter=max_iter, device=dev, progress=True)
+                               max_iter=max_iter, gap=gap, device=dev, progress=True)
     target = (f"sparsity={sparsity}" if sparsity is not None else
               f"flops={flops}" if flops is not None else f"params={params}")
 
@@ -191,11 +193,11 @@ def prune_command(
     if budget is not None:
         alloc = budget["allocation"]
         lo, hi = budget["window"]
-        gap = "-" if alloc.get("gap") is None else f"{100 * alloc['gap']:.2f}%"
+        alloc_gap = "-" if alloc.get("gap") is None else f"{100 * alloc['gap']:.2f}%"
         console.print(f"[bold]Budget[/]: {budget['metric']} kept {budget['achieved_ratio']:.4f} of dense "
                       f"(target window [{lo:.4f}, {hi:.4f}]: {'hit' if budget['in_window'] else 'MISSED'}); "
                       f"allocation {alloc.get('status')}, objective {alloc.get('objective')}, "
-                      f"bound {alloc.get('bound')}, gap {gap}; widths {budget['widths']}")
+                      f"bound {alloc.get('bound')}, gap {alloc_gap}; widths {budget['widths']}")
     if selector.tecu_history_ is not None:
         steps = ", ".join(f"{h['iteration']}: {h['objective']:.3e}" for h in selector.tecu_history_)
         console.print(f"[bold]TECU[/] end-to-end objective per iteration: {steps}")
@@ -211,7 +213,7 @@ def prune_command(
                        "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "max_iter": max_iter,
                        "device": str(dev),
                        "seed": seed, "positions": positions, "epochs": epochs if model is None else None,
-                       "backend": backend, "time_limit": time_limit, "sequential": sequential,
+                       "backend": backend, "time_limit": time_limit, "gap": gap, "sequential": sequential,
                        "input_shape": list(input_shape), "calibration_samples": len(x_train),
                        "test_samples": len(x_test)},
             "layers": selector.report_rows(),

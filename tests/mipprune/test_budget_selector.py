@@ -99,7 +99,7 @@ def test_unreachable_budget_raises(digits):
     ({"flops": 1.5}, r"flops must be in \(0, 1\]; got 1.5"),
     ({"params": 0}, r"params must be in \(0, 1\]; got 0"),
     ({"flops": "half"}, r"flops must be a number in \(0, 1\]; got 'half'"),
-    ({"flops": 0.5, "sparsity": 0.5}, "give exactly one of .*; got sparsity and flops"),
+    ({"flops": 0.5, "sparsity": 0.5}, "exactly one of .* must be given; got sparsity and flops"),
     ({"flops": 0.5, "budget_backend": "gurobi"}, "budget_backend must be 'highs' or 'cpsat'; got 'gurobi'"),
 ])
 def test_budget_options_are_validated(kwargs, message):

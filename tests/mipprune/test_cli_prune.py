@@ -71,7 +71,7 @@ def test_prune_budget_with_finetuning_lands_in_the_window(metric, target, method
 
 @pytest.mark.parametrize("args,message", [
     (["--flops", "1.5"], "flops must be in (0, 1]; got 1.5"),
-    (["--flops", "0.5", "--sparsity", "0.5"], "give exactly one of sparsity"),
+    (["--flops", "0.5", "--sparsity", "0.5"], "exactly one of sparsity"),
     (["--finetune", "-1"], "--finetune must be >= 0 epochs; got -1"),
     (["--sparsity", "1.5"], "sparsity must be in (0, 1); got 1.5"),
     (["--method", "nope"], "method must be one of"),
@@ -106,3 +106,27 @@ def test_prune_on_cuda_end_to_end(tmp_path, capsys):
     rec = json.loads(js.read_text())
     assert rec["config"]["device"].startswith("cuda")
     assert rec["accuracy"]["pruned_reconstructed"] > rec["accuracy"]["pruned_no_reconstruction"]
+
+
+def test_prune_exact_with_gap_and_cpsat_budget_reports_proven_gaps(tmp_path, capsys):
+    """`--method exact --gap` through the CLI, widths from CP-SAT: every layer's gap is proven and,
+    where the layer says optimal, within the requested gap."""
+    js = tmp_path / "exact.json"
+    code, out, err = run_cli(["prune", "--epochs", "2", "--method", "exact", "--gap", "0.01", "--flops", "0.5",
+                              "--budget-backend", "cpsat", "--time-limit", "5", "--positions", "4",
+                              "--json", str(js)], capsys)
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    assert rec["config"]["gap"] == 0.01 and rec["budget"]["allocation"]["backend"] == "cpsat"
+    assert 0.995 * 0.5 - 1e-9 <= rec["budget"]["achieved_ratio"] <= 0.5 + 1e-9
+    for r in rec["layers"]:
+        assert r["bound"] is not None and r["bound"] <= r["rel_error"] + 1e-12
+        if r["status"] == "optimal":
+            assert r["gap"] <= 0.01 + 1e-12
+        else:
+            assert r["status"] == "time_limit"
+
+
+def test_gap_is_only_for_exact(capsys):
+    code, out, err = run_cli(["prune", "--epochs", "1", "--method", "lasso", "--gap", "0.01"], capsys)
+    assert code == 2 and "gap applies to method 'exact' only; got method 'lasso'" in (out + err)

@@ -127,7 +127,7 @@ def test_criteria_errors(net_and_groups):
         channel_scores("nope", model, groups["3"], data)
     with pytest.raises(InvalidInputError, match="criterion 'hrank' needs calibration data; got data=None"):
         channel_scores("hrank", model, groups["3"])
-    with pytest.raises(InvalidInputError, match=r"criterion 'similarity' needs k .*; got k=None"):
+    with pytest.raises(InvalidInputError, match=r"k .* must be given for criterion 'similarity'; got k=None"):
         channel_scores("similarity", model, groups["3"], data)
     with pytest.raises(InvalidInputError, match="k must satisfy 1 <= k <= 6; got 7"):
         channel_scores("similarity", model, groups["3"], data, k=7)

@@ -47,12 +47,12 @@ def test_sparsity_out_of_range_is_rejected(sparsity):
 
 
 def test_constructor_messages():
-    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .*, k .*, flops or params .*; "
+    with pytest.raises(InvalidInputError, match="exactly one of sparsity .*, k .*, flops or params .* must be given; "
                                                 "got sparsity and k"):
         ChannelSelector(sparsity=0.5, k={"3": 4})
-    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .*; got none"):
+    with pytest.raises(InvalidInputError, match="exactly one of sparsity .* must be given; got none"):
         ChannelSelector()
-    with pytest.raises(InvalidInputError, match="give exactly one of sparsity .*; got flops and params"):
+    with pytest.raises(InvalidInputError, match="exactly one of sparsity .* must be given; got flops and params"):
         ChannelSelector(flops=0.5, params=0.5)
     with pytest.raises(InvalidInputError, match=r"method must be one of \[.*'lasso'.*\]; got 'nope'"):
         ChannelSelector("nope", sparsity=0.5)

@@ -102,3 +102,24 @@ def test_max_iter_zero_is_the_sequential_pass_and_options_are_checked(setup):
         ChannelSelector("tecu", sparsity=0.5, objective="nope")
     with pytest.raises(InvalidInputError, match="targets must name at least one prune group; got none"):
         tecu(model, data, groups, {}, example=data[0][:1])
+
+
+def test_embedded_solver_is_chosen_by_block_size():
+    assert tecu_module.embedded_solver(16, exact_max_channels=64) == "exact"
+    assert tecu_module.embedded_solver(65, exact_max_channels=64) == "greedy"
+    assert tecu_module.embedded_solver(2048, exact_max_channels=64) == "lasso"
+    assert tecu_module.embedded_solver(100, exact_max_channels=64, greedy_max_channels=50) == "lasso"
+
+
+def test_loose_sub_solves_are_not_called_optimal():
+    """At iteration t the exact block solve certifies only ε_t: the gap is kept, OPTIMAL is not."""
+    from tests.solvers.bank import make_problem
+
+    problem = make_problem(12, 2, 3, 300, seed=1)
+    res, final = tecu_module._sub_solve(problem, 4, "exact", 10.0, 0.5, 1e-12, 0, None, None, 0)
+    assert not final and res.status.value != "optimal" and res.gap is not None
+    res, final = tecu_module._sub_solve(problem, 4, "exact", 10.0, 1e-6, 1e-6, 3, None, None, 0)
+    assert final and res.status.value == "optimal" and res.gap <= 1e-6
+    for solver in ("greedy", "lasso"):
+        res, _ = tecu_module._sub_solve(problem, 4, solver, 1.0, 0.05, 1e-4, 0, None, None, 0)
+        assert res.k == 4 and res.bound is None

@@ -151,3 +151,27 @@ def test_layer_weights_shift_the_allocation():
     r0 = allocate_budget(base, 0.5, tolerance=0.1)
     r1 = allocate_budget(heavy_a, 0.5, tolerance=0.1)
     assert r1.widths["a"] >= r0.widths["a"] and r1.widths["a"] > r1.widths["b"]
+
+
+def test_cpsat_cost_scaling_is_exact_or_says_so():
+    from solvers.budget import _integer_scale
+
+    assert _integer_scale([3, 12.0, 0]) == (1, True)
+    assert _integer_scale([1.5, 0.25]) == (100, True)
+    assert _integer_scale([1 / 3]) == (10 ** 6, False)
+
+
+def test_cpsat_on_non_integral_costs_reports_no_bound():
+    """Costs no power of ten makes integral: CP-SAT solves a rounded model, so nothing it proves
+    is reported (the widths are still re-checked in float64 against the real window)."""
+    rng = np.random.default_rng(0)
+    layers = [LayerBudget("a", 6, error_curve(6, rng), flops_per_channel=1 / 3, in_channels=None),
+              LayerBudget("b", 5, error_curve(5, rng), flops_per_channel=np.pi)]
+    target = total_cost(layers, [4, 3], "flops") / total_cost(layers, [6, 5], "flops")   # (4, 3) fits
+    res = allocate_budget(layers, target, backend="cpsat", time_limit=10)
+    assert res.bound is None and res.gap is None and res.status == Status.FEASIBLE
+    assert res.info["exact_costs"] is False
+    assert target * 0.995 - 1e-9 <= res.ratio <= target + 1e-9
+    ref = allocate_budget(layers, target, backend="highs")
+    assert ref.status == Status.OPTIMAL and ref.bound is not None
+    assert ref.objective == pytest.approx(brute_force_allocation(layers, target)[1])

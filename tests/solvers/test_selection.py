@@ -112,7 +112,7 @@ def test_k_out_of_range_is_rejected(method):
 def test_k_must_be_an_integer(bad):
     problem, _ = BANK[0]
     if bad is None:
-        with pytest.raises(InvalidInputError, match="give k .* or budget"):
+        with pytest.raises(InvalidInputError, match=r"k \(channels to keep\) or budget .* must be given; got neither"):
             solvers.select_channels(problem, k=bad, method="lasso")
     else:
         with pytest.raises(InvalidInputError, match=r"k must be an integer; got"):
@@ -127,7 +127,7 @@ def test_numpy_integer_k_is_accepted():
 @pytest.mark.parametrize("method", METHODS)
 def test_budget_is_rejected_by_methods_that_only_take_k(method):
     problem, _ = BANK[BANK_IDS.index("costs_C10_k5")]
-    with pytest.raises(InvalidInputError, match=rf"budget is supported by methods .*; got method '{method}'"):
+    with pytest.raises(InvalidInputError, match=rf"method must be one of .* with a budget; got method '{method}'"):
         solvers.select_channels(problem, budget=5.0, method=method)
 
 
@@ -135,9 +135,9 @@ def test_lasso_called_directly_rejects_a_budget_and_a_missing_k():
     from solvers.lasso import select_lasso
 
     problem, _ = BANK[0]
-    with pytest.raises(InvalidInputError, match="method 'lasso' takes k, not a cost budget; got budget=2"):
+    with pytest.raises(InvalidInputError, match="method 'lasso' must be given k, not a cost budget; got budget=2"):
         select_lasso(problem, k=None, budget=2)
-    with pytest.raises(InvalidInputError, match="method 'lasso' needs k"):
+    with pytest.raises(InvalidInputError, match="k .* must be given for method 'lasso'; got k=None"):
         select_lasso(problem, k=None)
 
 
@@ -177,3 +177,16 @@ def test_error_never_increases_when_a_channel_is_added(seed, C, cols, m, n, bits
     e_small, e_big = problem.error(mask), problem.error(bigger)
     assert 0.0 <= e_big <= e_small + 1e-9
     assert problem.error(np.zeros(C, dtype=bool)) == pytest.approx(1.0)
+
+
+def test_a_requested_gap_reaches_the_exact_solver_and_is_checked():
+    problem, k = BANK[0]
+    loose = solvers.select_channels(problem, k=k, method="exact", gap=0.5)
+    assert loose.status == solvers.Status.OPTIMAL and loose.gap <= 0.5
+    tight = solvers.select_channels(problem, k=k, method="exact", gap=1e-8)
+    assert tight.status == solvers.Status.OPTIMAL and tight.gap <= 1e-8
+    with pytest.raises(InvalidInputError, match=r"method must be one of \['exact'\] to request a gap; got 'lasso'"):
+        solvers.select_channels(problem, k=k, method="lasso", gap=0.01)
+    for bad in (0, 1.5, True):
+        with pytest.raises(InvalidInputError, match=rf"gap must be in \(0, 1\); got {bad}"):
+            solvers.select_channels(problem, k=k, method="exact", gap=bad)
