@@ -24,6 +24,44 @@ def test_import_solvers_does_not_import_torch():
     assert Path(out.stdout.strip()).resolve().parent == (REPO / "solvers").resolve()
 
 
+def test_every_solvers_module_and_the_solver_tests_import_without_torch():
+    """Every submodule of ``solvers`` and every module of ``tests/solvers`` imports with torch
+    made unimportable (a meta-path finder that refuses it)."""
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import solvers, tests.solvers\n"
+        "mods = [m.name for m in pkgutil.iter_modules(solvers.__path__, 'solvers.')]\n"
+        "mods += [m.name for m in pkgutil.iter_modules(tests.solvers.__path__, 'tests.solvers.')]\n"
+        "for m in mods:\n"
+        "    importlib.import_module(m)\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(len(mods))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) >= 30
+
+
+def test_no_nvidia_packages_are_installed():
+    """With the CPU torch wheel the constraints resolve to here, no CUDA runtime packages came along
+    (a user's own CUDA build of torch legitimately brings them: then there is nothing to check)."""
+    from importlib import metadata
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "+cpu (absent)"
+    if "+cpu" not in torch_version:
+        pytest.skip(f"torch {torch_version} is not the CPU build; nvidia packages may belong to it")
+    nvidia = sorted({d.metadata["Name"] for d in metadata.distributions()
+                     if (d.metadata["Name"] or "").lower().startswith("nvidia")})
+    assert not nvidia, f"nvidia packages installed: {nvidia}"
+
+
 def test_error_hierarchy_and_value_error_compat():
     assert issubclass(InvalidInputError, MipPruneError) and issubclass(InvalidInputError, ValueError)
     for name in ("UnsupportedLayerError", "InfeasibleBudgetError", "SolverNotAvailableError", "SolverError"):
