@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
-from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU
+from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_layer_finite
 
 __all__ = ["to_network"]
 
@@ -100,6 +100,11 @@ class _Builder:
         s = (_np(m.weight) if m.weight is not None else 1.0) / np.sqrt(_np(m.running_var) + m.eps)
         s = np.broadcast_to(s, (m.num_features,)).astype(np.float64)
         t = (_np(m.bias) if m.bias is not None else 0.0) - s * _np(m.running_mean)
+        for what, arr in (("scale (weight / sqrt(running_var + eps))", s), ("shift", t)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise InvalidInputError(f"module '{name}' ({type(m).__name__}) {what} must be finite; got {bad} "
+                                        "NaN/inf entries (check its running statistics and affine parameters)")
         shape = self.shapes[-1]
         if shape[0] != m.num_features:
             raise InvalidInputError(f"module '{name}' expects {m.num_features} channels; got input shape {shape}")
@@ -107,16 +112,32 @@ class _Builder:
         if isinstance(prev, Dense) and len(shape) == 1:
             prev.weight = prev.weight * s[:, None]
             prev.bias = prev.bias * s + t
-            return self.last
+            return self._folded(name, m)
         if isinstance(prev, Conv2d):
             prev.weight = prev.weight * s[:, None, None, None]
             prev.bias = prev.bias * s + t
-            return self.last
+            return self._folded(name, m)
         if np.any(s == 0):
             raise UnsupportedLayerError(f"module '{name}' ({type(m).__name__}) has a zero scale and no "
                                         "preceding Linear/Conv2d to fold it into")
         cshape = (m.num_features,) + (1,) * (len(shape) - 1)
-        return self.add(Normalize((-t / s).reshape(cshape), (1.0 / s).reshape(cshape)), name)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            mean, std = (-t / s).reshape(cshape), (1.0 / s).reshape(cshape)
+        try:
+            layer = Normalize(mean, std)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"module '{name}' ({type(m).__name__}) as an input normalization: {exc}") from None
+        return self.add(layer, name)
+
+    def _folded(self, name: str, m) -> int:
+        """After BatchNorm ``m`` was folded into the last layer: check the products did not overflow,
+        naming the module (the :class:`Network` built at the end checks every layer again)."""
+        i = self.last - 1
+        try:
+            check_layer_finite(i, self.layers[i], self.names[i])
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{exc} (after folding module '{name}' ({type(m).__name__}) into it)") from None
+        return self.last
 
 
 def _walk_sequential(b: _Builder, prefix: str, seq: nn.Sequential) -> None:

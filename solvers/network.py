@@ -28,8 +28,9 @@ def _pair(v) -> tuple[int, int]:
 
 def _finite(name: str, a) -> np.ndarray:
     arr = np.asarray(a, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise InvalidInputError(f"{name} must be finite; got NaN or inf entries")
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InvalidInputError(f"{name} must be finite; got {bad} NaN/inf entries")
     return arr
 
 
@@ -188,6 +189,32 @@ class Add:
 Layer = Union[Dense, Conv2d, ReLU, Flatten, Normalize, Add]
 AFFINE = (Dense, Conv2d, Flatten, Normalize)
 
+# the numeric arrays of each layer type (checked finite whenever a Network is assembled)
+_ARRAYS = {Dense: ("weight", "bias"), Conv2d: ("weight", "bias"), Normalize: ("mean", "std")}
+
+
+def check_layer_finite(i: int, layer, name: str | None = None) -> None:
+    """Raise ``InvalidInputError`` unless every numeric array of ``layer`` is finite (and a
+    ``Normalize.std`` non-zero). The layer constructors check their arguments, but folding (ONNX
+    Mul/Div/BatchNorm, torch BatchNorm) and callers may assign arrays afterwards; this is the check
+    that :class:`Network` runs on every layer when it is assembled."""
+    label = f"layer {i} ({type(layer).__name__}" + (f" {name!r})" if name else ")")
+    attrs = next((a for cls, a in _ARRAYS.items() if isinstance(layer, cls)), ())
+    for attr in attrs:
+        arr = getattr(layer, attr, None)
+        if arr is None:
+            continue
+        try:
+            arr = np.asarray(arr, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{label} {attr} must be a numeric array; got "
+                                    f"{type(getattr(layer, attr)).__name__}") from None
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise InvalidInputError(f"{label} {attr} must be finite; got {bad} NaN/inf entries")
+        if attr == "std" and np.any(arr == 0):
+            raise InvalidInputError(f"{label} std must be non-zero; got {int(np.sum(arr == 0))} zero entries")
+
 
 @dataclass(eq=False)
 class AffineBlock:
@@ -225,6 +252,7 @@ class Network:
             if not isinstance(layer, (Dense, Conv2d, ReLU, Flatten, Normalize, Add)):
                 raise UnsupportedLayerError(f"layer {i} must be one of Dense, Conv2d, ReLU, Flatten, "
                                             f"Normalize, Add; got {type(layer).__name__}")
+            check_layer_finite(i, layer, self.names[i] if i < len(self.names) else None)
             if isinstance(layer, Add):
                 if not 0 <= layer.source <= i or shapes[layer.source] != shapes[-1]:
                     raise InvalidInputError(
@@ -232,6 +260,13 @@ class Network:
                         f"got source {layer.source}")
             shapes.append(layer.output_shape(shapes[-1]))
         return shapes
+
+    def check_finite(self) -> None:
+        """Re-check that every layer's weights, biases and normalization constants are finite
+        (``InvalidInputError`` naming the layer otherwise): the arrays are plain attributes and may
+        have been changed since the network was assembled. Cheap (one pass over the parameters)."""
+        for i, layer in enumerate(self.layers):
+            check_layer_finite(i, layer, self.names[i] if i < len(self.names) else None)
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
-from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU
+from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_layer_finite
 
 __all__ = ["network_from_onnx"]
 
@@ -52,6 +52,18 @@ def _attrs(node) -> dict:
 
 def _unsupported(node, why: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(f"node '{node.name or node.output[0]}' has op '{node.op_type}': {why}")
+
+
+def _node_label(node) -> str:
+    return f"node '{node.name or node.output[0]}' ({node.op_type})"
+
+
+def _check_finite(node, what: str, arr: np.ndarray) -> np.ndarray:
+    """``arr`` unchanged, or ``InvalidInputError`` naming the node when it has NaN/inf entries."""
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InvalidInputError(f"{_node_label(node)}: {what} must be finite; got {bad} NaN/inf entries")
+    return arr
 
 
 class _Builder:
@@ -257,7 +269,7 @@ def _const_in(node, consts, k: int, what: str) -> np.ndarray:
     name = node.input[k]
     if name not in consts:
         raise _unsupported(node, f"its {what} ('{name}') must be a constant (initializer); got an activation")
-    return _as_const(consts[name])
+    return _check_finite(node, f"its {what} ('{name}')", _as_const(consts[name]))
 
 
 def _reshape(node, b: _Builder, a: _Act, consts) -> _Act:
@@ -412,29 +424,51 @@ def _affine(node, b: _Builder, a: _Act, s: np.ndarray, t: np.ndarray, uses: int)
     """Apply ``x ↦ s ⊙ x + t`` (s, t in the activation's IR shape): fold it into the layer that
     produced ``a`` when that layer is affine and nothing later reads its output (``uses == 0``),
     else add a layer."""
+    # s, t come from the node's constants (already checked) but also from arithmetic on them, e.g.
+    # BatchNorm's scale / sqrt(var + eps) or Div's 1 / c
+    _check_finite(node, "its scale", s)
+    _check_finite(node, "its shift", t)
     shape = b.shapes[a.index]
     sole = a.index == b.last and a.index > 0 and uses == 0
     prev = b.layers[-1] if sole else None
     if isinstance(prev, Dense):
         prev.weight = prev.weight * s[:, None]
         prev.bias = prev.bias * s + t
-        return a.index
+        return _folded(node, b)
     if isinstance(prev, Conv2d):
         sc = s.reshape(s.shape[0], -1)
         tc = t.reshape(t.shape[0], -1)
         if np.all(sc == sc[:, :1]) and np.all(tc == tc[:, :1]):
             prev.weight = prev.weight * sc[:, 0][:, None, None, None]
             prev.bias = prev.bias * sc[:, 0] + tc[:, 0]
-            return a.index
+            return _folded(node, b)
     if isinstance(prev, Normalize):
         scale = np.broadcast_to(1.0 / prev.std, shape)
         shift = np.broadcast_to(-prev.mean / prev.std, shape)
         new_scale, new_shift = s * scale, s * shift + t
         if np.all(new_scale != 0):
-            b.layers[-1] = Normalize(-new_shift / new_scale, 1.0 / new_scale)
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                mean, std = -new_shift / new_scale, 1.0 / new_scale
+            b.layers[-1] = Normalize(_check_finite(node, "the folded input normalization mean", mean),
+                                     _check_finite(node, "the folded input normalization std", std))
             return a.index
     if np.all(s != 0):
-        return b.add(Normalize(-t / s, 1.0 / s), node.name or f"scale_{b.last}", shape)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            mean, std = -t / s, 1.0 / s
+        return b.add(Normalize(_check_finite(node, "its normalization mean", mean),
+                               _check_finite(node, "its normalization std", std)),
+                     node.name or f"scale_{b.last}", shape)
     if len(shape) == 1:
         return b.add(Dense(np.diag(s), t), node.name or f"scale_{b.last}", shape)
     raise _unsupported(node, "multiplication by a constant with zero entries on an image tensor")
+
+
+def _folded(node, b: _Builder) -> int:
+    """After ``node`` was folded into the last layer: check the products did not overflow, naming the
+    node (the :class:`Network` built at the end checks every layer again)."""
+    i = b.last - 1
+    try:
+        check_layer_finite(i, b.layers[i], b.names[i])
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{exc} (after folding {_node_label(node)} into it)") from None
+    return b.last

@@ -82,6 +82,9 @@ class _Clock:
 def _validate(network, spec, time_limit, bounds_method, backend) -> str:
     if not isinstance(network, Network):
         raise InvalidInputError(f"network must be a solvers.Network; got {type(network).__name__}")
+    # the layer arrays are plain attributes: NaN/inf assigned after assembly would otherwise reach HiGHS
+    # (NaN costs can make it spin) or the big-M encoding
+    network.check_finite()
     if not isinstance(spec, Spec):
         raise InvalidInputError(f"spec must be a solvers.Spec; got {type(spec).__name__}")
     if spec.n_inputs != network.n_inputs:

@@ -138,3 +138,28 @@ def test_torch_onnx_export_reads_back_with_the_same_forward(tmp_path):
     np.testing.assert_allclose(net.forward(x), ref, rtol=1e-5, atol=1e-5)        # torch runs in float32
     # the exporter folds BatchNorm itself and stores float32 weights: agreement to float32 round-off
     np.testing.assert_allclose(net.forward(x), to_network(model, (1, 8, 8)).forward(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_batchnorm_with_nan_running_var_is_refused(folded):
+    # regression: the folded weights were assigned onto the Dense layer after its finiteness check
+    torch.manual_seed(5)
+    layers = [nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2)]
+    model = nn.Sequential(*(layers if folded else [nn.BatchNorm1d(4)] + layers[2:]))
+    bn = next(m for m in model if isinstance(m, nn.BatchNorm1d))
+    bn.running_var[1] = float("nan")
+    name = "1" if folded else "0"
+    match = rf"module '{name}' \(BatchNorm1d\) scale .*must be finite; got 1 NaN/inf"
+    with pytest.raises(InvalidInputError, match=match):
+        to_network(model.eval(), 4)
+
+
+def test_linear_weights_overflowing_when_batchnorm_is_folded_are_refused():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).double()
+    with torch.no_grad():
+        model[0].weight.fill_(1e300)
+        model[1].weight.fill_(1e300)
+    with np.errstate(over="ignore"):
+        with pytest.raises(InvalidInputError, match=r"layer 0 \(Dense '0'\) weight must be finite; got 4 NaN/inf "
+                                                    r"entries \(after folding module '1' \(BatchNorm1d\) into it\)"):
+            to_network(model.eval(), 2)

@@ -62,3 +62,40 @@ def test_network_errors_are_clear():
         net.to_affine_relu()
     with pytest.raises(InvalidInputError, match="input must have shape"):
         net.forward(np.ones(5))
+
+
+def test_non_finite_arrays_are_refused_when_the_network_is_assembled():
+    # arrays assigned after a layer's constructor (as weight folding does) are checked by Network
+    fc = Dense(np.eye(2))
+    fc.weight = np.array([[1.0, np.nan], [np.inf, 0.0]])
+    with pytest.raises(InvalidInputError, match=r"layer 2 \(Dense 'fc2'\) weight must be finite; got 2 NaN/inf"):
+        Network([Dense(np.eye(2)), ReLU(), fc], input_shape=(2,), names=["fc1", "relu", "fc2"])
+    norm = Normalize(np.zeros(2), np.ones(2))
+    norm.std = np.array([1.0, 0.0])
+    with pytest.raises(InvalidInputError, match=r"layer 0 \(Normalize 'normalize_0'\) std must be non-zero"):
+        Network([norm], input_shape=(2,))
+    conv = Conv2d(np.ones((1, 1, 2, 2)))
+    conv.bias = np.array([np.nan])
+    with pytest.raises(InvalidInputError, match=r"layer 0 \(Conv2d 'conv2d_0'\) bias must be finite; got 1"):
+        Network([conv], input_shape=(1, 3, 3))
+
+
+def test_verify_refuses_a_network_mutated_to_hold_inf_promptly():
+    import time
+
+    from solvers.spec import Spec
+    from solvers.verify import verify
+
+    rng = np.random.default_rng(0)
+    net = Network([Dense(rng.normal(size=(4, 3))), ReLU(), Dense(rng.normal(size=(2, 4)))], input_shape=(3,),
+                  names=["fc1", "relu", "fc2"])
+    net.layers[2].weight[1, 3] = np.inf          # after assembly: only verify's own check can see it
+    spec = Spec(-np.ones(3), np.ones(3), ((np.array([[1.0, -1.0]]), np.zeros(1)),))
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"layer 2 \(Dense 'fc2'\) weight must be finite; got 1 NaN/inf"):
+        verify(net, spec, time_limit=10)
+    assert time.perf_counter() - t0 < 5.0
+    net.layers[2].weight[1, 3] = 0.5
+    net.layers[0].bias[0] = np.nan
+    with pytest.raises(InvalidInputError, match=r"layer 0 \(Dense 'fc1'\) bias must be finite"):
+        verify(net, spec, time_limit=10)

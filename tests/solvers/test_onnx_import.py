@@ -172,3 +172,49 @@ def test_missing_and_malformed_files_raise_invalid_input(tmp_path):
     bad.write_bytes(b"\x08\x07garbage that is not a protobuf \xff\xfe")
     with pytest.raises(InvalidInputError, match="must be a valid ONNX model"):
         Network.from_onnx(bad)
+
+
+def _mlp_then(node, inits, path, rng):
+    """Gemm → Relu → Gemm (3 → 4 → 2), then ``node`` (reading 'z', writing 'y')."""
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "W2", "b2"], ["z"], name="fc2", transB=1), node]
+    inits = [_init("W1", rng.normal(size=(4, 3))), _init("b1", rng.normal(size=4)),
+             _init("W2", rng.normal(size=(2, 4))), _init("b2", rng.normal(size=2))] + inits
+    return _model(nodes, inits, [1, 3], [1, 2], path)
+
+
+@pytest.mark.parametrize("op", ["Mul", "Div", "Add", "Sub"])
+def test_nan_constant_folded_into_a_gemm_is_refused_at_load_time(tmp_path, op):
+    # regression: the folded weights were assigned onto the Dense layer after its finiteness check,
+    # so the model loaded and verify() later spun inside HiGHS on NaN costs
+    rng = np.random.default_rng(7)
+    path = _mlp_then(helper.make_node(op, ["z", "c"], ["y"], name="scale"),
+                     [_init("c", [1.5, np.nan])], tmp_path / "nan_mul.onnx", rng)
+    with pytest.raises(InvalidInputError, match=rf"node 'scale' \({op}\).*must be finite; got 1 NaN/inf entries"):
+        Network.from_onnx(path)
+
+
+@pytest.mark.parametrize("var,match", [([1.0, np.nan], r"its var \('var'\) must be finite"),
+                                       ([1.0, -2.0], "its scale must be finite")])   # sqrt of a negative
+def test_batchnorm_with_nan_or_negative_variance_is_refused_at_load_time(tmp_path, var, match):
+    rng = np.random.default_rng(8)
+    bn = helper.make_node("BatchNormalization", ["z", "g", "beta", "mu", "var"], ["y"], name="bn")
+    inits = [_init("g", [1.0, 2.0]), _init("beta", [0.0, 0.5]), _init("mu", [0.1, -0.1]), _init("var", var)]
+    path = _mlp_then(bn, inits, tmp_path / "nan_bn.onnx", rng)
+    with np.errstate(invalid="ignore"):
+        with pytest.raises(InvalidInputError, match=r"node 'bn' \(BatchNormalization\): " + match):
+            Network.from_onnx(path)
+
+
+def test_nan_gemm_weight_is_refused_naming_the_node(tmp_path):
+    rng = np.random.default_rng(9)
+    w2 = rng.normal(size=(2, 2))
+    w2[1, 0] = np.inf
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2", transB=1)]
+    path = _model(nodes, [_init("W1", rng.normal(size=(2, 2))), _init("W2", w2)], [1, 2], [1, 2],
+                  tmp_path / "inf_w.onnx")
+    with pytest.raises(InvalidInputError, match=r"node 'fc2' \(Gemm\): its weight B \('W2'\) must be finite"):
+        Network.from_onnx(path)
