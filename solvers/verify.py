@@ -110,9 +110,15 @@ def _row_margins(network, bounds: Bounds, region: Region, spec: Spec) -> tuple[n
     return linear_lower_bound(network, bounds, C, d, region=region, return_points=True)
 
 
+# A margin lower bound counts as positive only above this (relative to 1 + |bound|): CROWN's float64
+# back-substitution rounds, and a bound of +1e-13 on a true minimum of 0 must not verify.
+CROWN_SLACK = 1e-9
+
+
 def _open(lb: np.ndarray, offs: np.ndarray) -> list[int]:
-    """Disjuncts not yet proven safe (no row with a margin lower bound > 0)."""
-    return [j for j in range(len(offs) - 1) if not np.max(lb[offs[j]:offs[j + 1]]) > 0]
+    """Disjuncts not yet proven safe (no row with a margin lower bound > 0, beyond round-off)."""
+    safe = lb > CROWN_SLACK * (1.0 + np.abs(lb))
+    return [j for j in range(len(offs) - 1) if not np.any(safe[offs[j]:offs[j + 1]])]
 
 
 def _falsified(network, spec, x, clock, stage, **stats) -> VerificationResult:

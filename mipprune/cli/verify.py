@@ -22,7 +22,7 @@ _WORD_STYLE = {"sat": "bold red", "unsat": "bold green", "timeout": "yellow", "u
 
 @app.command("verify")
 def verify_command(
-    model: Path = typer.Argument(..., help="ONNX file of a feed-forward ReLU network."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="ONNX file of a feed-forward ReLU network."),
     prop: Path = typer.Argument(..., metavar="PROPERTY", help="VNN-LIB 1.0 property file."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds for the whole query (loading included)."),
     result: Optional[Path] = typer.Option(None, "--result", help="Write the VNN-COMP result file here."),

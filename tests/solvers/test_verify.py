@@ -163,3 +163,11 @@ def test_user_objects_are_not_modified():
     verify(net, spec, time_limit=30)
     assert all(np.array_equal(a, l.weight) for a, l in zip(w, (l for l in net.layers if isinstance(l, Dense))))
     assert np.array_equal(lo, spec.lower)
+
+
+def test_a_round_off_sized_positive_margin_bound_does_not_verify():
+    from solvers.verify import CROWN_SLACK, _open
+
+    offs = np.array([0, 2, 4])
+    lb = np.array([-1.0, 1e-13, -0.5, 10 * CROWN_SLACK])
+    assert _open(lb, offs) == [0]            # 1e-13 is round-off: still open; 1e-8 proves disjunct 1
