@@ -620,6 +620,17 @@ def attack_radius(network, center: np.ndarray, label: int, norm: str, *, seed: i
     return hi
 
 
+def _write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a temporary file beside it, fsync'ed, then
+    ``os.replace`` (a crash leaves the old file or the new one, never a torn one)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _calibrate(job: tuple) -> float:
     """Pool worker: ``attack_radius`` of one ``(network, center, label, norm, seed, time_limit)``."""
     network, center, label, norm, seed, time_limit = job
@@ -633,7 +644,9 @@ def plan_queries(cfg: ExperimentConfig, entries: list[NetEntry], data, images: l
     With ``cfg.radius == "calibrated"``, ``eps = radius_fraction × attack_radius`` of the *dense* net of
     that architecture (:func:`attack_radius`: so its queries sit just inside the radius that quick
     attacks settle — the hard ones, which need the MILP). The calibrations run on the configured
-    executor; radii are cached in ``out/radii.json`` keyed by the dense net's fingerprint.
+    executor; radii are cached in ``out/radii.json`` keyed by the dense net's fingerprint, the cache
+    rewritten (atomically) after each calibration, so an interrupted run keeps those already done
+    and a restart computes only the missing ones.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -643,6 +656,8 @@ def plan_queries(cfg: ExperimentConfig, entries: list[NetEntry], data, images: l
     try:
         cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     except json.JSONDecodeError:
+        cache = {}
+    if not isinstance(cache, dict):
         cache = {}
     plan = []   # (query, cache key or None, calibration job)
     for e in entries:
@@ -667,11 +682,11 @@ def plan_queries(cfg: ExperimentConfig, entries: list[NetEntry], data, images: l
                     task = bar.add_task("radii", total=len(todo))
                     for job, r in ex.imap_unordered(_calibrate, [job for _, job in todo]):
                         cache[jobs[id(job)]] = float(r)
+                        _write_json_atomic(cache_path, cache)   # each one kept at once (resume)
                         bar.update(task, advance=1)
             finally:
                 if executor is None:
                     ex.close()
-            cache_path.write_text(json.dumps(cache, indent=1))
         for q, ck, _ in plan:
             q["attack_radius"] = cache[ck]
             q["eps"] = float(f"{cfg.radius_fraction * cache[ck]:.6g}")
@@ -847,6 +862,7 @@ def aggregate(cfg: ExperimentConfig, entries: list[NetEntry], rows: list[dict], 
     agg = []
     for e in entries:
         rs = [r for r in rows if r["net_id"] == e.net_id]
+        milp_rs = [r for r in rs if r["milp_vars"] > 0]
         ps = [p for p in pairs if p["net_id"] == e.net_id]
         verdicts = {v: sum(r["verdict"] == v for r in rs) for v in ("verified", "falsified", "unknown", "timeout")}
         bounds = {p["bound"] for p in ps}
@@ -855,6 +871,9 @@ def aggregate(cfg: ExperimentConfig, entries: list[NetEntry], rows: list[dict], 
              "queries": len(rs), **verdicts,
              "unstable_median": _median([r["unstable"] for r in rs]),
              "milp_binaries_max": max((r["milp_binaries"] for r in rs), default=0),
+             # the MILPs actually posed: queries that reached the MILP stage (a model was built)
+             "milp_queries": len(milp_rs),
+             "milp_binaries_median": _median([r["milp_binaries"] for r in milp_rs]),
              "milp_vars_max": max((r["milp_vars"] for r in rs), default=0),
              "bounds_time_median": _median([r["bounds_time"] for r in rs]),
              "milp_time_median": _median([r["stage_times"].get("milp", 0.0) for r in rs]),

@@ -19,7 +19,7 @@ epochs = 10
 lr = 0.01
 
 [prune]
-methods = ["lasso", "unstructured"]
+methods = ["lasso", "magnitude", "unstructured"]
 sparsities = [0.5]
 calibration = 128
 
@@ -40,7 +40,7 @@ jobs = 1
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """One tiny run (one 2×16 net, 2 methods at 50 %, 2 images × 2 norms), shared by the tests."""
+    """One tiny run (one 2×16 net, 3 methods at 50 %, 2 images × 2 norms), shared by the tests."""
     root = tmp_path_factory.mktemp("experiment")
     cfg_path = root / "tiny.toml"
     cfg_path.write_text(TINY_TOML)
@@ -56,9 +56,9 @@ def test_run_writes_every_output_file(tiny):
     for name in ("results.csv", "results.json", "report.md", "queries.jsonl", "instances.csv", "config.json",
                  *ex_figures()):
         assert (out / name).is_file(), name
-    assert len(list((out / "onnx").glob("*.onnx"))) == 3          # dense + 2 pruned
+    assert len(list((out / "onnx").glob("*.onnx"))) == 4          # dense + 3 pruned
     assert len(list((out / "vnnlib").glob("*.vnnlib"))) == 2      # one per image (L∞ only)
-    assert len(list((out / "models").glob("*.pt"))) == 3
+    assert len(list((out / "models").glob("*.pt"))) == 4
     report = (out / "report.md").read_text()
     for fig in ex_figures():
         assert f"]({fig})" in report
@@ -73,7 +73,7 @@ def ex_figures():
 def test_every_query_has_a_verdict_and_files_agree(tiny):
     _, cfg, out, res = tiny
     n_nets = 1 + len(cfg.methods) * len(cfg.sparsities)
-    assert len(res.rows) == n_nets * cfg.n_images * len(cfg.norms) == 12
+    assert len(res.rows) == n_nets * cfg.n_images * len(cfg.norms) == 16
     assert {r["verdict"] for r in res.rows} <= {"verified", "falsified", "unknown", "timeout"}
     for r in res.rows:
         assert r["time"] >= 0 and r["unstable"] >= 0
@@ -102,16 +102,76 @@ def test_counterexamples_are_genuine_for_the_net_that_found_them(tiny):
             assert spec.is_counterexample(nets[r["net_id"]], np.array(r["counterexample"]))
 
 
+def _encoded_binaries(network, spec) -> int:
+    """Binaries of the big-M MILP of ``network`` on ``spec``'s input region with CROWN bounds (the
+    model ``verify`` poses before LP tightening, which can only remove binaries)."""
+    from solvers.bounds import compute_bounds
+    from solvers.milp import build_milp
+
+    b = compute_bounds(network, spec.lower, spec.upper, "crown", l1_center=spec.l1_center,
+                       l1_radius=spec.l1_radius)
+    return build_milp(network, b, lower=spec.lower, upper=spec.upper, l1_center=spec.l1_center,
+                      l1_radius=spec.l1_radius).n_binaries
+
+
 def test_structured_pruning_shrinks_the_milp(tiny):
     _, cfg, out, res = tiny
+    data = _data(cfg)
+    nets = {e.net_id: e for e in res.entries}
     agg = {a["net_id"]: a for a in res.aggregated}
-    dense, lasso = agg["2x16/dense"], agg["2x16/lasso/s50"]
-    assert lasso["neurons"] == 16 < dense["neurons"] == 32
-    unst = {nid: sum(r["unstable"] for r in res.rows if r["net_id"] == nid) for nid in agg}
-    assert unst["2x16/lasso/s50"] < unst["2x16/dense"]
-    # unstructured pruning keeps the neurons but zeroes half of the weights
+    binaries: dict[str, list[int]] = {}
+    for r in res.rows:
+        n = _encoded_binaries(nets[r["net_id"]].network, ex.make_spec(data, r["image"], r["norm"], r["eps"]))
+        assert n == r["unstable"], r["key"]            # the row's count is the encoding's binaries
+        if r["milp_vars"] > 0:                          # a MILP was posed: LP-tightened, never larger
+            assert 0 < r["milp_binaries"] <= n, r["key"]
+        binaries.setdefault(r["net_id"], []).append(n)
+    dense = agg["2x16/dense"]
+    assert dense["neurons"] == 32
+    structured = [m for m in cfg.methods if m != ex.UNSTRUCTURED]
+    assert len(structured) >= 2
+    for method in structured:
+        for s in cfg.sparsities:
+            nid = f"2x16/{method}/s{round(100 * s)}"
+            assert agg[nid]["neurons"] == 16 < dense["neurons"], nid
+            # on the same queries, the pruned net's MILPs have fewer binaries in all and at most
+            assert sum(binaries[nid]) < sum(binaries["2x16/dense"]), (nid, binaries)
+            assert max(binaries[nid]) < max(binaries["2x16/dense"]), (nid, binaries)
+    # Unstructured pruning keeps every neuron (it zeroes half of the weights), so nothing bounds its
+    # unstable ReLUs by the dense net's: on this tiny config it has *more* (22 vs 16 in all), and
+    # fewer binaries is not asserted for it.
     unstr = agg["2x16/unstructured/s50"]
     assert unstr["neurons"] == 32 and unstr["params"] < 0.6 * dense["params"]
+    assert max(binaries["2x16/unstructured/s50"]) <= unstr["neurons"]
+
+
+def test_binaries_figure_plots_the_milp_binaries_posed(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
+    from mipprune import experiment_report as rep
+
+    _, cfg, out, res = tiny
+    for a in res.aggregated:
+        posed = [r["milp_binaries"] for r in res.rows if r["net_id"] == a["net_id"] and r["milp_vars"] > 0]
+        assert a["milp_queries"] == len(posed)
+        assert a["milp_binaries_median"] == (float(np.median(posed)) if posed else None)
+    assert any(a["milp_queries"] for a in res.aggregated)   # magnitude pruning reaches the MILP here
+    plotted = []
+    real = rep._sparsity_plot
+    monkeypatch.setattr(rep, "_sparsity_plot", lambda r, axes, key, ylabel, **k: (plotted.append((key, ylabel)),
+                                                                                  real(r, axes, key, ylabel, **k)))
+    rep.make_figures(res, tmp_path)
+    assert ("milp_binaries_median", rep.binaries_measure(res)[1]) in plotted
+    assert "MILP binaries posed" in rep.binaries_measure(res)[1]
+    # no query reached the MILP: the figure falls back to the CROWN count and says so
+    none = dataclasses.replace(res, aggregated=[{**a, "milp_binaries_median": None} for a in res.aggregated])
+    key, label, caption = rep.binaries_measure(none)
+    assert key == "unstable_median" and "no query reached the MILP" in label
+    plotted.clear()
+    rep.make_figures(none, tmp_path)
+    assert ("unstable_median", label) in plotted
+    assert (tmp_path / rep.FIGURES["binaries"]).is_file()
+    assert rep.binaries_measure(res)[2] in (out / "report.md").read_text()
 
 
 def test_exported_onnx_computes_the_verified_network(tiny):
@@ -123,6 +183,41 @@ def test_exported_onnx_computes_the_verified_network(tiny):
         name = sess.get_inputs()[0].name
         y = np.concatenate([sess.run(None, {name: xi[None]})[0] for xi in x])   # batch of 1 (VNN-COMP)
         np.testing.assert_allclose(y, e.network.forward(x.astype(np.float64)), rtol=1e-4, atol=1e-4)
+
+
+def test_exported_suite_reruns_with_verify_suite(tiny):
+    """The README's promise: onnx/ + vnnlib/ + instances.csv run with ``mipprune verify-suite``
+    (:func:`mipprune.suite.run_suite`), single-file ONNX, with the experiment's own verdicts."""
+    onnx = pytest.importorskip("onnx")
+    from mipprune.suite import run_suite
+
+    _, cfg, out, res = tiny
+    onnx_files = sorted((out / "onnx").glob("*.onnx"))
+    assert len(onnx_files) == len(res.entries)
+    # no external-data side files: only the models and their fingerprint stamps
+    assert {p.suffix for p in (out / "onnx").iterdir()} <= {".onnx", ".fingerprint"}
+    for path in onnx_files:
+        model = onnx.load(str(path), load_external_data=False)
+        tensors = list(model.graph.initializer)
+        for node in model.graph.node:
+            for attr in node.attribute:
+                tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+        assert tensors, path.name
+        for t in tensors:
+            assert t.data_location != onnx.TensorProto.EXTERNAL and not t.external_data, (path.name, t.name)
+
+    rows = run_suite(out, max_timeout=2.0)
+    assert len(rows) == len(res.entries) * cfg.n_images      # every L∞ query of every network
+    assert [r for r in rows if r.verdict == "error"] == []
+    assert all(r.verdict in ("sat", "unsat") for r in rows), [(r.network, r.property, r.verdict) for r in rows]
+    # the same verdicts as the experiment's L∞ queries (verified = unsat, falsified = sat)
+    by_file = {(Path(e.onnx).name, q["image"]): e.net_id for e in res.entries for q in res.queries
+               if q["norm"] == "linf"}
+    words = {"verified": "unsat", "falsified": "sat"}
+    mine = {(r["net_id"], r["image"]): words.get(r["verdict"]) for r in res.rows if r["norm"] == "linf"}
+    for r in rows:
+        image = int(r.property.split("_img")[1].split("_")[0])
+        assert mine[(by_file[(r.network, image)], image)] == r.verdict, (r.network, r.property)
 
 
 # ----------------------------------------------------------------------------- surrogate
@@ -240,16 +335,57 @@ def test_process_pool_gives_the_same_verdicts(tiny):
 
 
 def test_ray_executor_runs_queries(tiny):
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     _, cfg, out, res = tiny
-    jobs = ex.build_jobs(cfg, res.entries, _data(cfg), res.queries)[:2]
-    exe = make_executor("ray", 1)
+    jobs = ex.build_jobs(cfg, res.entries, _data(cfg), res.queries)[:4]
+    assert not ray.is_initialized()
+    exe = make_executor("ray", 2)     # a local 2-CPU ray.init
     try:
+        assert ray.cluster_resources().get("CPU") == 2
         rows = [row for _, row in exe.imap_unordered(solve_query, jobs)]
     finally:
         exe.close()
+        if ray.is_initialized():
+            ray.shutdown()
+            pytest.fail("RayExecutor.close left its Ray session running")
     assert sorted(r["key"] for r in rows) == sorted(j.key for j in jobs)
     assert all(r["verdict"] in ("verified", "falsified", "unknown", "timeout") for r in rows)
+    assert {r["pid"] for r in rows}.isdisjoint({__import__("os").getpid()})   # ran in Ray workers
+
+
+def test_ray_runs_the_experiment_end_to_end(tiny, tmp_path):
+    """``executor = "ray"``, 2 jobs, on the tiny config in a fresh folder: calibration and queries on a
+    local 2-CPU Ray; the verdicts are those of the local executor on the same networks and radii."""
+    import collections
+
+    ray = pytest.importorskip("ray")
+    _, cfg, _, _ = tiny
+    rcfg = cfg.replace(executor="ray", jobs=2)
+    out = tmp_path / "ray_out"
+    assert not ray.is_initialized()
+    try:
+        res = ex.run_experiment(rcfg, out, progress=False)
+        assert not ray.is_initialized()                 # run_experiment shut its Ray session down
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    n_nets = 1 + len(cfg.methods) * len(cfg.sparsities)
+    assert len(res.rows) == n_nets * cfg.n_images * len(cfg.norms) and res.n_run == len(res.rows)
+    assert all(r["verdict"] in ("verified", "falsified", "unknown", "timeout") for r in res.rows)
+    assert len({r["pid"] for r in res.rows} - {__import__("os").getpid()}) >= 1    # ran in Ray workers
+    assert len(json.loads((out / "radii.json").read_text())) == cfg.n_images * len(cfg.norms)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["executor"] == "ray" and doc["config"]["jobs"] == 2
+    assert {r["key"]: r["verdict"] for r in doc["queries"]} == {r["key"]: r["verdict"] for r in res.rows}
+    with open(out / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert sum(r["kind"] == "query" for r in csv_rows) == len(res.rows)
+    assert sum(r["kind"] == "network" for r in csv_rows) == n_nets
+    # the same queries (networks and calibrated radii of this run) on the local executor, inline
+    jobs = ex.build_jobs(rcfg, res.entries, _data(cfg), res.queries)
+    local = [row for _, row in LocalExecutor(1).imap_unordered(solve_query, jobs)]
+    counts = lambda rows: collections.Counter((r["net_id"], r["verdict"]) for r in rows)  # noqa: E731
+    assert counts(res.rows) == counts(local)
 
 
 def test_ray_missing_is_a_clear_error(monkeypatch):
@@ -364,6 +500,44 @@ def test_calibrated_queries_use_the_fraction_of_the_dense_radius(tiny):
     assert sorted(cached.values()) == sorted(q["attack_radius"] for q in res.queries)
 
 
+def test_radius_cache_survives_an_interrupted_calibration(tiny, tmp_path, monkeypatch):
+    """radii.json is rewritten after each calibration: an interrupt keeps those done, and a restart
+    computes only the missing ones."""
+    _, cfg, out, res = tiny
+    data = _data(cfg)
+    n_total = cfg.n_images * len(cfg.norms)          # one dense net
+    calls = []
+
+    class Interrupted(Exception):
+        pass
+
+    def fake_calibrate(job, fail_after=None):
+        network, center, label, norm, seed, time_limit = job
+        calls.append((label, norm))
+        if fail_after is not None and len(calls) > fail_after:
+            raise Interrupted
+        return 0.01 * (len(calls) + 1)
+
+    monkeypatch.setattr(ex, "_calibrate", lambda job: fake_calibrate(job, fail_after=2))
+    with pytest.raises(Interrupted):
+        ex.plan_queries(cfg, res.entries, data, res.images, tmp_path, executor=LocalExecutor(1))
+    assert len(calls) == 3
+    kept = json.loads((tmp_path / "radii.json").read_text())
+    assert sorted(kept.values()) == [0.02, 0.03]                 # the two finished before the interrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["radii.json"]  # no temporary file left behind
+
+    calls.clear()
+    monkeypatch.setattr(ex, "_calibrate", fake_calibrate)
+    queries = ex.plan_queries(cfg, res.entries, data, res.images, tmp_path, executor=LocalExecutor(1))
+    assert len(calls) == n_total - 2                             # only the missing ones
+    final = json.loads((tmp_path / "radii.json").read_text())
+    assert len(final) == n_total and all(final[k] == v for k, v in kept.items())
+    assert sorted(q["attack_radius"] for q in queries) == sorted(final.values())
+    calls.clear()
+    ex.plan_queries(cfg, res.entries, data, res.images, tmp_path, executor=LocalExecutor(1))
+    assert calls == []
+
+
 def test_models_do_not_depend_on_what_was_trained_before(tiny, tmp_path):
     _, cfg, out, res = tiny
     alone = cfg.replace(architectures=[[8, 8]], methods=["unstructured"], export_onnx=False)
@@ -387,6 +561,7 @@ def test_conv_architecture_runs_end_to_end(tmp_path):
 
     toml = TINY_TOML.replace("architectures = [[16, 16]]", 'architectures = [["c4", "c4s2", 16]]')
     toml = toml.replace('norms = ["linf", "l1"]', 'norms = ["linf"]')
+    toml = toml.replace('methods = ["lasso", "magnitude", "unstructured"]', 'methods = ["lasso", "unstructured"]')
     cfg_path = tmp_path / "conv.toml"
     cfg_path.write_text(toml)
     cfg = ex.load_config(cfg_path)
