@@ -460,15 +460,18 @@ class ChannelSelector:
         mode = "block-coordinate" if self.method == "tecu" else "sequential" if self.sequential else "one-shot"
         table = Table(title=f"Channel selection (method {self.method}, {self._target_repr()}, {mode})")
         for col, just in [("layer", "left"), ("type", "left"), ("kept", "right"),
-                          ("rel. error", "right"), ("no refit", "right"), ("gap", "right"), ("time s", "right"),
+                          ("rel. error", "right"), ("no refit", "right"), ("bound", "right"), ("gap", "right"),
+                          ("time s", "right"),
                           ("status", "left")]:
             table.add_column(col, justify=just, no_wrap=True)
         for r in self.report_rows():
             gap = "-" if r["gap"] is None else f"{100 * r['gap']:.2f}%"
             table.add_row(r["layer"], r["type"], f"{r['kept']}/{r['total']}", f"{r['rel_error']:.4f}",
-                          f"{r['error_no_refit']:.4f}", gap, f"{r['solve_time']:.2f}", r["status"])
+                          f"{r['error_no_refit']:.4f}", "-" if r["bound"] is None else f"{r['bound']:.4f}", gap,
+                          f"{r['solve_time']:.2f}", r["status"])
         table.caption = ("rel. error: ‖Y − Ŷ‖²/‖Y‖² of the layer output after the least-squares refit, on the "
-                         "calibration data; no refit: same channels, old weights; gap: proven optimality gap")
+                         "calibration data; no refit: same channels, old weights; bound: proven lower bound on the "
+                         "optimal rel. error (certifying methods only); gap: proven optimality gap")
         if self.budget_ is not None:
             b, a = self.budget_, self.budget_["allocation"]
             gap = "-" if a["gap"] is None else f"{100 * a['gap']:.2f}%"

@@ -131,6 +131,8 @@ def test_prune_returns_smaller_working_copy(setup, fitted_magnitude):
 def test_report_table_and_rows(fitted_magnitude):
     table = fitted_magnitude.report()
     assert isinstance(table, Table) and table.row_count == 3
+    assert [c.header for c in table.columns] == ["layer", "type", "kept", "rel. error", "no refit", "bound", "gap",
+                                                 "time s", "status"]
     rows = fitted_magnitude.report_rows()
     assert [(r["kept"], r["total"]) for r in rows] == [(8, 16), (16, 32), (32, 64)]
     for r in rows:
