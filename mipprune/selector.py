@@ -77,6 +77,11 @@ def _progress(enabled: bool):
                     TimeElapsedColumn(), disable=not enabled)
 
 
+# Seconds per layer for method "exact" when no time_limit is given: it then stops with TIME_LIMIT and
+# the gap it proved instead of running unbounded on a large layer.
+EXACT_DEFAULT_TIME_LIMIT = 60.0
+
+
 class ChannelSelector:
     """Choose the input channels to keep in every prunable layer of a model, by solving for them.
 
@@ -115,7 +120,9 @@ class ChannelSelector:
         Seed of the position sampling and of randomized methods.
     time_limit : float, optional
         Seconds per layer selection (a method stopped by it reports ``Status.TIME_LIMIT``); for
-        ``"tecu"`` the tightest sub-solve time limit.
+        ``"tecu"`` the tightest sub-solve time limit. ``"exact"`` defaults to
+        ``EXACT_DEFAULT_TIME_LIMIT`` (60 s) per layer, so a large layer cannot run unbounded; the
+        others to none.
     max_samples : int, optional
         Cap on the rows of ``Z`` accumulated per layer.
     sequential : bool
@@ -219,7 +226,7 @@ class ChannelSelector:
         self.budget_tolerance = float(budget_tolerance)
         self.positions = int(positions)
         self.seed = int(seed)
-        self.time_limit = time_limit
+        self.time_limit = EXACT_DEFAULT_TIME_LIMIT if time_limit is None and method == "exact" else time_limit
         self.max_samples = max_samples
         self.sequential = bool(sequential)
         self.max_iter = int(max_iter)

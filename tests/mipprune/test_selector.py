@@ -162,3 +162,11 @@ def test_one_shot_mode_and_tensor_batches(setup):
     sel = ChannelSelector("random", sparsity=0.25, sequential=False, seed=3).fit(model, batches)
     assert [int(sel.get_support(c).sum()) for c in CONSUMERS] == [12, 24, 48]
     assert sel.prune(model)(data.x_test[:2]).shape == (2, 10)
+
+
+def test_exact_gets_a_default_time_limit_and_others_none():
+    from mipprune.selector import EXACT_DEFAULT_TIME_LIMIT
+
+    assert ChannelSelector("exact", sparsity=0.5).time_limit == EXACT_DEFAULT_TIME_LIMIT == 60.0
+    assert ChannelSelector("exact", sparsity=0.5, time_limit=3).time_limit == 3
+    assert ChannelSelector("lasso", sparsity=0.5).time_limit is None
