@@ -77,8 +77,10 @@ BOUND_SAFETY = 1e-12
 BRANCH_RULE = "frac"
 # Evaluate the minorant once more after the last Frank–Wolfe step of a node (0 skips it).
 FINAL_DUAL = 1
-# Frank–Wolfe steps at the root (its minorant drives the first reduced-cost fixings and OA cuts).
-ROOT_ITERATIONS = 20
+# Frank–Wolfe steps at the root, run towards convergence (its minorant drives the first reduced-cost
+# fixings and OA cuts): measured on bench_exact's C = 64 3×3 layer, the root gap falls from 28 %
+# (stopping at the first "cannot prune" sign) to 13 % in 10 steps and 12.9 % in 50.
+ROOT_ITERATIONS = 50
 
 
 # ===================================================================================== relaxation
@@ -339,12 +341,13 @@ def _feasible_start(S: _Search, z0: np.ndarray, fixed_in, fixed_out) -> np.ndarr
 
 
 def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarray, max_iter: int,
-           cuts: list | None = None):
+           cuts: list | None = None, converge: bool = False):
     """Frank–Wolfe on ``min F(z)`` over the node's polytope.
 
     Returns ``(bound, z, L, a)``: the best node bound (energy) seen and the minorant giving it, and
-    the last relaxed point. Stops early once the bound prunes the node, or once ``F(z)`` (an upper
-    estimate of the relaxed optimum) shows that the relaxation cannot prune it.
+    the last relaxed point. Stops early once the bound prunes the node, or (unless ``converge``, as
+    at the root, whose minorant drives reduced-cost fixing and the OA cuts everywhere) once ``F(z)``
+    (an upper estimate of the relaxed optimum) shows that the relaxation cannot prune it.
     """
     rel = S.rel
     free = ~(fixed_in | fixed_out)
@@ -358,7 +361,7 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
         lb, s = S.bound(L, a, fixed_in, free)
         if lb > best[0]:
             best = (lb, L, a)
-        if (lb >= S.threshold or S.timed_out() or (it >= 1 and Fz < S.threshold)
+        if (lb >= S.threshold or S.timed_out() or (not converge and it >= 1 and Fz < S.threshold)
                 or Fz - lb <= 1e-9 * S.c or it == max_iter):
             break
         d = s - z
@@ -873,7 +876,9 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
 
     root_cuts: list = []
     root_lb, root_z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5), max(fw_iterations, ROOT_ITERATIONS),
-                                   cuts=root_cuts)
+                                   cuts=root_cuts, converge=backend == "bnb")
+    # (the OA masters keep the short root: fifty near-parallel root cuts stall HiGHS's master on
+    # round-off, measured on the test bank's budgeted C = 10 problem)
     # The monotone bound err(all channels) holds for every set too.
     floor = max(root_lb, c - w.explained(np.ones(C, bool)), 0.0)
     info["root_bound"] = floor / c
