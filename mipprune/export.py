@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
-from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_layer_finite
+from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_folded
 
 __all__ = ["to_network"]
 
@@ -130,13 +130,8 @@ class _Builder:
         return self.add(layer, name)
 
     def _folded(self, name: str, m) -> int:
-        """After BatchNorm ``m`` was folded into the last layer: check the products did not overflow,
-        naming the module (the :class:`Network` built at the end checks every layer again)."""
-        i = self.last - 1
-        try:
-            check_layer_finite(i, self.layers[i], self.names[i])
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"{exc} (after folding module '{name}' ({type(m).__name__}) into it)") from None
+        """After BatchNorm ``m`` was folded into the last layer: check the products, naming the module."""
+        check_folded(self.layers, self.names, f"module '{name}' ({type(m).__name__})")
         return self.last
 
 

@@ -216,6 +216,16 @@ def check_layer_finite(i: int, layer, name: str | None = None) -> None:
             raise InvalidInputError(f"{label} std must be non-zero; got {int(np.sum(arr == 0))} zero entries")
 
 
+def check_folded(layers, names, what: str) -> None:
+    """After ``what`` (an ONNX node, a torch module) was folded into the last of ``layers``: check the
+    products did not overflow, naming it (the :class:`Network` built at the end checks every layer)."""
+    i = len(layers) - 1
+    try:
+        check_layer_finite(i, layers[i], names[i])
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{exc} (after folding {what} into it)") from None
+
+
 @dataclass(eq=False)
 class AffineBlock:
     """``y = weight @ x + bias`` on flattened vectors; ``weight`` is CSR (out, in)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
-from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_layer_finite
+from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_folded
 
 __all__ = ["network_from_onnx"]
 
@@ -464,11 +464,6 @@ def _affine(node, b: _Builder, a: _Act, s: np.ndarray, t: np.ndarray, uses: int)
 
 
 def _folded(node, b: _Builder) -> int:
-    """After ``node`` was folded into the last layer: check the products did not overflow, naming the
-    node (the :class:`Network` built at the end checks every layer again)."""
-    i = b.last - 1
-    try:
-        check_layer_finite(i, b.layers[i], b.names[i])
-    except InvalidInputError as exc:
-        raise InvalidInputError(f"{exc} (after folding {_node_label(node)} into it)") from None
+    """After ``node`` was folded into the last layer: check the products, naming the node."""
+    check_folded(b.layers, b.names, _node_label(node))
     return b.last
