@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
-from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_folded
+from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_folded, require_finite
 
 __all__ = ["to_network"]
 
@@ -101,10 +101,8 @@ class _Builder:
         s = np.broadcast_to(s, (m.num_features,)).astype(np.float64)
         t = (_np(m.bias) if m.bias is not None else 0.0) - s * _np(m.running_mean)
         for what, arr in (("scale (weight / sqrt(running_var + eps))", s), ("shift", t)):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            if bad:
-                raise InvalidInputError(f"module '{name}' ({type(m).__name__}) {what} must be finite; got {bad} "
-                                        "NaN/inf entries (check its running statistics and affine parameters)")
+            require_finite(f"module '{name}' ({type(m).__name__}) {what}", arr,
+                           " (check its running statistics and affine parameters)")
         shape = self.shapes[-1]
         if shape[0] != m.num_features:
             raise InvalidInputError(f"module '{name}' expects {m.num_features} channels; got input shape {shape}")

@@ -209,12 +209,9 @@ class ChannelSelector:
         if isinstance(exact_max_channels, bool) or not isinstance(exact_max_channels, (int, np.integer)) \
                 or exact_max_channels < 0:
             raise InvalidInputError(f"exact_max_channels must be an integer >= 0; got {exact_max_channels!r}")
-        if gap is not None:
-            if method != "exact":
-                raise InvalidInputError(f"gap applies to method 'exact' only; got method {method!r}")
-            if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 < gap < 1:
-                raise InvalidInputError(f"gap must be in (0, 1); got {gap!r}")
-        self.gap = None if gap is None else float(gap)
+        from solvers.select import check_gap
+
+        self.gap = check_gap(gap, method)
         self.method = method
         self.sparsity = sparsity
         self.k = k

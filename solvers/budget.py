@@ -490,7 +490,7 @@ def _solve_cpsat(layers, metric, lo, hi, time_limit, min_ratio, target):
     if importlib.util.find_spec("ortools") is None:
         raise SolverNotAvailableError("backend 'cpsat' needs OR-Tools (pip install ortools); it is not installed")
     out = _CpsatProcess.call(layers, metric, lo, hi, time_limit)
-    exact = out.get("exact_costs", out.get("info", {}).get("exact_costs", True))
+    exact = out["exact_costs"]
     if out["status"] == "INFEASIBLE" and exact:
         raise _infeasible(metric, min_ratio, lo / hi * target, target)
     if out["status"] not in ("OPTIMAL", "FEASIBLE"):
@@ -561,7 +561,7 @@ def _cpsat_worker(layers, metric, lo, hi, time_limit):
     widths = [int(solver.Value(x)) if not isinstance(x, int) else x for x in w]
     # valid float bound: integer bound minus the worst-case rounding of each layer's error
     bound = solver.BestObjectiveBound() / ERROR_SCALE - n_prunable * 0.5 / ERROR_SCALE
-    return {"status": name, "widths": widths, "bound": float(bound),
+    return {"status": name, "exact_costs": exact_costs, "widths": widths, "bound": float(bound),
             "info": {"cost_scale": s, "exact_costs": exact_costs, "error_scale": ERROR_SCALE, "branches": int(solver.NumBranches()),
                      "cpsat_time": float(solver.WallTime())}}
 

@@ -26,11 +26,12 @@ def _pair(v) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _finite(name: str, a) -> np.ndarray:
+def require_finite(name: str, a, hint: str = "") -> np.ndarray:
+    """``a`` as a float64 array, or ``InvalidInputError`` "{name} must be finite; got N NaN/inf entries{hint}"."""
     arr = np.asarray(a, dtype=np.float64)
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
-        raise InvalidInputError(f"{name} must be finite; got {bad} NaN/inf entries")
+        raise InvalidInputError(f"{name} must be finite; got {bad} NaN/inf entries{hint}")
     return arr
 
 
@@ -42,10 +43,10 @@ class Dense:
     bias: np.ndarray | None = None
 
     def __post_init__(self):
-        self.weight = _finite("Dense.weight", self.weight)
+        self.weight = require_finite("Dense.weight", self.weight)
         if self.weight.ndim != 2:
             raise InvalidInputError(f"Dense.weight must be 2-D (out, in); got shape {self.weight.shape}")
-        self.bias = np.zeros(self.weight.shape[0]) if self.bias is None else _finite("Dense.bias", self.bias).reshape(-1)
+        self.bias = np.zeros(self.weight.shape[0]) if self.bias is None else require_finite("Dense.bias", self.bias).reshape(-1)
         if self.bias.shape != (self.weight.shape[0],):
             raise InvalidInputError(f"Dense.bias must have shape ({self.weight.shape[0]},); got {self.bias.shape}")
 
@@ -72,10 +73,10 @@ class Conv2d:
     dilation: tuple[int, int] = (1, 1)
 
     def __post_init__(self):
-        self.weight = _finite("Conv2d.weight", self.weight)
+        self.weight = require_finite("Conv2d.weight", self.weight)
         if self.weight.ndim != 4:
             raise InvalidInputError(f"Conv2d.weight must be 4-D (out, in, kh, kw); got shape {self.weight.shape}")
-        self.bias = np.zeros(self.weight.shape[0]) if self.bias is None else _finite("Conv2d.bias", self.bias).reshape(-1)
+        self.bias = np.zeros(self.weight.shape[0]) if self.bias is None else require_finite("Conv2d.bias", self.bias).reshape(-1)
         self.stride, self.padding, self.dilation = _pair(self.stride), _pair(self.padding), _pair(self.dilation)
 
     def output_shape(self, in_shape: Shape) -> Shape:
@@ -150,8 +151,8 @@ class Normalize:
     std: np.ndarray
 
     def __post_init__(self):
-        self.mean = _finite("Normalize.mean", self.mean)
-        self.std = _finite("Normalize.std", self.std)
+        self.mean = require_finite("Normalize.mean", self.mean)
+        self.std = require_finite("Normalize.std", self.std)
         if np.any(self.std == 0):
             raise InvalidInputError("Normalize.std must be non-zero; got a zero entry")
 
@@ -209,9 +210,7 @@ def check_layer_finite(i: int, layer, name: str | None = None) -> None:
         except (TypeError, ValueError):
             raise InvalidInputError(f"{label} {attr} must be a numeric array; got "
                                     f"{type(getattr(layer, attr)).__name__}") from None
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            raise InvalidInputError(f"{label} {attr} must be finite; got {bad} NaN/inf entries")
+        require_finite(f"{label} {attr}", arr)
         if attr == "std" and np.any(arr == 0):
             raise InvalidInputError(f"{label} std must be non-zero; got {int(np.sum(arr == 0))} zero entries")
 
@@ -257,12 +256,12 @@ class Network:
         self.shapes = self._propagate_shapes()
 
     def _propagate_shapes(self) -> list[Shape]:
+        self.check_finite()
         shapes = [self.input_shape]
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, (Dense, Conv2d, ReLU, Flatten, Normalize, Add)):
                 raise UnsupportedLayerError(f"layer {i} must be one of Dense, Conv2d, ReLU, Flatten, "
                                             f"Normalize, Add; got {type(layer).__name__}")
-            check_layer_finite(i, layer, self.names[i] if i < len(self.names) else None)
             if isinstance(layer, Add):
                 if not 0 <= layer.source <= i or shapes[layer.source] != shapes[-1]:
                     raise InvalidInputError(

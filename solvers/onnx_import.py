@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
-from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_folded
+from solvers.network import Add, Conv2d, Dense, Flatten, Network, Normalize, ReLU, check_folded, require_finite
 
 __all__ = ["network_from_onnx"]
 
@@ -60,9 +60,7 @@ def _node_label(node) -> str:
 
 def _check_finite(node, what: str, arr: np.ndarray) -> np.ndarray:
     """``arr`` unchanged, or ``InvalidInputError`` naming the node when it has NaN/inf entries."""
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    if bad:
-        raise InvalidInputError(f"{_node_label(node)}: {what} must be finite; got {bad} NaN/inf entries")
+    require_finite(f"{_node_label(node)}: {what}", arr)
     return arr
 
 

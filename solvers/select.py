@@ -73,11 +73,17 @@ def select_channels(problem: SelectionProblem, *, k: int | None = None, budget: 
         budget = problem.check_budget(budget)
     if time_limit is not None and not time_limit > 0:
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
-    extra = {}
-    if gap is not None:
-        if method not in GAP_METHODS:
-            raise InvalidInputError(f"method must be one of {sorted(GAP_METHODS)} to request a gap; got {method!r}")
-        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 < gap < 1:
-            raise InvalidInputError(f"gap must be in (0, 1); got {gap!r}")
-        extra["rel_gap"] = float(gap)
+    gap = check_gap(gap, method)
+    extra = {} if gap is None else {"rel_gap": gap}
     return fn(problem, k=k, budget=budget, backend=backend, time_limit=time_limit, seed=seed, **extra)
+
+
+def check_gap(gap: float | None, method: str) -> float | None:
+    """A requested relative optimality gap: ``None``, or a float in (0, 1) for a method in ``GAP_METHODS``."""
+    if gap is None:
+        return None
+    if method not in GAP_METHODS:
+        raise InvalidInputError(f"method must be one of {sorted(GAP_METHODS)} to request a gap; got {method!r}")
+    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 < gap < 1:
+        raise InvalidInputError(f"gap must be in (0, 1); got {gap!r}")
+    return float(gap)

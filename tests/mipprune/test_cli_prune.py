@@ -129,4 +129,4 @@ def test_prune_exact_with_gap_and_cpsat_budget_reports_proven_gaps(tmp_path, cap
 
 def test_gap_is_only_for_exact(capsys):
     code, out, err = run_cli(["prune", "--epochs", "1", "--method", "lasso", "--gap", "0.01"], capsys)
-    assert code == 2 and "gap applies to method 'exact' only; got method 'lasso'" in (out + err)
+    assert code == 2 and "method must be one of ['exact'] to request a gap; got 'lasso'" in (out + err)
