@@ -69,7 +69,7 @@ def worker(args) -> dict:
     import torch
     from torch import nn
 
-    from mipprune.bridge import capture, layer_generator, sample_conv_rows
+    from mipprune.pruning.bridge import capture, layer_generator, sample_conv_rows
 
     torch.manual_seed(args.seed)
     if args.threads:

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from solvers.problem import SelectionProblem  # noqa: E402
-from solvers.select import select_channels  # noqa: E402
+from solvers.selection.problem import SelectionProblem  # noqa: E402
+from solvers.selection.select import select_channels  # noqa: E402
 
 # C -> (columns per channel, time limit of the target, target gap)
 SETTINGS = {64: (9, 60.0, 1e-4), 128: (9, 300.0, 1e-2), 256: (1, 300.0, 1e-2)}

@@ -2,7 +2,7 @@
 baseline (scikit-learn ``Lasso`` on the materialized per-channel contributions).
 
 Both pick exactly k = C/2 channels of a conv-like layer (3×3 kernels: 9 columns per channel) with the
-same λ search (``solvers.lasso.search_lambda``: bracket from the orthogonal-design guess, then
+same λ search (``solvers.selection.lasso.search_lambda``: bracket from the orthogonal-design guess, then
 safeguarded bisection in log λ) and the same least-squares refit. Ours additionally lets the LASSO
 path, followed from the last solution (``kkt_predictor``), propose λ; that needs Q, which we have for
 free and the baseline would have to form as XᵀX. The "ours plain-search" column is ours without it.
@@ -31,10 +31,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from solvers.baselines import result_from_mask  # noqa: E402
-from solvers.lasso import LassoQP, channel_gram, resolve_backend, search_lambda  # noqa: E402
-from solvers.problem import SelectionProblem  # noqa: E402
-from solvers.select import select_channels  # noqa: E402
+from solvers.selection.baselines import result_from_mask  # noqa: E402
+from solvers.selection.lasso import LassoQP, channel_gram, resolve_backend, search_lambda  # noqa: E402
+from solvers.selection.problem import SelectionProblem  # noqa: E402
+from solvers.selection.select import select_channels  # noqa: E402
 
 KERNEL = 9  # 3×3 conv: columns per input channel
 

@@ -4,7 +4,7 @@ For each property: bounds (CROWN, or LP-tightened with ``--bounds lp``), then th
 network for the first disjunct's margin, built
 
 * **direct**: :func:`solvers.milp.build_milp` (CSR arrays) + :func:`solvers.milp.to_highs`
-  (one ``passModel`` call) — what ``solvers.verify`` does;
+  (one ``passModel`` call) — what ``mipprune.verify`` does;
 * **pyomo**: the same arrays → :func:`solvers.milp.build_pyomo` (a ``ConcreteModel``) + loading it
   into HiGHS through Pyomo's APPSI interface (``set_instance``), the path of OMLT-style tools;
 
@@ -32,9 +32,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from solvers import Network, load_vnnlib  # noqa: E402
-from solvers.bounds import compute_bounds, make_region  # noqa: E402
+from mipprune.verification.bounds import compute_bounds  # noqa: E402
+from solvers.network.spec import make_region  # noqa: E402
 from solvers.milp import build_milp, build_pyomo, solve_highs, to_highs  # noqa: E402
-from solvers.verify import HIGHS_VERIFY_OPTIONS  # noqa: E402
+from mipprune.verification.verify import HIGHS_VERIFY_OPTIONS  # noqa: E402
 
 DEFAULT_BENCH = REPO.parent / "shared" / "benchmarks" / "vnncomp2022_mnist_fc"
 
@@ -54,7 +55,7 @@ def run_one(net: Network, spec, args) -> dict:
     blocks = net.to_affine_relu()
 
     def direct():
-        m = build_milp(blocks, bounds, region).with_objective(A[0], -b[0])
+        m = build_milp(blocks, bounds.lower, bounds.upper, region).with_objective(A[0], -b[0])
         return m, to_highs(m, options=HIGHS_VERIFY_OPTIONS)
 
     (model, _h), t_direct = _timed(direct)
@@ -66,7 +67,7 @@ def run_one(net: Network, spec, args) -> dict:
         from pyomo.contrib.appsi.solvers import Highs as AppsiHighs
 
         def via_pyomo():
-            m = build_milp(blocks, bounds, region).with_objective(A[0], -b[0])
+            m = build_milp(blocks, bounds.lower, bounds.upper, region).with_objective(A[0], -b[0])
             pm = build_pyomo(m)
             opt = AppsiHighs()
             opt.set_instance(pm)

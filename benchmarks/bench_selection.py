@@ -52,15 +52,15 @@ GENERATOR = "benchmarks/bench_lasso.py:synthetic_layer"   # the same conv-like l
 
 # ------------------------------------------------------------------------------------------ helpers
 def run_method(problem, k: int, method: str, time_limit: float, seed: int = 0):
-    from solvers.select import select_channels
+    from solvers.selection.select import select_channels
 
     return select_channels(problem, k=k, method=method, time_limit=time_limit if method == "exact" else None,
                            seed=seed)
 
 
 def run_criterion(problem, k: int, criterion: str, model, group, data):
-    from mipprune.criteria import channel_scores
-    from solvers.baselines import select_by_scores
+    from mipprune.pruning.criteria import channel_scores
+    from solvers.selection.baselines import select_by_scores
 
     start = time.perf_counter()
     scores = channel_scores(criterion, model, group, data, k=k)
@@ -106,7 +106,7 @@ def end_to_end_error(model, dense, x) -> float:
 
 
 def network_rows(section: str, dense, calib, train, test, input_shape, budgets, methods, args) -> list[dict]:
-    from mipprune.selector import ChannelSelector
+    from mipprune.pruning.selector import ChannelSelector
     from mipprune.train import count_flops, evaluate, finetune
 
     rows = []
@@ -222,11 +222,11 @@ def main(argv=None) -> int:
     from rich.table import Table
     from threadpoolctl import threadpool_limits
 
-    from mipprune.bridge import capture
+    from mipprune.pruning.bridge import capture
     from mipprune.data import make_loader
-    from mipprune.graph import find_prune_groups
+    from mipprune.pruning.graph import find_prune_groups
     from mipprune.train import train_digits_cnn
-    from solvers.problem import SelectionProblem
+    from solvers.selection.problem import SelectionProblem
 
     warnings.filterwarnings("ignore", message="Solution may be inaccurate")
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """VNN-COMP 2022 MNIST-FC: our verifier on the competition's instances, against the competition's tools.
 
-Runs ``mipprune.suite.run_suite`` on ``../shared/benchmarks/vnncomp2022_mnist_fc`` (relative to the
+Runs ``mipprune.verification.suite.run_suite`` on ``../shared/benchmarks/vnncomp2022_mnist_fc`` (relative to the
 repository root; ``--bench-dir`` overrides) with the instances' own time limits (120 s for 256×2,
 300 s otherwise; ``--max-timeout`` / ``--timeout-scale`` shrink them) and prints: solved (sat /
 unsat), timeouts, WRONG verdicts (sat/unsat against the competition's consensus; must be 0),
@@ -37,9 +37,7 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from mipprune.suite import (  # noqa: E402
-    CSV_FIELDS, instances_path, read_ground_truth, run_suite, summarize, summary_table, write_results_csv,
-)
+from mipprune.verification.suite import CSV_FIELDS, instances_path, read_ground_truth, run_suite, summarize, summary_table, write_results_csv
 
 DEFAULT_BENCH = REPO.parent / "shared" / "benchmarks" / "vnncomp2022_mnist_fc"
 

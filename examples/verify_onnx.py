@@ -13,8 +13,9 @@ import argparse
 
 import numpy as np
 
+import mipprune
 import solvers
-from solvers.vnnlib import result_word
+from solvers.network.vnnlib import result_word
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     # 2. Verify each input box (a property is violated iff some box has a counterexample).
     verdict = solvers.Verdict.VERIFIED
     for spec in specs:
-        res = solvers.verify(net, spec, time_limit=args.timeout)
+        res = mipprune.verify(net, spec, time_limit=args.timeout)
         print(f"  box {spec.name}: {res.verdict.value} in {res.time:.2f} s, decided by {res.stage} "
               f"(MILP: {res.milp_binaries} binaries, {res.milp_nodes} nodes) - {res.message}")
         if res.verdict is solvers.Verdict.FALSIFIED:

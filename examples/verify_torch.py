@@ -4,7 +4,7 @@ Run: ``python examples/verify_torch.py`` (a few seconds on a laptop CPU, no down
 
 ``mipprune.to_network`` turns the torch model into the float64 numpy IR; ``Spec.robustness`` builds
 the query "no input within eps of the image (clipped to [0, 1]) makes another class score at least
-as high as the true one"; ``solvers.verify`` answers verified (a proof), falsified (with a
+as high as the true one"; ``mipprune.verify`` answers verified (a proof), falsified (with a
 counterexample re-checked in float64) or timeout.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import solvers
-from mipprune import to_network
+from mipprune import to_network, verify
 
 
 def train_mlp(seed: int = 0) -> tuple[nn.Module, np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def main(n_images: int = 8, eps: float = 0.08, time_limit: float = 20.0) -> None
         x, label = x_test[i].astype(np.float64), int(y_test[i])
         pred = int(np.argmax(net.forward(x)))
         spec = solvers.Spec.robustness(x, eps, pred, 10)  # robustness of the network's own prediction
-        res = solvers.verify(net, spec, time_limit=time_limit)
+        res = verify(net, spec, time_limit=time_limit)
         counts[res.verdict] += 1
         extra = ""
         if res.verdict is solvers.Verdict.FALSIFIED:

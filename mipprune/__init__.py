@@ -1,4 +1,10 @@
-"""mipprune, the PyTorch side: activation bridge, dependency graph, surgery, selector, experiments.
+"""mipprune, the PyTorch side.
+
+* :mod:`mipprune.pruning` — channel groups, activation statistics, selection, budgets, surgery;
+* :mod:`mipprune.verification` — torch → IR export, bounds, attack, the verify pipeline, suites;
+* :mod:`mipprune.experiment` — the headline experiment (dense vs pruned verification);
+* :mod:`mipprune.train`, :mod:`mipprune.data`, :mod:`mipprune.models`, :mod:`mipprune.torch_utils` —
+  training, data and model helpers every part may use; :mod:`mipprune.cli` — the commands.
 
 Public names load lazily (``import mipprune`` does not import cvxpy or the verifier).
 """
@@ -18,12 +24,15 @@ from solvers.errors import (  # re-exported: one error hierarchy for the whole p
 __version__ = "0.1.0"
 
 _LAZY = {
-    "capture": "mipprune.bridge",
-    "LayerStatistics": "mipprune.bridge",
-    "ChannelSelector": "mipprune.selector",
-    "NotFittedError": "mipprune.selector",
-    "to_network": "mipprune.export",
+    "capture": "mipprune.pruning.bridge",
+    "LayerStatistics": "mipprune.pruning.bridge",
+    "ChannelSelector": "mipprune.pruning.selector",
+    "NotFittedError": "mipprune.pruning.selector",
+    "to_network": "mipprune.verification.export",
     "finetune": "mipprune.train",
+    "verify": "mipprune.verification.verify",
+    "compute_bounds": "mipprune.verification.bounds",
+    "pgd_attack": "mipprune.verification.attack",
 }
 
 __all__ = ["MipPruneError", "InvalidInputError", "UnsupportedLayerError", "InfeasibleBudgetError",

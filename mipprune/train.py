@@ -5,80 +5,18 @@ touches its inputs and returns a new, fine-tuned copy of the pruned model.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mipprune.graph import model_device
+from mipprune.torch_utils import eval_mode, model_device, reiterable, resolve_device, split_batch
 from solvers.errors import InvalidInputError
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(inputs, labels or None)`` of a batch given as a tensor or a sequence ``(x, y, ...)``."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    raise InvalidInputError(
-        f"a batch must be a tensor or a sequence (x, y, ...) of tensors; got {type(batch).__name__}")
-
-
-def reiterable(data: Iterable, name: str = "data") -> Iterable:
-    """``data`` itself if it can be iterated many times (a DataLoader, a list), else a list of it.
-
-    Raises ``InvalidInputError`` when ``data`` is not iterable or yields nothing.
-    """
-    if isinstance(data, torch.Tensor):
-        raise InvalidInputError(f"{name} must be an iterable of batches (e.g. a DataLoader or a list "
-                                f"of tensors); got a single tensor of shape {tuple(data.shape)}")
-    if not isinstance(data, Iterable):
-        raise InvalidInputError(f"{name} must be an iterable of batches; got {type(data).__name__}")
-    if isinstance(data, Iterator):  # one-shot iterator / generator: keep its batches
-        data = list(data)
-    try:
-        empty = len(data) == 0  # cheap for lists and DataLoaders (no worker start-up)
-    except TypeError:
-        empty = next(iter(data), None) is None
-    if empty:
-        raise InvalidInputError(f"{name} must yield at least one batch; got an empty iterable")
-    return data
-
-
-def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
-    """``device`` as a ``torch.device``; ``None`` means the model's device (or CPU).
-
-    Raises ``InvalidInputError`` for CUDA when ``torch.cuda.is_available()`` is false.
-    """
-    if device is None:
-        return model_device(model) if model is not None else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device must be available; got {str(device)!r} but CUDA is not "
-                                "available on this machine (torch.cuda.is_available() is False)")
-    return dev
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode (BatchNorm uses running statistics, no update), restore after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _rng_context(device: torch.device):
     """Fork the global RNG (restored on exit) so seeding here leaves the caller's stream alone."""
     return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])

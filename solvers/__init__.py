@@ -1,13 +1,19 @@
-"""mipprune's optimization core: channel selection, budgets, network IR, bounds, MILP verification.
+"""mipprune's torch-free core: the mathematical programs and the file formats they read.
 
-Torch-free by contract (a test proves ``import solvers`` leaves torch unloaded). Public names are
-imported lazily, so ``import solvers`` is cheap and heavy solvers (cvxpy, pyomo) load on first use.
+* :mod:`solvers.selection` — channel selection on activation statistics (LASSO, exact with a proven
+  gap, greedy/backward, baselines) behind :func:`select_channels`;
+* :mod:`solvers.network` — the numpy network IR, ONNX import, specifications and VNN-LIB;
+* :mod:`solvers.budget` — network-wide widths for a FLOPs/params target (HiGHS MILP, CP-SAT);
+* :mod:`solvers.milp` — the big-M MILP encoding of a ReLU network (highspy CSR, Pyomo).
+
+Torch-free by contract (a test proves ``import solvers`` leaves torch unloaded and that no module
+here imports torch or mipprune). Public names are imported lazily, so ``import solvers`` is cheap
+and heavy solvers (cvxpy, pyomo) load on first use. The verifier built on this core is
+:func:`mipprune.verify`.
 """
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from solvers.errors import (
     InfeasibleBudgetError,
@@ -23,25 +29,22 @@ __version__ = "0.1.0"
 
 # public name -> defining module
 _LAZY = {
-    "SelectionProblem": "solvers.problem",
-    "select_channels": "solvers.select",
+    "SelectionProblem": "solvers.selection.problem",
+    "select_channels": "solvers.selection.select",
     "allocate_budget": "solvers.budget",
     "BudgetResult": "solvers.budget",
     "LayerBudget": "solvers.budget",
-    "Network": "solvers.network",
-    "Dense": "solvers.network",
-    "Conv2d": "solvers.network",
-    "ReLU": "solvers.network",
-    "Flatten": "solvers.network",
-    "Normalize": "solvers.network",
-    "Add": "solvers.network",
-    "load_vnnlib": "solvers.vnnlib",
-    "Spec": "solvers.spec",
-    "compute_bounds": "solvers.bounds",
-    "verify": "solvers.verify",
+    "Network": "solvers.network.ir",
+    "Dense": "solvers.network.layers",
+    "Conv2d": "solvers.network.layers",
+    "ReLU": "solvers.network.layers",
+    "Flatten": "solvers.network.layers",
+    "Normalize": "solvers.network.layers",
+    "Add": "solvers.network.layers",
+    "load_vnnlib": "solvers.network.vnnlib",
+    "Spec": "solvers.network.spec",
     "Verdict": "solvers.result",
     "VerificationResult": "solvers.result",
-    "pgd_attack": "solvers.attack",
     "available_backends": "solvers.backends",
 }
 
@@ -49,22 +52,6 @@ __all__ = [
     "MipPruneError", "InvalidInputError", "UnsupportedLayerError", "InfeasibleBudgetError",
     "SolverNotAvailableError", "SolverError", "Status", "SelectionResult", *_LAZY,
 ]
-
-
-class _SolversPackage(types.ModuleType):
-    """``solvers.verify`` is both a submodule (``solvers/verify.py``, per DESIGN.md) and the public
-    function. Importing the submodule makes Python bind the module object on the package, which
-    would shadow the function; keep the function there instead (``from solvers.verify import ...``
-    and ``importlib.import_module("solvers.verify")`` still give the module)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _FUNCTION_NAMED_LIKE_MODULE and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-_FUNCTION_NAMED_LIKE_MODULE = {"verify"}
-sys.modules[__name__].__class__ = _SolversPackage
 
 
 def __getattr__(name: str):

@@ -12,7 +12,7 @@ Its cost is
 (bias). The total is a sum of bilinear terms in consecutive widths plus linear terms. We pick widths
 with ``(1 − tolerance)·target·dense <= total <= target·dense`` minimizing ``Σ_l weight_l·err_l[w_l]``
 where ``err_l[k]`` is the layer's selection error when keeping ``k`` channels (its error curve, e.g.
-:func:`solvers.greedy.forward_path` or exact solves per k).
+:func:`solvers.selection.greedy.forward_path` or exact solves per k).
 
 Backends
 --------

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.sparse as sp
 
-from solvers.bounds import Bounds, Region, as_blocks, make_region
 from solvers.errors import InvalidInputError, SolverError
+from solvers.network.ir import as_blocks
+from solvers.network.spec import Region, make_region
 from solvers.result import Status, relative_gap
 
 
@@ -109,11 +110,13 @@ def _csr(rows, cols, vals, shape) -> sp.csr_matrix:
     return sp.csr_matrix((vals, (rows, cols)), shape=shape)
 
 
-def build_milp(network, bounds: Bounds, region: Region | None = None, *, lower=None, upper=None,
+def build_milp(network, pre_lower, pre_upper, region: Region | None = None, *, lower=None, upper=None,
                l1_center=None, l1_radius=None, preact_vars: bool = True) -> MilpModel:
-    """Encode ``network`` on the input region with the pre-activation ``bounds`` (zero objective).
+    """Encode ``network`` on the input region with pre-activation bounds (zero objective).
 
-    Pass the region as a :class:`~solvers.bounds.Region` or as ``lower``/``upper`` (n_inputs,) and
+    ``pre_lower[i]``, ``pre_upper[i]`` (float64 arrays of shape ``(n_i,)``, one pair per affine block,
+    the last for the output) bound ``z_i``; any sound bounds will do (e.g. ``Bounds.lower``/``.upper``
+    of :mod:`mipprune.verification.bounds`). Pass the region as a :class:`~solvers.network.spec.Region` or as ``lower``/``upper`` (n_inputs,) and
     optionally ``l1_center``/``l1_radius``. Set an objective with :meth:`MilpModel.with_objective`.
     The number of binaries equals the number of unstable hidden neurons (``l < 0 < u``).
     ``preact_vars=True`` adds a column ``z ∈ [l, u]`` per unstable neuron (one dense row ``z = W h + b``
@@ -124,9 +127,12 @@ def build_milp(network, bounds: Bounds, region: Region | None = None, *, lower=N
     n_in = blocks[0].shape[1]
     if region is None:
         region = make_region(n_in, lower, upper, l1_center, l1_radius)
-    if len(bounds.lower) != len(blocks):
-        raise InvalidInputError(f"bounds must cover {len(blocks)} blocks; got {len(bounds.lower)}")
-    for i, (blk, l, u) in enumerate(zip(blocks, bounds.lower, bounds.upper)):
+    pre_lower = [np.asarray(l, dtype=np.float64) for l in pre_lower]
+    pre_upper = [np.asarray(u, dtype=np.float64) for u in pre_upper]
+    if len(pre_lower) != len(blocks) or len(pre_upper) != len(blocks):
+        raise InvalidInputError(f"bounds must cover {len(blocks)} blocks; got {len(pre_lower)} lower and "
+                                f"{len(pre_upper)} upper")
+    for i, (blk, l, u) in enumerate(zip(blocks, pre_lower, pre_upper)):
         if l.shape != (blk.shape[0],) or u.shape != (blk.shape[0],):
             raise InvalidInputError(f"bounds of block {i} must have shape ({blk.shape[0]},); got {l.shape}")
         if i < len(blocks) - 1 and not (np.all(np.isfinite(l)) and np.all(np.isfinite(u))):
@@ -173,7 +179,7 @@ def build_milp(network, bounds: Bounds, region: Region | None = None, *, lower=N
     unit_cols: list[np.ndarray] = []
     binary_cols: list[np.ndarray] = []
     for i, blk in enumerate(blocks[:-1]):
-        l, u = bounds.lower[i], bounds.upper[i]
+        l, u = pre_lower[i], pre_upper[i]
         W = blk.weight.tocoo()
         live_in = prev_cols[W.col] >= 0
         Wr, Wc, Wv = W.row[live_in], prev_cols[W.col[live_in]], W.data[live_in]

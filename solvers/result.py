@@ -100,7 +100,7 @@ class Verdict(str, enum.Enum):
 
 @dataclass(frozen=True)
 class VerificationResult:
-    """Outcome of :func:`solvers.verify`.
+    """Outcome of :func:`mipprune.verify`.
 
     Attributes
     ----------

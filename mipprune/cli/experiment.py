@@ -26,8 +26,9 @@ def experiment(
     """Train MLPs, prune them, and time the adversarial-example MILP on dense vs pruned networks."""
     from rich.console import Console
 
-    from mipprune.experiment_report import headline_text, results_table
-    from mipprune.experiments import load_config, run_experiment
+    from mipprune.experiment.report import headline_text, results_table
+    from mipprune.experiment.config import load_config
+    from mipprune.experiment.run import run_experiment
 
     overrides = {k: v for k, v in (("jobs", jobs), ("executor", executor), ("time_limit", time_limit)) if v is not None}
     cfg = load_config(config, quick=quick, overrides=overrides)

@@ -47,7 +47,7 @@ def _infer_input_shape(model, x_images) -> tuple[int, ...]:
     """The first of (1, 8, 8) and (64,) on which ``model`` returns (N, 10) logits."""
     import torch
 
-    from mipprune.train import eval_mode
+    from mipprune.torch_utils import eval_mode
 
     errors = []
     for shape in _INPUT_SHAPES:
@@ -111,8 +111,9 @@ def prune_command(
     from rich.table import Table
 
     from mipprune.data import load_digits_data, make_loader
-    from mipprune.selector import ChannelSelector
-    from mipprune.train import count_flops, count_params, evaluate, finetune, resolve_device, train_digits_cnn
+    from mipprune.pruning.selector import ChannelSelector
+    from mipprune.train import count_flops, count_params, evaluate, finetune, train_digits_cnn
+    from mipprune.torch_utils import resolve_device
 
     console = Console()
     t_start = time.perf_counter()

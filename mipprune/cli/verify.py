@@ -33,8 +33,8 @@ def verify_command(
     from rich.console import Console
     from rich.table import Table
 
-    from mipprune.suite import verify_files
-    from solvers.vnnlib import result_word, write_result
+    from mipprune.verification.suite import verify_files
+    from solvers.network.vnnlib import result_word, write_result
 
     if not timeout > 0:
         raise InvalidInputError(f"--timeout must be > 0 seconds; got {timeout}")
@@ -77,7 +77,7 @@ def verify_suite_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mipprune.suite import instances_path, read_ground_truth, run_suite, summarize, summary_table
+    from mipprune.verification.suite import instances_path, read_ground_truth, run_suite, summarize, summary_table
 
     console = Console()
     gt_file = instances_path(bench_dir, instances).parent / "ground_truth.csv"

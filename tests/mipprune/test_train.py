@@ -9,15 +9,7 @@ from torch import nn
 
 from mipprune.data import load_digits_data, make_loader
 from mipprune.models import digits_cnn, mlp
-from mipprune.train import (
-    count_flops,
-    count_params,
-    distillation_loss,
-    evaluate,
-    finetune,
-    kd_loss,
-    train_digits_cnn,
-)
+from mipprune.train import count_flops, count_params, distillation_loss, evaluate, finetune, kd_loss, train_digits_cnn
 from solvers.errors import InvalidInputError
 
 
@@ -120,3 +112,14 @@ def test_finetune_returns_new_model_and_reduces_kd_loss(trained):
         finetune(student, dense, loader, alpha=2)
     with pytest.raises(InvalidInputError, match="data must yield at least one batch; got an empty iterable"):
         finetune(student, dense, [])
+
+
+def test_mipprune_verify_is_the_pipeline_function_after_submodule_import():
+    # mipprune/verification/verify.py holds the public function; importing the submodule first
+    # must leave mipprune.verify the function (the pipeline entry point), not a module object.
+    import importlib
+
+    import mipprune
+
+    module = importlib.import_module("mipprune.verification.verify")
+    assert callable(mipprune.verify) and mipprune.verify is module.verify

@@ -1,0 +1,408 @@
+"""Channel selection by LASSO on channel scalings, then least squares (He, Zhang, Sun, ICCV 2017).
+
+With ``W`` the layer's current weights, channel ``c`` contributes ``Z_c W_c`` (n×m) to the output.
+Scaling each contribution by ``β_c`` and penalising ``‖β‖₁``,
+
+    min_β ‖Y − Σ_c β_c Z_c W_c‖² + λ‖β‖₁  =  min_β βᵀQβ − 2qᵀβ + λ‖β‖₁ + ‖Y‖²,
+
+    Q[c, c'] = tr(W_cᵀ G_cc' W_c'),   q[c] = tr(W_cᵀ B_c),
+
+is a QP in C variables built from the Gram statistics alone (never the activations), compiled once
+by cvxpy with λ as a parameter. λ is searched until exactly k scalings are non-zero: the piecewise
+linear LASSO path, followed from the last solution (:func:`kkt_predictor`), proposes each λ and the
+QP solver checks it; a safeguarded bisection in log λ (:func:`search_lambda`) guarantees progress.
+The kept channels are then refitted by least squares (:meth:`SelectionProblem.refit`). LASSO proves nothing about optimality: results are
+``Status.FEASIBLE`` with ``bound=None`` (``Status.OPTIMAL`` only for the trivial ``k == C``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse
+
+from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
+from solvers.selection.problem import SelectionProblem
+from solvers.result import SelectionResult, Status
+
+# cvxpy solvers that handle a QP / second-order cone (LP-only ones such as GLOP cannot); the first
+# installed one of DEFAULT_BACKENDS is used when no backend is named.
+QP_BACKENDS = ("CLARABEL", "OSQP", "SCS", "ECOS", "HIGHS", "PIQP", "PROXQP", "QOCO", "DAQP", "MOSEK",
+               "GUROBI", "CPLEX", "XPRESS", "COPT", "CVXOPT", "SCIP")
+DEFAULT_BACKENDS = ("CLARABEL", "OSQP", "SCS", "ECOS")
+
+# A scaling counts as non-zero when |β_c| > max(SURVIVE_RTOL · max|β|, SURVIVE_ATOL): interior-point
+# zeros are ~1e-9 … 1e-5 relative, and β is dimensionless (β_c = 1 leaves channel c as it is).
+SURVIVE_RTOL = 1e-4
+SURVIVE_ATOL = 1e-6
+# Give up bisecting when the λ bracket is this narrow (relative): then the channels tie.
+BRACKET_RTOL = 1e-7
+MAX_STEPS = 80
+
+# Time-limit options of the backends that have one (seconds).
+_TIME_OPTION = {"CLARABEL": "time_limit", "OSQP": "time_limit", "SCS": "time_limit_secs",
+                "HIGHS": "time_limit", "GUROBI": "TimeLimit", "PIQP": "max_time"}
+
+
+# ---------------------------------------------------------------------------------- the QP data
+def channel_gram(problem: SelectionProblem, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The LASSO QP data ``(Q, q)`` of ``problem`` for the given weights (default ``problem.weights``).
+
+    Returns
+    -------
+    Q : float64 array (C, C)
+        ``Q[c, c'] = ⟨Z_c W_c, Z_c' W_c'⟩`` = ``tr(W_cᵀ G_cc' W_c')`` (symmetric PSD).
+    q : float64 array (C,)
+        ``q[c] = ⟨Z_c W_c, Y⟩`` = ``tr(W_cᵀ B_c)``.
+    Both in the units of ``‖Y‖²`` (``problem.target_sq``).
+    """
+    W = problem.weights if weights is None else np.asarray(weights, dtype=np.float64)
+    if W.shape != problem.cross.shape:
+        raise InvalidInputError(f"weights must have shape {problem.cross.shape}; got {W.shape}")
+    g, C = problem.groups, problem.n_channels
+    q = np.bincount(g, weights=np.einsum("ij,ij->i", W, problem.cross), minlength=C)
+    # Q = Eᵀ (G ∘ W Wᵀ) E with E the one-hot column->channel map: one d×d product, then group sums.
+    X = W @ W.T
+    X *= problem.gram
+    if np.all(np.diff(g) >= 0):  # contiguous channels (the usual layout): reduceat is fastest
+        starts = np.flatnonzero(np.r_[True, np.diff(g) > 0])
+        Q = np.add.reduceat(np.add.reduceat(X, starts, axis=0), starts, axis=1)
+    else:
+        E = scipy.sparse.csr_matrix((np.ones(g.size), (np.arange(g.size), g)), shape=(g.size, C))
+        Q = np.asarray((E.T @ (E.T @ X).T).T)
+    return 0.5 * (Q + Q.T), q
+
+
+def _factor(Q: np.ndarray) -> np.ndarray:
+    """F with ``FᵀF = Q`` (Cholesky, or eigen-decomposition when Q is singular)."""
+    try:
+        L = np.linalg.cholesky(Q)
+        if np.all(np.isfinite(L)) and np.min(np.abs(np.diag(L))) > 1e-7 * math.sqrt(max(np.max(np.diag(Q)), 1e-300)):
+            return L.T
+    except np.linalg.LinAlgError:
+        pass
+    w, U = scipy.linalg.eigh(Q)
+    keep = w > 1e-12 * max(w.max(), 1e-300)
+    return np.sqrt(w[keep])[:, None] * U[:, keep].T
+
+
+def n_survivors(beta: np.ndarray) -> int:
+    """Number of scalings that count as non-zero (thresholds ``SURVIVE_RTOL``, ``SURVIVE_ATOL``)."""
+    return int(np.count_nonzero(survivors(beta)))
+
+
+def survivors(beta: np.ndarray) -> np.ndarray:
+    """Bool array: which scalings count as non-zero."""
+    a = np.abs(beta)
+    top = float(a.max()) if a.size else 0.0
+    return a > max(SURVIVE_RTOL * top, SURVIVE_ATOL)
+
+
+def top_k_mask(beta: np.ndarray, k: int, tiebreak: np.ndarray) -> np.ndarray:
+    """Bool mask of the k largest |β| (ties, e.g. among zeros, broken by larger ``tiebreak``)."""
+    order = np.lexsort((np.arange(beta.size), -np.abs(tiebreak), -np.abs(beta)))
+    mask = np.zeros(beta.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------- λ search
+class SearchOutcome:
+    """Where a λ search ended: the mask of k channels, the λ, the steps, and whether time ran out."""
+
+    def __init__(self, mask, lam, steps, timed_out, exact, history):
+        self.mask, self.lam, self.steps = mask, lam, steps
+        self.timed_out, self.exact, self.history = timed_out, exact, history
+
+
+def search_lambda(solve: Callable[[float], np.ndarray | None], k: int, lam_max: float,
+                  tiebreak: np.ndarray, *, lam_guess: float | None = None,
+                  predict: Callable[[float, np.ndarray, int], float | None] | None = None,
+                  deadline: float | None = None) -> SearchOutcome:
+    """Find λ at which exactly ``k`` of the scalings returned by ``solve(λ)`` are non-zero.
+
+    ``solve(λ)`` returns β (C,) or ``None`` when it ran out of time. At ``lam_max`` every β is zero,
+    and the count grows as λ falls. The bracket [lo, hi] (count(lo) > k > count(hi)) is found by
+    halving / doubling from ``lam_guess`` and then narrowed by bisection in log λ, interpolating the
+    counts (safeguarded). ``predict(λ, β, k)``, if given, proposes the next λ from the last solution
+    (e.g. :func:`kkt_predictor`); a proposal is used when it falls inside the bracket, and after a
+    proposal that missed the next step is a bisection step, so the bracket keeps shrinking.
+    If the count jumps over k (ties) the bracket shrinks to ``BRACKET_RTOL`` and the top-k |β| at
+    ``lo`` are kept; when ``deadline`` (a ``time.perf_counter()`` value) passes, the top-k |β| of
+    the best solve so far are kept.
+    """
+    C = tiebreak.size
+    lo = lo_beta = None  # largest λ seen with count > k
+    lo_count = C
+    hi, hi_beta, hi_count = lam_max, None, 0  # smallest λ seen with count < k (β = 0 at lam_max)
+    history: list[tuple[float, int]] = []
+    last_beta = None
+    predicted = False  # was the last λ a (missed) prediction?
+
+    def finish(beta, lam, timed_out, exact):
+        ref = beta if beta is not None else np.zeros(C)
+        return SearchOutcome(top_k_mask(ref, k, tiebreak), lam, len(history), timed_out, exact, history)
+
+    lam = lam_guess if lam_guess is not None and 0 < lam_guess < lam_max else 0.5 * lam_max
+    while len(history) < MAX_STEPS:
+        if deadline is not None and time.perf_counter() >= deadline:
+            return finish(lo_beta if lo_beta is not None else last_beta, lo if lo is not None else hi, True, False)
+        beta = solve(lam)
+        if beta is None:  # the solver itself stopped at the deadline
+            return finish(lo_beta if lo_beta is not None else last_beta, lo if lo is not None else hi, True, False)
+        last_beta = beta
+        count = n_survivors(beta)
+        history.append((lam, count))
+        if count == k:
+            return SearchOutcome(top_k_mask(beta, k, tiebreak), lam, len(history), False, True, history)
+        if count > k:
+            lo, lo_beta, lo_count = lam, beta, count
+        else:
+            hi, hi_beta, hi_count = lam, beta, count
+        if lo is not None and hi / lo <= 1.0 + BRACKET_RTOL:
+            break
+        if predict is not None and not predicted:
+            guess = predict(lam, beta, k)
+            floor = 0.0 if lo is None else lo
+            if guess is not None and floor < guess < hi and math.isfinite(guess):
+                lam, predicted = guess, True
+                continue
+        predicted = False
+        if lo is None:
+            lam = 0.5 * hi  # still too few channels: halve λ
+        elif hi_beta is None:  # only lam_max (all zero, never solved) is above: double λ toward it
+            lam = min(2.0 * lo, math.sqrt(lo * lam_max))
+        else:
+            # Interpolate log λ on the counts, kept inside the middle of the bracket so it shrinks.
+            t = (lo_count - k) / max(lo_count - hi_count, 1)
+            t = min(max(t, 0.2), 0.8)
+            lam = math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+    # Ties (or too many steps): the k largest scalings at the last λ that kept more than k.
+    return finish(lo_beta, lo, False, False)
+
+
+def kkt_predictor(Q: np.ndarray, q: np.ndarray) -> Callable[[float, np.ndarray, int], float | None]:
+    """A ``predict(λ, β, k)`` for :func:`search_lambda` on ``min βᵀQβ − 2qᵀβ + λ‖β‖₁``.
+
+    The LASSO path is piecewise linear in λ: with active set A and signs s,
+    ``β_A(λ') = Q_AA⁻¹(q_A − λ'/2 · s_A)``; an active channel leaves where its β hits 0, an inactive
+    one j enters where ``|2(q_j − Q_jA β_A(λ'))| = λ'``. Starting from the solver's β at λ, the
+    predictor follows these events one at a time (homotopy, as in LARS) toward the count k and
+    returns the geometric middle of the first λ interval with exactly k channels, or ``None`` when
+    the walk fails (singular Q_AA, no such interval). It only proposes: the QP solver checks it.
+    """
+    C = q.size
+
+    def next_event(A: np.ndarray, s: np.ndarray, lam: float, up: bool):
+        """(λ of the next event beyond lam, channel, entering?) on the linear piece of (A, s)."""
+        idx = np.flatnonzero(A)
+        out = np.flatnonzero(~A)
+        if idx.size:
+            sol = scipy.linalg.solve(Q[np.ix_(idx, idx)], np.column_stack([q[idx], 0.5 * s[idx]]),
+                                     assume_a="pos", check_finite=False)
+            a, b = sol[:, 0], sol[:, 1]  # β_A(λ') = a − λ' b
+            QjA = Q[np.ix_(out, idx)]
+            u, v = 2.0 * (q[out] - QjA @ a), 2.0 * (QjA @ b)  # r_j(λ') = u_j + λ' v_j
+        else:
+            a = b = np.zeros(0)
+            u, v = 2.0 * q[out], np.zeros(out.size)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cand = np.concatenate([a / b, u / (1.0 - v), -u / (1.0 + v)])
+        who = np.concatenate([idx, out, out])
+        entering = np.concatenate([np.zeros(idx.size, bool), np.ones(2 * out.size, bool)])
+        ok = np.isfinite(cand) & (cand > 0)
+        ok &= cand > lam * (1 + 1e-12) if up else cand < lam * (1 - 1e-12)
+        if not ok.any():
+            return None
+        i = np.flatnonzero(ok)[np.argmin(cand[ok]) if up else np.argmax(cand[ok])]
+        lam_e, j = float(cand[i]), int(who[i])
+        sign = 0.0
+        if entering[i]:
+            pos = np.flatnonzero(out == j)[0]
+            sign = float(np.sign(u[pos] + lam_e * v[pos]))
+        return lam_e, j, entering[i], sign
+
+    def predict(lam: float, beta: np.ndarray, k: int) -> float | None:
+        A = survivors(beta)
+        s = np.sign(beta) * A
+        up = int(A.sum()) > k  # too many channels: raise λ
+        cur = lam
+        try:
+            for _ in range(2 * C + 2):
+                count = int(A.sum())
+                ev = next_event(A, s, cur, up)
+                if count == k:
+                    if ev is None:
+                        return cur * 1.1 if up else cur / 1.1
+                    return math.sqrt(cur * ev[0])
+                if ev is None or (count > k) != up:
+                    return None  # the walk overshot k or ran out of events
+                cur, j, enters, sign = ev
+                A[j] = enters
+                s[j] = sign if enters else 0.0
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        return None
+    return predict
+
+
+# ---------------------------------------------------------------------------------- cvxpy model
+def resolve_backend(backend: str | None) -> str:
+    """The cvxpy solver name for ``backend`` (case-insensitive), or raise SolverNotAvailableError."""
+    import cvxpy as cp
+
+    installed = set(cp.installed_solvers())
+    usable = [s for s in QP_BACKENDS if s in installed]
+    if backend is None:
+        for name in DEFAULT_BACKENDS:
+            if name in installed:
+                return name
+        if usable:
+            return usable[0]
+        raise SolverNotAvailableError(
+            f"method 'lasso' needs a cvxpy QP solver (one of {list(QP_BACKENDS)}); got none installed")
+    if not isinstance(backend, str) or backend.upper() not in usable:
+        raise SolverNotAvailableError(
+            f"backend for method 'lasso' must be an installed cvxpy QP solver, one of "
+            f"{[s.lower() for s in usable]}; got {backend!r}")
+    return backend.upper()
+
+
+class LassoQP:
+    """The scaled LASSO ``min ‖Fβ‖² − 2q̂ᵀβ + λ‖β‖₁`` (``FᵀF = Q / s``, ``q̂ = q / s``, ``s = max|q|``),
+    compiled once by cvxpy with λ a parameter (DPP), re-solved for each λ.
+
+    In these units the smallest λ at which every β is zero is ``lam_max = 2``.
+    """
+
+    def __init__(self, Q: np.ndarray, q: np.ndarray, solver: str):
+        import cvxpy as cp
+
+        self.scale = float(np.max(np.abs(q)))
+        self.solver = solver
+        F = _factor(Q / self.scale)
+        qs = q / self.scale
+        self.beta = cp.Variable(q.size)
+        self.lam = cp.Parameter(nonneg=True)
+        objective = cp.sum_squares(F @ self.beta) - 2.0 * (qs @ self.beta) + self.lam * cp.norm1(self.beta)
+        self.problem = cp.Problem(cp.Minimize(objective))
+        self.lam_max = 2.0
+        self.solves = 0
+
+    def solve(self, lam: float, time_left: float | None = None) -> np.ndarray | None:
+        """β at λ; ``None`` if the solver stopped at its time limit without a solution."""
+        import cvxpy as cp
+
+        self.lam.value = lam
+        opts = {}
+        if time_left is not None and self.solver in _TIME_OPTION:
+            opts[_TIME_OPTION[self.solver]] = max(time_left, 1e-3)
+        if self.solver == "CLARABEL":
+            # Tighter than the defaults (1e-8): a channel about to enter or leave otherwise keeps a
+            # |β| ~ 1e-4 … 1e-3 of the largest and is miscounted; costs ~2 more iterations.
+            opts.update(tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9)
+        if self.solver == "OSQP":  # OSQP is first-order: tighten it and keep the active-set polish
+            import osqp
+
+            polish = "polish" if osqp.__version__.split(".")[0] == "0" else "polishing"
+            opts.update({"eps_abs": 1e-8, "eps_rel": 1e-8, "max_iter": 200_000, polish: True})
+        self.solves += 1
+        started = time.perf_counter()
+        try:
+            self.problem.solve(solver=self.solver, warm_start=True, **opts)
+        except cp.error.SolverError as exc:
+            raise SolverError(f"cvxpy solver {self.solver} failed on the LASSO at λ={lam:.3g}: {exc}") from exc
+        status, beta = self.problem.status, self.beta.value
+        if status in ("optimal", "optimal_inaccurate") and beta is not None:
+            return np.asarray(beta, dtype=np.float64)
+        out_of_time = time_left is not None and time.perf_counter() - started >= 0.9 * time_left
+        if status == "user_limit" or out_of_time:
+            return None  # a solve cut short says nothing reliable about the support
+        raise SolverError(f"cvxpy solver {self.solver} returned status {status!r} on the LASSO at λ={lam:.3g}")
+
+
+# ---------------------------------------------------------------------------------- the method
+def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
+                 backend: str | None = None, time_limit: float | None = None, seed: int = 0) -> SelectionResult:
+    """Keep exactly ``k`` channels chosen by LASSO on the channel scalings, then refit (He et al. 2017).
+
+    Parameters
+    ----------
+    problem : SelectionProblem
+        Uses its Gram statistics and current ``weights`` (d×m).
+    k : int
+        Channels to keep, ``1 <= k <= C``.
+    budget : None
+        Not supported (LASSO controls a count, not a cost); giving one raises ``InvalidInputError``.
+    backend : str, optional
+        A cvxpy solver (``"clarabel"``, ``"osqp"``, ``"scs"``, ``"highs"`` …); default the first of
+        CLARABEL / OSQP / SCS / ECOS installed.
+    time_limit : float, optional
+        Seconds; when hit the result is ``Status.TIME_LIMIT`` with the top-k |β| of the last solve.
+    seed : int
+        Unused (the method is deterministic); accepted for the common signature.
+
+    Returns
+    -------
+    SelectionResult
+        ``objective`` is the refitted relative error, ``bound`` None, ``iterations`` the number of
+        λ steps (QP solves); ``info`` holds ``lambda`` (relative to ``lambda_max``, the smallest λ
+        that zeroes every β), ``lambda_max`` (in units of ‖Y‖²), ``exact_count`` (False when ties or
+        the time limit forced a top-k cut of |β|) and ``path``, the (λ, survivors) of every step
+        with λ in the scaled units where ``lam_max = 2``.
+    """
+    start = time.perf_counter()
+    if budget is not None:
+        raise InvalidInputError(f"method 'lasso' must be given k, not a cost budget; got budget={budget}")
+    if k is None:
+        raise InvalidInputError("k (channels to keep) must be given for method 'lasso'; got k=None")
+    k = problem.check_k(k)
+    if time_limit is not None and not time_limit > 0:
+        raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
+    solver = resolve_backend(backend)
+    deadline = None if time_limit is None else start + float(time_limit)
+    C = problem.n_channels
+
+    from solvers.selection.baselines import result_from_mask
+
+    if k == C:  # keeping everything is optimal: the refit error never grows with more channels
+        return result_from_mask(problem, np.ones(C, dtype=bool), method="lasso", start=start,
+                                backend=solver.lower(), status=Status.OPTIMAL,
+                                bound=problem.error(np.ones(C, dtype=bool)),
+                                info={"lambda": 0.0, "exact_count": True, "path": []})
+
+    Q, q = channel_gram(problem)
+    if not np.max(np.abs(q)) > 0:
+        # No channel's current contribution correlates with Y (e.g. all-zero weights): LASSO is silent,
+        # rank by the channels' own correlation with Y instead.
+        scores = np.bincount(problem.groups, weights=np.abs(problem.cross).sum(axis=1), minlength=C)
+        return result_from_mask(problem, top_k_mask(scores, k, scores), method="lasso", start=start,
+                                backend=solver.lower(), info={"lambda": None, "degenerate": True})
+
+    qp = LassoQP(Q, q, solver)
+    predict = kkt_predictor(Q / qp.scale, q / qp.scale)
+    # First guess: follow the LASSO path from λ_max (where β = 0) to the first interval with k
+    # channels; failing that, the λ that would keep k channels were the contributions orthogonal.
+    guess = predict(qp.lam_max * (1 + 1e-9), np.zeros(C), k)  # just above: the first entry is at lam_max
+    if guess is None:
+        entry = np.sort(2.0 * np.abs(q) / qp.scale)[::-1]
+        guess = math.sqrt(entry[k - 1] * entry[k]) if entry[k] > 0 else 0.5 * entry[k - 1]
+
+    def solve(lam: float):
+        left = None if deadline is None else deadline - time.perf_counter()
+        return qp.solve(lam, left)
+
+    out = search_lambda(solve, k, qp.lam_max, tiebreak=q, lam_guess=guess, deadline=deadline,
+                        predict=predict)
+    status = Status.TIME_LIMIT if out.timed_out else Status.FEASIBLE
+    info = {"lambda": None if out.lam is None else out.lam / qp.lam_max, "lambda_max": qp.lam_max * qp.scale,
+            "exact_count": out.exact, "path": out.history}
+    return result_from_mask(problem, out.mask, method="lasso", start=start, backend=solver.lower(),
+                            iterations=out.steps, status=status, info=info)
+
+
+__all__ = ["select_lasso", "channel_gram", "search_lambda", "kkt_predictor", "LassoQP", "resolve_backend",
+           "n_survivors", "survivors", "top_k_mask"]

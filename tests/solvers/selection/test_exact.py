@@ -1,0 +1,186 @@
+"""Exact group subset selection: brute-force optima, valid bounds, honest statuses, every backend."""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from solvers import (InfeasibleBudgetError, InvalidInputError, SelectionProblem, SolverNotAvailableError, Status,
+                     select_channels)
+from solvers.selection.greedy import whiten
+from solvers.selection.exact import Relaxation, choose_shift, select_exact
+from tests.solvers.selection.bank import BANK, BANK_IDS, BUDGET_BANK, BUDGET_IDS, brute_force, make_problem
+
+BACKENDS = ["bnb", "highs", pytest.param("scip", marks=pytest.mark.skipif(
+    importlib.util.find_spec("pyscipopt") is None, reason="pyscipopt not installed"))]
+TIGHT = 1e-7  # requested gap in the bank tests (the default is 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_exact_finds_the_brute_force_optimum(problem, k, backend):
+    mask_opt, opt = brute_force(problem, k)
+    res = select_exact(problem, k=k, backend=backend, rel_gap=TIGHT, lasso=False)
+    assert res.status is Status.OPTIMAL and res.backend == backend and res.method == "exact"
+    assert res.k <= k
+    assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13)
+    assert res.objective == pytest.approx(problem.error(res.mask), rel=1e-12)
+    assert res.bound <= opt + 1e-9
+    assert res.gap <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("problem, budget", BUDGET_BANK, ids=BUDGET_IDS)
+def test_exact_with_a_cost_budget(problem, budget, backend):
+    _, opt = brute_force(problem, budget=budget)
+    res = select_exact(problem, budget=budget, backend=backend, rel_gap=TIGHT, lasso=False)
+    assert problem.costs[res.mask].sum() <= budget + 1e-12
+    assert res.status is Status.OPTIMAL
+    assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13)
+    assert res.bound <= opt + 1e-9 and res.gap <= 1e-6
+
+
+def test_exact_with_k_and_budget_together():
+    p, budget = BUDGET_BANK[1]
+    C = p.n_channels
+    best = min((p.error(p.mask_from_support(S)), S) for r in range(1, 4)
+               for S in itertools.combinations(range(C), r) if p.costs[list(S)].sum() <= budget)
+    res = select_channels(p, k=3, budget=budget, method="exact")
+    assert res.k <= 3 and p.costs[res.mask].sum() <= budget
+    assert res.objective == pytest.approx(best[0], rel=1e-9)
+    assert res.bound <= best[0] + 1e-9
+
+
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_heuristics_never_beat_the_certified_optimum(problem, k):
+    res = select_channels(problem, k=k, method="exact")
+    for method in ("greedy", "backward", "lasso"):
+        other = select_channels(problem, k=k, method=method)
+        assert other.objective >= res.bound - 1e-12
+        assert other.objective >= brute_force(problem, k)[1] - 1e-12
+
+
+def test_select_channels_routes_to_exact_and_reports_honestly():
+    p, k = BANK[BANK_IDS.index("dense_C12_k6")]
+    res = select_channels(p, k=k, method="exact")
+    assert res.method == "exact" and res.backend == "bnb" and res.status is Status.OPTIMAL
+    assert res.gap <= 1e-4 and res.iterations >= 1
+    assert set(res.info) >= {"root_bound", "incumbents", "shift_mean"}
+
+
+def test_minorant_is_valid_for_every_subset():
+    """The core inequality: for any W from the relaxation, err(S)·‖Y‖² >= L − Σ_{g∈S} a_g for every S."""
+    p = make_problem(9, 2, 3, 90, seed=21)
+    w = whiten(p)
+    rel = Relaxation(w, choose_shift(w))
+    assert np.all(rel.t > 0)
+    M_shift = w.M - np.diag(rel.t[w.col_group])
+    assert np.linalg.eigvalsh(M_shift)[0] >= 0                 # Q = M − T ⪰ 0
+    rng = np.random.default_rng(0)
+    subsets = [list(S) for r in range(0, 10) for S in itertools.combinations(range(9), r)]
+    for _ in range(6):
+        z = rng.uniform(0, 1, size=9) * (rng.uniform(size=9) < 0.8)
+        W, F = rel.solve(z, np.zeros(9, bool))
+        L, a = rel.dual(W)
+        assert L - a @ z == pytest.approx(F, rel=1e-7, abs=1e-9 * p.target_sq)   # tight at z
+        for S in subsets:
+            m = np.zeros(9, bool)
+            m[S] = True
+            assert L - a[m].sum() <= p.error(m) * p.target_sq * (1 + 1e-9) + 1e-9 * p.target_sq
+
+
+def test_collinear_channels_fall_back_to_monotone_bounds_and_stay_exact():
+    rng = np.random.default_rng(7)
+    Z = rng.normal(size=(150, 8))
+    Z[:, 7] = Z[:, 1] - 0.5 * Z[:, 3]          # channel 7 is a combination of 1 and 3: M singular
+    Y = Z @ rng.normal(size=(8, 2)) + 0.05 * rng.normal(size=(150, 2))
+    p = SelectionProblem.from_data(Z, Y, np.arange(8))
+    assert np.all(choose_shift(whiten(p)) == 0)
+    for backend in ("bnb", "highs"):
+        res = select_exact(p, k=3, backend=backend, rel_gap=TIGHT)
+        assert res.objective == pytest.approx(brute_force(p, 3)[1], rel=1e-9)
+        assert res.bound <= res.objective + 1e-12 and res.status is Status.OPTIMAL
+
+
+def test_dead_channel_is_never_needed():
+    rng = np.random.default_rng(8)
+    Z = rng.normal(size=(120, 10))
+    Z[:, 4:6] = 0.0
+    Y = Z @ rng.normal(size=(10, 2))
+    p = SelectionProblem.from_data(Z, Y, np.repeat(np.arange(5), 2))
+    res = select_exact(p, k=2, rel_gap=TIGHT)
+    assert not res.mask[2]
+    assert res.objective == pytest.approx(brute_force(p, 2)[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_time_limit_gives_time_limit_status_with_a_valid_incumbent(backend):
+    p = make_problem(60, 3, 8, 600, seed=1)      # takes ~20 s to certify
+    limit = 1.0
+    t0 = time.perf_counter()
+    res = select_channels(p, k=30, method="exact", backend=backend, time_limit=limit)
+    wall = time.perf_counter() - t0
+    assert wall <= limit + 1.0
+    assert res.status is Status.TIME_LIMIT
+    assert res.k == 30 and res.objective == pytest.approx(p.error(res.mask), rel=1e-12)
+    assert res.bound is not None and res.bound <= res.objective
+    assert res.gap > 1e-4
+
+
+def test_infeasible_budget_and_bad_arguments():
+    p, _ = BUDGET_BANK[0]
+    with pytest.raises(InfeasibleBudgetError, match="budget must allow at least one channel"):
+        select_channels(p, budget=0.5, method="exact")
+    with pytest.raises(SolverNotAvailableError, match="backend must be one of"):
+        select_channels(p, k=2, method="exact", backend="gurobi")
+    with pytest.raises(InvalidInputError, match="rel_gap must be in"):
+        select_exact(p, k=2, rel_gap=2.0)
+    with pytest.raises(InvalidInputError, match="time_limit must be > 0"):
+        select_exact(p, k=2, time_limit=0)
+
+
+def test_scip_missing_raises_solver_not_available(monkeypatch):
+    import solvers.selection.exact as subset
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(subset.importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name == "pyscipopt" else real(name, *a, **kw))
+    p, k = BANK[0]
+    with pytest.raises(SolverNotAvailableError, match="pyscipopt"):
+        select_exact(p, k=k, backend="scip")
+
+
+def test_keeping_everything_is_trivially_optimal():
+    p, _ = BANK[0]
+    res = select_exact(p, k=p.n_channels)
+    assert res.mask.all() and res.status is Status.OPTIMAL and res.gap == 0.0
+
+
+def test_node_lmo_upper_bounds_every_feasible_binary_choice():
+    """The node bound subtracts max Σ a_g z_g over the node: it must never under-estimate that max."""
+    from solvers.selection.exact import _lmo
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        C = 7
+        a = rng.exponential(size=C) * (rng.uniform(size=C) < 0.8)
+        costs = rng.choice([0.0, 1.0, 2.0, 3.5], size=C)
+        free = rng.uniform(size=C) < 0.85
+        r = int(rng.integers(0, 5)) if trial % 3 != 2 else None
+        cap = float(rng.uniform(0, 6)) if trial % 3 != 0 else None
+        if r is None and cap is None:
+            r = 3
+        z, upper = _lmo(a, free, r, cap, costs)
+        assert np.all(z[~free] == 0) and np.all((z >= 0) & (z <= 1 + 1e-12))
+        assert r is None or z.sum() <= r + 1e-9
+        assert cap is None or costs @ z <= cap + 1e-9
+        best = 0.0
+        for bits in itertools.product([0, 1], repeat=C):
+            x = np.array(bits, bool)
+            if (x & ~free).any() or (r is not None and x.sum() > r) or (cap is not None and costs[x].sum() > cap):
+                continue
+            best = max(best, a[x].sum())
+        assert upper >= best - 1e-12

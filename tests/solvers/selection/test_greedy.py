@@ -1,0 +1,122 @@
+"""Forward / backward greedy selection on the Gram (rank-r updates) against naive refit-per-candidate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from solvers import SelectionProblem, Status, select_channels
+from solvers.selection.greedy import backward_mask, forward_mask, forward_path, improve_by_swaps, whiten
+from tests.solvers.selection.bank import BANK, BANK_IDS, BUDGET_BANK, BUDGET_IDS, brute_force, make_greedy_trap, make_problem
+
+
+def naive_forward(p: SelectionProblem, k: int) -> list[int]:
+    chosen: list[int] = []
+    for _ in range(k):
+        errs = {g: p.error(p.mask_from_support(chosen + [g])) for g in range(p.n_channels) if g not in chosen}
+        chosen.append(min(errs, key=lambda g: (errs[g], g)))
+    return chosen
+
+
+def naive_backward(p: SelectionProblem, k: int) -> np.ndarray:
+    keep = np.ones(p.n_channels, bool)
+    while keep.sum() > k:
+        errs = {}
+        for g in np.flatnonzero(keep):
+            m = keep.copy()
+            m[g] = False
+            errs[g] = p.error(m)
+        keep[min(errs, key=lambda g: (errs[g], g))] = False
+    return keep
+
+
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_forward_and_backward_match_naive_refits(problem, k):
+    fwd = forward_mask(problem, k, None)
+    naive = naive_forward(problem, k)
+    assert np.array_equal(np.flatnonzero(fwd), np.sort(naive)) or \
+        problem.error(fwd) == pytest.approx(problem.error(problem.mask_from_support(naive)), rel=1e-9)
+    bwd = backward_mask(problem, k, None)
+    assert problem.error(bwd) == pytest.approx(problem.error(naive_backward(problem, k)), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["greedy", "backward"])
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_greedy_methods_keep_k_and_never_beat_the_optimum(problem, k, method):
+    res = select_channels(problem, k=k, method=method)
+    _, opt = brute_force(problem, k)
+    assert res.k == k and res.status is Status.FEASIBLE and res.bound is None and res.gap is None
+    assert res.method == method
+    assert res.objective == pytest.approx(problem.error(res.mask), rel=1e-12)
+    assert res.objective >= opt - 1e-12
+
+
+def test_forward_greedy_falls_into_the_trap_backward_does_not():
+    p = make_greedy_trap(6, 2, 120, seed=12)
+    mask_opt, opt = brute_force(p, 2)
+    fwd = select_channels(p, k=2, method="greedy")
+    bwd = select_channels(p, k=2, method="backward")
+    assert fwd.mask[2] and fwd.objective > 10 * opt           # took the noisy proxy first
+    assert bwd.objective == pytest.approx(opt, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["greedy", "backward"])
+@pytest.mark.parametrize("problem, budget", BUDGET_BANK, ids=BUDGET_IDS)
+def test_budgets_are_respected_and_maximal(problem, budget, method):
+    res = select_channels(problem, budget=budget, method=method)
+    spent = problem.costs[res.mask].sum()
+    assert spent <= budget + 1e-12
+    # maximal: no dropped channel still fits (adding one never increases the error)
+    assert all(problem.costs[g] > budget - spent + 1e-12 for g in np.flatnonzero(~res.mask))
+    assert res.objective >= brute_force(problem, budget=budget)[1] - 1e-12
+
+
+def test_budget_picks_by_error_reduction_per_unit_cost():
+    # channel 0 explains the most but costs 10; channels 1 and 2 explain less each, cost 1
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(400, 3))
+    Y = (3.0 * Z[:, :1] + 2.5 * Z[:, 1:2] + 2.5 * Z[:, 2:3]) + 0.01 * rng.normal(size=(400, 1))
+    p = SelectionProblem.from_data(Z, Y, [0, 1, 2], costs=[10.0, 1.0, 1.0])
+    res = select_channels(p, budget=10.0, method="greedy")
+    assert list(res.support) == [1, 2]                        # 0.9 per unit of cost vs 6.25 each
+    assert res.objective < p.error(np.array([True, False, False]))
+
+
+def test_k_and_budget_together():
+    p, budget = BUDGET_BANK[1]
+    for method in ("greedy", "backward"):
+        res = select_channels(p, k=3, budget=budget, method=method)
+        assert res.k <= 3 and p.costs[res.mask].sum() <= budget + 1e-12
+
+
+def test_forward_path_is_the_nested_greedy_curve():
+    p = make_problem(10, 3, 4, 150, seed=3)
+    order, errors = forward_path(p)
+    assert sorted(order) == list(range(10))
+    assert np.all(np.diff(errors) <= 1e-15)
+    for k in (1, 4, 10):
+        assert errors[k - 1] == pytest.approx(p.error(p.mask_from_support(order[:k])), rel=1e-8, abs=1e-12)
+    assert np.array_equal(np.sort(order[:4]), np.flatnonzero(forward_mask(p, 4, None)))
+
+
+def test_swaps_never_hurt_and_keep_the_size():
+    p = make_greedy_trap(6, 2, 120, seed=12)
+    start = forward_mask(p, 2, None)
+    better = improve_by_swaps(p, start)
+    assert better.sum() == 2 and p.error(better) <= p.error(start)
+    assert p.error(better) == pytest.approx(brute_force(p, 2)[1], rel=1e-9)
+
+
+def test_dead_and_duplicate_channels_are_handled():
+    rng = np.random.default_rng(4)
+    Z = rng.normal(size=(200, 12))
+    Z[:, 2:4] = 0.0                 # channel 1 (columns 2, 3) is dead
+    Z[:, 8:10] = Z[:, 0:2]          # channel 4 duplicates channel 0
+    Y = Z @ rng.normal(size=(12, 3))
+    p = SelectionProblem.from_data(Z, Y, np.repeat(np.arange(6), 2))
+    w = whiten(p)
+    assert w.starts[2] - w.starts[1] == 0                    # the dead channel has no whitened columns
+    for method in ("greedy", "backward"):
+        res = select_channels(p, k=3, method=method)
+        assert res.k == 3 and not res.mask[1]
+        assert res.objective >= brute_force(p, 3)[1] - 1e-12
+        assert np.all(np.isfinite(res.weights))

@@ -1,0 +1,229 @@
+"""The LASSO method itself: its QP data, the λ search, backends, time limits and degenerate input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import solvers
+from solvers import SelectionProblem, SolverNotAvailableError, Status
+from solvers.selection.lasso import LassoQP, channel_gram, kkt_predictor, n_survivors, resolve_backend, search_lambda, select_lasso, survivors
+from tests.solvers.selection.bank import BANK, BANK_IDS
+
+cp = pytest.importorskip("cvxpy")
+
+
+def _data(seed=0, n=80, C=5, cols=3, m=4, shuffle=False):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, C * cols)) + 0.5 * rng.normal(size=(n, 1))
+    Y = Z @ rng.normal(size=(C * cols, m)) + 0.1 * rng.normal(size=(n, m))
+    groups = np.repeat(np.arange(C), cols)
+    if shuffle:
+        groups = rng.permutation(groups)
+    W = rng.normal(size=(C * cols, m))
+    return Z, Y, groups, W
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["contiguous", "interleaved"])
+def test_channel_gram_equals_inner_products_of_materialized_contributions(shuffle):
+    Z, Y, groups, W = _data(shuffle=shuffle)
+    problem = SelectionProblem.from_data(Z, Y, groups, weights=W)
+    Q, q = channel_gram(problem)
+    contrib = [Z[:, groups == c] @ W[groups == c] for c in range(5)]  # Z_c W_c, n×m each
+    Q_ref = np.array([[np.sum(a * b) for b in contrib] for a in contrib])
+    q_ref = np.array([np.sum(a * Y) for a in contrib])
+    np.testing.assert_allclose(Q, Q_ref, rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(q, q_ref, rtol=1e-10, atol=1e-8)
+    # At β = 1 the LASSO loss is the current layer's own error ‖Y − Z W‖².
+    one = np.ones(5)
+    loss = problem.target_sq - 2 * q @ one + one @ Q @ one
+    assert loss == pytest.approx(np.sum((Y - Z @ W) ** 2), rel=1e-9)
+
+
+def test_lasso_qp_matches_sklearn_lasso_on_materialized_contributions():
+    from sklearn.linear_model import Lasso
+
+    Z, Y, groups, W = _data(seed=1, C=6, cols=2)
+    problem = SelectionProblem.from_data(Z, Y, groups, weights=W)
+    Q, q = channel_gram(problem)
+    qp = LassoQP(Q, q, resolve_backend(None))
+    lam = 0.3  # in units where every β is zero from lam_max = 2 on
+    beta = qp.solve(lam)
+    X = np.column_stack([(Z[:, groups == c] @ W[groups == c]).ravel() for c in range(6)])
+    N = X.shape[0]
+    ref = Lasso(alpha=lam * qp.scale / (2 * N), fit_intercept=False, tol=1e-12, max_iter=100_000)
+    ref.fit(X, Y.ravel())
+    np.testing.assert_allclose(beta, ref.coef_, atol=1e-5)
+    assert 0 < n_survivors(beta) < 6
+    assert n_survivors(qp.solve(2.2)) == 0  # from lam_max = 2 on every channel is zero
+
+
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_returned_lambda_keeps_exactly_k_channels(problem, k):
+    res = select_lasso(problem, k=k)
+    if k == problem.n_channels:
+        assert res.status is Status.OPTIMAL and res.iterations == 0
+        return
+    assert res.status is Status.FEASIBLE and res.bound is None and res.gap is None
+    assert res.iterations == len(res.info["path"]) >= 1
+    assert 0 < res.info["lambda"] < 1
+    assert res.info["exact_count"] is True
+    Q, q = channel_gram(problem)
+    beta = LassoQP(Q, q, resolve_backend(None)).solve(res.info["lambda"] * 2.0)
+    assert n_survivors(beta) == k
+    np.testing.assert_array_equal(survivors(beta), res.mask)
+
+
+def test_keeping_every_channel_needs_no_solve_and_is_optimal():
+    problem, _ = BANK[0]
+    C = problem.n_channels
+    res = solvers.select_channels(problem, k=C, method="lasso")
+    assert res.mask.all() and res.status is Status.OPTIMAL
+    assert res.objective == pytest.approx(problem.error(np.ones(C, bool)))
+    assert res.bound == res.objective and res.gap == 0.0
+
+
+@pytest.mark.parametrize("backend", ["clarabel", "osqp", "scs", "highs", "CLARABEL"])
+def test_backends_agree(backend):
+    if backend.upper() not in cp.installed_solvers():
+        pytest.skip(f"cvxpy solver {backend} not installed")
+    for name in ("conv3x3_C8_k4", "dense_C12_k6"):
+        problem, k = BANK[BANK_IDS.index(name)]
+        ref = select_lasso(problem, k=k)
+        res = select_lasso(problem, k=k, backend=backend)
+        assert res.backend == backend.lower()
+        np.testing.assert_array_equal(res.mask, ref.mask)
+
+
+def test_lp_only_solvers_are_not_offered():
+    if "GLOP" not in cp.installed_solvers():
+        pytest.skip("GLOP not installed")
+    with pytest.raises(SolverNotAvailableError, match="must be an installed cvxpy QP solver.*; got 'glop'"):
+        resolve_backend("glop")
+
+
+def test_time_limit_returns_k_channels_with_time_limit_status():
+    problem, k = BANK[BANK_IDS.index("dense_C12_k6")]
+    res = solvers.select_channels(problem, k=k, method="lasso", time_limit=1e-9)
+    assert res.status is Status.TIME_LIMIT and res.k == k
+    assert res.objective == pytest.approx(problem.error(res.mask))
+    assert res.bound is None
+
+
+# ------------------------------------------------------------------------------ the λ search
+def _orthogonal_solver(q, counter):
+    """Exact LASSO for Q = I: β = soft-threshold(q, λ/2)."""
+    def solve(lam):
+        counter.append(lam)
+        return np.sign(q) * np.maximum(np.abs(q) - lam / 2, 0.0)
+    return solve
+
+
+def test_search_hits_exactly_k_for_every_k():
+    q = np.array([1.0, 0.9, 0.7, 0.5, 0.45, 0.2, 0.1, 0.05])
+    for k in range(1, 8):
+        calls = []
+        out = search_lambda(_orthogonal_solver(q, calls), k, 2.0, tiebreak=q)
+        assert out.exact and out.mask.sum() == k
+        np.testing.assert_array_equal(np.flatnonzero(out.mask), np.arange(k))
+        assert out.steps == len(calls) <= 30
+
+
+def test_search_with_tied_channels_cuts_at_top_k():
+    q = np.array([1.0, 0.6, 0.6, 0.6, 0.2])  # channels 1–3 enter at the same λ
+    calls = []
+    out = search_lambda(_orthogonal_solver(q, calls), 2, 2.0, tiebreak=q)
+    assert not out.exact and out.mask.sum() == 2 and out.mask[0]
+    assert not out.timed_out
+
+
+def test_search_stops_at_the_deadline_with_k_channels():
+    q = np.array([1.0, 0.9, 0.7, 0.5, 0.45])
+    calls = []
+    solve = _orthogonal_solver(q, calls)
+    out = search_lambda(solve, 3, 2.0, tiebreak=q, deadline=time.perf_counter() - 1.0)
+    assert out.timed_out and out.mask.sum() == 3 and calls == []
+    np.testing.assert_array_equal(np.flatnonzero(out.mask), [0, 1, 2])  # ranked by |q| without a solve
+
+    def stops_after_one(lam, _n=[]):
+        _n.append(lam)
+        return solve(lam) if len(_n) == 1 else None  # the solver hit its time limit
+    out = search_lambda(stops_after_one, 3, 2.0, tiebreak=q, lam_guess=0.05)
+    assert out.timed_out and out.mask.sum() == 3
+
+
+def test_search_survives_a_misleading_predictor():
+    q = np.array([1.0, 0.9, 0.7, 0.5, 0.45, 0.2, 0.1, 0.05])
+    calls = []
+
+    def hugs_the_low_end(lam, beta, k):
+        lo = max((l for l, c in zip(calls, counts) if c > k), default=1e-9)
+        return lo * (1 + 1e-6)  # inside the bracket, but nearly useless
+
+    counts = []
+    solver = _orthogonal_solver(q, calls)
+
+    def solve(lam):
+        beta = solver(lam)
+        counts.append(n_survivors(beta))
+        return beta
+    out = search_lambda(solve, 3, 2.0, tiebreak=q, lam_guess=1e-3, predict=hugs_the_low_end)
+    assert out.exact and np.flatnonzero(out.mask).tolist() == [0, 1, 2]
+    assert out.steps <= 40  # every other step bisects, so the bracket keeps shrinking
+
+
+def test_path_predictor_lands_in_the_exact_lasso_path_interval():
+    from sklearn.linear_model import lars_path_gram
+
+    problem, _ = BANK[BANK_IDS.index("dense_C12_k6")]
+    Q, q = channel_gram(problem)
+    s = np.abs(q).max()
+    predict = kkt_predictor(Q / s, q / s)
+    # sklearn's LARS-lasso path (alpha = λ/2 in these units) is the reference.
+    alphas, _, coefs = lars_path_gram(q / s, Q / s, n_samples=1, method="lasso")
+    counts = (coefs != 0).sum(axis=0)
+    for k in range(1, 12):
+        lam = predict(2.0 * (1 + 1e-9), np.zeros(12), k)
+        assert lam is not None
+        i = np.searchsorted(-alphas, -lam / 2)  # alphas[i-1] > lam/2 >= alphas[i]
+        assert counts[i] == k, (k, lam)
+
+
+def test_path_predictor_is_exact_for_orthogonal_channels():
+    q = np.array([0.9, -1.0, 0.3, 0.6])
+    predict = kkt_predictor(np.eye(4), q)
+    assert predict(2.0 * (1 + 1e-9), np.zeros(4), 2) == pytest.approx(np.sqrt(2 * 0.9 * 2 * 0.6))
+    # From the solution at λ = 0.5 (all 4 active), walking up: channel 2 leaves at 0.6, 3 at 1.2.
+    beta = np.sign(q) * np.maximum(np.abs(q) - 0.25, 0)
+    assert predict(0.5, beta, 2) == pytest.approx(np.sqrt(2 * 0.9 * 2 * 0.6))
+
+
+def test_zero_weights_fall_back_to_correlation_ranking():
+    Z, Y, groups, _ = _data(seed=2)
+    problem = SelectionProblem.from_data(Z, Y, groups, weights=np.zeros((15, 4)))
+    res = select_lasso(problem, k=2)
+    assert res.k == 2 and res.info["degenerate"] is True
+    assert res.objective == pytest.approx(problem.error(res.mask))
+
+
+def test_dead_channel_is_never_kept_before_live_ones():
+    Z, Y, groups, _ = _data(seed=3, C=6, cols=2)
+    Z[:, groups == 4] = 0.0  # channel 4 is dead: Q is singular
+    problem = SelectionProblem.from_data(Z, Y, groups)
+    res = select_lasso(problem, k=5)
+    assert res.k == 5 and not res.mask[4]
+
+
+def test_lasso_solve_does_not_import_torch():
+    # cvxpy can use torch when it is installed; solving our LASSO must not pull it in.
+    code = ("import sys, numpy as np, solvers\n"
+            "p = solvers.SelectionProblem.from_data(np.eye(6) + 0.1, np.arange(12.).reshape(6, 2), [0, 0, 1, 1, 2, 2])\n"
+            "assert solvers.select_channels(p, k=2, method='lasso').k == 2\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert out.returncode == 0, out.stderr
