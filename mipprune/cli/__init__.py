@@ -16,15 +16,14 @@ from mipprune.cli import experiment as _experiment  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from rich.console import Console
-
+    from mipprune.cli._console import print_error
     from solvers.errors import MipPruneError
 
     try:
         # Non-standalone mode returns typer.Exit's code instead of exiting: pass it on.
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, prog_name="mipprune")
     except MipPruneError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        print_error(str(exc))
         sys.exit(2)
     except SystemExit:
         raise

@@ -24,17 +24,14 @@ def experiment(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ) -> None:
     """Train MLPs, prune them, and time the adversarial-example MILP on dense vs pruned networks."""
-    from rich.console import Console
-
+    from mipprune.cli._console import make_console
     from mipprune.experiment.report import headline_text, results_table
     from mipprune.experiment.config import load_config
     from mipprune.experiment.run import run_experiment
 
     overrides = {k: v for k, v in (("jobs", jobs), ("executor", executor), ("time_limit", time_limit)) if v is not None}
     cfg = load_config(config, quick=quick, overrides=overrides)
-    console = Console()
-    if not console.is_terminal:   # logs and pipes: room for the wide table instead of 80 columns
-        console = Console(width=190)
+    console = make_console()   # logs and pipes: the wide table at its own width, not 80 columns
     console.print(f"[bold]mipprune experiment[/] → {out}  ({cfg.jobs} job(s), executor {cfg.executor}, "
                   f"{len(cfg.architectures)} architecture(s) × {len(cfg.methods)} method(s) × "
                   f"{len(cfg.sparsities)} sparsit{'y' if len(cfg.sparsities) == 1 else 'ies'})")

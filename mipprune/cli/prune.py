@@ -75,7 +75,7 @@ def prune_command(
         None, "--model", help="A whole module saved with torch.save(model, FILE) (loaded with "
         "weights_only=False: trusted files only), evaluated on the digits. Default: train the digits CNN."),
     method: str = typer.Option("lasso", "--method", help="Selection method: lasso, exact, greedy, backward, "
-                               "magnitude, random (solvers), l1, bn_scale, hrank, mean_activation, similarity "
+                               "swap, magnitude, random (solvers), l1, bn_scale, hrank, mean_activation, similarity "
                                "(criteria + refit), tecu (block-coordinate descent)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of channels REMOVED per layer, "
                                              "in (0, 1). Default 0.5 unless --flops or --params is given."),
@@ -107,15 +107,15 @@ def prune_command(
     """Prune a digits classifier: select the channels to keep per layer, refit, and report accuracy,
     parameters and FLOPs before and after (with and without least-squares reconstruction)."""
     import torch
-    from rich.console import Console
     from rich.table import Table
 
+    from mipprune.cli._console import make_console
     from mipprune.data import load_digits_data, make_loader
     from mipprune.pruning.selector import ChannelSelector
     from mipprune.train import count_flops, count_params, evaluate, finetune, train_digits_cnn
     from mipprune.torch_utils import resolve_device
 
-    console = Console()
+    console = make_console()
     t_start = time.perf_counter()
     # Validate everything cheap before any training.
     dev = resolve_device(device)

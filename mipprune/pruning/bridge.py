@@ -27,15 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mipprune.torch_utils import evaluation_mode, model_device, prepare_input
-from mipprune.pruning.graph import find_prune_groups, is_prunable_module, prunable_layers
-from solvers.errors import InvalidInputError, UnsupportedLayerError
+from mipprune.pruning.graph import expected_input, find_prune_groups, is_prunable_module, prunable_layers
+from solvers.errors import InvalidInputError, MipPruneError, UnsupportedLayerError
 from solvers.selection.problem import SelectionProblem
 
 # Accumulate CPU statistics with scipy BLAS (syrk/gemm into numpy); False: torch addmm_ everywhere
 # (the CUDA path; a switch so that tests can exercise that path without a GPU).
 CPU_BLAS = True
 
-__all__ = ["LayerStatistics", "capture", "layer_generator", "layer_weights", "sample_conv_rows"]
+__all__ = ["LayerStatistics", "capture", "check_calibration_batch", "layer_generator", "layer_weights",
+           "run_calibration_batch", "sample_conv_rows"]
 
 
 @dataclass
@@ -290,6 +291,31 @@ def _batch_input(batch: Any) -> torch.Tensor:
     return x
 
 
+def check_calibration_batch(x: torch.Tensor, index: int) -> None:
+    """Raise ``InvalidInputError`` when calibration batch ``index`` holds NaN or inf."""
+    if x.is_floating_point() or x.is_complex():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise InvalidInputError(f"calibration data contains NaN/inf: batch {index} (shape {tuple(x.shape)}) "
+                                    f"has {bad} non-finite entr{'y' if bad == 1 else 'ies'}")
+
+
+def run_calibration_batch(model: nn.Module, x: torch.Tensor, index: int, device=None, *, probe: bool = False):
+    """``model(x)`` for calibration batch ``index``, its failures told in the user's terms
+    (``probe``: check all of ``x`` but run only its first sample)."""
+    check_calibration_batch(x, index)
+    try:
+        return model(prepare_input(model, x[:1] if probe else x, device))
+    except MipPruneError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # the user's model rejected the batch (usually its shape)
+        raise InvalidInputError(
+            f"calibration batch {index} has shape {tuple(x.shape)}; the model expects {expected_input(model)}. "
+            f"The forward raised {type(exc).__name__}: {exc}") from exc
+
+
 def _check_count(name: str, value, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
@@ -357,7 +383,8 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
             device: str | torch.device | None = None, positions: int | None = 10,
             max_samples: int | None = None, target: nn.Module | None = None,
             columns_per_channel: Mapping[str, int] | None = None, seed: int = 0,
-            progress: bool = False) -> dict[str, LayerStatistics]:
+            progress: bool = False, target_channels: Mapping[str, Any] | None = None
+            ) -> dict[str, LayerStatistics]:
     """Stream calibration data through ``model`` and return per-layer Gram statistics.
 
     Parameters
@@ -389,6 +416,9 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
         Seed of the position sampling (per layer, independent of which layers are captured).
     progress : bool
         Show a rich progress bar over batches.
+    target_channels : {layer name: int indices}, optional
+        With ``target``: the target layer's output channels that the model's layer still has (the
+        model's outputs pruned, the target's not); ``Y`` is the target's output at these channels.
 
     Returns
     -------
@@ -444,11 +474,17 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
         if with_target:
             tmods = dict(work_target.named_modules())
             for n, acc in accs.items():
-                handles.append(tmods[n].register_forward_hook(lambda _m, _i, out, acc=acc: acc.on_target(out)))
+                keep = (target_channels or {}).get(n)
+                keep = None if keep is None else torch.as_tensor(keep, dtype=torch.long, device=device)
+                # a target layer with more outputs than the model's (its outputs pruned already): the
+                # kept ones, so that Y matches the model's layer
+                handles.append(tmods[n].register_forward_hook(
+                    lambda _m, _i, out, acc=acc, keep=keep: acc.on_target(
+                        out if keep is None else out.index_select(1 if acc.is_conv else out.ndim - 1, keep))))
         with evaluation_mode(work, work_target), _progress(progress, data) as advance:
-            for batch in itertools.chain([first], iterator):
+            for index, batch in enumerate(itertools.chain([first], iterator)):
                 x = _batch_input(batch)
-                work(prepare_input(work, x, device))
+                run_calibration_batch(work, x, index, device)
                 if with_target:
                     work_target(prepare_input(work_target, x, device))
                 for acc in accs.values():
@@ -462,7 +498,12 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
     for n, acc in accs.items():
         if acc.n == 0:
             raise InvalidInputError(f"layer {n!r} must be called by the model's forward; got no calls")
-    return {n: acc.statistics() for n, acc in accs.items()}
+    stats = {n: acc.statistics() for n, acc in accs.items()}
+    for n, st in stats.items():   # finite inputs (checked per batch), yet the model overflowed inside
+        if not (np.isfinite(st.target_sq) and np.isfinite(st.gram).all() and np.isfinite(st.cross).all()):
+            raise InvalidInputError(f"calibration data must give finite activations; got NaN/inf at layer {n!r} "
+                                    "(the inputs are finite: the model overflows on them)")
+    return stats
 
 
 class _progress:

@@ -252,6 +252,20 @@ def _sequential_ops(model: nn.Sequential, example_input: torch.Tensor | None) ->
     return ops
 
 
+def expected_input(model: nn.Module) -> str:
+    """What ``model`` takes, in words, from its first Embedding / Conv2d / Linear (for error messages)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            return f"(N, L) integer token ids below {mod.num_embeddings} (its first Embedding is {name!r})"
+        if isinstance(mod, nn.Conv2d):
+            n = mod.in_channels
+            return f"(N, {n}, H, W) images (its first Conv2d, {name!r}, has {n} input channel{'s' * (n != 1)})"
+        if isinstance(mod, nn.Linear):
+            n = mod.in_features
+            return f"(N, …, {n}) inputs (its first Linear, {name!r}, has {n} input feature{'s' * (n != 1)})"
+    return "the inputs its forward accepts"
+
+
 def _run(model: nn.Module, example_input: torch.Tensor):
     with evaluation_mode(model):
         try:

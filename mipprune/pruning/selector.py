@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
+from rich.table import Table
 from torch import nn
 
 from solvers.errors import InvalidInputError, MipPruneError
@@ -75,6 +76,22 @@ def _progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), disable=not enabled)
+
+
+class ReportTable(Table):
+    """A rich ``Table`` that the built-in ``print`` (``str``) also shows as a table, in plain text."""
+
+    def __str__(self) -> str:
+        import io
+
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=100_000, color_system=None, force_terminal=False,
+                          force_jupyter=False, force_interactive=False, legacy_windows=False)
+        # At its natural width: no squeezed cells, and the caption wraps to the table, not to 80.
+        console.width = max(console.measure(self).maximum, 20)
+        console.print(self)
+        return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip("\n").splitlines())
 
 
 # Seconds per layer for method "exact" when no time_limit is given: it then stops with TIME_LIMIT and
@@ -294,7 +311,7 @@ class ChannelSelector:
             iterator is consumed into a list. Must not be empty.
         """
         from mipprune.pruning.graph import find_prune_groups
-        from mipprune.pruning.bridge import capture
+        from mipprune.pruning.bridge import capture, run_calibration_batch
         from mipprune.pruning.surgery import prune_channels
         from mipprune.torch_utils import eval_mode, model_device, reiterable, resolve_device, split_batch
 
@@ -311,6 +328,7 @@ class ChannelSelector:
         dense = model if dev == home else copy.deepcopy(model).to(dev)
         example = x0[:1].detach().to(dev)
         with eval_mode(dense), torch.no_grad():
+            run_calibration_batch(dense, x0, 0, dev, probe=True)   # a wrong shape or NaN told as such, first
             groups = list(find_prune_groups(dense, example))
         if not groups:
             raise InvalidInputError("model must have at least one prunable channel group (a Conv2d/Linear "
@@ -458,11 +476,10 @@ class ChannelSelector:
         return rows
 
     def report(self):
-        """A ``rich.table.Table`` of :meth:`report_rows` (print it with ``rich.print``)."""
-        from rich.table import Table
-
+        """A ``rich.table.Table`` of :meth:`report_rows`: ``rich.print(sel.report())`` prints it in
+        colour, the built-in ``print`` (or ``str``) as plain text at the width it needs."""
         mode = "block-coordinate" if self.method == "tecu" else "sequential" if self.sequential else "one-shot"
-        table = Table(title=f"Channel selection (method {self.method}, {self._target_repr()}, {mode})")
+        table = ReportTable(title=f"Channel selection (method {self.method}, {self._target_repr()}, {mode})")
         for col, just in [("layer", "left"), ("type", "left"), ("kept", "right"),
                           ("rel. error", "right"), ("no refit", "right"), ("bound", "right"), ("gap", "right"),
                           ("time s", "right"),

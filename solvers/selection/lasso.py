@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -41,6 +42,10 @@ SURVIVE_ATOL = 1e-6
 # Give up bisecting when the λ bracket is this narrow (relative): then the channels tie.
 BRACKET_RTOL = 1e-7
 MAX_STEPS = 80
+# Smallest λ tried, relative to lam_max. With rank-deficient statistics (dead channels, fewer samples
+# than channels) LASSO never keeps more than ~rank(Q) channels however small λ gets; below this floor
+# the QP is numerically plain least squares, the solver reports "inaccurate" and the count is noise.
+LAMBDA_FLOOR_REL = 1e-8
 
 # Time-limit options of the backends that have one (seconds).
 _TIME_OPTION = {"CLARABEL": "time_limit", "OSQP": "time_limit", "SCS": "time_limit_secs",
@@ -116,6 +121,7 @@ class SearchOutcome:
     def __init__(self, mask, lam, steps, timed_out, exact, history):
         self.mask, self.lam, self.steps = mask, lam, steps
         self.timed_out, self.exact, self.history = timed_out, exact, history
+        self.floor_hit = False
 
 
 def search_lambda(solve: Callable[[float], np.ndarray | None], k: int, lam_max: float,
@@ -132,7 +138,9 @@ def search_lambda(solve: Callable[[float], np.ndarray | None], k: int, lam_max: 
     proposal that missed the next step is a bisection step, so the bracket keeps shrinking.
     If the count jumps over k (ties) the bracket shrinks to ``BRACKET_RTOL`` and the top-k |β| at
     ``lo`` are kept; when ``deadline`` (a ``time.perf_counter()`` value) passes, the top-k |β| of
-    the best solve so far are kept.
+    the best solve so far are kept. When fewer than k channels survive even at
+    ``LAMBDA_FLOOR_REL · lam_max`` (rank-deficient statistics), the search stops there and keeps the
+    survivors plus the best of the rest by ``tiebreak`` (``SearchOutcome.floor_hit``).
     """
     C = tiebreak.size
     lo = lo_beta = None  # largest λ seen with count > k
@@ -172,7 +180,11 @@ def search_lambda(solve: Callable[[float], np.ndarray | None], k: int, lam_max: 
                 continue
         predicted = False
         if lo is None:
-            lam = 0.5 * hi  # still too few channels: halve λ
+            if hi <= LAMBDA_FLOOR_REL * lam_max:  # k channels are out of LASSO's reach: stop here
+                out = finish(hi_beta, hi, False, False)
+                out.floor_hit = True
+                return out
+            lam = max(0.5 * hi, LAMBDA_FLOOR_REL * lam_max)  # still too few channels: halve λ
         elif hi_beta is None:  # only lam_max (all zero, never solved) is above: double λ toward it
             lam = min(2.0 * lo, math.sqrt(lo * lam_max))
         else:
@@ -201,8 +213,11 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray) -> Callable[[float, np.ndarray, 
         idx = np.flatnonzero(A)
         out = np.flatnonzero(~A)
         if idx.size:
-            sol = scipy.linalg.solve(Q[np.ix_(idx, idx)], np.column_stack([q[idx], 0.5 * s[idx]]),
-                                     assume_a="pos", check_finite=False)
+            with warnings.catch_warnings():
+                # A singular Q_AA (rank-deficient statistics): no unique path, predict() declines.
+                warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+                sol = scipy.linalg.solve(Q[np.ix_(idx, idx)], np.column_stack([q[idx], 0.5 * s[idx]]),
+                                         assume_a="pos", check_finite=False)
             a, b = sol[:, 0], sol[:, 1]  # β_A(λ') = a − λ' b
             QjA = Q[np.ix_(out, idx)]
             u, v = 2.0 * (q[out] - QjA @ a), 2.0 * (QjA @ b)  # r_j(λ') = u_j + λ' v_j
@@ -243,7 +258,7 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray) -> Callable[[float, np.ndarray, 
                 cur, j, enters, sign = ev
                 A[j] = enters
                 s[j] = sign if enters else 0.0
-        except (np.linalg.LinAlgError, ValueError):
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
             return None
         return None
     return predict
@@ -291,6 +306,7 @@ class LassoQP:
         self.problem = cp.Problem(cp.Minimize(objective))
         self.lam_max = 2.0
         self.solves = 0
+        self.inaccurate = 0  # solves the backend reported as "optimal_inaccurate"
 
     def solve(self, lam: float, time_left: float | None = None) -> np.ndarray | None:
         """β at λ; ``None`` if the solver stopped at its time limit without a solution."""
@@ -312,11 +328,16 @@ class LassoQP:
         self.solves += 1
         started = time.perf_counter()
         try:
-            self.problem.solve(solver=self.solver, warm_start=True, **opts)
+            with warnings.catch_warnings():
+                # cvxpy warns "Solution may be inaccurate" on status optimal_inaccurate: the status is
+                # checked below and counted in ``inaccurate`` (the result's info) instead.
+                warnings.filterwarnings("ignore", message="Solution may be inaccurate", category=UserWarning)
+                self.problem.solve(solver=self.solver, warm_start=True, **opts)
         except cp.error.SolverError as exc:
             raise SolverError(f"cvxpy solver {self.solver} failed on the LASSO at λ={lam:.3g}: {exc}") from exc
         status, beta = self.problem.status, self.beta.value
         if status in ("optimal", "optimal_inaccurate") and beta is not None:
+            self.inaccurate += status == "optimal_inaccurate"
             return np.asarray(beta, dtype=np.float64)
         out_of_time = time_left is not None and time.perf_counter() - started >= 0.9 * time_left
         if status == "user_limit" or out_of_time:
@@ -351,8 +372,11 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
         ``objective`` is the refitted relative error, ``bound`` None, ``iterations`` the number of
         λ steps (QP solves); ``info`` holds ``lambda`` (relative to ``lambda_max``, the smallest λ
         that zeroes every β), ``lambda_max`` (in units of ‖Y‖²), ``exact_count`` (False when ties or
-        the time limit forced a top-k cut of |β|) and ``path``, the (λ, survivors) of every step
-        with λ in the scaled units where ``lam_max = 2``.
+        the time limit forced a top-k cut of |β|), ``path``, the (λ, survivors) of every step
+        with λ in the scaled units where ``lam_max = 2``, ``lambda_floor`` (True when fewer than k
+        channels survive even at the smallest λ tried, ``LAMBDA_FLOOR_REL``: the statistics are
+        rank-deficient, e.g. dead channels or few samples, and the rest are the best by ⟨Z_c W_c, Y⟩)
+        and ``inaccurate_solves`` (QP solves the backend reported as inaccurate).
     """
     start = time.perf_counter()
     if budget is not None:
@@ -399,7 +423,8 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
                         predict=predict)
     status = Status.TIME_LIMIT if out.timed_out else Status.FEASIBLE
     info = {"lambda": None if out.lam is None else out.lam / qp.lam_max, "lambda_max": qp.lam_max * qp.scale,
-            "exact_count": out.exact, "path": out.history}
+            "exact_count": out.exact, "path": out.history, "lambda_floor": out.floor_hit,
+            "inaccurate_solves": qp.inaccurate}
     return result_from_mask(problem, out.mask, method="lasso", start=start, backend=solver.lower(),
                             iterations=out.steps, status=status, info=info)
 

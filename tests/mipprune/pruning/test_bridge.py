@@ -211,7 +211,8 @@ def test_hooks_removed_and_modes_restored_after_an_exception(conv_model, conv_in
     conv_model.train()
     conv_model[1].eval()
     before = {k: v.clone() for k, v in conv_model.state_dict().items()}
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InvalidInputError, match=r"calibration batch 1 has shape \(2, 4, 8, 8\); the model "
+                       r"expects \(N, 3, H, W\) images"):
         capture(conv_model, [conv_input, torch.randn(2, 4, 8, 8)])  # 4 channels: the conv fails
     assert all(not m._forward_hooks for m in conv_model.modules())
     assert conv_model.training and conv_model[0].training and not conv_model[1].training
@@ -342,3 +343,20 @@ def test_device_option_moves_a_copy_to_cuda(conv_model):
     cpu = capture(conv_model, xs, positions=None, target=conv_net())
     for name in cpu:
         _close(gpu[name].gram, cpu[name].gram, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_data_is_named_as_such(conv_model, conv_input, bad):
+    x = conv_input.clone()
+    x[1, 2, 3, 4] = bad
+    with pytest.raises(InvalidInputError, match=r"calibration data contains NaN/inf: batch 1 \(shape \(4, 3, 8, 8\)\) "
+                                                r"has 1 non-finite entry"):
+        capture(conv_model, [conv_input, x])
+
+
+def test_activations_that_overflow_inside_the_model_are_named_as_such(conv_model, conv_input):
+    with torch.no_grad():
+        conv_model[0].weight.fill_(3e38)   # finite inputs and weights, float32 overflow in the first conv
+    with pytest.raises(InvalidInputError, match="calibration data must give finite activations; got NaN/inf at "
+                                                "layer '3'"):
+        capture(conv_model, [conv_input], ["3"])

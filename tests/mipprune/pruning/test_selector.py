@@ -84,6 +84,23 @@ def test_bad_k_and_data_are_rejected_at_fit(setup):
         ChannelSelector("magnitude", sparsity=0.5).fit("model", calib)
 
 
+def test_calibration_data_errors_name_the_calibration_data(setup):
+    """Wrong shapes and NaN/inf are told in terms of the data the user passed, not internals."""
+    model, data, _ = setup
+    with pytest.raises(InvalidInputError, match=r"calibration batch 0 has shape \(8, 3, 5, 5\); the model expects "
+                                                r"\(N, 1, H, W\) images \(its first Conv2d, '0', has 1 input "
+                                                r"channel\)"):
+        ChannelSelector("lasso", sparsity=0.5).fit(model, [torch.randn(8, 3, 5, 5)])
+    with pytest.raises(InvalidInputError, match=r"calibration batch 1 has shape \(4, 64\)"):
+        ChannelSelector("magnitude", sparsity=0.5).fit(model, [data.x_train[:4], data.x_train[:4].reshape(4, 64)])
+    for bad in (float("nan"), float("inf")):
+        x = data.x_train[:64].clone()
+        x[5, 0, 2, 2] = bad
+        with pytest.raises(InvalidInputError, match=r"calibration data contains NaN/inf: batch 0 \(shape "
+                                                    r"\(64, 1, 8, 8\)\) has 1 non-finite entry"):
+            ChannelSelector("lasso", sparsity=0.5).fit(model, [x])
+
+
 # ------------------------------------------------------------------------------- fitting
 def test_sparsity_keeps_exactly_k_per_group_and_leaves_model_untouched(setup, fitted_magnitude):
     model, data, calib = setup
@@ -140,6 +157,25 @@ def test_report_table_and_rows(fitted_magnitude):
         assert r["status"] == "feasible" and r["bound"] is None and r["method"] == "magnitude"
 
 
+def test_report_prints_as_a_table_with_print_and_with_rich(fitted_magnitude, capsys):
+    import rich
+
+    rows = fitted_magnitude.report_rows()
+    print(fitted_magnitude.report())
+    out = capsys.readouterr().out
+    assert "<rich.table" not in out and "…" not in out and "\x1b[" not in out   # plain text, nothing cut
+    lines = out.splitlines()
+    assert any(ln.split("┃")[1:4] == [" layer ", " type   ", "  kept "] for ln in lines)
+    for r in rows:   # one table row per layer: name, type, kept/total, status, cells separated by │
+        cells = next(ln for ln in lines if ln.startswith(f"│ {r['layer']} ")).split("│")[1:-1]
+        assert [c.strip() for c in cells[:3]] == [r["layer"], r["type"], f"{r['kept']}/{r['total']}"]
+        assert cells[-1].strip() == r["status"] and cells[3].strip() == f"{r['rel_error']:.4f}"
+    assert str(fitted_magnitude.report()) == out.rstrip("\n")
+    rich.print(fitted_magnitude.report())   # rich still renders it as its own table
+    rich_out = capsys.readouterr().out
+    assert "Channel selection" in rich_out and "layer" in rich_out and "<rich.table" not in rich_out
+
+
 def test_sequential_lasso_reconstruction_beats_mask_only(setup):
     model, data, calib = setup
     sel = ChannelSelector("lasso", sparsity=0.5, positions=8).fit(model, calib)
@@ -154,6 +190,22 @@ def test_sequential_lasso_reconstruction_beats_mask_only(setup):
     acc_rebuilt, acc_masked = evaluate(rebuilt, test), evaluate(masked, test)
     assert acc_rebuilt > acc_masked and acc_rebuilt >= evaluate(model, test) - 0.05
     assert all(r["method"] == "lasso" for r in sel.report_rows())
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("method,n", [("lasso", 1), ("lasso", 512), ("greedy", 1), ("exact", 512)])
+def test_default_paths_print_no_third_party_warning(setup, method, n):
+    """cvxpy's "Solution may be inaccurate" (dead channels: LASSO cannot reach k, λ → 0) and scipy's
+    LinAlgWarning (one sample: singular statistics) are handled, not shown; any warning fails here."""
+    model, data, _ = setup
+    sel = ChannelSelector(method, sparsity=0.5, time_limit=5 if method == "exact" else None)
+    sel.fit(model, [data.x_train[:n]])
+    assert [int(sel.get_support(c).sum()) for c in CONSUMERS] == [8, 16, 32]
+    if method == "lasso":
+        infos = [sel.results_[c].info for c in CONSUMERS]
+        assert all(i["inaccurate_solves"] == 0 for i in infos)
+        # the last layer has dead ReLU channels: fewer than 32 survive even at the smallest λ
+        assert infos[-1]["lambda_floor"] and not infos[-1]["exact_count"]
 
 
 def test_one_shot_mode_and_tensor_batches(setup):

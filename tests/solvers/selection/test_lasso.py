@@ -218,6 +218,41 @@ def test_dead_channel_is_never_kept_before_live_ones():
     assert res.k == 5 and not res.mask[4]
 
 
+@pytest.mark.filterwarnings("error")   # cvxpy's "Solution may be inaccurate" would fail the test
+def test_more_channels_than_lasso_can_reach_stop_at_the_lambda_floor():
+    """Only 4 of 8 channels are live: no λ keeps k = 6; the search stops at LAMBDA_FLOOR_REL instead of
+    halving λ into solves the backend calls inaccurate, keeps every live channel and says so in info."""
+    from solvers.selection.lasso import LAMBDA_FLOOR_REL
+
+    Z, Y, groups, _ = _data(seed=4, C=8, cols=2)
+    dead = [1, 3, 5, 6]
+    for c in dead:
+        Z[:, groups == c] = 0.0
+    problem = SelectionProblem.from_data(Z, Y, groups)
+    res = select_lasso(problem, k=6)
+    assert res.k == 6 and res.mask[[0, 2, 4, 7]].all()
+    assert res.info["lambda_floor"] is True and res.info["exact_count"] is False
+    assert res.info["inaccurate_solves"] == 0
+    smallest = min(lam for lam, _ in res.info["path"])
+    assert smallest == pytest.approx(LAMBDA_FLOOR_REL * 2.0)   # lam_max = 2 in the scaled units
+    assert res.objective == pytest.approx(problem.error(res.mask))
+    reachable = select_lasso(problem, k=3)   # a reachable k never touches the floor
+    assert reachable.info["lambda_floor"] is False and reachable.info["exact_count"] is True
+
+
+@pytest.mark.filterwarnings("error")   # scipy's LinAlgWarning (singular Q_AA) would fail the test
+def test_one_sample_statistics_give_k_channels_without_warnings():
+    Z, Y, groups, _ = _data(seed=5, n=1, C=6, cols=3)   # rank-1 statistics: Q is singular
+    problem = SelectionProblem.from_data(Z, Y, groups)
+    for k in (1, 3, 5):
+        res = select_lasso(problem, k=k)
+        assert res.k == k and res.info["inaccurate_solves"] == 0
+        assert res.objective == pytest.approx(problem.error(res.mask))
+    Q, q = channel_gram(problem)
+    predict = kkt_predictor(Q / np.abs(q).max(), q / np.abs(q).max())
+    assert predict(1.0, np.ones(6), 2) is None   # a singular active set: the predictor declines
+
+
 def test_lasso_solve_does_not_import_torch():
     # cvxpy can use torch when it is installed; solving our LASSO must not pull it in.
     code = ("import sys, numpy as np, solvers\n"
