@@ -28,21 +28,32 @@ def verify_command(
     result: Optional[Path] = typer.Option(None, "--result", help="Write the VNN-COMP result file here."),
     backend: str = typer.Option("highs", "--backend", help="MILP backend: highs or pyomo-<solver>."),
     seed: int = typer.Option(0, "--seed", help="Seed of the attack's random restarts."),
+    device: str = typer.Option("cpu", "--device", help="Bound engine of branch and bound: cpu or cuda[:N]."),
 ) -> None:
-    """Verify PROPERTY on MODEL: sat (counterexample found), unsat (proven), timeout or unknown."""
-    from rich.console import Console
+    """Verify PROPERTY on MODEL: sat (counterexample found), unsat (proven), timeout or unknown.
+
+    With --result the result file is always written, also when the query fails (``error`` and the
+    reason as a ``;`` comment line), as VNN-COMP harnesses expect."""
     from rich.table import Table
 
+    from mipprune.cli._console import make_console
     from mipprune.verification.suite import verify_files
     from solvers.network.vnnlib import result_word, write_result
 
-    if not timeout > 0:
-        raise InvalidInputError(f"--timeout must be > 0 seconds; got {timeout}")
-    console = Console()
-    res, load_s = verify_files(model, prop, time_limit=timeout, backend=backend, seed=seed)
+    console = make_console()
+    try:
+        if not timeout > 0:
+            raise InvalidInputError(f"--timeout must be > 0 seconds; got {timeout}")
+        res, load_s = verify_files(model, prop, time_limit=timeout, backend=backend, seed=seed, device=device)
+    except BaseException as exc:   # the harness still gets its result file, then the error propagates
+        if result is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            _write_failure(result, "error", f"{type(exc).__name__}: {exc}")
+        raise
     word = result_word(res.verdict)
     if result is not None:
         write_result(result, res.verdict, res.counterexample, res.output)
+        if word in ("timeout", "unknown") and res.message:
+            _write_failure(result, word, res.message)
     tab = Table(title=f"{model.name} · {prop.name}", show_header=False)
     tab.add_column("", style="bold")
     tab.add_column("")
@@ -59,6 +70,12 @@ def verify_command(
         console.print(f"result written to {result}")
 
 
+def _write_failure(path: Path, word: str, reason: str) -> None:
+    """A VNN-COMP result file saying ``word`` with the reason as comment lines (``; …``)."""
+    lines = [word] + ["; " + line for line in str(reason).splitlines() if line.strip()]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 @app.command("verify-suite")
 def verify_suite_command(
     bench_dir: Path = typer.Argument(..., metavar="DIR", help="Benchmark folder with instances.csv."),
@@ -69,17 +86,24 @@ def verify_suite_command(
                                           "contains this text, e.g. 256x2 or prop_1_."),
     timeout_scale: float = typer.Option(1.0, "--timeout-scale", help="Multiply every instance's time limit."),
     max_timeout: Optional[float] = typer.Option(None, "--max-timeout", help="Cap every time limit (seconds)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per instance, replacing the "
+                                            "instances file's limits (as in verify)."),
+    device: str = typer.Option("cpu", "--device", help="Bound engine of branch and bound: cpu or cuda[:N]."),
     backend: str = typer.Option("highs", "--backend", help="MILP backend: highs or pyomo-<solver>."),
     out: Path = typer.Option(Path("verify_suite.csv"), "--out", help="CSV with one row per instance."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON."),
 ) -> None:
     """Run every instance of DIR; summarize against ground_truth.csv when present."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from mipprune.cli._console import make_console
     from mipprune.verification.suite import instances_path, read_ground_truth, run_suite, summarize, summary_table
 
-    console = Console()
+    console = make_console()
+    if device != "cpu":   # fail once, up front, rather than in every instance
+        from mipprune.verification.crown import resolve_device
+
+        resolve_device(device)
     gt_file = instances_path(bench_dir, instances).parent / "ground_truth.csv"
     gt = read_ground_truth(gt_file) if gt_file.is_file() else {}
     counts = {"sat": 0, "unsat": 0, "timeout": 0, "other": 0, "wrong": 0}
@@ -99,7 +123,8 @@ def verify_suite_command(
             progress.update(task, advance=1, description=desc)
 
         rows = run_suite(bench_dir, instances=instances, jobs=jobs, filter=filter_, timeout_scale=timeout_scale,
-                         max_timeout=max_timeout, backend=backend, out_csv=out, on_start=on_start,
+                         max_timeout=max_timeout, timeout=timeout, backend=backend, out_csv=out,
+                         on_start=on_start, options=None if device == "cpu" else {"device": device},
                          on_result=on_result)
     summary = summarize(rows, gt)
     console.print(summary_table(summary, title=f"{Path(bench_dir).name}: {len(rows)} instances"))

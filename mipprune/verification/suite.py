@@ -212,14 +212,16 @@ def _limit_threads() -> None:
 
 
 def run_suite(bench_dir, *, instances=None, jobs: int = 1, filter: str | None = None, network: str | None = None,
-              timeout_scale: float = 1.0, max_timeout: float | None = None, backend: str = "highs",
+              timeout_scale: float = 1.0, max_timeout: float | None = None, timeout: float | None = None,
+              backend: str = "highs",
               options: dict | None = None, ground_truth: str | os.PathLike | None = None,
               out_csv: str | os.PathLike | None = None,
               on_start: Callable[[int], None] | None = None,
               on_result: Callable[[InstanceResult], None] | None = None) -> list[InstanceResult]:
     """Run the instances of ``bench_dir`` (optionally only those whose ``network/property`` contains
     ``filter`` and whose network file name contains ``network``) with time limits
-    ``min(timeout · timeout_scale, max_timeout)`` seconds.
+    ``min(t · timeout_scale, max_timeout)`` seconds, ``t`` the instance's own limit, or ``timeout``
+    (seconds) for every instance when given.
 
     ``ground_truth`` defaults to ``ground_truth.csv`` beside the instances file when present; its
     consensus is copied into each row. ``out_csv`` receives one row per instance as it finishes.
@@ -232,6 +234,8 @@ def run_suite(bench_dir, *, instances=None, jobs: int = 1, filter: str | None = 
         raise InvalidInputError(f"timeout_scale must be > 0; got {timeout_scale}")
     if max_timeout is not None and not max_timeout > 0:
         raise InvalidInputError(f"max_timeout must be > 0 seconds; got {max_timeout}")
+    if timeout is not None and not timeout > 0:
+        raise InvalidInputError(f"timeout must be > 0 seconds; got {timeout}")
     insts = read_instances(bench_dir, instances)
     if network:
         insts = [i for i in insts if network in i.network.name]
@@ -248,7 +252,7 @@ def run_suite(bench_dir, *, instances=None, jobs: int = 1, filter: str | None = 
     gt = read_ground_truth(gt_path) if gt_path.is_file() else {}
 
     def limit(i: Instance) -> float:
-        t = i.timeout * timeout_scale
+        t = (i.timeout if timeout is None else timeout) * timeout_scale
         return t if max_timeout is None else min(t, max_timeout)
 
     def cons(i: Instance) -> str:

@@ -16,6 +16,14 @@ Pipeline (each stage only runs while some disjunct is open, all within one time 
    first point with margin <= 0 (a candidate, re-checked in float64 and polished by PGD if round-off
    spoils it) or proves that none exists (dual bound > 0, or infeasible → the disjunct is safe).
 
+The complete method after the cheap stages is chosen by :func:`choose_complete` (``complete=``):
+networks with few inputs (≤ ``INPUT_SPLIT_MAX_INPUTS``, box regions) go to input-splitting branch
+and bound right after the attack; networks with more than ``MILP_MAX_HIDDEN`` hidden layers go, after
+the LP stage, to ReLU-splitting branch and bound on α/β-CROWN bounds (:mod:`.bab`, :mod:`.crown`,
+torch on ``device``) over the LP-refined root bounds, and to the MILP only if branch and bound ends
+without an answer while time is left; the rest (and L1 regions) go to the MILP. The result's
+``stage`` is ``"input"``, ``"bab"`` or ``"milp"`` accordingly and its message names the path.
+
 Bounds come before the attack because CROWN costs less than a failed attack and settles most
 easy instances either way (its minimizers falsify most of the VNN-COMP MNIST "sat" cases).
 A time limit hit anywhere before an answer is TIMEOUT (never VERIFIED); a solver failure with no
@@ -147,8 +155,9 @@ def _solve(model: MilpModel, backend: str, time_limit: float | None) -> MilpSolu
     return solve_pyomo(model, backend[len("pyomo-"):], time_limit=time_limit)
 
 
-def verify(network: Network, spec: Spec, *, time_limit: float | None = None, backend: str = "highs",
-           bounds_method: str = "auto", attack: bool = True, seed: int = 0) -> VerificationResult:
+def verify(network: Network, spec: Spec, *, time_limit: float | None = None, device="cpu", backend: str = "highs",
+           bounds_method: str = "auto", attack: bool = True, seed: int = 0,
+           complete: str = "auto") -> VerificationResult:
     """Prove that no input in ``spec``'s region reaches its unsafe outputs, or find one that does.
 
     Parameters
@@ -169,6 +178,16 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, bac
         to polish MILP points. With ``False`` only the MILP can falsify.
     seed : int
         Seed of the attack's random restarts.
+    device : str
+        Where the torch bound engine of branch and bound runs: ``"cpu"`` (float64) or ``"cuda"`` /
+        ``"cuda:N"`` (float32 with a round-off margin). The cheap stages always run on the CPU.
+    complete : {"auto", "milp", "bab", "input"}
+        The complete method after the cheap stages. ``"auto"``: input splitting when the network
+        has at most ``INPUT_SPLIT_MAX_INPUTS`` inputs (box regions), one MILP for networks with at
+        most ``MILP_MAX_HIDDEN`` hidden ReLU layers (or an L1 region), ReLU-split branch and bound
+        on α/β-CROWN bounds over the LP-refined root bounds otherwise (falling back to the MILP
+        when branch and bound ends without an answer and time is left). The result's ``stage``
+        and ``message`` say which path decided.
 
     Returns
     -------
@@ -178,8 +197,36 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, bac
     """
     clock = _Clock(time_limit)
     backend = _validate(network, spec, time_limit, bounds_method, backend)
+    if complete not in COMPLETE_METHODS:
+        raise InvalidInputError(f"complete must be one of {list(COMPLETE_METHODS)}; got {complete!r}")
+    device = _check_device(device)
     with _single_threaded_blas():
-        return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed)
+        return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete)
+
+
+COMPLETE_METHODS = ("auto", "milp", "bab", "input")
+INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
+MILP_MAX_HIDDEN = 2           # α,β-CROWN's configuration for MNIST 256x2 is one MIP, deeper nets BaB
+
+
+def _check_device(device) -> str:
+    """``"cpu"`` without importing torch; anything else is resolved (and checked) by torch."""
+    if isinstance(device, str) and device == "cpu":
+        return "cpu"
+    from mipprune.verification.crown import resolve_device
+
+    return str(resolve_device(device))
+
+
+def choose_complete(complete: str, blocks, region: Region) -> str:
+    """The complete method ``"auto"`` resolves to (see :func:`verify`)."""
+    if complete != "auto":
+        return complete
+    if region.has_l1:
+        return "milp"
+    if region.lower.size <= INPUT_SPLIT_MAX_INPUTS:
+        return "input"
+    return "milp" if len(blocks) - 1 <= MILP_MAX_HIDDEN else "bab"
 
 
 @contextlib.contextmanager
@@ -196,9 +243,12 @@ def _single_threaded_blas():
 
 
 def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: str, bounds_method: str,
-            attack: bool, seed: int) -> VerificationResult:
+            attack: bool, seed: int, device: str = "cpu", complete: str = "auto") -> VerificationResult:
     blocks = network.to_affine_relu()   # UnsupportedLayerError for residual networks
     region = make_region(network.n_inputs, spec.lower, spec.upper, spec.l1_center, spec.l1_radius)
+    path = choose_complete(complete, blocks, region)
+    if path in ("bab", "input") and region.has_l1:
+        raise InvalidInputError(f"complete={path!r} needs a box input region; got an L1 ball (use 'milp')")
     stats = {"milp_vars": 0, "milp_binaries": 0, "milp_nodes": 0}
     notes: list[str] = []
 
@@ -260,6 +310,13 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
     if clock.out():
         return timeout("the attack")
 
+    # ---- 3'. few inputs: branch and bound over input boxes (complete; LP would add nothing)
+    if path == "input":
+        r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "input", result, timeout)
+        if r.verdict is not Verdict.UNKNOWN or clock.out():
+            return r
+        notes.append(f"input splitting ended without an answer ({r.message}); LP and MILP on the rest of the time")
+
     # ---- 3. LP: relaxation of each open margin, then (auto/lp) LP-tightened neuron bounds
     if bounds_method in ("auto", "lp"):
         for tighten in (False, True):
@@ -290,6 +347,13 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
             if clock.out():
                 return timeout("LP bounds")
     margins = [lb[offs[j]:offs[j + 1]] for j in range(len(spec.disjuncts))]
+
+    # ---- 4'. deeper networks: ReLU-split branch and bound on α/β-CROWN over the LP-refined bounds
+    if path == "bab":
+        r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout)
+        if r.verdict is not Verdict.UNKNOWN or clock.out():
+            return r
+        notes.append(f"branch and bound ended without an answer ({r.message}); MILP on the rest of the time")
 
     # ---- 4. MILP per open disjunct, most negative margin first
     t = time.perf_counter()
@@ -345,4 +409,30 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
     return result(Verdict.UNKNOWN, "none", "; ".join(list(reason.values()) + notes))
 
 
-__all__ = ["verify", "HIGHS_VERIFY_OPTIONS", "BOUNDS_METHODS"]
+def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout):
+    """Branch and bound on the open disjuncts: ``path`` "bab" (ReLU splits) or "input" (input boxes)."""
+    from mipprune.verification.bab import input_bab, relu_bab, torch_threads
+
+    t = time.perf_counter()
+    with torch_threads():
+        if path == "input":
+            r = input_bab(network, spec, blocks, open_, deadline=clock.deadline, device=device, seed=seed)
+            what = "input-splitting branch and bound"
+        else:
+            r = relu_bab(network, spec, blocks, bounds.lower, bounds.upper, open_, deadline=clock.deadline,
+                         device=device, seed=seed)
+            what = "ReLU-splitting branch and bound (α/β-CROWN)"
+    clock.add(path, t)
+    root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
+    detail = f"{what} on {device}: {r.message} ({r.domains} domains, {r.steps} batches{root})"
+    if r.status == "falsified" and r.counterexample is not None and spec.is_counterexample(network, r.counterexample):
+        return _falsified(network, spec, r.counterexample, clock, path, message=detail + "; re-checked in float64",
+                          milp_vars=0, milp_binaries=0, milp_nodes=0)
+    if r.status == "verified":
+        return result(Verdict.VERIFIED, path, detail)
+    if r.status == "timeout":
+        return result(Verdict.TIMEOUT, "none", f"time limit hit during {what}; {detail}")
+    return result(Verdict.UNKNOWN, "none", detail)
+
+
+__all__ = ["verify", "choose_complete", "HIGHS_VERIFY_OPTIONS", "BOUNDS_METHODS", "COMPLETE_METHODS"]

@@ -120,8 +120,10 @@ class Network:
         for i, layer in enumerate(self.layers):
             if isinstance(layer, Add):
                 raise UnsupportedLayerError(
-                    f"layer {i} ({self.names[i]}): residual Add is not supported by the affine/ReLU "
-                    "verification form; got a residual connection")
+                    f"layer {i} ({self.names[i]}): the verifier (bounds, MILP, branch and bound) needs a "
+                    "feed-forward affine/ReLU network; got a residual Add (from layer "
+                    f"{layer.source}), which Network.from_onnx reads and Network.forward runs, but which "
+                    "cannot be verified yet")
             if isinstance(layer, ReLU):
                 if cur is None:
                     if blocks:   # ReLU after ReLU is idempotent

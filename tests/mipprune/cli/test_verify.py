@@ -98,7 +98,7 @@ def test_verify_suite_writes_rows_and_flags_verdicts_against_a_wrong_consensus(t
     out_csv, out_json = tmp_path / "rows.csv", tmp_path / "summary.json"
     code, out, err = run_cli(["verify-suite", str(tiny_bench), "--out", str(out_csv), "--json", str(out_json)], capsys)
     assert code == 0, err
-    rows = list(csv.DictReader(open(out_csv)))
+    rows = list(csv.DictReader(out_csv.read_text().splitlines()))
     assert [r["property"] for r in rows] == ["robust.vnnlib", "wide.vnnlib"]
     assert rows[0]["verdict"] == "unsat" and rows[1]["verdict"] in ("sat", "unsat")
     assert set(rows[0]) >= {"network", "property", "verdict", "time_s", "stage", "binaries", "nodes"}
@@ -208,3 +208,33 @@ def test_shared_256x2_network_whole_suite_has_no_wrong_verdict(shared_bench):
             assert any(s.is_counterexample(net, x) for s in specs), r.property
     decided = [r for r in rows if r.solved]
     assert len(decided) >= 25, f"only {len(decided)} of 30 decided: {[(r.property, r.verdict) for r in rows]}"
+
+
+def test_verify_always_writes_a_result_file_with_the_reason(tiny_bench, tmp_path, capsys):
+    res = tmp_path / "err.txt"
+    code, _, err = run_cli(["verify", str(tmp_path / "none.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
+                            "--result", str(res)], capsys)
+    assert code == 2 and "ONNX file must exist" in err
+    text = res.read_text()
+    assert text.splitlines()[0] == "error" and "ONNX file must exist" in text
+    assert read_result(res) == ("error", None, None)
+    code, _, err = run_cli(["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
+                            "--timeout", "0", "--result", str(res)], capsys)
+    assert code == 2 and read_result(res)[0] == "error" and "--timeout must be > 0" in res.read_text()
+    code, _, err = run_cli(["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
+                            "--device", "tpu", "--result", str(res)], capsys)
+    assert code == 2 and "device must be" in err and read_result(res)[0] == "error"
+
+
+def test_verify_suite_takes_timeout_like_verify(tiny_bench, tmp_path, capsys):
+    out_csv = tmp_path / "rows.csv"
+    code, out, err = run_cli(["verify-suite", str(tiny_bench), "--timeout", "7", "--out", str(out_csv)], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(out_csv.read_text().splitlines()))
+    assert {float(r["timeout_s"]) for r in rows} == {7.0}
+    rows = run_suite(tiny_bench, timeout=9, max_timeout=4)
+    assert {r.timeout_s for r in rows} == {4.0}
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds"):
+        run_suite(tiny_bench, timeout=0)
+    code, _, err = run_cli(["verify-suite", str(tiny_bench), "--device", "tpu", "--out", str(out_csv)], capsys)
+    assert code == 2 and "device must be" in err

@@ -37,12 +37,13 @@ def robustness_case(seed: int, eps: float, norm: str = "linf", sizes=(3, 5, 4, 3
     return net, Spec.robustness(x0, eps, label, 3, norm=norm)
 
 
+@pytest.mark.parametrize("complete", ["auto", "milp", "bab", "input"])
 @pytest.mark.parametrize("seed,eps", [(0, 0.02), (1, 0.3), (2, 0.08), (3, 0.5), (4, 0.15)])
-def test_verdicts_agree_with_brute_force(seed, eps):
+def test_verdicts_agree_with_brute_force(seed, eps, complete):
     net, spec = robustness_case(seed, eps)
     truth = exact_min_margin(net, spec)
     assert abs(truth) > 1e-6, "pick cases away from the decision boundary"
-    r = verify(net, spec, time_limit=60)
+    r = verify(net, spec, time_limit=60, complete=complete)
     if truth > 0:
         assert r.verdict is Verdict.VERIFIED and r.counterexample is None
     else:
@@ -66,7 +67,7 @@ def _needs_milp_case():
 
 def test_milp_proves_what_bounds_cannot():
     net, spec = _needs_milp_case()
-    r = verify(net, spec, time_limit=60)
+    r = verify(net, spec, time_limit=60, complete="milp")
     assert r.verdict is Verdict.VERIFIED and r.stage == "milp"
     assert r.milp_binaries > 0 and r.milp_vars > 3 and "milp" in r.stage_times
 
@@ -78,7 +79,7 @@ def test_without_attack_the_milp_finds_the_counterexample():
             break
     else:
         pytest.fail("no falsifiable case found")
-    r = verify(net, spec, attack=False, time_limit=60)
+    r = verify(net, spec, attack=False, time_limit=60, complete="milp")
     assert r.verdict is Verdict.FALSIFIED and r.stage == "milp"
     assert spec.is_counterexample(net, r.counterexample)
     assert "attack" not in r.stage_times
@@ -124,7 +125,7 @@ def test_conjunctive_disjunct_is_handled():
 @pytest.mark.skipif("pyomo-appsi_highs" not in available_backends(), reason="Pyomo appsi_highs not installed")
 def test_pyomo_backend_gives_the_same_verdict():
     net, spec = _needs_milp_case()
-    r = verify(net, spec, backend="pyomo-appsi_highs", time_limit=60)
+    r = verify(net, spec, backend="pyomo-appsi_highs", time_limit=60, complete="milp")
     assert r.verdict is Verdict.VERIFIED and r.stage == "milp"
 
 
@@ -146,6 +147,13 @@ def test_bad_inputs_raise_clear_errors():
         verify(net, spec, backend="nosuch")
     with pytest.raises(InvalidInputError, match="network must be a solvers.Network"):
         verify([1, 2], spec)
+    with pytest.raises(InvalidInputError, match="complete must be one of"):
+        verify(net, spec, complete="magic")
+    with pytest.raises(InvalidInputError, match="device must be"):
+        verify(net, spec, device="tpu")
+    l1 = Spec.robustness(np.full(3, 0.5), 0.1, 0, 3, norm="l1")
+    with pytest.raises(InvalidInputError, match="needs a box input region"):
+        verify(net, l1, complete="bab")
     res = Network([Dense(np.eye(3)), ReLU(), Add(source=1), Dense(np.eye(3))], (3,))
     with pytest.raises(UnsupportedLayerError, match="residual"):
         verify(res, spec)
@@ -156,6 +164,29 @@ def test_every_bounds_method_gives_the_right_verdict(method):
     net, spec = _needs_milp_case()
     r = verify(net, spec, bounds_method=method, time_limit=60)
     assert r.verdict is Verdict.VERIFIED
+
+
+@pytest.mark.parametrize("complete", ["bab", "input"])
+def test_branch_and_bound_proves_what_bounds_cannot_and_records_the_path(complete):
+    net, spec = _needs_milp_case()
+    r = verify(net, spec, time_limit=60, complete=complete)
+    assert r.verdict is Verdict.VERIFIED and r.stage == complete
+    assert "branch and bound" in r.message and complete in r.stage_times
+    assert r.milp_binaries == 0   # no MILP was needed
+
+
+def test_auto_path_choice():
+    from mipprune.verification.verify import choose_complete
+
+    rng = np.random.default_rng(0)
+    box = make_region(20, np.zeros(20), np.ones(20))
+    assert choose_complete("auto", random_net(rng, [20, 8, 8, 2]).to_affine_relu(), box) == "milp"
+    assert choose_complete("auto", random_net(rng, [20, 8, 8, 8, 2]).to_affine_relu(), box) == "bab"
+    small = make_region(5, np.zeros(5), np.ones(5))
+    assert choose_complete("auto", random_net(rng, [5, 8, 8, 8, 2]).to_affine_relu(), small) == "input"
+    l1 = make_region(5, np.zeros(5), np.ones(5), np.full(5, 0.5), 0.1)
+    assert choose_complete("auto", random_net(rng, [5, 8, 8, 8, 2]).to_affine_relu(), l1) == "milp"
+    assert choose_complete("bab", random_net(rng, [5, 8, 2]).to_affine_relu(), small) == "bab"
 
 
 def test_user_objects_are_not_modified():

@@ -1,0 +1,132 @@
+"""Torch bound engine (crown.py): sound on sampled inputs, as tight as the numpy CROWN reference at
+init, α/β optimization never loosens and stays below sampled minima (also on split domains)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mipprune.verification import crown
+from mipprune.verification.bounds import compute_bounds, linear_lower_bound
+from solvers.errors import InvalidInputError, SolverNotAvailableError
+from tests.mipprune.verification.test_bounds import preactivations, random_net, sample_region
+
+
+def _t(net, a):
+    return net.tensor(a)[None, :]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), width=st.floats(0.05, 1.5), depth=st.integers(1, 4))
+def test_intermediate_bounds_are_sound_and_as_tight_as_numpy_crown(seed, width, depth):
+    rng = np.random.default_rng(seed)
+    net = random_net(rng, [4] + [7] * depth + [3])
+    c = rng.normal(size=4)
+    lo, hi = c - width, c + width
+    ref = compute_bounds(net, lo, hi, "crown")
+    tn = crown.TorchNet.from_blocks(net.to_affine_relu())
+    L, U = crown.crown_intermediate(tn, _t(tn, lo), _t(tn, hi))
+    FL, FU = crown.forward_bounds(tn, _t(tn, lo), _t(tn, hi))
+    pre = preactivations(net, sample_region(rng, lo, hi, 500))
+    for i, z in enumerate(pre):
+        l, u = L[i][0].numpy(), U[i][0].numpy()
+        assert np.all(z >= l - 1e-9) and np.all(z <= u + 1e-9)
+        assert np.all(z >= FL[i][0].numpy() - 1e-9) and np.all(z <= FU[i][0].numpy() + 1e-9)
+        # same relaxation as the reference; only the round-off margin (1e-9 relative per layer) differs
+        tol = 1e-6 * (1 + np.abs(ref.lower[i]).max() + np.abs(ref.upper[i]).max())
+        assert np.all(l >= ref.lower[i] - tol) and np.all(u <= ref.upper[i] + tol)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), width=st.floats(0.05, 1.0))
+def test_output_bound_matches_numpy_at_init_and_alpha_only_tightens(seed, width):
+    rng = np.random.default_rng(seed)
+    net = random_net(rng, [4, 8, 8, 8, 3])
+    c = rng.normal(size=4)
+    lo, hi = c - width, c + width
+    b = compute_bounds(net, lo, hi, "crown")
+    C = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [-1.0, 0.0, 1.0]])
+    ref = linear_lower_bound(net, b, C, lower=lo, upper=hi)
+    tn = crown.TorchNet.from_blocks(net.to_affine_relu())
+    lower = [_t(tn, a) for a in b.lower[:-1]]
+    upper = [_t(tn, a) for a in b.upper[:-1]]
+    Ct, c0 = tn.tensor(C)[None], torch.zeros(1, 3, dtype=tn.dtype)
+    lb0, X, _ = crown.backward_bound(tn, lower, upper, Ct, c0, _t(tn, lo), _t(tn, hi))
+    # the reference also takes the max with interval reasoning on the output bounds
+    ibp = np.maximum(C, 0) @ b.lower[-1] + np.minimum(C, 0) @ b.upper[-1]
+    assert np.all(np.maximum(lb0[0].numpy(), ibp) >= ref - 1e-9 * (1 + np.abs(ref)))
+    lb, Xa, _, _ = crown.optimize_bound(tn, lower, upper, Ct, c0, _t(tn, lo), _t(tn, hi), iters=15)
+    assert np.all(lb[0].numpy() >= lb0[0].numpy() - 1e-12)
+    Y = net.forward(sample_region(rng, lo, hi, 3000)) @ C.T
+    assert np.all(lb[0].numpy() <= Y.min(axis=0) + 1e-9)
+    # the minimizers lie in the box
+    assert np.all(Xa[0].numpy() >= lo - 1e-12) and np.all(Xa[0].numpy() <= hi + 1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), layer=st.integers(0, 1))
+def test_beta_bounds_are_sound_on_split_domains(seed, layer):
+    """Split one unstable neuron each way; the α/β bound must stay below every sample of that side."""
+    rng = np.random.default_rng(seed)
+    net = random_net(rng, [3, 6, 6, 2])
+    lo, hi = -np.ones(3), np.ones(3)
+    b = compute_bounds(net, lo, hi, "crown")
+    unstable = np.flatnonzero(b.unstable(layer))
+    if unstable.size == 0:
+        return
+    k = int(unstable[0])
+    tn = crown.TorchNet.from_blocks(net.to_affine_relu())
+    X = sample_region(rng, lo, hi, 4000)
+    z = preactivations(net, X)[layer][:, k]
+    y = net.forward(X)[:, 0] - net.forward(X)[:, 1]
+    for sign in (1, -1):
+        side = z >= 0 if sign > 0 else z <= 0
+        splits = {j: torch.zeros(1, b.lower[j].size, dtype=tn.dtype) for j in range(2)}
+        splits[layer][0, k] = sign
+        lower, upper = [], []
+        for j in range(2):
+            l, u = crown.apply_splits(_t(tn, b.lower[j]), _t(tn, b.upper[j]), splits[j])
+            lower.append(l)
+            upper.append(u)
+        C = tn.tensor([[1.0, -1.0]])[None]
+        lb, _, _, _ = crown.optimize_bound(tn, lower, upper, C, torch.zeros(1, 1, dtype=tn.dtype), _t(tn, lo),
+                                           _t(tn, hi), splits=splits, iters=30)
+        if side.any():
+            assert float(lb[0, 0]) <= y[side].min() + 1e-9
+
+
+def test_round_off_sized_bounds_are_not_proven_and_devices_are_checked():
+    lb = torch.tensor([1e-13, -1.0, 1e-3], dtype=torch.float64)
+    assert crown.proven(lb).tolist() == [False, False, True]
+    assert not bool(crown.proven(torch.tensor([1e-6], dtype=torch.float32)))   # float32 needs a wider margin
+    with pytest.raises(InvalidInputError, match="device must be"):
+        crown.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SolverNotAvailableError, match="CUDA"):
+            crown.resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_bounds_agree_with_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    rng = np.random.default_rng(0)
+    net = random_net(rng, [4, 16, 16, 3])
+    lo, hi = -np.ones(4) * 0.3, np.ones(4) * 0.3
+    cpu = crown.TorchNet.from_blocks(net.to_affine_relu(), "cpu")
+    gpu = crown.TorchNet.from_blocks(net.to_affine_relu(), "cuda")
+    Lc, Uc = crown.crown_intermediate(cpu, _t(cpu, lo), _t(cpu, hi))
+    Lg, Ug = crown.crown_intermediate(gpu, _t(gpu, lo), _t(gpu, hi))
+    for a, b in zip(Lg, Lc):   # float32 + margin: never tighter than float64 by more than round-off
+        assert np.all(a.cpu().double().numpy() <= b.numpy() + 1e-5)
+
+
+def test_a_float32_box_contains_the_float64_box():
+    rng = np.random.default_rng(0)
+    net = crown.TorchNet.from_blocks(random_net(rng, [5, 4, 2]).to_affine_relu(), "cpu", dtype=torch.float32)
+    lo, hi = rng.uniform(-1, 0, 5) + 1e-9, rng.uniform(0, 1, 5) - 1e-9
+    l, u = net.box(lo, hi)
+    assert l.dtype == torch.float32
+    assert np.all(l[0].double().numpy() <= lo) and np.all(u[0].double().numpy() >= hi)
