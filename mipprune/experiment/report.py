@@ -51,7 +51,7 @@ def headline_text(res) -> str:
     text = (f"Largest network {h['arch']} ({d['neurons']} hidden ReLUs, dense accuracy {100 * d['accuracy']:.2f}%): "
             f"best pruning within {cfg.max_accuracy_drop:g} point(s) of accuracy is **{b['method']} at "
             f"{100 * b['sparsity']:.0f}% sparsity** ({100 * b['accuracy']:.2f}%, "
-            f"{b['accuracy_drop']:+.2f} points lost): median speed-up of the adversarial query over dense "
+            f"{points_text(-b['accuracy_drop'])} vs dense): median speed-up of the adversarial query over dense "
             f"**{speedup_text(b)}**{lb} on {b['queries']} queries ({cfg.time_limit:g} s limit). "
             f"Dense queries unsolved at the limit: {b['dense_timeouts']}; of these, solved on this pruned "
             f"net (its own verdict): {b['solved_where_dense_unsolved']}. Like for like, on the "
@@ -66,6 +66,12 @@ def headline_text(res) -> str:
         text += (f" Surrogate search: {h['surrogate_settled']} of {h['dense_unsolved']} unsolved dense queries "
                  f"settled by a pruned net's counterexample re-checked on the dense net.")
     return text
+
+
+def points_text(change: float, unit: bool = True) -> str:
+    """An accuracy change in points with an unambiguous sign: ``−0.67 points`` lost, ``+1.11`` gained."""
+    text = f"{change:+.2f}".replace("-", "\u2212")
+    return f"{text} points" if unit else text
 
 
 def radius_text(res) -> str:
@@ -84,7 +90,7 @@ def radius_text(res) -> str:
 # ============================================================================ table
 def _cells(a: dict) -> list[str]:
     dense = a["method"] == "dense"
-    return [a["net_id"], f"{100 * a['accuracy']:.2f}", "" if dense else f"{a['accuracy_drop']:+.2f}", str(a["params"]),
+    return [a["net_id"], f"{100 * a['accuracy']:.2f}", "" if dense else points_text(-a["accuracy_drop"], unit=False), str(a["params"]),
             _fmt(a["unstable_median"], ".0f"), str(a["milp_binaries_max"]), _fmt(a["bounds_time_median"], ".3f"),
             _fmt(a["time_median"], ".2f"), f"{a['verified']}/{a['falsified']}/{a['timeout']}/{a['unknown']}",
             "" if dense else speedup_text(a),
@@ -92,7 +98,7 @@ def _cells(a: dict) -> list[str]:
             "" if dense else f"{a['surrogate_valid']}/{a['surrogate_settled']}"]
 
 
-_COLUMNS = ("network", "acc %", "Δacc pts", "params", "unstable", "binaries", "bounds s", "time s",
+_COLUMNS = ("network", "acc %", "Δacc (points)", "params", "unstable", "binaries", "bounds s", "time s",
             "V/F/T/U", "speed-up", "speed-up verified (n)", "surrogate valid/settled")
 
 

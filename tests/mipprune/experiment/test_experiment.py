@@ -592,3 +592,11 @@ def test_conv_architecture_runs_end_to_end(tmp_path):
         name = sess.get_inputs()[0].name
         y_onnx = sess.run(None, {name: x[:1].reshape(1, 1, 8, 8).astype(np.float32)})[0]
         np.testing.assert_allclose(y_onnx, y_torch[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_accuracy_changes_print_with_an_unambiguous_sign():
+    from mipprune.experiment.report import points_text
+
+    assert points_text(-0.67) == "\u22120.67 points"      # lost: a true minus sign, no "lost" to negate
+    assert points_text(1.11, unit=False) == "+1.11"
+    assert points_text(0.0, unit=False) == "+0.00"
