@@ -165,8 +165,9 @@ def batches(shape: tuple[int, ...], n_batches: int, seed: int = 0) -> list[torch
     return [torch.randn(*shape, generator=g) for _ in range(n_batches)]
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """Run ``mipprune`` in-process; return (exit code, stdout, stderr) with rich's wrapping undone."""
+def run_cli(argv, capsys, raw: bool = False) -> tuple[int, str, str]:
+    """Run ``mipprune`` in-process; return (exit code, stdout, stderr) with rich's wrapping undone
+    (``raw``: as printed; stdout and stderr are captured, so not terminals, like a pipe or a log)."""
     from mipprune.cli import main
 
     try:
@@ -175,4 +176,6 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     out, err = capsys.readouterr()
+    if raw:
+        return code, out, err
     return code, " ".join(out.split()), " ".join(err.split())

@@ -6,18 +6,11 @@ import warnings
 import pytest
 
 import mipprune
-from mipprune.cli import main
+from tests.mipprune.conftest import run_cli
 
 
 def _run_raw(argv, capsys) -> tuple[int, str, str]:
-    """Run ``mipprune`` in-process with stdout/stderr captured (not terminals, like a pipe or a log)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys, raw=True)
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
