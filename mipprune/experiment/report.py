@@ -70,7 +70,7 @@ def headline_text(res) -> str:
 
 def points_text(change: float, unit: bool = True) -> str:
     """An accuracy change in points with an unambiguous sign: ``−0.67 points`` lost, ``+1.11`` gained."""
-    text = f"{change:+.2f}".replace("-", "\u2212")
+    text = f"{round(change, 2) + 0.0:+.2f}".replace("-", "\u2212")   # + 0.0: no "−0.00"
     return f"{text} points" if unit else text
 
 

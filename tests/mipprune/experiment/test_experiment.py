@@ -599,4 +599,4 @@ def test_accuracy_changes_print_with_an_unambiguous_sign():
 
     assert points_text(-0.67) == "\u22120.67 points"      # lost: a true minus sign, no "lost" to negate
     assert points_text(1.11, unit=False) == "+1.11"
-    assert points_text(0.0, unit=False) == "+0.00"
+    assert points_text(0.0, unit=False) == "+0.00" and points_text(-0.001, unit=False) == "+0.00"
