@@ -141,7 +141,8 @@ def _sub_solve(problem: SelectionProblem, k: int, solver: str, tau: float, eps: 
     1-swap local optimum before its deadline.
     """
     from solvers.selection.baselines import result_from_mask
-    from solvers.selection.greedy import forward_mask, improve_by_swaps
+    from solvers.selection.greedy import forward_mask
+    from solvers.selection.swap import improve_by_swaps
     from solvers.selection.select import select_channels
 
     if solver == "exact":

@@ -23,8 +23,13 @@ channels fixed in, 0 for those fixed out, ``Σ z <= k`` / ``Σ cost·z <= budget
 top-r sum (or a fractional knapsack), so each node's bound is valid for any ``W`` — computing it well
 only makes it tight. We take ``W`` from the relaxed problem ``min_z F(z)`` solved approximately by
 Frank–Wolfe (a linear solve with ``M_TT + diag(t(1/z − 1))`` per step), and choose ``t`` once by
-maximizing ``Σ t_g + μ log det(M − T)`` (Newton in C variables, μ → 0), the trace-maximal diagonal
-shift in the spirit of Dong, Chen & Linderoth (2015). ``W`` = the fitted weights of a single set ``S``
+maximizing ``Σ t_g + μ log det(M − T)`` (Newton in C variables, μ → 0; ``0.9·λ_min(M)`` when
+``M`` has thousands of columns), the trace-maximal diagonal shift in the spirit of Dong, Chen &
+Linderoth (2015). By default (``shift="block"``) the shift then becomes block-diagonal,
+``D = blkdiag(D_g)`` with ``M − D ⪰ 0``, climbed by supergradient ascent on the root relaxation value
+(:mod:`solvers.selection.perspective`: the optimal perspective extended to groups, first order), and
+kept when its root bound beats the scalar one; everything below holds with ``t_g‖W_g‖²`` read as
+``tr(W_gᵀ D_g W_g)`` (each block written in its eigenbasis). ``W`` = the fitted weights of a single set ``S``
 gives the outer-approximation cut of Bertsimas & Van Parys (2020) at ``S``, but for the
 unregularized objective (their ridge ``1/γ‖W‖²`` is replaced by the shift ``T`` taken out of ``M``).
 With all ``t = 0`` the bound degrades to the monotone bound ``err(S) >= err(S ∪ undecided)``.
@@ -60,8 +65,10 @@ import scipy.linalg
 
 from solvers.selection.baselines import result_from_mask
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
-from solvers.selection.greedy import Whitened, backward_mask, forward_mask, improve_by_swaps, whiten
+from solvers.selection.greedy import Whitened, backward_mask, forward_mask, whiten
+from solvers.selection.perspective import eig_blocks, optimize_shift, rotate
 from solvers.selection.problem import SelectionProblem
+from solvers.selection.swap import improve_by_swaps
 from solvers.result import SelectionResult, Status
 
 BACKENDS = ("bnb", "highs", "scip")
@@ -69,6 +76,9 @@ DEFAULT_GAP = 1e-4
 # Shifts below this (whitened units, where M_gg = I) count as zero: that channel gets no perspective
 # term and must stay in every relaxed support (monotone bound only).
 T_MIN = 1e-9
+# Above this many whitened columns the shift search skips Newton (O(r³) per step) for 0.9·λ_min(M)
+# (C = 512 3×3, r = 4608, still gets Newton: its λ_min is ~200× below the Newton shifts).
+NEWTON_MAX_COLUMNS = 8192
 # Smallest eigenvalue kept in M − T after the Newton search (so Q ⪰ 0 survives round-off).
 Q_MARGIN = 1e-9
 # Bounds are lowered by this much (relative error units) to absorb round-off in L − Σ a z.
@@ -81,6 +91,16 @@ FINAL_DUAL = 1
 # fixings and OA cuts): measured on bench_exact's C = 64 3×3 layer, the root gap falls from 28 %
 # (stopping at the first "cannot prune" sign) to 13 % in 10 steps and 12.9 % in 50.
 ROOT_ITERATIONS = 50
+# Assumed speed of one dense factorization (flop/s, one core) when deciding whether an uninterruptible
+# O(r³) step still fits in the time limit.
+FLOP_RATE = 1e10
+# Shares of the time limit: the warm-start heuristics stop at WARM_SHARE of it, the scalar shift
+# search gets SHIFT_SHARE, the block-shift ascent BLOCK_SHARE (what is left goes to the root and tree).
+WARM_SHARE = 0.3
+SHIFT_SHARE = 0.15
+BLOCK_SHARE = 0.25
+# Frank–Wolfe steps per block-shift ascent step (warm-started from the previous relaxed point).
+SHIFT_FW_STEPS = 5
 
 
 # ===================================================================================== relaxation
@@ -94,26 +114,39 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
     r = M.shape[0]
     if r == 0:
         return np.zeros(C)
-    lam_min = float(np.linalg.eigvalsh(M)[0])
+    lam_min = _lambda_min(M)
     if lam_min <= 10 * Q_MARGIN:
         return np.zeros(C)
-    E = np.zeros((r, C))
-    E[np.arange(r), g] = 1.0
-    size = E.sum(axis=0)
+    if r > NEWTON_MAX_COLUMNS:
+        # Each Newton step inverts M (O(r³)) and solves a C×C system: too slow here. The uniform
+        # shift 0.9·λ_min (Frangioni & Gentile's choice), checked by one Cholesky below, instead.
+        t = np.where(np.bincount(g, minlength=C) > 0, 0.9 * lam_min, 0.0)
+        return _with_margin(M, g, t, halve=True, deadline=deadline)
+    # (group sums by reduceat over the contiguous column blocks: no r×C indicator matrix)
+    size = np.bincount(g, minlength=C).astype(np.float64)
     live = size > 0                        # dead channels (no columns) need no shift
     t = np.where(live, 0.5 * lam_min, 0.0)
     mu = 1.0
-    Ml = M
     idx = np.flatnonzero(live)
-    El = E[:, idx]
+    first = w.starts[idx]                  # strictly increasing: dead channels left out
     tl = t[idx]
+
+    def shifted(tv: np.ndarray) -> np.ndarray:
+        A = M.copy()
+        A[np.diag_indices_from(A)] -= np.repeat(tv, size[idx].astype(np.int64))
+        return A
+
     while mu > 1e-6:
         for _ in range(4):
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            X = np.linalg.inv(Ml - np.diag(El @ tl))
-            grad = size[idx] - mu * (np.diag(X) @ El) + mu / tl
-            H = -mu * (El.T @ (X * X) @ El) - np.diag(mu / tl ** 2)
+            X = np.linalg.inv(shifted(tl))
+            grad = size[idx] - mu * np.add.reduceat(np.diag(X), first) + mu / tl
+            np.multiply(X, X, out=X)
+            H = np.add.reduceat(np.add.reduceat(X, first, axis=0), first, axis=1)
+            del X
+            H *= -mu
+            H[np.diag_indices_from(H)] -= mu / tl ** 2
             try:
                 step = np.linalg.solve(H, -grad)
             except np.linalg.LinAlgError:
@@ -123,7 +156,7 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
                 tn = tl + a * step
                 if np.all(tn > 0):
                     try:
-                        np.linalg.cholesky(Ml - np.diag(El @ tn))
+                        scipy.linalg.cholesky(shifted(tn), lower=True, overwrite_a=True, check_finite=False)
                         break
                     except np.linalg.LinAlgError:
                         pass
@@ -137,15 +170,61 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
         if deadline is not None and time.perf_counter() > deadline:
             break
     t[idx] = tl
-    # Safety: keep a margin on the smallest eigenvalue of M − T.
-    for _ in range(60):
-        ev = float(np.linalg.eigvalsh(M - np.diag(t[g]))[0])
-        if ev >= Q_MARGIN:
+    return _with_margin(M, g, t)
+
+
+def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = False,
+                 deadline: float | None = None) -> np.ndarray:
+    """Shrink ``t`` until ``M − T − Q_MARGIN·I`` has a Cholesky factor (zeros if it never does).
+
+    Shrinks by 0.999 (then 0.9) per failure after a Newton search, which ends just inside the
+    boundary; by half (``halve``) after an estimate, which may be off by more. Past ``deadline``
+    it gives up with zeros (no shift: still a valid, monotone, bound).
+    """
+    t = t.copy()
+    for attempt in range(60):
+        if attempt and deadline is not None and time.perf_counter() > deadline:
+            t[:] = 0.0
             break
-        t *= 0.999 if ev > -1e-6 else 0.9
+        A = M.copy()                                  # (one r×r copy, factored in place)
+        A[np.diag_indices_from(A)] -= t[g] + Q_MARGIN
+        try:
+            scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
+            break
+        except np.linalg.LinAlgError:
+            t *= 0.5 if halve else 0.999 if attempt < 10 else 0.9
     else:
         t[:] = 0.0
     return t
+
+
+def _lambda_min(M: np.ndarray) -> float:
+    """Smallest eigenvalue of the symmetric ``M`` (0 when it is not positive definite).
+
+    Large ``M`` (over 3000 columns): an *estimate* from inverse power iteration on
+    one Cholesky factor (O(r³/3) plus cheap triangular solves; Lanczos converges far too slowly on
+    these spectra and a full eigvalsh costs ~12× the Cholesky). It is never below the true value, so
+    callers verify any shift derived from it (:func:`_with_margin`).
+    """
+    r = M.shape[0]
+    if r <= 3000:
+        return float(np.linalg.eigvalsh(M)[0])
+    try:
+        cf = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return 0.0
+    v = np.random.default_rng(0).normal(size=r)
+    rho = 0.0
+    for _ in range(40):
+        v /= np.linalg.norm(v)
+        u = scipy.linalg.cho_solve(cf, v, check_finite=False)
+        rho_new = float(v @ u)                  # Rayleigh quotient of M⁻¹: <= 1/λ_min
+        v = u
+        if rho_new > 0 and abs(rho_new - rho) <= 1e-4 * rho_new:
+            rho = rho_new
+            break
+        rho = rho_new
+    return 1.0 / rho if rho > 0 else 0.0
 
 
 class Relaxation:
@@ -158,9 +237,21 @@ class Relaxation:
 
     def __init__(self, w: Whitened, t: np.ndarray):
         self.w = w
-        self.t = np.asarray(t, dtype=np.float64)
-        self.shifted = self.t > T_MIN
-        self.tc = np.where(self.shifted, self.t, 0.0)[w.col_group]   # shift of every whitened column
+        t = np.asarray(t, dtype=np.float64)
+        C, g = w.n_channels, w.col_group
+        if t.shape == (C,):                       # one shift per channel: T = t_g·I on its block
+            tc = t[g]
+        elif t.shape == (g.size,):                # one per whitened column: a block-diagonal D = blkdiag(D_g)
+            tc = t                                # written in the eigenbasis of each D_g (see perspective.py)
+        else:
+            raise InvalidInputError(f"t must have shape ({C},) or ({g.size},); got {t.shape}")
+        low = np.full(C, np.inf)
+        np.minimum.at(low, g, tc)
+        # A channel gets a perspective term only when its whole block is shifted (D_g ≻ 0): z_g = 0
+        # must force all of W_g to zero. Dead channels (no columns) count as unshifted.
+        self.shifted = (low > T_MIN) & (np.bincount(g, minlength=C) > 0)
+        self.t = np.where(self.shifted, low, 0.0)   # per channel: the smallest eigenvalue of D_g
+        self.tc = np.where(self.shifted[g], tc, 0.0)   # shift of every whitened column
         self.c = w.target_sq
         self.C = w.n_channels
         self.solves = 0
@@ -395,12 +486,31 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
 
 
 # ===================================================================================== incumbents
-def _warm_start(S: _Search, w: Whitened, use_lasso: bool) -> None:
-    """Greedy forward / backward, LASSO (cardinality only), then 1-swap local search on the best."""
+def _affordable(r: int, factorizations: float, deadline: float | None) -> bool:
+    """Whether ``factorizations`` Cholesky factorizations of an r×r matrix (r³/3 flops each, at
+    ``FLOP_RATE``) fit before ``deadline``: none of them can be interrupted once started."""
+    return deadline is None or factorizations * r ** 3 / 3.0 / FLOP_RATE < deadline - time.perf_counter()
+
+
+def _warm_start(S: _Search, w: Whitened, use_lasso: bool, until: float | None = None) -> None:
+    """Greedy forward / backward, LASSO (cardinality only), then 1-swap local search on the best,
+    all stopped at ``until`` (``time.perf_counter``; the bound needs the rest of the time limit)."""
+    saved = S.deadline
+    if until is not None:
+        S.deadline = until if saved is None else min(saved, until)
+    try:
+        _warm_start_heuristics(S, w, use_lasso)
+    finally:
+        S.deadline = saved
+
+
+def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
     p, k, budget = S.p, S.k, S.budget
-    S.offer(forward_mask(p, k, budget, w=w), "greedy")
-    if not S.timed_out():
-        S.offer(backward_mask(p, k, budget, w=w), "backward")
+    S.offer(forward_mask(p, k, budget, w=w, deadline=S.deadline), "greedy")
+    # backward starts with an r×r inverse that no deadline can interrupt: skip it when that alone
+    # would overrun the warm start
+    if not S.timed_out() and _affordable(w.M.shape[0], 3.0, S.deadline):
+        S.offer(backward_mask(p, k, budget, w=w, deadline=S.deadline), "backward")
     if use_lasso and budget is None and not S.timed_out():
         try:
             from solvers.selection.lasso import select_lasso
@@ -794,11 +904,36 @@ def _scip_oa(S: _Search, root_cuts, floor_energy: float) -> tuple[float, int]:
     return min(bound * unit, S.best_err), int(model.getNNodes())
 
 
+def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, iterations: int):
+    """Block shifts climbing the root relaxation (see :func:`solvers.selection.perspective.optimize_shift`).
+
+    Returns ``(D, trace)`` with ``D`` None when nothing beat the scalar shifts' first value.
+    """
+    C = w.n_channels
+    nothing = np.zeros(C, bool)
+    saved_rel, saved_deadline = S.rel, S.deadline
+    S.deadline = stop
+
+    def relax_value(wr, d, z):
+        S.rel = Relaxation(wr, d)
+        lb, z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5) if z is None else z, SHIFT_FW_STEPS,
+                             converge=True)
+        W, _ = S.rel.solve(z, nothing)
+        return lb, z, W
+
+    try:
+        D, out = optimize_shift(w, t, relax_value, iterations=iterations, deadline=stop)
+    finally:
+        S.rel, S.deadline = saved_rel, saved_deadline
+    trace = out["trace"]
+    return (D if trace and out["best"] > trace[0] else None), trace
+
+
 # ===================================================================================== entry point
 def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
                  backend: str | None = None, time_limit: float | None = None, seed: int = 0,
                  rel_gap: float = DEFAULT_GAP, warm_start: bool = True, lasso: bool = True,
-                 fw_iterations: int = 1) -> SelectionResult:
+                 fw_iterations: int = 1, shift: str = "block", shift_iterations: int = 60) -> SelectionResult:
     """Optimal channel set under ``|S| <= k`` and/or ``Σ cost <= budget``, with a certified gap.
 
     Parameters
@@ -820,6 +955,11 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         Stop once ``(objective − bound)/objective <= rel_gap`` (default 1e-4): ``Status.OPTIMAL``.
     warm_start, lasso : bool
         Seed the incumbent with greedy/backward/swaps (and LASSO, cardinality only).
+    shift : {"block", "scalar"}
+        The perspective shifts: ``"scalar"`` one ``t_g`` per channel (trace-maximal, Newton);
+        ``"block"`` (default) then climbs the root relaxation value over block-diagonal ``D_g``
+        (:mod:`solvers.selection.perspective`, at most ``shift_iterations`` steps and a quarter of
+        ``time_limit``). Both give valid bounds; ``info`` reports the root bound of each.
     fw_iterations : int
         Frank–Wolfe steps per B&B node (default 1: cheap nodes beat tight ones here; children
         inherit the parent's relaxed point, so the relaxation keeps converging down the tree).
@@ -830,8 +970,11 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     SelectionResult
         ``objective`` the refit error of the chosen set (relative), ``bound`` a proven lower bound on
         the optimum, ``gap``, ``status``, ``backend``, ``iterations`` (nodes / master solves / SCIP
-        nodes), ``info``: ``root_bound``, ``shift_mean``/``shift_min`` (the ``t``), ``incumbents``
-        (best error found by each heuristic), ``solves`` (linear solves of the relaxation).
+        nodes), ``info``: ``root_bound`` (the root bound used), ``root_bound_scalar`` (with the
+        scalar shifts), ``shift_used`` (``"block"`` or ``"scalar"``), ``shift_time``/``shift_steps``
+        (block ascent), ``shift_mean``/``shift_min`` (the scalar ``t``), ``time_warm``/``time_shift``/
+        ``time_root`` (seconds), ``incumbents`` (best error found by each heuristic), ``solves``
+        (linear solves of the relaxation).
     """
     start = time.perf_counter()
     backend = "bnb" if backend is None else str(backend).lower()
@@ -851,6 +994,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         raise InvalidInputError(f"rel_gap must be in [0, 1); got {rel_gap!r}")
     if time_limit is not None and not time_limit > 0:
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
+    if shift not in ("block", "scalar"):
+        raise InvalidInputError(f"shift must be 'block' or 'scalar'; got {shift!r}")
     deadline = None if time_limit is None else start + float(time_limit)
 
     w = whiten(problem)
@@ -863,11 +1008,17 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         err = problem.error(full)
         return result_from_mask(problem, full, method="exact", start=start, backend=backend, bound=err,
                                 status=Status.OPTIMAL, info={"trivial": True})
-    t = choose_shift(w, deadline=None if deadline is None else start + 0.25 * float(time_limit))
-    rel = Relaxation(w, t)
-    S = _Search(problem, k, budget, rel, deadline, rel_gap)
+    S = _Search(problem, k, budget, Relaxation(w, np.zeros(C)), deadline, rel_gap)
     if warm_start:
-        _warm_start(S, w, lasso)
+        _warm_start(S, w, lasso, None if deadline is None else start + WARM_SHARE * float(time_limit))
+    info["time_warm"] = time.perf_counter() - start
+    if _affordable(w.M.shape[0], 4.0, deadline):
+        t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + SHIFT_SHARE * float(time_limit))
+    else:   # a shift search and a root solve would overrun the time limit: monotone bound only
+        t = np.zeros(C)
+        info["skipped_root"] = True
+    info["time_shift"] = time.perf_counter() - start - info["time_warm"]
+    S.rel = rel = Relaxation(w, t)
     nothing = np.zeros(C, bool)
     if S.best_mask is None:
         S.offer(_round(S, np.zeros(C), np.zeros(C), nothing, nothing), "round")
@@ -875,8 +1026,35 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     info["shift_min"] = float(t.min()) if C else 0.0
 
     root_cuts: list = []
+    if info.get("skipped_root"):
+        # No factorization fits: report the incumbent with the trivial bound 0 (TIME_LIMIT, gap 100 %).
+        info.update(root_bound=0.0, root_bound_scalar=0.0, shift_used="none",
+                    incumbents=dict(S.sources), best_from=S.best_source, solves=0)
+        return result_from_mask(problem, S.best_mask, method="exact", start=start, backend=backend,
+                                bound=0.0, status=Status.TIME_LIMIT, info=info)
     root_lb, root_z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5), max(fw_iterations, ROOT_ITERATIONS),
                                    cuts=root_cuts, converge=backend == "bnb")
+    info["root_bound_scalar"] = max(root_lb, 0.0) / c
+    info["shift_used"] = "scalar"
+    if (shift == "block" and root_lb < S.threshold and np.all(rel.shifted | (np.diff(w.starts) == 0))
+            and not S.timed_out()):
+        # Climb the relaxation over block shifts D_g; any feasible D keeps the bound valid, so the
+        # stronger relaxation simply replaces the scalar one (its root cuts stay valid too).
+        t_opt = time.perf_counter()
+        stop = None if deadline is None else min(deadline, t_opt + BLOCK_SHARE * float(time_limit))
+        D, trace = _block_shift(S, w, t, stop, shift_iterations)
+        if D is not None:
+            U, d = eig_blocks(D)
+            S.rel = Relaxation(rotate(w, U), d)
+            lb2, z2, _, _ = _relax(S, nothing, nothing, root_z, max(fw_iterations, ROOT_ITERATIONS),
+                                   cuts=root_cuts, converge=backend == "bnb")
+            if lb2 > root_lb:                   # the tree uses whichever relaxation proved more at the root
+                root_lb, root_z, rel = lb2, z2, S.rel
+            else:
+                S.rel = rel
+        info["shift_used"] = "block" if rel.w is not w else "scalar"
+        info["shift_time"] = time.perf_counter() - t_opt
+        info["shift_steps"] = len(trace)
     # (the OA masters keep the short root: fifty near-parallel root cuts stall HiGHS's master on
     # round-off, measured on the test bank's budgeted C = 10 problem)
     # The monotone bound err(all channels) holds for every set too.
@@ -884,6 +1062,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     info["root_bound"] = floor / c
     stalled = False
     safe_floor = max(floor - BOUND_SAFETY * c, 0.0)
+    info["time_root"] = time.perf_counter() - start     # (cumulative: warm start, shifts, root)
     if backend == "bnb":
         lb, iters = _bnb(S, root_z, fw_iterations)
     elif backend == "highs":

@@ -21,8 +21,8 @@ largest error reduction *per unit cost*, and backward removes the channel with t
 increase per unit cost freed until the budget holds, then adds back (forward, per unit cost) what
 still fits. Zero-cost channels count as infinitely cheap. With both ``k`` and ``budget`` both hold.
 
-Greedy proves nothing: results are ``Status.FEASIBLE`` with ``bound=None``. :func:`improve_by_swaps`
-(1-swap local search, used to warm-start ``method="exact"``) lives here too.
+Greedy proves nothing: results are ``Status.FEASIBLE`` with ``bound=None``. Swap local search
+(``method="swap"``, ``improve_by_swaps``) builds on these in :mod:`solvers.selection.swap`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import scipy.linalg
 
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.problem import SelectionProblem
-from solvers.result import SelectionResult
+from solvers.result import SelectionResult, Status
 
 # Directions of a channel's span with energy below this fraction of the channel's largest are
 # treated as zero (the same order as the refit's least-squares cut-off).
@@ -102,71 +102,110 @@ def whiten(problem: SelectionProblem) -> Whitened:
     """Orthonormalize each channel's columns (in the ``ZᵀZ`` inner product); refit errors are unchanged.
 
     For channel ``g`` with ``G_gg = U Λ Uᵀ``, the whitened columns are ``Z_g U Λ^{-1/2}`` (directions
-    with ``λ <= WHITEN_RTOL · λ_max`` dropped: they carry no energy). Cost O(Σ_g r_g³ + d²).
+    with ``λ <= WHITEN_RTOL · λ_max`` dropped: they carry no energy). The block-diagonal transform is
+    applied block by block, in place on one copy of ``G``: O(d²·max r_g) time, one d×d of memory.
     """
     G, Bx, groups, C = problem.gram, problem.cross, problem.groups, problem.n_channels
-    transforms, col_group, starts = [], [], [0]
+    order = np.argsort(groups, kind="stable")                    # columns grouped by channel
+    bounds = np.searchsorted(groups[order], np.arange(C + 1))
+    M = G[np.ix_(order, order)] if np.any(order != np.arange(order.size)) else G.copy()
+    B = Bx[order].copy()
+    col_group, starts, keep_cols = [], [0], []
     for g in range(C):
-        idx = np.flatnonzero(groups == g)
-        lam, U = np.linalg.eigh(G[np.ix_(idx, idx)])
+        sl = slice(int(bounds[g]), int(bounds[g + 1]))
+        q = sl.stop - sl.start
+        lam, U = np.linalg.eigh(G[np.ix_(order[sl], order[sl])]) if q else (np.zeros(0), np.zeros((0, 0)))
         top = lam.max() if lam.size else 0.0
         keep = lam > WHITEN_RTOL * top if top > 0 else np.zeros(lam.size, bool)
-        T = U[:, keep] / np.sqrt(lam[keep])
-        transforms.append((idx, T))
-        col_group += [g] * T.shape[1]
-        starts.append(starts[-1] + T.shape[1])
-    r = starts[-1]
-    # Whitened = Zᵀ-side transform P (d×r, block diagonal): M = Pᵀ G P, B = Pᵀ B.
-    P = np.zeros((G.shape[0], r))
-    for g, (idx, T) in enumerate(transforms):
-        P[idx, starts[g]:starts[g + 1]] = T
-    M = P.T @ G @ P
-    M = 0.5 * (M + M.T)
+        T = np.zeros((q, q))                                      # dropped directions -> zero columns
+        T[:, keep] = U[:, keep] / np.sqrt(lam[keep])
+        if q == 1:
+            f = float(T[0, 0])
+            M[:, sl] *= f
+            M[sl, :] *= f
+            B[sl] *= f
+        elif q:
+            M[:, sl] = M[:, sl] @ T
+            M[sl, :] = T.T @ M[sl, :]
+            B[sl] = T.T @ B[sl]
+        keep_cols.append(np.arange(sl.start, sl.stop)[keep])
+        col_group += [g] * int(keep.sum())
+        starts.append(starts[-1] + int(keep.sum()))
+    kept = np.concatenate(keep_cols) if keep_cols else np.zeros(0, np.int64)
+    if kept.size < M.shape[0]:                                     # rank-deficient channels: compress
+        M = M[np.ix_(kept, kept)]
+        B = B[kept]
+    M = 0.5 * (M + M.T) if M.shape[0] <= 4096 else M              # (large: the blocks keep it symmetric)
     for g in range(C):  # exact identity blocks (they are, up to round-off)
         s = slice(starts[g], starts[g + 1])
         M[s, s] = np.eye(starts[g + 1] - starts[g])
-    return Whitened(M=M, B=P.T @ Bx, target_sq=problem.target_sq, col_group=np.asarray(col_group, np.int64),
+    return Whitened(M=M, B=B, target_sq=problem.target_sq, col_group=np.asarray(col_group, np.int64),
                     starts=np.asarray(starts, np.int64))
 
 
 # ------------------------------------------------------------------------------------ forward
+def _padded_index(w: Whitened) -> np.ndarray:
+    """(C, r_max) column indices of each channel, padded with ``r`` (an extra zero row/column)."""
+    sizes = np.diff(w.starts)
+    rmax = max(int(sizes.max()), 1) if sizes.size else 1
+    idx = w.starts[:-1, None] + np.arange(rmax)[None, :]
+    return np.where(np.arange(rmax)[None, :] < sizes[:, None], idx, w.M.shape[0])
+
+
+def _pad_rows(A: np.ndarray) -> np.ndarray:
+    return np.vstack([A, np.zeros((1,) + A.shape[1:])])
+
+
 class ForwardState:
     """Gram–Schmidt state of forward selection: chosen channels and every candidate's residuals.
 
     ``K`` (r × s) holds the inner products of every whitened column with the orthonormal basis of the
-    chosen span; ``R`` (r × m) the residual cross-covariance; ``S[g]`` the residual Gram of channel g.
+    chosen span; ``R`` (r × m) the residual cross-covariance; ``S`` (C × r_max × r_max) the residual
+    Gram of every channel (padded with identity), updated for all channels at once.
     """
 
     def __init__(self, w: Whitened):
         self.w = w
         r = w.M.shape[0]
-        self.K = np.zeros((r, 0))
+        self.idx = _padded_index(w)
+        rmax = self.idx.shape[1]
+        self.pad = self.idx == r
+        self._K = np.zeros((r, 16))
+        self.s = 0
         self.R = w.B.copy()
-        self.S = [np.eye(w.starts[g + 1] - w.starts[g]) for g in range(w.n_channels)]
+        self.S = np.broadcast_to(np.eye(rmax), (w.n_channels, rmax, rmax)).copy()
         self.chosen = np.zeros(w.n_channels, dtype=bool)
         self.explained = 0.0
+
+    @property
+    def K(self) -> np.ndarray:
+        return self._K[:, :self.s]
 
     def gains(self) -> np.ndarray:
         """Explained energy each unchosen channel would add (C,); chosen channels get -inf."""
         out = np.full(self.w.n_channels, -np.inf)
-        for g in np.flatnonzero(~self.chosen):
-            sl = self.w.cols(g)
-            Rg = self.R[sl]
-            if Rg.shape[0] == 0:
-                out[g] = 0.0
-                continue
-            lam, U = np.linalg.eigh(self.S[g])
-            keep = lam > SPAN_ATOL
-            P = U[:, keep].T @ Rg
-            out[g] = float(np.sum(P * P / lam[keep, None]))
+        cand = np.flatnonzero(~self.chosen)
+        if cand.size == 0:
+            return out
+        Rg = _pad_rows(self.R)[self.idx[cand]]                      # c × r_max × m
+        if self.idx.shape[1] == 1:
+            Sg = self.S[cand, 0, 0]
+            ok = Sg > SPAN_ATOL
+            out[cand] = np.where(ok, np.sum(Rg[:, 0] ** 2, axis=1) / np.where(ok, Sg, 1.0), 0.0)
+            return out
+        lam, U = np.linalg.eigh(self.S[cand])
+        keep = lam > SPAN_ATOL
+        P = np.swapaxes(U, 1, 2) @ Rg
+        out[cand] = np.sum(np.where(keep[:, :, None], P * P / np.where(keep, lam, 1.0)[:, :, None], 0.0), axis=(1, 2))
         return out
 
     def add(self, g: int) -> None:
         sl = self.w.cols(g)
         self.chosen[g] = True
-        if sl.stop == sl.start:
+        q0 = sl.stop - sl.start
+        if q0 == 0:
             return
-        lam, U = np.linalg.eigh(self.S[g])
+        lam, U = np.linalg.eigh(self.S[g, :q0, :q0])
         keep = lam > SPAN_ATOL
         if not keep.any():
             return
@@ -175,10 +214,16 @@ class ForwardState:
         pnew = T.T @ self.R[sl]                                        # q × m
         self.R -= Knew @ pnew
         self.explained += float(np.sum(pnew * pnew))
-        self.K = np.hstack([self.K, Knew])
-        for h in np.flatnonzero(~self.chosen):
-            sh = self.w.cols(h)
-            self.S[h] = self.S[h] - Knew[sh] @ Knew[sh].T
+        q = Knew.shape[1]
+        if self.s + q > self._K.shape[1]:                              # grow by doubling (amortized)
+            grown = np.zeros((self._K.shape[0], max(2 * self._K.shape[1], self.s + q)))
+            grown[:, :self.s] = self.K
+            self._K = grown
+        self._K[:, self.s:self.s + q] = Knew
+        self.s += q
+        rest = np.flatnonzero(~self.chosen)
+        Kp = _pad_rows(Knew)[self.idx[rest]]                           # c × r_max × q
+        self.S[rest] -= Kp @ np.swapaxes(Kp, 1, 2)
 
 
 def _ratio(gain: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -188,8 +233,12 @@ def _ratio(gain: np.ndarray, cost: np.ndarray) -> np.ndarray:
 
 
 def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None, *,
-                 start: np.ndarray | None = None, w: Whitened | None = None) -> np.ndarray:
-    """Forward selection from ``start`` (default: nothing) until ``k`` channels / nothing affordable."""
+                 start: np.ndarray | None = None, w: Whitened | None = None,
+                 deadline: float | None = None) -> np.ndarray:
+    """Forward selection from ``start`` (default: nothing) until ``k`` channels / nothing affordable.
+
+    At ``deadline`` (``time.perf_counter``) the rest is filled by the last gains in one go.
+    """
     w = w or whiten(problem)
     C = problem.n_channels
     st = ForwardState(w)
@@ -208,6 +257,15 @@ def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None,
             break
         score = _ratio(gain, problem.costs) if budget is not None else gain
         score = np.where(ok, score, -np.inf)
+        if deadline is not None and time.perf_counter() > deadline:
+            chosen = st.chosen.copy()
+            for g in np.argsort(-score, kind="stable"):               # out of time: fill by the last scores
+                if chosen.sum() >= limit or not np.isfinite(score[g]):
+                    break
+                if budget is None or problem.costs[g] <= budget - spent + 1e-12:
+                    chosen[g] = True
+                    spent += problem.costs[g]
+            return chosen
         g = int(np.argmax(score))  # ties: lowest index
         st.add(g)
         spent += problem.costs[g]
@@ -236,123 +294,112 @@ def forward_path(problem: SelectionProblem, k_max: int | None = None) -> tuple[n
 
 # ------------------------------------------------------------------------------------ backward
 def backward_mask(problem: SelectionProblem, k: int | None, budget: float | None, *,
-                  w: Whitened | None = None) -> np.ndarray:
-    """Backward elimination from every channel until ``|S| <= k`` and ``Σ cost <= budget``."""
+                  w: Whitened | None = None, deadline: float | None = None) -> np.ndarray:
+    """Backward elimination from every channel until ``|S| <= k`` and ``Σ cost <= budget``.
+
+    Keeps ``(M + εI)⁻¹`` at full size, downdated in place (removed rows and columns become zero), and
+    scores every kept channel at once (batched r_g×r_g solves): O(r²·r_g) per step, one r×r of memory.
+    At ``deadline`` (``time.perf_counter``) it stops scoring one at a time and drops, by the last
+    scores, as many channels as still have to go (a time-limited caller still gets a feasible set).
+    """
     w = w or whiten(problem)
     C = problem.n_channels
     costs = problem.costs
     keep = np.ones(C, dtype=bool)
-    cols = np.arange(w.M.shape[0])
-    Minv = np.linalg.inv(w.M + BACKWARD_RIDGE * np.eye(w.M.shape[0]))
+    r = w.M.shape[0]
+    Minv = np.linalg.inv(w.M + BACKWARD_RIDGE * np.eye(r))
     W = Minv @ w.B
+    idx = _padded_index(w)
+    rmax = idx.shape[1]
+    pad = idx == r
+    eye_pad = pad[:, :, None] & pad[:, None, :] & np.eye(rmax, dtype=bool)[None]
+
     def over() -> bool:
         return (k is not None and keep.sum() > k) or (budget is not None and costs[keep].sum() > budget + 1e-12)
+
+    def losses(cand: np.ndarray) -> np.ndarray:
+        """tr(W_gᵀ (Minv_gg)⁻¹ W_g) for every candidate (padded directions: identity, zero weight)."""
+        safe = np.where(pad[cand], 0, idx[cand])
+        live = ~pad[cand]
+        if rmax == 1:
+            return np.sum(W[safe[:, 0]] ** 2, axis=1) * live[:, 0] / np.where(live[:, 0], Minv[safe[:, 0], safe[:, 0]], 1.0)
+        A = Minv[safe[:, :, None], safe[:, None, :]]
+        A[~(live[:, :, None] & live[:, None, :])] = 0.0
+        A[eye_pad[cand]] = 1.0
+        Wg = np.where(live[:, :, None], W[safe], 0.0)
+        return np.sum(Wg * np.linalg.solve(A, Wg), axis=(1, 2))
+
     while over():
         cand = np.flatnonzero(keep)
-        loss = np.empty(cand.size)
-        for i, g in enumerate(cand):
-            pos = np.flatnonzero(w.col_group[cols] == g)
-            if pos.size == 0:
-                loss[i] = 0.0
-                continue
-            A = Minv[np.ix_(pos, pos)]
-            Wg = W[pos]
-            loss[i] = float(np.sum(Wg * np.linalg.solve(A, Wg)))
-        if budget is not None and costs[keep].sum() > budget + 1e-12:
+        loss = losses(cand)
+        budget_bound = budget is not None and costs[keep].sum() > budget + 1e-12
+        if budget_bound:
             # error increase per unit cost freed (removing a free channel frees nothing: never chosen)
             with np.errstate(divide="ignore", invalid="ignore"):
                 score = np.where(costs[cand] > 0, loss / np.where(costs[cand] > 0, costs[cand], 1.0), np.inf)
         else:
             score = loss
+        if deadline is not None and time.perf_counter() > deadline:
+            for g in cand[np.argsort(score, kind="stable")]:          # out of time: drop by the last scores
+                if not over():
+                    break
+                if budget_bound or k is None or keep.sum() > k:
+                    keep[g] = False
+            break
         g = int(cand[np.argmin(score)])
-        pos = np.flatnonzero(w.col_group[cols] == g)
-        rest = np.setdiff1d(np.arange(cols.size), pos)
+        pos = np.arange(w.starts[g], w.starts[g + 1])
         if pos.size:
             A = Minv[np.ix_(pos, pos)]
-            X = np.linalg.solve(A, Minv[pos][:, rest])        # q × rest
-            W = W[rest] - Minv[np.ix_(rest, pos)] @ np.linalg.solve(A, W[pos])
-            Minv = Minv[np.ix_(rest, rest)] - Minv[np.ix_(rest, pos)] @ X
-        cols = cols[rest]
+            X = np.linalg.solve(A, Minv[pos])                 # q × r
+            W -= Minv[:, pos] @ np.linalg.solve(A, W[pos])
+            U = Minv[:, pos].copy()
+            _rank_update(Minv, U, X)                          # Minv −= U X, in place
+            Minv[pos, :] = 0.0
+            Minv[:, pos] = 0.0
+            W[pos] = 0.0
         keep[g] = False
     if budget is not None and (k is None or keep.sum() < k):
         keep = forward_mask(problem, k, budget, start=keep, w=w)   # add back what still fits
     return keep
 
 
+def _rank_update(A: np.ndarray, U: np.ndarray, X: np.ndarray) -> None:
+    """``A −= U X`` in place (BLAS gemm on A's memory when it is contiguous: no r×r temporary)."""
+    try:
+        from scipy.linalg.blas import dgemm
+
+        if A.flags.c_contiguous and A.dtype == np.float64:
+            # A is C-ordered: its transpose is Fortran-ordered, and Aᵀ −= Xᵀ Uᵀ is the same update.
+            out = dgemm(alpha=-1.0, a=X.T, b=U.T, beta=1.0, c=A.T, overwrite_c=True)
+            if np.shares_memory(out, A):
+                return
+            A[...] = out.T
+            return
+    except ImportError:  # pragma: no cover - scipy always ships BLAS
+        pass
+    A -= U @ X
+
+
 # ------------------------------------------------------------------------------------ swaps
-def improve_by_swaps(problem: SelectionProblem, mask: np.ndarray, *, budget: float | None = None,
-                     deadline: float | None = None, w: Whitened | None = None,
-                     max_passes: int = 20) -> np.ndarray:
-    """1-swap local search: replace one kept channel by one dropped channel while the error drops.
-
-    Keeps ``|S|`` and respects ``Σ cost <= budget``. For each kept channel the inverse of the rest is
-    a block downdate, and every candidate's gain is a Schur complement (no refit per candidate).
-    Stops at a local optimum, after ``max_passes`` passes, or at ``deadline`` (``time.perf_counter``).
-    """
-    w = w or whiten(problem)
-    costs = problem.costs
-    mask = np.asarray(mask, bool).copy()
-    base_now = w.explained(mask)
-    for _ in range(max_passes):
-        improved = False
-        for g in np.flatnonzero(mask):
-            if deadline is not None and time.perf_counter() > deadline:
-                return mask
-            rest_mask = mask.copy()
-            rest_mask[g] = False
-            cs = w.col_mask(rest_mask)
-            idx = np.flatnonzero(cs)
-            if idx.size:
-                Mss = w.M[np.ix_(idx, idx)] + BACKWARD_RIDGE * np.eye(idx.size)
-                cf = scipy.linalg.cho_factor(Mss, check_finite=False)
-                Ws = scipy.linalg.cho_solve(cf, w.B[idx], check_finite=False)
-                base = float(np.sum(w.B[idx] * Ws))
-                other = ~cs
-                X = scipy.linalg.cho_solve(cf, w.M[np.ix_(idx, other)], check_finite=False)   # s × o
-                R = w.B[other] - w.M[np.ix_(other, idx)] @ Ws
-                Mo = w.M[np.ix_(other, other)]
-                ocols = np.flatnonzero(other)
-            else:
-                base, R, ocols = 0.0, w.B, np.arange(w.M.shape[0])
-                X, Mo, idx = None, w.M, idx
-            free_budget = None if budget is None else budget - costs[rest_mask].sum()
-            best_gain, best_h = base_now - base + 1e-12 * w.target_sq, -1
-            for h in np.flatnonzero(~mask):
-                if free_budget is not None and costs[h] > free_budget + 1e-12:
-                    continue
-                pos = np.flatnonzero(w.col_group[ocols] == h)
-                if pos.size == 0:
-                    continue
-                Sg = Mo[np.ix_(pos, pos)]
-                if X is not None:
-                    Sg = Sg - w.M[np.ix_(ocols[pos], idx)] @ X[:, pos]
-                lam, U = np.linalg.eigh(Sg)
-                ok = lam > SPAN_ATOL
-                P = U[:, ok].T @ R[pos]
-                gain = float(np.sum(P * P / lam[ok, None]))
-                if gain > best_gain:
-                    best_gain, best_h = gain, h
-            if best_h >= 0:
-                mask[g], mask[best_h] = False, True
-                base_now = base + best_gain
-                improved = True
-        if not improved:
-            break
-    return mask
-
-
 # ------------------------------------------------------------------------------------ methods
 def select_greedy(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
                   backend: str | None = None, time_limit: float | None = None,
                   seed: int = 0) -> SelectionResult:
     """Forward selection (see the module docstring); ``Status.FEASIBLE``, ``bound=None``.
 
-    ``k`` and/or ``budget`` as in :func:`solvers.select_channels`; ``backend``, ``time_limit`` and
-    ``seed`` are accepted for the common signature and unused (k steps of O(d·(s + m)·r) each).
+    ``k`` and/or ``budget`` as in :func:`solvers.select_channels`; at ``time_limit`` (seconds) the
+    rest is filled by the last gains and the status is ``TIME_LIMIT``; ``backend`` and ``seed`` are
+    accepted for the common signature and unused (k steps of O(d·(s + m)·r) each).
     """
     start = time.perf_counter()
-    mask = forward_mask(problem, k, budget)
-    return result_from_mask(problem, mask, method="greedy", start=start, iterations=int(mask.sum()))
+    deadline = None if time_limit is None else start + float(time_limit)
+    mask = forward_mask(problem, k, budget, deadline=deadline)
+    return result_from_mask(problem, mask, method="greedy", start=start, iterations=int(mask.sum()),
+                            status=_status(deadline))
+
+
+def _status(deadline: float | None) -> Status:
+    return Status.TIME_LIMIT if deadline is not None and time.perf_counter() > deadline else Status.FEASIBLE
 
 
 def select_backward(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
@@ -360,14 +407,15 @@ def select_backward(problem: SelectionProblem, *, k: int | None = None, budget: 
                     seed: int = 0) -> SelectionResult:
     """Backward elimination (see the module docstring); ``Status.FEASIBLE``, ``bound=None``.
 
-    ``k`` and/or ``budget`` as in :func:`solvers.select_channels`; ``backend``, ``time_limit`` and
-    ``seed`` are accepted for the common signature and unused (C − k steps of O(d²·r) each).
+    ``k`` and/or ``budget`` as in :func:`solvers.select_channels`; at ``time_limit`` (seconds) the
+    channels still to go are dropped by the last scores and the status is ``TIME_LIMIT``; ``backend``
+    and ``seed`` are accepted for the common signature and unused (C − k steps of O(d²·r) each).
     """
     start = time.perf_counter()
-    mask = backward_mask(problem, k, budget)
+    deadline = None if time_limit is None else start + float(time_limit)
+    mask = backward_mask(problem, k, budget, deadline=deadline)
     return result_from_mask(problem, mask, method="backward", start=start,
-                            iterations=int(problem.n_channels - mask.sum()))
+                            iterations=int(problem.n_channels - mask.sum()), status=_status(deadline))
 
 
-__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "improve_by_swaps",
-           "whiten", "Whitened"]
+__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "whiten", "Whitened"]

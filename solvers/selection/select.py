@@ -20,10 +20,11 @@ METHODS: dict[str, str] = {
     "exact": "solvers.selection.exact:select_exact",
     "greedy": "solvers.selection.greedy:select_greedy",
     "backward": "solvers.selection.greedy:select_backward",
+    "swap": "solvers.selection.swap:select_swap",
 }
 
 # Methods that accept a cost budget (Σ cost ≤ budget) instead of, or with, a cardinality k.
-BUDGET_METHODS = {"exact", "greedy", "backward"}
+BUDGET_METHODS = {"exact", "greedy", "backward", "swap"}
 # Methods that prove a lower bound and so can be asked for a relative optimality gap.
 GAP_METHODS = {"exact"}
 

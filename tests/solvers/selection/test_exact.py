@@ -184,3 +184,81 @@ def test_node_lmo_upper_bounds_every_feasible_binary_choice():
                 continue
             best = max(best, a[x].sum())
         assert upper >= best - 1e-12
+
+
+def test_block_shift_minorant_is_valid_for_every_subset():
+    """Block-diagonal shifts D_g (optimal perspective, first order): M − D ⪰ 0 and L − Σ_S a_g <= err(S)·‖Y‖²."""
+    from solvers.selection.exact import _Search, _block_shift
+    from solvers.selection.perspective import eig_blocks, rotate
+
+    p = make_problem(9, 3, 3, 120, seed=22, correlation=0.9)
+    w = whiten(p)
+    t = choose_shift(w)
+    S = _Search(p, 4, None, Relaxation(w, t), None, 1e-4)
+    S.offer(brute_force(p, 4)[0], "opt")
+    D, trace = _block_shift(S, w, t, None, 25)
+    assert D is not None and max(trace) > trace[0]          # the ascent found stronger shifts
+    Dm = np.zeros_like(w.M)
+    for g in range(9):
+        Dm[w.cols(g), w.cols(g)] = D[g]
+        assert np.linalg.eigvalsh(D[g])[0] > 0
+    assert np.linalg.eigvalsh(w.M - Dm)[0] >= 0
+    U, d = eig_blocks(D)
+    wr = rotate(w, U)
+    rel = Relaxation(wr, d)
+    subsets = [list(c) for r in range(0, 10) for c in itertools.combinations(range(9), r)]
+    for S_ in subsets[::7]:                                      # rotation leaves every refit error alone
+        m = np.zeros(9, bool)
+        m[S_] = True
+        assert wr.explained(m) == pytest.approx(w.explained(m), rel=1e-9, abs=1e-12 * p.target_sq)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        z = rng.uniform(0, 1, size=9)
+        W, F = rel.solve(z, np.zeros(9, bool))
+        L, a = rel.dual(W)
+        assert L - a @ z == pytest.approx(F, rel=1e-7, abs=1e-9 * p.target_sq)
+        for S_ in subsets:
+            m = np.zeros(9, bool)
+            m[S_] = True
+            assert L - a[m].sum() <= p.error(m) * p.target_sq * (1 + 1e-9) + 1e-9 * p.target_sq
+
+
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_block_root_bound_is_valid_and_no_weaker_than_the_scalar_one(problem, k):
+    _, opt = brute_force(problem, k)
+    res = select_exact(problem, k=k, rel_gap=TIGHT, lasso=False, shift="block")
+    assert res.info["root_bound"] <= opt + 1e-9
+    assert res.info["root_bound"] >= res.info["root_bound_scalar"] - 1e-12
+    assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
+    scalar = select_exact(problem, k=k, rel_gap=TIGHT, lasso=False, shift="scalar")
+    assert scalar.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and "shift_steps" not in scalar.info
+
+
+def test_large_problems_take_the_uniform_shift_and_stay_exact(monkeypatch):
+    import solvers.selection.exact as ex
+
+    p, k = BANK[BANK_IDS.index("dense_C12_k6")]
+    monkeypatch.setattr(ex, "NEWTON_MAX_COLUMNS", 4)          # as if r were in the thousands
+    w = whiten(p)
+    t = choose_shift(w)
+    assert np.ptp(t) == 0 and t[0] > 0                           # one shift: 0.9·λ_min
+    assert np.linalg.eigvalsh(w.M - np.diag(t[w.col_group]))[0] >= 0
+    res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False)
+    assert res.objective == pytest.approx(brute_force(p, k)[1], rel=1e-9) and res.status is Status.OPTIMAL
+
+
+def test_bad_shift_name_is_rejected():
+    p, k = BANK[0]
+    with pytest.raises(InvalidInputError, match="shift must be 'block' or 'scalar'"):
+        select_exact(p, k=k, shift="diagonal")
+
+
+def test_no_time_for_a_factorization_gives_the_incumbent_and_a_zero_bound(monkeypatch):
+    import solvers.selection.exact as ex
+
+    p, k = BANK[BANK_IDS.index("dense_C12_k6")]
+    monkeypatch.setattr(ex, "FLOP_RATE", 1e-3)               # as if r were far too large for the limit
+    res = select_exact(p, k=k, time_limit=5.0, lasso=False)
+    assert res.status is Status.TIME_LIMIT and res.bound == 0.0 and res.gap == pytest.approx(1.0)
+    assert res.k == k and res.objective == pytest.approx(p.error(res.mask), rel=1e-12)
+    assert res.info["skipped_root"] and res.solve_time < 5.0

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from solvers import SelectionProblem, Status, select_channels
-from solvers.selection.greedy import backward_mask, forward_mask, forward_path, improve_by_swaps, whiten
+from solvers.selection.greedy import backward_mask, forward_mask, forward_path, whiten
+from solvers.selection.swap import improve_by_swaps
 from tests.solvers.selection.bank import BANK, BANK_IDS, BUDGET_BANK, BUDGET_IDS, brute_force, make_greedy_trap, make_problem
 
 
@@ -120,3 +121,29 @@ def test_dead_and_duplicate_channels_are_handled():
         assert res.k == 3 and not res.mask[1]
         assert res.objective >= brute_force(p, 3)[1] - 1e-12
         assert np.all(np.isfinite(res.weights))
+
+
+def test_whiten_matches_the_dense_transform_with_unsorted_and_rank_deficient_channels():
+    rng = np.random.default_rng(11)
+    Z = rng.normal(size=(80, 9))
+    Z[:, 4] = Z[:, 1] + Z[:, 7]                       # channel 1 (columns 1, 4, 7) has rank 2
+    groups = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])    # interleaved columns
+    Y = Z @ rng.normal(size=(9, 2))
+    p = SelectionProblem.from_data(Z, Y, groups)
+    w = whiten(p)
+    assert list(np.diff(w.starts)) == [3, 2, 3]
+    for g in range(3):
+        np.testing.assert_allclose(w.M[w.cols(g), w.cols(g)], np.eye(w.starts[g + 1] - w.starts[g]), atol=1e-9)
+    for S in ([0], [1], [2], [0, 1], [1, 2], [0, 1, 2]):
+        m = p.mask_from_support(S)
+        assert max(p.target_sq - w.explained(m), 0) / p.target_sq == pytest.approx(p.error(m), rel=1e-8, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["greedy", "backward", "swap"])
+def test_a_time_limit_still_returns_k_channels(method):
+    p = make_problem(40, 3, 4, 300, seed=2)
+    res = select_channels(p, k=20, method=method, time_limit=1e-6)
+    assert res.k == 20 and res.status is Status.TIME_LIMIT
+    assert res.objective == pytest.approx(p.error(res.mask), rel=1e-12)
+    free = select_channels(p, k=20, method=method)
+    assert free.status is Status.FEASIBLE and free.objective <= res.objective * (1 + 1e-9)

@@ -1,0 +1,309 @@
+"""Swap local search (``method="swap"``): exchange one kept channel for one dropped channel while the
+refit error drops (OSSCAR-style, Meng et al. 2024), with rank-r updates of the inverse Gram.
+
+Everything runs in whitened coordinates (:func:`solvers.selection.greedy.whiten`: each channel's
+columns orthonormal, ``M_gg = I``; refit errors unchanged). For the kept set ``S`` (columns) and the
+dropped set ``O`` the state is
+
+* ``Minv = (M_SS + εI)⁻¹`` (s×s) and ``W = Minv B_S`` (s×m), the refitted weights;
+* ``K = Minv M_SO`` (s×o): regression coefficients of every dropped column on the kept ones;
+* ``R = B_O − M_OS W`` (o×m) and ``Σ_h = M_hh − M_hS K_h`` per dropped channel: residual cross and
+  residual Gram of each candidate.
+
+Swap ``g`` (kept) for ``h`` (dropped): with ``P_g = Minv_gg`` (so ``P_g⁻¹`` is g's residual Gram on
+``S∖g``), removing ``g`` loses ``tr(W_gᵀ P_g⁻¹ W_g)`` and turns h's residuals into
+``Σ'_h = Σ_h + K_ghᵀ P_g⁻¹ K_gh`` and ``R'_h = R_h + K_ghᵀ P_g⁻¹ W_g``; adding ``h`` then gains
+``tr(R'_hᵀ Σ'_h⁻¹ R'_h)``. Every pair (g, h) is scored at once from ``R_O W_Sᵀ`` (one matmul) and
+batched r×r solves — no refit per candidate — and the best swap is applied as a block downdate
+(remove g) and a block update (add h) of the state: O(s·o·r + s²·r) per swap, not O(s³).
+The small ridge ``ε`` (whitened units) keeps the inverses defined when channels are collinear; the
+reported errors are exact refits, and the search never returns a set worse than its start.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from solvers.selection.baselines import result_from_mask
+from solvers.selection.greedy import BACKWARD_RIDGE, Whitened, backward_mask, forward_mask, whiten
+from solvers.selection.problem import SelectionProblem
+from solvers.result import SelectionResult, Status
+
+# Pair scores are computed in chunks of kept channels holding about this many (pair × r²) entries,
+# so the batch never outgrows a few tens of MB whatever C.
+PAIR_CHUNK = 4_000_000
+# A swap must improve the explained energy by more than this fraction of ‖Y‖² (round-off guard).
+MIN_GAIN = 1e-12
+# Recompute the state from scratch after this many incremental swaps (bounds drift of Minv).
+REFRESH_EVERY = 64
+
+
+def _inv_sym(A: np.ndarray) -> np.ndarray:
+    A = 0.5 * (A + np.swapaxes(A, -1, -2))
+    return np.linalg.inv(A)
+
+
+class SwapState:
+    """Kept set, inverse Gram and candidate residuals of a swap search (see the module docstring)."""
+
+    def __init__(self, w: Whitened, mask: np.ndarray, ridge: float = BACKWARD_RIDGE):
+        self.w = w
+        self.ridge = ridge
+        self.mask = np.asarray(mask, bool).copy()
+        self.sizes = np.diff(w.starts)
+        self.rmax = max(int(self.sizes.max()), 1) if self.sizes.size else 1
+        self.swaps = 0
+        self._rebuild()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _cols_of(self, channels) -> np.ndarray:
+        w = self.w
+        if len(channels) == 0:
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.arange(w.starts[g], w.starts[g + 1]) for g in channels]).astype(np.int64)
+
+    def _rebuild(self) -> None:
+        """Factor the state from scratch: O(s³ + s²·o + s·o·m)."""
+        w = self.w
+        self.kept = [int(g) for g in np.flatnonzero(self.mask)]
+        self.out = [int(g) for g in np.flatnonzero(~self.mask)]
+        self.scols = self._cols_of(self.kept)
+        self.ocols = self._cols_of(self.out)
+        s = self.scols.size
+        Mss = w.M[np.ix_(self.scols, self.scols)] + self.ridge * np.eye(s)
+        self.Minv = _inv_sym(Mss) if s else np.zeros((0, 0))
+        self.W = self.Minv @ w.B[self.scols]
+        Mso = w.M[np.ix_(self.scols, self.ocols)]
+        self.K = self.Minv @ Mso
+        self.R = w.B[self.ocols] - Mso.T @ self.W
+        self.Sig = {}
+        pos = 0
+        for h in self.out:
+            q = int(self.sizes[h])
+            sl = slice(pos, pos + q)
+            c = self.ocols[sl]
+            self.Sig[h] = (w.M[np.ix_(c, c)] + self.ridge * np.eye(q)) - Mso[:, sl].T @ self.K[:, sl]
+            pos += q
+        self.explained = float(np.sum(w.B[self.scols] * self.W))
+        self.since_refresh = 0
+
+    def _spos(self, g: int) -> np.ndarray:
+        return np.flatnonzero(self.w.col_group[self.scols] == g)
+
+    def _opos(self, h: int) -> np.ndarray:
+        return np.flatnonzero(self.w.col_group[self.ocols] == h)
+
+    # ------------------------------------------------------------------ scores
+    def best_swap(self, allowed: np.ndarray | None = None) -> tuple[int, int, float]:
+        """The pair (g kept, h dropped) with the largest change of explained energy, and that change.
+
+        ``allowed`` (len(kept) × len(out) bool), optional, masks pairs (e.g. a cost budget).
+        Returns (-1, -1, -inf) when there is no pair.
+        """
+        nk, no = len(self.kept), len(self.out)
+        if nk == 0 or no == 0:
+            return -1, -1, -np.inf
+        r, m = self.rmax, self.W.shape[1]
+        # Padded per-channel index arrays (pad -> an extra zero row/column).
+        s, o = self.scols.size, self.ocols.size
+        sidx = np.full((nk, r), s, np.int64)
+        spos_of = {g: self._spos(g) for g in self.kept}
+        for i, g in enumerate(self.kept):
+            p = spos_of[g]
+            sidx[i, :p.size] = p
+        oidx = np.full((no, r), o, np.int64)
+        for j, h in enumerate(self.out):
+            p = self._opos(h)
+            oidx[j, :p.size] = p
+        Minv_pad = np.zeros((s + 1, s + 1))
+        Minv_pad[:s, :s] = self.Minv
+        P = Minv_pad[sidx[:, :, None], sidx[:, None, :]]                  # nk×r×r
+        pad_s = sidx == s
+        P[pad_s] = 0.0
+        P[np.broadcast_to(pad_s[:, :, None] & pad_s[:, None, :], P.shape) & np.eye(r, dtype=bool)] = 1.0
+        lam, U = np.linalg.eigh(0.5 * (P + np.swapaxes(P, 1, 2)))
+        lam = np.maximum(lam, 1e-300)
+        Pih = (U / np.sqrt(lam)[:, None, :]) @ np.swapaxes(U, 1, 2)     # P^{-1/2}, nk×r×r
+        W_pad = np.vstack([self.W, np.zeros((1, m))])
+        What = Pih @ W_pad[sidx]                                          # nk×r×m
+        loss = np.einsum("krm,krm->k", What, What)
+        WW = What @ np.swapaxes(What, 1, 2)                               # nk×r×r
+        R_pad = np.vstack([self.R, np.zeros((1, m))])
+        Rh = R_pad[oidx]                                                  # no×r×m
+        RR = Rh @ np.swapaxes(Rh, 1, 2)                                   # no×r×r
+        Sig = np.broadcast_to(np.eye(r), (no, r, r)).copy()
+        for j, h in enumerate(self.out):
+            q = int(self.sizes[h])
+            if q:
+                Sig[j, :q, :q] = self.Sig[h]
+        # X[k, j] = R_h Ŵ_gᵀ (r×r), from one matmul over all columns.
+        X = (Rh.reshape(no * r, m) @ What.reshape(nk * r, m).T).reshape(no, r, nk, r).transpose(2, 0, 1, 3)
+        K_pad = np.zeros((s + 1, o + 1))
+        K_pad[:s, :o] = self.K
+        best = (-1, -1, -np.inf)
+        step = max(1, PAIR_CHUNK // max(1, no * r * r))
+        for a in range(0, nk, step):
+            b = min(nk, a + step)
+            Kb = K_pad[sidx[a:b, None, :, None], oidx[None, :, None, :]]  # c×no×r×r (p×q)
+            Kh = Pih[a:b, None] @ Kb                                        # P^{-1/2} K
+            KhT = np.swapaxes(Kh, 2, 3)
+            S2 = Sig[None] + KhT @ Kh                                       # Σ'_h
+            XK = X[a:b] @ Kh                                                # (R Ŵᵀ)(P^{-1/2}K): q×q
+            RR2 = RR[None] + XK + np.swapaxes(XK, 2, 3) + KhT @ WW[a:b, None] @ Kh
+            if r == 1:
+                gain = RR2[..., 0, 0] / S2[..., 0, 0]
+            else:
+                gain = np.trace(np.linalg.solve(S2, RR2), axis1=2, axis2=3)
+            delta = gain - loss[a:b, None]
+            if allowed is not None:
+                delta = np.where(allowed[a:b], delta, -np.inf)
+            i, j = np.unravel_index(int(np.argmax(delta)), delta.shape)
+            if delta[i, j] > best[2]:
+                best = (self.kept[a + i], self.out[j], float(delta[i, j]))
+        return best
+
+    # ------------------------------------------------------------------ moves
+    def remove(self, g: int) -> None:
+        """Move kept channel ``g`` to the dropped set (block downdate of ``Minv``)."""
+        w = self.w
+        pg = self._spos(g)
+        rest = np.setdiff1d(np.arange(self.scols.size), pg)
+        Pinv = _inv_sym(self.Minv[np.ix_(pg, pg)])          # g's residual Gram on S∖g
+        A = self.Minv[np.ix_(rest, pg)]
+        APi = A @ Pinv
+        Kg = self.K[pg]                                      # p×o
+        Wg = self.W[pg]
+        PiW = Pinv @ Wg
+        self.explained -= float(np.sum(Wg * PiW))
+        for j, h in enumerate(self.out):
+            q = self._opos(h)
+            if q.size:
+                self.Sig[h] = self.Sig[h] + Kg[:, q].T @ Pinv @ Kg[:, q]
+        self.R = np.vstack([self.R + Kg.T @ PiW, PiW])
+        K_rest = self.K[rest] - APi @ Kg
+        self.K = np.hstack([K_rest, -APi])
+        self.W = self.W[rest] - APi @ Wg
+        self.Minv = self.Minv[np.ix_(rest, rest)] - APi @ A.T
+        self.Sig[g] = Pinv
+        self.scols = self.scols[rest]
+        self.ocols = np.r_[self.ocols, np.arange(w.starts[g], w.starts[g + 1])]
+        self.kept.remove(g)
+        self.out.append(g)
+        self.mask[g] = False
+
+    def add(self, h: int) -> None:
+        """Move dropped channel ``h`` to the kept set (block update of ``Minv``)."""
+        w = self.w
+        ph = self._opos(h)
+        rest = np.setdiff1d(np.arange(self.ocols.size), ph)
+        Shinv = _inv_sym(self.Sig.pop(h))
+        kh = self.K[:, ph]                                   # s×q
+        orest = self.ocols[rest]
+        hc = self.ocols[ph]
+        E = w.M[np.ix_(hc, orest)] - kh.T @ w.M[np.ix_(self.scols, orest)]   # residual cross, q×o'
+        Rh = self.R[ph]
+        SiR = Shinv @ Rh
+        SiE = Shinv @ E
+        self.explained += float(np.sum(Rh * SiR))
+        for h2 in self.out:
+            if h2 == h:
+                continue
+            q = np.flatnonzero(w.col_group[orest] == h2)
+            if q.size:
+                self.Sig[h2] = self.Sig[h2] - E[:, q].T @ SiE[:, q]
+        kS = kh @ Shinv
+        self.Minv = np.block([[self.Minv + kS @ kh.T, -kS], [-kS.T, Shinv]])
+        self.W = np.vstack([self.W - kS @ Rh, SiR])
+        self.K = np.vstack([self.K[:, rest] - kh @ SiE, SiE])
+        self.R = self.R[rest] - E.T @ SiR
+        self.scols = np.r_[self.scols, hc]
+        self.ocols = orest
+        self.out.remove(h)
+        self.kept.append(h)
+        self.mask[h] = True
+
+    def swap(self, g: int, h: int) -> None:
+        self.remove(g)
+        self.add(h)
+        self.swaps += 1
+        self.since_refresh += 1
+        if self.since_refresh >= REFRESH_EVERY:
+            self._rebuild()
+
+
+def swap_search(problem: SelectionProblem, mask: np.ndarray, *, budget: float | None = None,
+                deadline: float | None = None, w: Whitened | None = None, max_swaps: int | None = None,
+                ) -> tuple[np.ndarray, int]:
+    """Best-improvement 1-swap local search from ``mask``: ``(mask, swaps made)``.
+
+    Keeps ``|S|``; with ``budget`` only swaps keeping ``Σ cost <= budget`` are made. Stops at a local
+    optimum (no swap lowers the error by more than ``MIN_GAIN``·‖Y‖²), after ``max_swaps``, or at
+    ``deadline`` (``time.perf_counter`` seconds). Never returns a set with a larger refit error.
+    """
+    w = w or whiten(problem)
+    start_mask = np.asarray(mask, bool).copy()
+    if start_mask.all() or not start_mask.any():
+        return start_mask, 0
+    st = SwapState(w, start_mask)
+    costs = problem.costs
+    tol = MIN_GAIN * w.target_sq
+    while max_swaps is None or st.swaps < max_swaps:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        allowed = None
+        if budget is not None:
+            spent = float(costs[st.mask].sum())
+            kc, oc = np.asarray(st.kept), np.asarray(st.out)
+            allowed = (costs[oc][None, :] - costs[kc][:, None]) <= budget - spent + 1e-9
+        g, h, delta = st.best_swap(allowed)
+        if g < 0 or not delta > tol:
+            break
+        st.swap(g, h)
+    found = st.mask.copy()
+    if st.swaps and w.explained(found) < w.explained(start_mask):   # round-off guard: never worse
+        return start_mask, 0
+    return found, st.swaps
+
+
+def improve_by_swaps(problem: SelectionProblem, mask: np.ndarray, *, budget: float | None = None,
+                     deadline: float | None = None, w: Whitened | None = None,
+                     max_passes: int = 20) -> np.ndarray:
+    """1-swap local search: replace one kept channel by one dropped channel while the error drops.
+
+    Keeps ``|S|`` and respects ``Σ cost <= budget``. Runs :func:`solvers.selection.swap.swap_search`
+    (every pair scored at once, rank-r updates of the inverse Gram) for at most ``max_passes·|S|``
+    swaps; stops at a local optimum or at ``deadline`` (``time.perf_counter``). Never worse than ``mask``.
+    """
+    mask = np.asarray(mask, bool)
+    found, _ = swap_search(problem, mask, budget=budget, deadline=deadline, w=w,
+                           max_swaps=max(1, max_passes) * max(1, int(mask.sum())))
+    return found
+
+
+def select_swap(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
+                backend: str | None = None, time_limit: float | None = None, seed: int = 0) -> SelectionResult:
+    """Backward elimination and forward selection, then swap local search from the better one.
+
+    ``Status.FEASIBLE`` (``TIME_LIMIT`` when ``time_limit`` stopped it), ``bound=None`` (local search
+    proves nothing). ``k`` and/or ``budget`` as in :func:`solvers.select_channels`; ``time_limit``
+    (seconds) stops the starts and the swaps (a feasible set is always returned); ``backend`` and
+    ``seed`` are unused. ``info``: ``start`` (which heuristic it started
+    from), ``start_error``, ``swaps``.
+    """
+    start = time.perf_counter()
+    deadline = None if time_limit is None else start + float(time_limit)
+    w = whiten(problem)
+    starts = {"backward": backward_mask(problem, k, budget, w=w, deadline=deadline)}
+    if deadline is None or time.perf_counter() < deadline:
+        starts["greedy"] = forward_mask(problem, k, budget, w=w, deadline=deadline)
+    explained = {name: w.explained(m) for name, m in starts.items()}
+    name = max(explained, key=lambda n: (explained[n], n == "backward"))
+    mask, swaps = swap_search(problem, starts[name], budget=budget, deadline=deadline, w=w)
+    info = {"start": name, "start_error": max(w.target_sq - explained[name], 0.0) / w.target_sq, "swaps": swaps}
+    timed_out = deadline is not None and time.perf_counter() > deadline
+    return result_from_mask(problem, mask, method="swap", start=start, iterations=swaps, info=info,
+                            status=Status.TIME_LIMIT if timed_out else Status.FEASIBLE)
+
+
+__all__ = ["select_swap", "swap_search", "improve_by_swaps", "SwapState"]

@@ -1,0 +1,91 @@
+"""Swap local search: rank-r updates against fresh factorizations, scores against refits, never worse."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from solvers import Status, select_channels
+from solvers.selection.greedy import whiten
+from solvers.selection.swap import SwapState, swap_search
+from tests.solvers.selection.bank import BANK, BANK_IDS, BUDGET_BANK, BUDGET_IDS, brute_force, make_greedy_trap, make_problem
+
+
+def _sorted_state(st: SwapState):
+    so, oo = np.argsort(st.scols), np.argsort(st.ocols)
+    return st.Minv[np.ix_(so, so)], st.W[so], st.K[np.ix_(so, oo)], st.R[oo]
+
+
+def test_incremental_updates_match_a_fresh_factorization():
+    p = make_problem(12, 3, 4, 200, seed=3)
+    w = whiten(p)
+    mask = np.zeros(12, bool)
+    mask[[0, 2, 5, 7, 9]] = True
+    st = SwapState(w, mask)
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        st.swap(int(rng.choice(st.kept)), int(rng.choice(st.out)))
+        ref = SwapState(w, st.mask)
+        for a, b in zip(_sorted_state(st), _sorted_state(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+        for h in st.out:
+            np.testing.assert_allclose(st.Sig[h], ref.Sig[h], rtol=1e-8, atol=1e-10)
+        assert st.explained == pytest.approx(w.explained(st.mask), rel=1e-9)
+
+
+def test_best_swap_is_the_best_refit_among_all_pairs():
+    p = make_problem(10, 2, 3, 150, seed=5)
+    w = whiten(p)
+    mask = np.zeros(10, bool)
+    mask[[1, 3, 4, 8]] = True
+    g, h, delta = SwapState(w, mask).best_swap()
+    base = w.explained(mask)
+    deltas = {}
+    for gg in np.flatnonzero(mask):
+        for hh in np.flatnonzero(~mask):
+            m = mask.copy()
+            m[gg], m[hh] = False, True
+            deltas[(gg, hh)] = w.explained(m) - base
+    best = max(deltas, key=deltas.get)
+    assert (g, h) == best
+    assert delta == pytest.approx(deltas[best], rel=1e-7)
+
+
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_swap_method_is_never_worse_than_its_starts(problem, k):
+    res = select_channels(problem, k=k, method="swap")
+    assert res.method == "swap" and res.status is Status.FEASIBLE and res.bound is None and res.k == k
+    assert res.objective == pytest.approx(problem.error(res.mask), rel=1e-12)
+    assert res.objective >= brute_force(problem, k)[1] - 1e-12
+    for other in ("backward", "greedy"):
+        assert res.objective <= select_channels(problem, k=k, method=other).objective * (1 + 1e-9) + 1e-14
+
+
+def test_swap_escapes_the_greedy_trap():
+    p = make_greedy_trap(6, 2, 120, seed=12)
+    start = np.zeros(6, bool)
+    start[[2, 4]] = True                      # the trap: the noisy proxy and a distractor
+    found, swaps = swap_search(p, start)
+    assert swaps >= 1 and found.sum() == 2
+    assert p.error(found) == pytest.approx(brute_force(p, 2)[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("problem, budget", BUDGET_BANK, ids=BUDGET_IDS)
+def test_swap_respects_the_budget(problem, budget):
+    res = select_channels(problem, budget=budget, method="swap")
+    assert problem.costs[res.mask].sum() <= budget + 1e-9
+    assert res.objective >= brute_force(problem, budget=budget)[1] - 1e-12
+    assert res.objective <= select_channels(problem, budget=budget, method="backward").objective * (1 + 1e-9) + 1e-14
+
+
+def test_collinear_and_dead_channels_stay_finite():
+    rng = np.random.default_rng(4)
+    Z = rng.normal(size=(200, 12))
+    Z[:, 2:4] = 0.0                 # channel 1 is dead
+    Z[:, 8:10] = Z[:, 0:2]          # channel 4 duplicates channel 0
+    Y = Z @ rng.normal(size=(12, 3))
+    from solvers import SelectionProblem
+
+    p = SelectionProblem.from_data(Z, Y, np.repeat(np.arange(6), 2))
+    res = select_channels(p, k=3, method="swap")
+    assert res.k == 3 and np.all(np.isfinite(res.weights))
+    assert res.objective == pytest.approx(brute_force(p, 3)[1], rel=1e-7, abs=1e-10)
