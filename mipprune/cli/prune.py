@@ -26,21 +26,10 @@ _INPUT_SHAPES = ((1, 8, 8), (64,))  # the digits as images (CNNs) or flat vector
 
 
 def _load_model(path: Path):
-    import torch
-    from torch import nn
+    """The pickled ``nn.Module`` at ``path`` (see :func:`mipprune.model_io.load_model`)."""
+    from mipprune.model_io import load_model
 
-    if not path.is_file():
-        raise InvalidInputError(f"--model must be an existing file; got {str(path)!r}")
-    try:
-        # A full pickled module (torch.save(model, path)) needs weights_only=False: trusted files only.
-        model = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise InvalidInputError(f"--model must be a module saved with torch.save(model, FILE); got "
-                                f"{type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise InvalidInputError(f"--model must hold a torch.nn.Module saved with torch.save(model, FILE); "
-                                f"got {type(model).__name__} (a state_dict needs its model class)")
-    return model
+    return load_model(path)[0]
 
 
 def _infer_input_shape(model, x_images) -> tuple[int, ...]:
@@ -103,6 +92,17 @@ def prune_command(
                                         "layer stops as optimal (default 1e-4)."),
     sequential: bool = typer.Option(True, "--sequential/--one-shot",
                                     help="He et al.'s sequential calibration (default) or one capture."),
+    input_shape: Optional[str] = typer.Option(
+        None, "--input-shape", help="Per-sample input shape of --model, e.g. 3,32,32: prune it on --data (or random "
+        "inputs) instead of the digits."),
+    data_path: Optional[Path] = typer.Option(None, "--data", help="Calibration inputs of --model: a tensor saved with "
+                                             "torch.save or a .npy array (N, *input shape)."),
+    labels_path: Optional[Path] = typer.Option(None, "--labels", help="Labels (N,) of --data, for accuracy."),
+    onnx_path: Optional[Path] = typer.Option(None, "--onnx", help="Also write the pruned model as one ONNX file."),
+    groups: str = typer.Option("auto", "--groups", help="Channel analysis: auto, pairs, or graph (groups through "
+                               "residual adds, concats, gates, depthwise/grouped convs)."),
+    max_memory: float = typer.Option(4.0, "--max-memory", help="GiB of statistics one channel group may take; a "
+                                     "larger group stays whole."),
 ) -> None:
     """Prune a digits classifier: select the channels to keep per layer, refit, and report accuracy,
     parameters and FLOPs before and after (with and without least-squares reconstruction)."""
@@ -125,12 +125,32 @@ def prune_command(
         raise InvalidInputError(f"--finetune must be >= 0 epochs; got {finetune_epochs}")
     if sparsity is None and flops is None and params is None:
         sparsity = 0.5
+    if not max_memory > 0:
+        raise InvalidInputError(f"--max-memory must be > 0 GiB; got {max_memory}")
+    if model is None and (input_shape is not None or data_path is not None or labels_path is not None):
+        raise InvalidInputError("--input-shape, --data and --labels must come with --model FILE; got no --model")
     selector = ChannelSelector(method, sparsity=sparsity, flops=flops, params=params, backend=backend,
                                budget_backend=budget_backend, budget_time_limit=budget_time_limit,
                                positions=positions, seed=seed, time_limit=time_limit, sequential=sequential,
-                               max_iter=max_iter, gap=gap, device=dev, progress=True)
+                               max_iter=max_iter, gap=gap, device=dev, progress=True, groups=groups,
+                               max_memory=int(max_memory * 2**30))
     target = (f"sparsity={sparsity}" if sparsity is not None else
               f"flops={flops}" if flops is not None else f"params={params}")
+
+    if model is not None and (input_shape is not None or data_path is not None):
+        from mipprune.cli._any_model import prune_any_model
+
+        record = prune_any_model(model_path=model, input_shape=input_shape, data_path=data_path,
+                                 labels_path=labels_path, selector=selector, out=out, onnx_path=onnx_path, seed=seed,
+                                 device=dev, console=console)
+        if json_path is not None:
+            record["config"] = {"method": method, "sparsity": sparsity, "flops_target": flops, "params_target": params,
+                                "groups": groups, "seed": seed, "positions": positions, "sequential": sequential,
+                                "device": str(dev), "max_memory_gib": max_memory}
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(record, indent=2, default=str))
+            console.print(f"results written to {json_path}")
+        return
 
     t0 = time.perf_counter()
     if model is None:
@@ -207,6 +227,12 @@ def prune_command(
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(pruned.cpu(), out)
         console.print(f"pruned model saved to {out} (load with torch.load(path, weights_only=False))")
+    if onnx_path is not None:
+        from mipprune.model_io import export_onnx
+
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(pruned.cpu(), onnx_path, x_test[:1].cpu())
+        console.print(f"ONNX written to {onnx_path}")
     if json_path is not None:
         record = {
             "config": {"model": source, "method": method, "sparsity": sparsity, "flops_target": flops,

@@ -161,6 +161,17 @@ class ChannelSelector:
         Device of the forward passes during calibration (``None``: the model's).
     progress : bool
         Show a rich progress bar over calibration and selection.
+    groups : str
+        ``"auto"`` (default): single producer → consumer pairs (:mod:`mipprune.pruning.graph`) when
+        those are all the model has, else channel groups through residual adds, concats, gates,
+        depthwise / grouped convolutions and channel shuffles (:mod:`mipprune.pruning.channel_graph`,
+        joint selection over each group's consumers: :mod:`mipprune.pruning.group_selector`);
+        ``"pairs"`` / ``"graph"`` force one. Over groups, ``layer`` names in ``k``, ``get_support``
+        and the report are group names (their producers joined by ``+``) or a producer's name;
+        criteria and ``"tecu"`` need pairs.
+    max_memory : int or None
+        Bytes one group's float64 statistics may take (estimated before any allocation); a group
+        above it is left whole and listed in the report (channel groups only; ``None``: no cap).
 
     Attributes (after ``fit``)
     --------------------------
@@ -173,6 +184,9 @@ class ChannelSelector:
         achieved size, achieved ratio (measured on ``pruned_model_``), window, allocation status,
         objective, bound, gap, time, widths, and how the error curves were computed.
     tecu_history_ : list of dict (``"tecu"`` only): the end-to-end objective per outer iteration.
+    graph_ : the :class:`~mipprune.pruning.channel_graph.ChannelGraph` in channel-group mode, else None;
+        then ``groups_`` are its prunable ``ChannelGroup`` s, ``masks_`` / ``results_`` are keyed by group
+        name (masks over units), and ``skipped_`` names the groups left whole for ``max_memory``.
     """
 
     def __init__(self, method: str = "lasso", *, sparsity: float | None = None,
@@ -181,7 +195,8 @@ class ChannelSelector:
                  budget_tolerance: float = 0.005, positions: int = 10, seed: int = 0,
                  time_limit: float | None = None, max_samples: int | None = None, sequential: bool = True,
                  max_iter: int = 3, objective: str = "output", exact_max_channels: int = 64,
-                 gap: float | None = None, device: str | torch.device | None = None, progress: bool = False):
+                 gap: float | None = None, device: str | torch.device | None = None, progress: bool = False,
+                 groups: str = "auto", max_memory: int | None = 4 * 2**30):
         known = _known_methods()
         if not isinstance(method, str) or method not in known:
             raise InvalidInputError(f"method must be one of {known}; got {method!r}")
@@ -248,6 +263,15 @@ class ChannelSelector:
         self.exact_max_channels = int(exact_max_channels)
         self.device = device
         self.progress = bool(progress)
+        from mipprune.pruning.group_selector import GROUP_MODES
+
+        if groups not in GROUP_MODES:
+            raise InvalidInputError(f"groups must be one of {list(GROUP_MODES)}; got {groups!r}")
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, np.integer))
+                                       or max_memory < 1):
+            raise InvalidInputError(f"max_memory must be a number of bytes >= 1 or None; got {max_memory!r}")
+        self.groups = groups
+        self.max_memory = None if max_memory is None else int(max_memory)
 
     def _target_repr(self) -> str:
         for name in ("sparsity", "k", "flops", "params"):
@@ -329,7 +353,16 @@ class ChannelSelector:
         example = x0[:1].detach().to(dev)
         with eval_mode(dense), torch.no_grad():
             run_calibration_batch(dense, x0, 0, dev, probe=True)   # a wrong shape or NaN told as such, first
-            groups = list(find_prune_groups(dense, example))
+            from mipprune.pruning.group_selector import use_graph
+
+            graph = use_graph(self, dense, example)
+            groups = [] if graph is not None else list(find_prune_groups(dense, example))
+        if graph is not None:  # residual adds, concats, gates, grouped convs …: joint selection per group
+            from mipprune.pruning.group_selector import fit_graph
+
+            return fit_graph(self, model, dense, data, example, graph, home, start, fingerprint=_fingerprint,
+                             progress=_progress)
+        self.graph_ = None
         if not groups:
             raise InvalidInputError("model must have at least one prunable channel group (a Conv2d/Linear "
                                     "whose outputs feed another Conv2d/Linear); got none")
@@ -449,6 +482,10 @@ class ChannelSelector:
     def get_support(self, layer: str) -> np.ndarray:
         """Bool mask (C,) of the kept input channels of consumer ``layer`` (or of the group whose
         producer is ``layer``); all ``True`` for a group that was not pruned."""
+        if getattr(self, "graph_", None) is not None:
+            from mipprune.pruning.group_selector import graph_support
+
+            return graph_support(self, layer)
         group = self._group_of(layer)
         return self.masks_[group.consumer].copy()
 
@@ -459,6 +496,10 @@ class ChannelSelector:
         same mask with the old weights), bound, gap, status, method, backend, solve_time and
         capture_time (seconds), n_samples (rows of Z)."""
         self._check_fitted()
+        if getattr(self, "graph_", None) is not None:
+            from mipprune.pruning.group_selector import graph_report_rows
+
+            return graph_report_rows(self)
         rows = []
         for g in self.groups_:
             res = self.results_.get(g.consumer)
@@ -493,7 +534,11 @@ class ChannelSelector:
         table.caption = ("rel. error: ‖Y − Ŷ‖²/‖Y‖² of the layer output after the least-squares refit, on the "
                          "calibration data; no refit: same channels, old weights; bound: proven lower bound on the "
                          "optimal rel. error (certifying methods only); gap: proven optimality gap")
-        if self.budget_ is not None:
+        if getattr(self, "graph_", None) is not None:
+            from mipprune.pruning.group_selector import graph_caption
+
+            table.caption += "\n" + graph_caption(self)
+        elif self.budget_ is not None:
             b, a = self.budget_, self.budget_["allocation"]
             gap = "-" if a["gap"] is None else f"{100 * a['gap']:.2f}%"
             lo, hi = b["window"]
@@ -538,6 +583,10 @@ class ChannelSelector:
             raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if reconstruct and id(model) == self._fitted_id and _fingerprint(model) == self._fitted_fingerprint:
             return copy.deepcopy(self.pruned_model_)
+        if getattr(self, "graph_", None) is not None:
+            from mipprune.pruning.group_selector import graph_prune
+
+            return graph_prune(self, model, reconstruct)
         example = self.example_input_.to(model_device(model))
         with eval_mode(model), torch.no_grad():
             try:

@@ -1,0 +1,145 @@
+"""Joint selection over a channel group: one kept set shared by all the group's consumers.
+
+A group's problem is the sum of its consumers' reconstruction errors over one kept set of units.
+Each consumer ``q`` has its own statistics ``G_q = Z_qᵀZ_q``, ``B_q = Z_qᵀY_q``, ``‖Y_q‖²`` (from
+:func:`mipprune.pruning.bridge.capture`); its columns that belong to the group are mapped to the
+group's units, and the block-diagonal stack
+
+    G = diag(G_q / ‖Y_q‖²),   B = diag(B_q / ‖Y_q‖²),   ‖Y‖² = Σ_q ‖Y'_q‖² / ‖Y_q‖²
+
+is an ordinary :class:`solvers.SelectionProblem` (each column's group is its unit), so every method
+(lasso, exact, greedy, backward, magnitude, random, the criteria) works on groups unchanged: the
+least-squares refit of a block-diagonal problem separates into one refit per consumer.
+
+**Weighting.** Each consumer enters with weight ``1/‖Y_q‖²``: the objective is the *sum of the
+consumers' relative errors*. Consumers differ in scale by orders of magnitude (a squeeze-excitation
+``fc1`` on pooled features next to a 3×3 conv on the full map, a classifier next to a bottleneck),
+and an absolute sum would let the largest output decide alone; the relative error is what each
+layer's row of the report shows, is invariant to rescaling a layer, and makes every consumer
+equally important — we know nothing better about their downstream sensitivity at this point.
+
+**Columns of other groups.** A consumer reading a concat also reads channels of other groups, which
+stay (they are decided by their own groups). They are kept in its least squares: their columns are
+*partialled out* (Schur complement ``G_AA − G_AF G_FF⁻¹ G_FA``, likewise for ``B`` and ``‖Y‖²``), so
+the group's problem is exactly the consumer's error with those columns refitted alongside.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+from mipprune.pruning.bridge import LayerStatistics
+from mipprune.pruning.channel_graph import ChannelGroup, Member
+from solvers.errors import InvalidInputError
+from solvers.selection.problem import SelectionProblem
+
+__all__ = ["DEFAULT_RIDGE", "group_problem", "refit_consumers", "ridge_of"]
+
+
+def _solve_psd(G: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``G⁻¹B`` for a PSD ``G`` (Cholesky; least squares when singular)."""
+    try:
+        X = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, check_finite=False), B, check_finite=False)
+        if np.all(np.isfinite(X)) and np.linalg.norm(G @ X - B) <= 1e-6 * (np.linalg.norm(B) + 1e-300):
+            return X
+    except (np.linalg.LinAlgError, ValueError):
+        pass
+    return scipy.linalg.lstsq(G, B, cond=1e-12, check_finite=False)[0]
+
+
+def ridge_of(gram: np.ndarray, ridge: float) -> float:
+    """The absolute ridge ``ridge · mean(diag G)`` (0 for ``ridge = 0``)."""
+    return float(ridge * max(np.trace(gram) / max(gram.shape[0], 1), 1e-300)) if ridge else 0.0
+
+
+def _consumer_block(member: Member, st: LayerStatistics, ridge: float):
+    """(G', B', yy', units of the group's columns, W_A) of one consumer, other groups partialled out."""
+    cu = member.column_units()
+    if cu.size != st.gram.shape[0]:
+        raise InvalidInputError(f"statistics of {member.module!r} must have {cu.size} columns (the layer's input "
+                                f"in the channel graph); got {st.gram.shape[0]}")
+    a = np.flatnonzero(cu >= 0)
+    f = np.flatnonzero(cu < 0)
+    lam = ridge_of(st.gram, ridge)
+    G, B, yy = st.gram[np.ix_(a, a)], st.cross[a], float(st.target_sq)
+    if lam:
+        G[np.diag_indices_from(G)] += lam
+    if f.size:
+        Gaf = st.gram[np.ix_(a, f)]
+        Gff = st.gram[np.ix_(f, f)]
+        if lam:
+            Gff[np.diag_indices_from(Gff)] += lam
+        X = _solve_psd(Gff, np.hstack([Gaf.T, st.cross[f]]))
+        Xa, Xb = X[:, :a.size], X[:, a.size:]
+        G = G - Gaf @ Xa
+        B = B - Gaf @ Xb
+        yy = yy - float(np.sum(st.cross[f] * Xb))
+    return G, B, yy, cu[a], st.weights[a]
+
+
+DEFAULT_RIDGE = 1e-6  # relative to the mean diagonal of each consumer's Gram
+
+
+def group_problem(group: ChannelGroup, stats: dict[str, LayerStatistics], costs=None,
+                  ridge: float = DEFAULT_RIDGE) -> SelectionProblem:
+    """The joint :class:`solvers.SelectionProblem` of ``group`` (see the module docstring).
+
+    Parameters
+    ----------
+    group : ChannelGroup
+        A prunable group.
+    stats : {consumer name: LayerStatistics}
+        Every consumer's statistics, captured on the model the group belongs to.
+    costs : array (n_units,), optional
+    ridge : float
+        Added to each consumer Gram's diagonal, times its mean diagonal: with fewer samples than
+        columns (a wide 3×3 conv, a short calibration) ``G`` is singular and every refit would fall
+        back to a slow least-squares solve; ``1e-6`` changes a full-rank problem negligibly and
+        keeps Cholesky applicable. Errors reported by :func:`refit_consumers` use the plain Gram.
+
+    Returns
+    -------
+    SelectionProblem over ``group.n_units`` channels (units); its ``error`` is
+    ``Σ_q err_q / Σ_q ‖Y'_q‖²/‖Y_q‖²`` (a fixed multiple of the sum of relative errors).
+    """
+    blocks = []
+    for m in group.consumers:
+        if m.module not in stats:
+            raise InvalidInputError(f"stats must hold every consumer of group {group.name!r}; got none for "
+                                    f"{m.module!r}")
+        blocks.append(_consumer_block(m, stats[m.module], ridge))
+    scale = [1.0 / max(float(stats[m.module].target_sq), 1e-300) for m in group.consumers]
+    G = scipy.linalg.block_diag(*[b[0] * s for b, s in zip(blocks, scale)])
+    B = scipy.linalg.block_diag(*[b[1] * s for b, s in zip(blocks, scale)])
+    W = scipy.linalg.block_diag(*[b[4] for b in blocks])
+    units = np.concatenate([b[3] for b in blocks])
+    yy = sum(max(b[2], 0.0) * s for b, s in zip(blocks, scale))
+    missing = np.setdiff1d(np.arange(group.n_units), units)
+    if missing.size:  # units no consumer reads: a zero column each (free to drop)
+        G = np.pad(G, ((0, missing.size), (0, missing.size)))
+        B = np.pad(B, ((0, missing.size), (0, 0)))
+        W = np.pad(W, ((0, missing.size), (0, 0)))
+        units = np.concatenate([units, missing])
+    yy = max(yy, 1e-12 * len(blocks))
+    return SelectionProblem(G, B, yy, units, costs=costs, weights=W)
+
+
+def refit_consumers(group: ChannelGroup, mask: np.ndarray, stats: dict[str, LayerStatistics],
+                    ridge: float = DEFAULT_RIDGE) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Least-squares weights and relative errors of every consumer of ``group`` keeping ``mask``.
+
+    Returns ``({consumer: W (d, m) with zero rows on removed columns}, {consumer: relative error})``;
+    columns of other groups are kept and refitted too. The fit uses the same relative ``ridge`` as
+    :func:`group_problem`; the errors are measured on the plain statistics.
+    """
+    weights, errors = {}, {}
+    for m in group.consumers:
+        st = stats[m.module]
+        keep = np.ones(m.units.size, dtype=bool)
+        mine = m.units >= 0
+        keep[mine] = mask[m.units[mine]]
+        problem = SelectionProblem(st.gram, st.cross, max(st.target_sq, 1e-300), st.groups, weights=st.weights)
+        W = problem.refit(keep, ridge=ridge_of(st.gram, ridge))
+        weights[m.module] = W
+        errors[m.module] = problem.error_of(W)
+    return weights, errors
