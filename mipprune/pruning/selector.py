@@ -576,7 +576,7 @@ class ChannelSelector:
         weights, sliced to the kept channels (mask only, no least-squares refit).
         """
         from mipprune.pruning.graph import find_prune_groups
-        from mipprune.torch_utils import eval_mode, model_device
+        from mipprune.torch_utils import eval_mode, model_device, prepare_input
 
         self._check_fitted()
         if not isinstance(model, nn.Module):
@@ -589,6 +589,12 @@ class ChannelSelector:
             return graph_prune(self, model, reconstruct)
         example = self.example_input_.to(model_device(model))
         with eval_mode(model), torch.no_grad():
+            try:   # said in this call's terms before the graph analysis says "example_input"
+                model(prepare_input(model, example))
+            except Exception as exc:
+                raise InvalidInputError(
+                    f"model must have the architecture of the fitted one and take its calibration input "
+                    f"(one sample of shape {tuple(example.shape)}); got {type(exc).__name__}: {exc}") from exc
             try:
                 groups = list(find_prune_groups(model, example))
             except MipPruneError:

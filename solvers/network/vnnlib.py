@@ -386,7 +386,8 @@ def read_result(path) -> tuple[str, np.ndarray | None, np.ndarray | None]:
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise InvalidInputError(f"result file must exist; got {p!r} (not found)")
-    text = open(p, encoding="utf-8").read()
+    with open(p, encoding="utf-8") as fh:
+        text = fh.read()
     head, _, rest = text.strip().partition("\n")
     word = head.strip()
     if word not in ("sat", "unsat", "timeout", "unknown", "error"):

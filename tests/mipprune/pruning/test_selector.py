@@ -143,6 +143,9 @@ def test_prune_returns_smaller_working_copy(setup, fitted_magnitude):
     torch.testing.assert_close(predict(replay, data.x_test), predict(pruned, data.x_test))
     with pytest.raises(InvalidInputError, match="model must have the prunable groups of the fitted one"):
         fitted_magnitude.prune(nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 10)))
+    with pytest.raises(InvalidInputError, match=r"model must have the architecture of the fitted one and take its "
+                                                r"calibration input \(one sample of shape \(1, 1, 8, 8\)\)"):
+        fitted_magnitude.prune(nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)))
 
 
 def test_report_table_and_rows(fitted_magnitude):
