@@ -26,7 +26,8 @@ def test_all_shared_properties_parse_to_one_box_in_unit_cube_with_nine_disjuncts
         eps = float(f.stem.split("_")[-1])
         assert np.max(spec.upper - spec.lower) <= 2 * eps + 1e-6
         assert len(spec.disjuncts) == 9
-        label = int(open(f).readline().split("label:")[1].strip().rstrip("."))
+        with open(f) as fh:
+            label = int(fh.readline().split("label:")[1].strip().rstrip("."))
         for A, b in spec.disjuncts:   # "Y_j >= Y_label" is  Y_label − Y_j <= 0
             assert A.shape == (1, 10) and b[0] == 0.0
             assert A[0, label] == 1.0 and A.sum() == 0.0 and np.count_nonzero(A) == 2
