@@ -76,14 +76,21 @@ class CostModel:
 
     def cost(self, widths: Mapping[str, int] | None = None) -> float:
         """Total cost at ``widths`` ({consumer: k}; groups not named stay at full width)."""
-        w = dict(self.channels)
-        w.update(widths or {})
-        total = self.constant + sum(c * w[g] for g, c in self.linear.items())
-        return total + sum(c * w[g] * w[h] for (g, h), c in self.bilinear.items())
+        return polynomial_cost(self.channels, self.constant, self.linear, self.bilinear, widths)
 
     def ratio(self, widths: Mapping[str, int] | None = None) -> float:
         """``cost(widths) / dense``."""
         return self.cost(widths) / self.dense
+
+
+def polynomial_cost(full: Mapping[str, int], constant: float, linear: Mapping[str, float],
+                    pairs: Mapping[tuple[str, str], float], widths: Mapping[str, int] | None = None) -> float:
+    """``constant + Σ_g linear[g]·k_g + Σ_(g,h) pairs[(g,h)]·k_g·k_h`` with ``k = full`` updated by
+    ``widths`` (names not given stay at full width): the cost of pairs and of channel groups alike."""
+    w = dict(full)
+    w.update(widths or {})
+    total = constant + sum(c * w[g] for g, c in linear.items())
+    return total + sum(c * w[g] * w[h] for (g, h), c in pairs.items())
 
 
 def _macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:

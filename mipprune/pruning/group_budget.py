@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mipprune.pruning.budget import polynomial_cost
 from mipprune.pruning.channel_graph import ChannelGraph
 from mipprune.torch_utils import evaluation_mode, prepare_input
 from solvers.errors import InfeasibleBudgetError, InvalidInputError
@@ -60,10 +61,7 @@ class GroupCost:
     fixed: dict[str, list[str]]
 
     def cost(self, widths: dict[str, int] | None = None) -> float:
-        w = dict(self.units)
-        w.update(widths or {})
-        total = self.constant + sum(c * w[g] for g, c in self.linear.items())
-        return total + sum(c * w[g] * w[h] for (g, h), c in self.quadratic.items())
+        return polynomial_cost(self.units, self.constant, self.linear, self.quadratic, widths)
 
     def ratio(self, widths: dict[str, int] | None = None) -> float:
         return self.cost(widths) / self.dense
