@@ -10,6 +10,10 @@ halves the nonzeros and made HiGHS markedly faster on the 256×4 MNIST nets):
 * stable active (``l >= 0``): ``a = z`` (one row, ``a ∈ [l, u]``);
 * unstable: ``a ≥ z``, ``a ≤ z − l(1 − δ)``, ``a ≤ u δ``, ``a ∈ [0, u]``, ``δ ∈ {0, 1}``.
 
+Residual skips add their columns to the same rows; a max pool ``h = max_e z_e`` gets a column per
+``z`` and per output and, in each window not decided by the bounds, one binary per element that can
+win (:func:`_add_maxpool`: exact, big-M from the pre-activation bounds).
+
 Zero weights (pruned neurons) cost nothing: the rows are CSR built from the blocks' CSR weights.
 The model is a set of flat arrays (:class:`MilpModel`); :func:`solve_highs` passes them to highspy
 in one ``passModel`` call, :func:`build_pyomo` turns them into a Pyomo ``ConcreteModel`` for any
@@ -25,6 +29,7 @@ import scipy.sparse as sp
 
 from solvers.errors import InvalidInputError, SolverError
 from solvers.network.ir import as_blocks
+from solvers.network.layers import pool_split
 from solvers.network.spec import Region, make_region
 from solvers.result import Status, relative_gap
 
@@ -174,15 +179,35 @@ def build_milp(network, pre_lower, pre_upper, region: Region | None = None, *, l
                  np.concatenate([-np.ones(n_in), -np.ones(n_in)]), np.full(n_in, -np.inf), -c)
         add_rows(np.zeros(n_in, dtype=int), t_cols, np.ones(n_in), [-np.inf], [region.l1_radius])
 
-    prev_cols = x_cols
+    h_cols = [x_cols]    # per activation h_k, the column of each unit (−1: constant zero)
     z_cols: list[np.ndarray] = []
     unit_cols: list[np.ndarray] = []
     binary_cols: list[np.ndarray] = []
+    pool_binaries = 0
+    pool_cols: dict[int, tuple] = {}   # pool block → (binary columns, their window, their element)
     for i, blk in enumerate(blocks[:-1]):
         l, u = pre_lower[i], pre_upper[i]
-        W = blk.weight.tocoo()
+        Ws, srcs = blk.stacked(i)
+        prev_cols = np.concatenate([h_cols[k] for k in srcs])
+        W = Ws.tocoo()
         live_in = prev_cols[W.col] >= 0
         Wr, Wc, Wv = W.row[live_in], prev_cols[W.col[live_in]], W.data[live_in]
+        if blk.pool is not None:   # exact max pooling: one binary per window element that can win
+            n = l.size
+            z_col = ncol + np.arange(n)
+            ncol += n
+            col_lo.append(l)
+            col_hi.append(u)
+            integ.append(np.zeros(n, dtype=np.uint8))
+            add_rows(np.concatenate([Wr, np.arange(n)]), np.concatenate([Wc, z_col]),
+                     np.concatenate([-Wv, np.ones(n)]), blk.bias, blk.bias)   # z − W h = b
+            ncol, pc = _add_maxpool(blk.pool, l, u, z_col, ncol, col_lo, col_hi, integ, add_rows, h_cols)
+            pool_binaries += pc[0].size
+            pool_cols[i] = pc
+            z_cols.append(z_col)
+            unit_cols.append(h_cols[-1])
+            binary_cols.append(np.full(n, -1))
+            continue
         active, unstable = (l >= 0) & (u > 0), (l < 0) & (u > 0)
         alive = active | unstable
         n = l.size
@@ -223,6 +248,7 @@ def build_milp(network, pre_lower, pre_upper, region: Region | None = None, *, l
                      np.concatenate([-Wv[sel], np.ones(nu)]), bu, bu)
             rr, zc, zv, off = np.arange(nu), z_col, -np.ones(nu), np.zeros(nu)
         else:
+            z_cols.append(np.zeros(0, int))
             rr, zc, zv, off = fu[Wr[sel]], Wc[sel], -Wv[sel], bu
         # a − z ≥ 0, i.e. a − W h ≥ b
         add_rows(np.concatenate([rr, np.arange(nu)]), np.concatenate([zc, a_col[ku]]),
@@ -236,13 +262,15 @@ def build_milp(network, pre_lower, pre_upper, region: Region | None = None, *, l
                  np.concatenate([np.ones(nu), -uu]), np.full(nu, -np.inf), np.zeros(nu))
         unit_cols.append(a_col)
         binary_cols.append(d_col)
-        prev_cols = a_col
+        h_cols.append(a_col)
 
     A = _csr(np.concatenate(R) if R else np.zeros(0, int), np.concatenate(Cc) if Cc else np.zeros(0, int),
              np.concatenate(V) if V else np.zeros(0), (nrow, ncol))
     A.sum_duplicates()
     last = blocks[-1]
-    W = last.weight.tocoo()
+    Ws, srcs = last.stacked(len(blocks) - 1)
+    prev_cols = np.concatenate([h_cols[k] for k in srcs])
+    W = Ws.tocoo()
     keep = prev_cols[W.col] >= 0
     M = _csr(W.row[keep], prev_cols[W.col[keep]], W.data[keep], (last.shape[0], ncol))
     model = MilpModel(
@@ -251,8 +279,57 @@ def build_milp(network, pre_lower, pre_upper, region: Region | None = None, *, l
         col_lower=np.concatenate(col_lo), col_upper=np.concatenate(col_hi), integrality=np.concatenate(integ),
         x_cols=x_cols, unit_cols=unit_cols, binary_cols=binary_cols, out_map=(M, last.bias.copy()),
         info={"t_cols": np.arange(n_in, 2 * n_in) if region.has_l1 else None, "l1_center": region.l1_center,
-              "z_cols": z_cols if preact_vars else None})
+              "z_cols": z_cols, "pool_binaries": pool_binaries,
+              "pool_cols": pool_cols})
     return replace(model, build_time=time.perf_counter() - t0)
+
+
+def _add_maxpool(pool, l, u, z_col, ncol, col_lo, col_hi, integ, add_rows, h_cols) -> tuple[int, tuple]:
+    """Exact ``h_j = max_{e ∈ window j} z_e`` (Tjeng et al. 2019): ``h >= z_e`` for every element that
+    can win (``u_e > l_star``, :func:`~solvers.network.layers.pool_split`), and with one binary ``δ_e``
+    per such element ``h <= z_e + (U_j − l_e)(1 − δ_e)``, ``Σ_e δ_e = 1`` (``U_j = max u``). A window
+    with a single possible winner is ``h = z_star`` (no binary). Returns ``(ncol, (binary columns, their
+    window, their element))``."""
+    star, gap, lo_h, hi_h = pool_split(l, u, pool)
+    nh = pool.shape[0]
+    h_col = ncol + np.arange(nh)
+    ncol += nh
+    col_lo.append(lo_h)
+    col_hi.append(hi_h)
+    integ.append(np.zeros(nh, dtype=np.uint8))
+    h_cols.append(h_col)
+    # candidates: unique (window, element) pairs that can be the max
+    pairs = np.unique(np.stack([np.repeat(np.arange(nh), pool.shape[1]), pool.ravel()], 1), axis=0)
+    j, e = pairs[:, 0], pairs[:, 1]
+    cand = (u[e] > l[star[j]]) | (e == star[j])
+    decided = gap[j] <= 0
+    # decided windows: h − z_star = 0
+    dj = np.flatnonzero(gap <= 0)
+    if dj.size:
+        add_rows(np.concatenate([np.arange(dj.size)] * 2), np.concatenate([h_col[dj], z_col[star[dj]]]),
+                 np.concatenate([np.ones(dj.size), -np.ones(dj.size)]), np.zeros(dj.size), np.zeros(dj.size))
+    sel = cand & ~decided
+    j, e = j[sel], e[sel]
+    nc = j.size
+    if nc == 0:
+        return ncol, (np.zeros(0, int), j, e)
+    k = np.arange(nc)
+    # h − z_e ≥ 0
+    add_rows(np.concatenate([k, k]), np.concatenate([h_col[j], z_col[e]]),
+             np.concatenate([np.ones(nc), -np.ones(nc)]), np.zeros(nc), np.full(nc, np.inf))
+    d_col = ncol + k
+    ncol += nc
+    col_lo.append(np.zeros(nc))
+    col_hi.append(np.ones(nc))
+    integ.append(np.ones(nc, dtype=np.uint8))
+    big = hi_h[j] - l[e]
+    # h − z_e + (U − l_e) δ_e ≤ U − l_e
+    add_rows(np.concatenate([k, k, k]), np.concatenate([h_col[j], z_col[e], d_col]),
+             np.concatenate([np.ones(nc), -np.ones(nc), big]), np.full(nc, -np.inf), big)
+    # Σ_e δ_e = 1 per open window
+    wins, row = np.unique(j, return_inverse=True)
+    add_rows(row, d_col, np.ones(nc), np.ones(wins.size), np.ones(wins.size))
+    return ncol, (d_col, j, e)
 
 
 # --------------------------------------------------------------------------- HiGHS
@@ -484,15 +561,28 @@ def solution_from_input(model: MilpModel, network, x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     v = np.zeros(model.n_vars)
     v[model.x_cols] = x
-    h = x
+    hs = [x]
     for i, blk in enumerate(blocks[:-1]):
-        z = blk.weight @ h + blk.bias
+        z = sum(W @ hs[k] for k, W in blk.terms(i)) + blk.bias
+        if blk.pool is not None:
+            h = z[blk.pool].max(axis=1)
+            v[model.info["z_cols"][i]] = z
+            v[model.unit_cols[i]] = h
+            d_col, j, e = model.info["pool_cols"][i]
+            wins = z[e] >= h[j]
+            first = np.zeros_like(wins)
+            _, at = np.unique(np.where(wins, j, -1), return_index=True)   # one winner per window
+            first[at[np.where(wins, j, -1)[at] >= 0]] = True
+            v[d_col] = first.astype(float)
+            hs.append(h)
+            continue
         h = np.maximum(z, 0.0)
         ac, dc = model.unit_cols[i], model.binary_cols[i]
         v[ac[ac >= 0]] = h[ac >= 0]
         v[dc[dc >= 0]] = (z[dc >= 0] > 0).astype(float)
-        if model.info.get("z_cols") is not None:
+        if model.info["z_cols"][i].size:
             v[model.info["z_cols"][i]] = z[dc >= 0]
+        hs.append(h)
     if model.info.get("t_cols") is not None:
         tc = model.info["t_cols"]
         v[tc] = np.abs(x - model.info["l1_center"])

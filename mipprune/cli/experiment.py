@@ -25,7 +25,7 @@ def experiment(
 ) -> None:
     """Train MLPs, prune them, and time the adversarial-example MILP on dense vs pruned networks."""
     from mipprune.cli._console import make_console
-    from mipprune.experiment.report import headline_text, results_table
+    from mipprune.experiment.report import headline_table, headline_text, results_table
     from mipprune.experiment.config import load_config
     from mipprune.experiment.run import run_experiment
 
@@ -38,5 +38,7 @@ def experiment(
     res = run_experiment(cfg, out, progress=progress, console=console)
     console.print(results_table(res))
     console.print(headline_text(res).replace("**", ""))
+    if res.headline and res.headline.get("best"):
+        console.print(headline_table(res))
     console.print(f"[dim]{res.n_run} queries run, {res.n_skipped} resumed; {res.wall_time:.0f} s. "
                   f"Report: {res.files.get('report')}[/]")

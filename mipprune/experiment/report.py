@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 METHOD_COLORS = {"lasso": "tab:blue", "exact": "tab:purple", "greedy": "tab:cyan", "backward": "tab:olive",
@@ -37,8 +38,52 @@ def verified_text(a: dict) -> str:
     return ("≥" if a.get("verified_is_lower_bound") else "") + f"{a['speedup_median_verified']:.1f}×"
 
 
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else None
+
+
+def _times(x) -> str:
+    return "–" if x is None else f"{x:.1f}×"
+
+
+def headline_rows(res) -> list[dict] | None:
+    """The headline's three kinds of result for the best pruned net (see :func:`headline_text`), plus
+    all its queries; ``None`` when there is no best net. Each row: ``kind`` ("a", "b", "c", "all"),
+    ``what``, ``queries``, ``speedup`` (text), ``detail``."""
+    h = res.headline
+    if h is None or h["best"] is None:
+        return None
+    b = h["best"]
+    ps = [p for p in res.pairs if p["net_id"] == b["net_id"]]
+    both = [p for p in ps if p["bound"] == "exact"]
+    own = [p for p in ps if p["bound"] == "lower"]          # the dense net did not decide, the pruned one did
+    same = sum(p["dense_verdict"] == p["pruned_verdict"] for p in both)
+    n_ver = sum(p["pruned_verdict"] == "verified" for p in own)
+    sur = [x for x in res.surrogate if x["arch"] == h["arch"] and x["dense_verdict"] not in ("verified", "falsified")]
+    settled = [x for x in sur if x["settled"]]
+    rows = [
+        {"kind": "a", "what": "like for like: both nets decide the query", "queries": len(both),
+         "speedup": _times(_median([p["speedup"] for p in both])),
+         "detail": f"same verdict on {same} of {len(both)}"},
+        {"kind": "b", "what": "the pruned net decides its own question (the dense net timed out)",
+         "queries": len(own), "speedup": ("≥" + _times(_median([p["speedup"] for p in own]))) if own else "–",
+         "detail": f"{n_ver} verified / {len(own) - n_ver} falsified, about the pruned net only"},
+        {"kind": "c", "what": "dense time-outs settled by a pruned net's counterexample (re-checked on dense)",
+         "queries": len(sur), "speedup": "–",
+         "settled": len(settled), "detail": f"{len(settled)} of {len(sur)} settled" + (
+             f", median {_median([x['time_to_cex'] for x in settled]):.2f} s to the counterexample" if settled else "")},
+        {"kind": "all", "what": "all queries (unsolved charged at the limit)", "queries": b["queries"],
+         "speedup": speedup_text(b), "detail": f"{b['dense_timeouts']} dense time-out(s)"},
+    ]
+    return rows
+
+
 def headline_text(res) -> str:
-    """One paragraph: the best pruning method's median speed-up on the largest network."""
+    """One readable sentence: on the largest network, the best pruned net within the accuracy budget,
+    (a) its median speed-up where both nets decide the query, (b) how many dense time-outs it decides
+    on its own terms, (c) how many of those its counterexamples settle for the dense net. The
+    numbers per kind are in :func:`headline_table` / :func:`headline_markdown`."""
     h = res.headline
     cfg = res.config
     if h is None:
@@ -47,25 +92,64 @@ def headline_text(res) -> str:
         return (f"Largest network {h['arch']}: no pruned network kept its accuracy within "
                 f"{cfg.max_accuracy_drop:g} point(s) of the dense one, so there is no headline speed-up.")
     b, d = h["best"], h["dense"]
-    lb = " (a lower bound: dense timeouts are charged at the time limit)" if b["speedup_is_lower_bound"] else ""
-    text = (f"Largest network {h['arch']} ({d['neurons']} hidden ReLUs, dense accuracy {100 * d['accuracy']:.2f}%): "
-            f"best pruning within {cfg.max_accuracy_drop:g} point(s) of accuracy is **{b['method']} at "
-            f"{100 * b['sparsity']:.0f}% sparsity** ({100 * b['accuracy']:.2f}%, "
-            f"{points_text(-b['accuracy_drop'])} vs dense): median speed-up of the adversarial query over dense "
-            f"**{speedup_text(b)}**{lb} on {b['queries']} queries ({cfg.time_limit:g} s limit). "
-            f"Dense queries unsolved at the limit: {b['dense_timeouts']}; of these, solved on this pruned "
-            f"net (its own verdict): {b['solved_where_dense_unsolved']}. Like for like, on the "
-            f"{b['n_pruned_verified']} queries this pruned net proved robust (no early exit at a counterexample "
-            f"of the pruned net): median speed-up {verified_text(b)}.")
-    others = [a for m, a in h["per_method"].items() if a is not b]
-    if others:
-        text += " Best sparsity of the other methods within the accuracy budget: " + "; ".join(
-            f"{a['method']} {100 * a['sparsity']:.0f}% {speedup_text(a)} (verified {verified_text(a)})"
-            for a in others) + "."
-    if res.surrogate:
-        text += (f" Surrogate search: {h['surrogate_settled']} of {h['dense_unsolved']} unsolved dense queries "
-                 f"settled by a pruned net's counterexample re-checked on the dense net.")
-    return text
+    a_, b_, c_, _ = headline_rows(res)
+    like = (f"answers the queries both networks decide a median **{a_['speedup']}** faster ({a_['queries']} "
+            f"quer{'y' if a_['queries'] == 1 else 'ies'})" if a_["queries"] else
+            "decides no query that the dense net also decides (no like-for-like speed-up)")
+    n_to = b["dense_timeouts"]
+    if n_to == 0:
+        rest = f" and the dense net decided every query within {cfg.time_limit:g} s"
+    else:
+        rest = (f", decides {b_['queries']} of the dense net's {n_to} time-out{'s' if n_to != 1 else ''} at "
+                f"{cfg.time_limit:g} s on its own terms (its verdicts, not the dense net's)")
+        if cfg.surrogate:
+            rest += (f", and pruned nets' counterexamples settle {c_['settled']} of the {c_['queries']} dense "
+                     "time-outs for the dense net itself")
+    return (f"On the largest network ({h['arch']}, {d['neurons']} hidden ReLUs, dense accuracy "
+            f"{100 * d['accuracy']:.2f} %), **{b['method']} pruning at {100 * b['sparsity']:.0f} % sparsity** "
+            f"({points_text(-b['accuracy_drop'])} of accuracy) {like}{rest}.")
+
+
+_HEADLINE_COLUMNS = ("", "kind of result", "queries", "median speed-up", "verdicts")
+
+
+def headline_table(res):
+    """The headline's rich Table: (a) like for like, (b) own question, (c) surrogate, all queries."""
+    from rich.table import Table
+
+    rows = headline_rows(res)
+    best = (res.headline or {}).get("best")
+    t = Table(title=f"headline — {best['net_id']} vs dense" if best else "headline")
+    for i, col in enumerate(_HEADLINE_COLUMNS):
+        t.add_column(col, justify="right" if col in ("queries", "median speed-up") else "left")
+    for r in rows or []:
+        t.add_row(f"({r['kind']})" if r["kind"] != "all" else "", r["what"], str(r["queries"]), r["speedup"],
+                  r["detail"])
+    return t
+
+
+def headline_markdown(res) -> str:
+    rows = headline_rows(res)
+    if not rows:
+        return ""
+    lines = ["| " + " | ".join(_HEADLINE_COLUMNS) + " |", "|" + "---|" * len(_HEADLINE_COLUMNS)]
+    for r in rows:
+        lines.append(f"| {'(' + r['kind'] + ')' if r['kind'] != 'all' else ''} | {r['what']} | {r['queries']} | "
+                     f"{r['speedup']} | {r['detail']} |")
+    return "\n".join(lines)
+
+
+def other_methods_text(res) -> str:
+    """The best sparsity of every other method within the accuracy budget (one line, or "")."""
+    h = res.headline
+    if not h or h["best"] is None:
+        return ""
+    others = [a for a in h["per_method"].values() if a is not h["best"]]
+    if not others:
+        return ""
+    return "Best sparsity of the other methods within the accuracy budget: " + "; ".join(
+        f"{a['method']} {100 * a['sparsity']:.0f} % {speedup_text(a)} (like for like on proven-robust queries "
+        f"{verified_text(a)})" for a in others) + "."
 
 
 def points_text(change: float, unit: bool = True) -> str:
@@ -272,6 +356,8 @@ def write_report_md(res, out: Path, figures: dict) -> Path:
     lines = [
         "# mipprune experiment: pruning speeds up adversarial-example MILPs", "",
         headline_text(res), "",
+        *([headline_markdown(res), ""] if headline_rows(res) else []),
+        *([other_methods_text(res), ""] if other_methods_text(res) else []),
         f"Networks: {', '.join(dict.fromkeys(a['arch'] for a in res.aggregated))} (hidden widths; digits, 64 inputs, "
         f"10 classes). Methods: {', '.join(cfg.methods)}; sparsities: "
         f"{', '.join(f'{100 * x:.0f}%' for x in cfg.sparsities)}; fine-tuning epochs: {cfg.finetune_epochs}. "
@@ -331,5 +417,6 @@ def write_all(res, data=None) -> dict:
     return files
 
 
-__all__ = ["results_table", "markdown_table", "headline_text", "speedup_text", "write_csv", "write_json",
+__all__ = ["results_table", "markdown_table", "headline_text", "headline_rows", "headline_table",
+           "headline_markdown", "other_methods_text", "speedup_text", "write_csv", "write_json",
            "make_figures", "binaries_measure", "write_report_md", "write_all", "FIGURES"]

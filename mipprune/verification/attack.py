@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from solvers.errors import InvalidInputError
-from solvers.network.layers import Add, Dense, Flatten, Normalize, ReLU
+from solvers.network.layers import Add, Branch, Dense, Flatten, MaxPool2d, Normalize, ReLU
 from solvers.network.ir import Network
 from solvers.network.spec import Spec
 
@@ -38,6 +38,10 @@ def _ops(network: Network, dtype=np.float32) -> list[tuple]:
             ops.append(("relu",))
         elif isinstance(layer, Add):
             ops.append(("add", layer.source))
+        elif isinstance(layer, MaxPool2d):
+            ops.append(("maxpool", layer.windows(shape)))
+        elif isinstance(layer, Branch):
+            ops.append(("branch", layer.source))
         elif isinstance(layer, Flatten):
             ops.append(("id",))
         elif isinstance(layer, Normalize):
@@ -65,6 +69,10 @@ def _forward(ops: list[tuple], X: np.ndarray) -> list[np.ndarray]:
             acts.append(np.maximum(h, 0.0))
         elif kind == "add":
             acts.append(h + acts[op[1]])
+        elif kind == "maxpool":
+            acts.append(h[:, op[1]].max(axis=-1))
+        elif kind == "branch":
+            acts.append(acts[op[1]])
         elif kind == "id":
             acts.append(h)
         elif kind == "scale":
@@ -93,6 +101,16 @@ def _backward(ops: list[tuple], acts: list[np.ndarray], g_out: np.ndarray) -> np
             gi = g
         elif kind == "id":
             gi = g
+        elif kind == "branch":   # the gradient goes to the source; the previous activation gets none
+            src = op[1]
+            grads[src] = g if grads[src] is None else grads[src] + g
+            continue
+        elif kind == "maxpool":   # the gradient flows to each window's (first) maximizer
+            idx = op[1]
+            arg = np.argmax(acts[i][:, idx], axis=-1)                       # (B, n_out)
+            src = idx[np.arange(idx.shape[0])[None, :], arg]                 # (B, n_out)
+            gi = np.zeros_like(acts[i])
+            np.add.at(gi, (np.arange(g.shape[0])[:, None], src), g)
         elif kind == "scale":
             gi = g * op[1]
         else:

@@ -161,6 +161,8 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     net = TorchNet.from_blocks(blocks, device)
     L = net.n_layers
     lo_in, hi_in = net.box(spec.lower, spec.upper)
+    # splits live on ReLU blocks only; max-pool blocks keep their root bounds (a domain whose ReLUs
+    # are all split but which is still open is left to an exact solve: "exhausted")
     rl = [net.tensor(a)[None, :] for a in root_lower[:L - 1]]
     ru = [net.tensor(a)[None, :] for a in root_upper[:L - 1]]
     check = _Checker(network, spec, seed)
@@ -187,18 +189,22 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
         return lb, X, lower, upper
 
     def branch_scores(lower, upper, lb, Cz) -> torch.Tensor:
-        """BaBSR-like intercept scores (D, n_hidden) from the worst open row's back-substitution."""
+        """BaBSR-like intercept scores (D, n_hidden) from the worst open row's back-substitution
+        (max-pool blocks are never split: score −1)."""
         worst = lb.argmin(dim=1)
-        Lam = Cz[worst][:, None, :]                       # (D, 1, n_out)
-        scores = [None] * (L - 1)
-        for i in range(L - 1, 0, -1):
-            Lam = Lam @ net.W[i]                           # coefficient on h_i = ReLU(z_{i-1})
-            j = i - 1
-            a, s, t, unstable = crown.relaxation(lower[j], upper[j])
-            nu = Lam[:, 0, :]
+        D = lb.shape[0]
+        nus: dict = {}
+        crown.backward_bound(net, lower, upper, Cz[worst][:, None, :], torch.zeros(D, 1, dtype=net.dtype,
+                             device=net.device), lo_in.expand(D, -1), hi_in.expand(D, -1), record=nus)
+        scores = []
+        for j in range(L - 1):
+            if not net.is_relu(j):
+                scores.append(torch.full_like(lower[j], -1.0))
+                continue
+            _, _, t, unstable = crown.relaxation(lower[j], upper[j])
+            nu = nus[j][:, 0, :]
             sc = nu.clamp(max=0).neg() * t + 1e-6 * (upper[j] - lower[j])   # tie-break: width
-            scores[j] = torch.where(unstable, sc, torch.full_like(sc, -1.0))
-            Lam = Lam.clamp(min=0) * a[:, None, :] + Lam.clamp(max=0) * s[:, None, :]
+            scores.append(torch.where(unstable, sc, torch.full_like(sc, -1.0)))
         return torch.cat(scores, dim=1)
 
     # ---- root: all disjuncts at once

@@ -11,7 +11,10 @@ Three methods, each at least as tight as the one before it on every neuron:
   grows by one layer at a time and only its objective changes between neurons.
 
 The network is seen through :meth:`Network.to_affine_relu`: blocks ``A_0 … A_L`` with
-``z_i = A_i h_i``, ``h_0 = x``, ``h_{i+1} = ReLU(z_i)``; the output is ``z_L``. ``Bounds.lower[i]`` and
+``z_i = A_i(h_i, earlier h_k)`` (residual skips), ``h_0 = x``, ``h_{i+1} = ReLU(z_i)`` or a max pool
+of ``z_i``; the output is ``z_L``. Max pools: CROWN uses ``h >= z_star`` and the exact line where
+the window is decided, else ``h <= max u``; the LP has ``h >= z_e`` for every window element and
+``h <= z_star + gap`` (:func:`solvers.network.layers.pool_split`). ``Bounds.lower[i]`` and
 ``Bounds.upper[i]`` bound ``z_i`` (so the last pair bounds the output).
 
 :func:`linear_lower_bound` bounds a linear function of a block's output (e.g. the property margin
@@ -27,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from solvers.errors import InvalidInputError, SolverError
-from solvers.network.layers import AffineBlock
+from solvers.network.layers import AffineBlock, pool_split
 from solvers.network.ir import as_blocks
 from solvers.network.spec import Region, make_region
 
@@ -123,11 +126,34 @@ def concretize_lower(Lam: np.ndarray, const: np.ndarray, region: Region) -> np.n
 
 
 # --------------------------------------------------------------------------- interval
-def _interval_layer(blk: AffineBlock, lo_in: np.ndarray, hi_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mid, rad = (hi_in + lo_in) / 2, (hi_in - lo_in) / 2
-    c = blk.weight @ mid + blk.bias
-    r = abs(blk.weight) @ rad
+def _interval_block(blocks: Sequence[AffineBlock], i: int, hl: Sequence[np.ndarray], hu: Sequence[np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Interval bounds of ``z_i`` from bounds ``hl[k] <= h_k <= hu[k]`` of every activation it reads."""
+    blk = blocks[i]
+    c, r = blk.bias.copy(), np.zeros(blk.shape[0])
+    for k, W in blk.terms(i):
+        mid, rad = (hu[k] + hl[k]) / 2, (hu[k] - hl[k]) / 2
+        c = c + W @ mid
+        r = r + abs(W) @ rad
     return c - r, c + r
+
+
+def act_bounds(blk: AffineBlock, l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds of ``h_{i+1}`` (ReLU or max pool of ``z_i``) from bounds ``l, u`` of ``z_i``."""
+    if blk.pool is None:
+        return np.maximum(l, 0), np.maximum(u, 0)
+    _, _, lo, hi = pool_split(l, u, blk.pool)
+    return lo, hi
+
+
+def _h_bounds(blocks, lower, upper, region: Region) -> tuple[list, list]:
+    hl, hu = [region.lower], [region.upper]
+    for j in range(len(lower)):
+        if j < len(blocks) - 1:
+            a, b = act_bounds(blocks[j], lower[j], upper[j])
+            hl.append(a)
+            hu.append(b)
+    return hl, hu
 
 
 # --------------------------------------------------------------------------- CROWN
@@ -147,20 +173,50 @@ def relu_relaxation(l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return alpha, s, t
 
 
+def _relax_back(blk: AffineBlock, l: np.ndarray, u: np.ndarray, nu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Back through ``h = act(z)``: the coefficient ``nu`` (m, |h|) on ``h`` becomes one on ``z`` (m, n_z),
+    plus a constant (m,), such that ``nu h >= Lz z + const`` for every ``z`` in ``[l, u]``.
+
+    Max pool: ``h >= z_star`` (the window element with the largest lower bound) for positive
+    coefficients; for negative ones ``h <= z_star + gap`` where the window is decided (gap 0: exact),
+    else ``h <= max u`` (the linear line is looser there by ``u_star − l_star``)."""
+    if blk.pool is None:
+        alpha, s, t = relu_relaxation(l, u)
+        pos, neg = np.maximum(nu, 0), np.minimum(nu, 0)
+        return pos * alpha + neg * s, neg @ t
+    star, gap, _, hi = pool_split(l, u, blk.pool)
+    tau = (gap == 0).astype(np.float64)
+    pos, neg = np.maximum(nu, 0), np.minimum(nu, 0)
+    S = sp.csr_matrix((np.ones(star.size), (np.arange(star.size), star)), shape=(star.size, l.size))
+    Lz = np.asarray((S.T @ (pos + neg * tau).T).T)
+    return Lz, neg @ (tau * gap + (1 - tau) * hi)
+
+
 def _backsubstitute(blocks: Sequence[AffineBlock], lower: Sequence[np.ndarray], upper: Sequence[np.ndarray],
                     layer: int, C: np.ndarray, d: np.ndarray, region: Region, return_lam: bool = False):
-    """Lower bound of ``C @ z_layer + d`` over the region, relaxing ReLUs ``0 … layer−1`` with
-    ``lower[j], upper[j]``. ``C`` (m, n_layer), ``d`` (m,); returns (m,)."""
-    blk = blocks[layer]
-    Lam = np.asarray((blk.weight.T @ C.T).T)          # (m, n_in of block)
-    const = C @ blk.bias + d
-    for j in range(layer - 1, -1, -1):
-        alpha, s, t = relu_relaxation(lower[j], upper[j])
-        pos, neg = np.maximum(Lam, 0), np.minimum(Lam, 0)
-        const = const + neg @ t
-        Lam = pos * alpha + neg * s
-        const = const + Lam @ blocks[j].bias
-        Lam = np.asarray((blocks[j].weight.T @ Lam.T).T)
+    """Lower bound of ``C @ z_layer + d`` over the region, relaxing the activations ``0 … layer−1``
+    with ``lower[j], upper[j]``. ``C`` (m, n_layer), ``d`` (m,); returns (m,).
+
+    Over a DAG (residual skips): the coefficients of every activation ``h_k`` are accumulated from
+    all blocks that read it before ``h_k`` is relaxed (blocks are visited last to first)."""
+    m = C.shape[0]
+    Lh: dict[int, np.ndarray] = {}
+    Lz, const = C, np.asarray(d, dtype=np.float64).copy()
+    for i in range(layer, -1, -1):
+        blk = blocks[i]
+        const = const + Lz @ blk.bias
+        for k, W in blk.terms(i):
+            contrib = np.asarray((W.T @ Lz.T).T)
+            Lh[k] = Lh[k] + contrib if k in Lh else contrib
+        if i == 0:
+            break
+        nu = Lh.pop(i, None)
+        if nu is None:    # nothing later reads h_i
+            Lz = np.zeros((m, blocks[i - 1].shape[0]))
+            continue
+        Lz, c = _relax_back(blocks[i - 1], lower[i - 1], upper[i - 1], nu)
+        const = const + c
+    Lam = Lh.pop(0)
     lb = concretize_lower(Lam, const, region)
     return (lb, Lam) if return_lam else lb
 
@@ -231,13 +287,21 @@ class _TriangleLP:
             h.addRows(n, np.full(n, -self.inf), -c, 2 * n, starts, idx, np.tile([-1.0, -1.0], n))
             h.addRows(1, np.array([-self.inf]), np.array([region.l1_radius]), n, np.zeros(1, np.int32),
                       ti.astype(np.int32), np.ones(n))
-        self.cols = np.arange(n)        # column of each coordinate of the current h_j (−1: constant 0)
+        self.hcols = [np.arange(n)]     # per activation h_k, the column of each coordinate (−1: constant 0)
         self.cost_cols = np.zeros(0, np.int32)
 
-    def add_layer(self, blk: AffineBlock, l: np.ndarray, u: np.ndarray) -> None:
-        """Append ``h = ReLU(W h_prev + b)`` with the triangle relaxation on ``[l, u]``."""
+    def source_cols(self, srcs) -> np.ndarray:
+        """Columns of ``concat(h_k for k in srcs)`` (the column order of :meth:`AffineBlock.stacked`)."""
+        return np.concatenate([self.hcols[k] for k in srcs])
+
+    def add_layer(self, i: int, blk: AffineBlock, l: np.ndarray, u: np.ndarray) -> None:
+        """Append block ``i``: ``h = ReLU(z)`` with the triangle relaxation on ``[l, u]`` (or the max-pool
+        relaxation), ``z`` the block's affine map of the activations it reads."""
+        if blk.pool is not None:
+            return self._add_pool(i, blk, l, u)
         h, inf = self.h, self.inf
-        W = self._restrict(blk.weight)                  # columns of live previous units only
+        Ws, srcs = blk.stacked(i)
+        W = self._restrict(Ws, self.source_cols(srcs))     # columns of live units only
         active, unstable = (l >= 0) & (u > 0), (l < 0) & (u > 0)
         live = np.flatnonzero(active | unstable)
         base = h.getNumCol()
@@ -271,25 +335,52 @@ class _TriangleLP:
             h.addRows(nu, np.zeros(nu), np.full(nu, inf), 2 * nu, starts, idx, np.tile([1.0, -1.0], nu))
             h.addRows(nu, np.full(nu, -inf), -s * l[u_idx], 2 * nu, starts, idx,
                       np.stack([np.ones(nu), -s], 1).ravel())
-        self.cols = newcol
+        self.hcols.append(newcol)
 
-    def _restrict(self, W: sp.csr_matrix) -> sp.csr_matrix:
-        """Map block columns (units of h_prev) to LP columns, dropping constant-zero units."""
-        keep = self.cols >= 0
+    def _add_pool(self, i: int, blk: AffineBlock, l: np.ndarray, u: np.ndarray) -> None:
+        """Max pool: a column per ``z`` (= its affine map), a column per output ``h ∈ [max l, max u]``,
+        ``h >= z_e`` for every window element and ``h <= z_star + gap`` (:func:`pool_split`)."""
+        h, inf = self.h, self.inf
+        Ws, srcs = blk.stacked(i)
+        W = self._restrict(Ws, self.source_cols(srcs))
+        nz, nh = l.size, blk.pool.shape[0]
+        zcol = h.getNumCol() + np.arange(nz)
+        h.addCols(nz, np.zeros(nz), l, u, 0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+        M = self._with_own(-W, zcol)
+        h.addRows(nz, blk.bias, blk.bias, M.nnz, M.indptr[:-1].astype(np.int32), M.indices.astype(np.int32),
+                  M.data.astype(np.float64))
+        star, gap, lo_h, hi_h = pool_split(l, u, blk.pool)
+        hcol = h.getNumCol() + np.arange(nh)
+        h.addCols(nh, np.zeros(nh), lo_h, hi_h, 0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
+        pairs = np.unique(np.stack([np.repeat(np.arange(nh), blk.pool.shape[1]), blk.pool.ravel()], 1), axis=0)
+        npair = pairs.shape[0]
+        idx = np.stack([hcol[pairs[:, 0]], zcol[pairs[:, 1]]], 1).ravel().astype(np.int32)
+        h.addRows(npair, np.zeros(npair), np.full(npair, inf), 2 * npair, np.arange(0, 2 * npair, 2, dtype=np.int32),
+                  idx, np.tile([1.0, -1.0], npair))
+        idx = np.stack([hcol, zcol[star]], 1).ravel().astype(np.int32)
+        h.addRows(nh, np.full(nh, -inf), gap, 2 * nh, np.arange(0, 2 * nh, 2, dtype=np.int32), idx,
+                  np.tile([1.0, -1.0], nh))
+        self.hcols.append(hcol)
+
+    def _restrict(self, W: sp.csr_matrix, cols: np.ndarray) -> sp.csr_matrix:
+        """Map the columns of ``W`` (units of the activations it reads, LP columns ``cols``) to LP
+        columns, dropping constant-zero units (column −1)."""
+        keep = cols >= 0
         Wc = W.tocsc()[:, np.flatnonzero(keep)].tocoo()
-        return sp.csr_matrix((Wc.data, (Wc.row, self.cols[keep][Wc.col])), shape=(W.shape[0], self.h.getNumCol()))
+        return sp.csr_matrix((Wc.data, (Wc.row, cols[keep][Wc.col])), shape=(W.shape[0], self.h.getNumCol()))
 
     def _with_own(self, M: sp.csr_matrix, own: np.ndarray) -> sp.csr_matrix:
         ncol = self.h.getNumCol()
         M = sp.csr_matrix((M.data, M.indices, M.indptr), shape=(M.shape[0], ncol))
         return (M + sp.csr_matrix((np.ones(own.size), (np.arange(own.size), own)), shape=(M.shape[0], ncol))).tocsr()
 
-    def set_objective(self, coef_row: sp.csr_matrix) -> None:
-        """Minimize ``coef_row @ h_current`` (coef_row: (1, n_units) over the current layer's units)."""
+    def set_objective(self, coef_row: sp.csr_matrix, cols: np.ndarray | None = None) -> None:
+        """Minimize ``coef_row @ h`` (coef_row: (1, n_units) over units in LP columns ``cols``; default
+        the last activation added)."""
         h = self.h
         if self.cost_cols.size:
             h.changeColsCost(self.cost_cols.size, self.cost_cols, np.zeros(self.cost_cols.size))
-        r = self._restrict(coef_row)
+        r = self._restrict(sp.csr_matrix(coef_row), self.hcols[-1] if cols is None else cols)
         cols = r.indices.astype(np.int32)
         h.changeColsCost(cols.size, cols, r.data.astype(np.float64))
         self.cost_cols = cols
@@ -310,19 +401,22 @@ class _TriangleLP:
         return v - _LP_TOL * (1.0 + abs(v))
 
 
-def _lp_tighten_layer(lp: _TriangleLP, blk: AffineBlock, lo: np.ndarray, hi: np.ndarray, deadline: float | None,
+def _lp_tighten_layer(lp: _TriangleLP, blocks, i: int, lo: np.ndarray, hi: np.ndarray, deadline: float | None,
                       which: np.ndarray) -> tuple[int, bool]:
-    """Tighten ``lo``/``hi`` (in place) of the neurons ``which`` of ``blk``; returns (solves, finished)."""
+    """Tighten ``lo``/``hi`` (in place) of the neurons ``which`` of block ``i``; returns (solves, finished)."""
     n_solves = 0
-    W = blk.weight
+    blk = blocks[i]
+    W, srcs = blk.stacked(i)
+    cols = lp.source_cols(srcs)
     for k in which:
         for sign in (1.0, -1.0):
             if sign < 0 and hi[k] <= 0 or sign > 0 and lo[k] >= 0:
-                continue   # already decided by the other direction
+                if blk.pool is None or i == len(blocks) - 1:
+                    continue   # already decided by the other direction (a ReLU needs only the sign)
             left = None if deadline is None else deadline - time.perf_counter()
             if left is not None and left <= 0:
                 return n_solves, False
-            lp.set_objective(sign * W[k])
+            lp.set_objective(sign * W[k], cols)
             v = lp.minimize(left)
             n_solves += 1
             if v is None:
@@ -352,13 +446,15 @@ def lp_linear_lower_bound(network, bounds: Bounds, C, d=None, *, region: Region,
     X = np.full((C.shape[0], region.lower.size), np.nan)
     lp = _TriangleLP(region)
     for j in range(len(blocks) - 1):
-        lp.add_layer(blocks[j], bounds.lower[j], bounds.upper[j])
+        lp.add_layer(j, blocks[j], bounds.lower[j], bounds.upper[j])
     last = blocks[-1]
+    W_last, srcs = last.stacked(len(blocks) - 1)
+    cols = lp.source_cols(srcs)
     for r in range(C.shape[0]):
         left = None if time_limit is None else t0 + time_limit - time.perf_counter()
         if left is not None and left <= 0:
             break
-        lp.set_objective(sp.csr_matrix(C[r] @ last.weight))
+        lp.set_objective(sp.csr_matrix(np.asarray(W_last.T @ C[r]).reshape(1, -1)), cols)
         v = lp.minimize(left)
         if v is None:
             continue
@@ -409,14 +505,16 @@ def _compute(blocks, region: Region, method: str, t0: float, deadline: float | N
     lp = None
     n_solves = 0
     t_lp = 0.0
+    hl, hu = [region.lower], [region.upper]
+    L = len(blocks) - 1
     for i, blk in enumerate(blocks):
         if i == 0:
-            lo, hi = _interval_layer(blk, region.lower, region.upper)
+            lo, hi = _interval_block(blocks, 0, hl, hu)
             if region.has_l1 and method != "interval":
                 lo = np.maximum(lo, concretize_lower(blk.weight.toarray(), blk.bias, region))
                 hi = np.minimum(hi, -concretize_lower(-blk.weight.toarray(), -blk.bias, region))
         else:
-            lo, hi = _interval_layer(blk, np.maximum(lower[-1], 0), np.maximum(upper[-1], 0))
+            lo, hi = _interval_block(blocks, i, hl, hu)
             if method != "interval":
                 cl, cu = _crown_layer(blocks, lower, upper, i, region)
                 lo, hi = np.maximum(lo, cl), np.minimum(hi, cu)
@@ -427,16 +525,26 @@ def _compute(blocks, region: Region, method: str, t0: float, deadline: float | N
             if lp is None:
                 lp = _TriangleLP(region)
                 for j in range(i):
-                    lp.add_layer(blocks[j], lower[j], upper[j])
-            which = np.flatnonzero((lo < 0) & (hi > 0)) if i < len(blocks) - 1 else np.arange(lo.size)
-            ns, complete = _lp_tighten_layer(lp, blk, lo, hi, deadline, which)
+                    lp.add_layer(j, blocks[j], lower[j], upper[j])
+            if i == L:
+                which = np.arange(lo.size)
+            elif blk.pool is None:
+                which = np.flatnonzero((lo < 0) & (hi > 0))
+            else:   # the elements of undecided windows (their bounds set the big-M of the MILP)
+                _, gap, _, _ = pool_split(np.minimum(lo, hi), hi, blk.pool)
+                which = np.unique(blk.pool[gap > 0])
+            ns, complete = _lp_tighten_layer(lp, blocks, i, lo, hi, deadline, which)
             n_solves += ns
             t_lp += time.perf_counter() - tl
         lo = np.minimum(lo, hi)   # round-off guard: never cross
         lower.append(lo)
         upper.append(hi)
-        if lp is not None and complete and i < len(blocks) - 1:
-            lp.add_layer(blk, lo, hi)
+        if i < L:
+            a, b = act_bounds(blk, lo, hi)
+            hl.append(a)
+            hu.append(b)
+        if lp is not None and complete and i < L:
+            lp.add_layer(i, blk, lo, hi)
     info = {"lp_solves": n_solves, "lp_time": t_lp} if method == "lp" else {}
     return Bounds(lower, upper, method, time.perf_counter() - t0, complete, info)
 

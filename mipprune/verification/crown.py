@@ -4,8 +4,14 @@ The production bound engine of branch and bound (:mod:`mipprune.verification.bab
 engine in :mod:`mipprune.verification.bounds` stays as the cheap root-stage engine (and LP) and as
 the reference the tests compare against.
 
-The network is seen as affine/ReLU blocks (:func:`solvers.network.ir.as_blocks`): ``z_i = W_i h_i +
-b_i``, ``h_0 = x``, ``h_{i+1} = ReLU(z_i)``; the output is ``z_L``. Every function is batched over
+The network is seen as blocks (:func:`solvers.network.ir.as_blocks`): ``z_i = W_i h_i + Σ_k S_ik h_k
++ b_i`` (residual skips ``S_ik`` from earlier activations, ``k < i``), ``h_0 = x``, ``h_{i+1} =
+ReLU(z_i)`` or a max pool of ``z_i``; the output is ``z_L``. Back-substitution walks the blocks last
+to first and sums the coefficients of each activation over all its readers before relaxing it (a
+DAG, not a chain). A max pool is relaxed by ``h >= z_star`` (the window element with the largest
+lower bound) and ``h <= τ (z_star + gap) + (1 − τ) max u`` with ``τ ∈ [0, 1]`` optimized by
+α-CROWN like the ReLU slopes (``gap = max(0, max_{e≠star} u_e − l_star)``; 0 when the window is
+decided, where the relaxation is exact). Every function is batched over
 ``D`` sub-domains: per-domain input boxes ``lo, hi`` (D, n_0) and per-domain pre-activation bounds
 ``lower[i], upper[i]`` (D, n_i).
 
@@ -34,7 +40,8 @@ import torch
 from solvers.errors import InvalidInputError, SolverNotAvailableError
 
 __all__ = ["TorchNet", "resolve_device", "slack", "proven", "interval_bounds", "forward_bounds",
-           "crown_intermediate", "backward_bound", "optimize_bound", "concretize", "relaxation"]
+           "crown_intermediate", "backward_bound", "optimize_bound", "concretize", "relaxation",
+           "pool_relaxation", "act_bounds"]
 
 
 def resolve_device(device) -> torch.device:
@@ -69,24 +76,43 @@ def _loosen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class TorchNet:
-    """Dense torch copies of the affine blocks: ``W[i]`` (n_i, n_{i-1}), ``b[i]`` (n_i,)."""
+    """Dense torch copies of the blocks (:class:`~solvers.network.layers.AffineBlock`): ``W[i]``
+    (n_i, |h_i|), ``b[i]`` (n_i,), ``skips[i]`` a list of ``(k, (n_i, |h_k|))`` residual terms and
+    ``pool[i]`` the max-pool windows (|h_{i+1}|, window) as a long tensor, or ``None`` for a ReLU."""
 
     W: list
     b: list
     device: torch.device
     dtype: torch.dtype
+    skips: list = None
+    pool: list = None
+
+    def __post_init__(self):
+        self.skips = self.skips or [[] for _ in self.W]
+        self.pool = self.pool or [None for _ in self.W]
 
     @classmethod
     def from_blocks(cls, blocks, device="cpu", dtype: torch.dtype | None = None) -> "TorchNet":
         dev = resolve_device(device)
         dt = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
-        W = [torch.as_tensor(np.asarray(blk.weight.toarray()), dtype=dt, device=dev) for blk in blocks]
+        dense = lambda M: torch.as_tensor(np.asarray(M.toarray()), dtype=dt, device=dev)  # noqa: E731
+        W = [dense(blk.weight) for blk in blocks]
         b = [torch.as_tensor(np.asarray(blk.bias), dtype=dt, device=dev) for blk in blocks]
-        return cls(W, b, dev, dt)
+        skips = [[(k, dense(M)) for k, M in blk.skips] for blk in blocks]
+        pool = [None if blk.pool is None else torch.as_tensor(np.asarray(blk.pool), dtype=torch.long, device=dev)
+                for blk in blocks]
+        return cls(W, b, dev, dt, skips, pool)
 
     @property
     def n_layers(self) -> int:
         return len(self.W)
+
+    def terms(self, i: int) -> list:
+        """``[(i, W[i]), (k, skip), …]``: the activations block ``i`` reads and their weights."""
+        return [(i, self.W[i])] + self.skips[i]
+
+    def is_relu(self, j: int) -> bool:
+        return self.pool[j] is None
 
     def tensor(self, a) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a), dtype=self.dtype, device=self.device)
@@ -101,13 +127,18 @@ class TorchNet:
             u = torch.where(u.double() < hi64, torch.nextafter(u, torch.full_like(u, np.inf)), u)
         return l.to(self.device)[None, :], u.to(self.device)[None, :]
 
+    def act(self, j: int, z: torch.Tensor) -> torch.Tensor:
+        """``h_{j+1}`` from ``z_j`` (…, n_j): ReLU or max pool."""
+        return torch.relu(z) if self.pool[j] is None else z[..., self.pool[j]].amax(-1)
+
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         """Plain forward (N, n_0) → (N, n_L) in this net's dtype (attacks only; never a re-check)."""
-        h = X
+        hs = [X]
         for i in range(self.n_layers):
-            z = h @ self.W[i].T + self.b[i]
-            h = torch.relu(z) if i < self.n_layers - 1 else z
-        return h
+            z = sum(hs[k] @ W.T for k, W in self.terms(i)) + self.b[i]
+            if i == self.n_layers - 1:
+                return z
+            hs.append(self.act(i, z))
 
 
 # ----------------------------------------------------------------------------------- relaxations
@@ -124,6 +155,29 @@ def relaxation(l: torch.Tensor, u: torch.Tensor):
     return a, s, t, unstable
 
 
+def pool_relaxation(l: torch.Tensor, u: torch.Tensor, pool: torch.Tensor):
+    """Max-pool relaxation on pre-activation bounds ``[l, u]`` (D, n_z), windows ``pool`` (n_h, k):
+    ``star`` (D, n_h) the window element with the largest lower bound, ``gap`` (D, n_h), and the
+    output bounds ``lo, hi`` (D, n_h). Sound lines: ``z_star <= h``, ``h <= z_star + gap`` and
+    ``h <= hi`` (any convex combination of the two upper lines too); ``gap == 0``: ``h = z_star``."""
+    lw, uw = l[:, pool], u[:, pool]                        # (D, n_h, k)
+    k = lw.argmax(dim=-1, keepdim=True)
+    star = pool.expand(l.shape[0], -1, -1).gather(-1, k)[..., 0]
+    l_star = lw.gather(-1, k)[..., 0]
+    same = pool[None] == star[..., None]                   # padding repeats an element: the same variable
+    m_other = torch.where(same, torch.full_like(uw, -torch.inf), uw).amax(-1)
+    gap = (m_other - l_star).clamp(min=0)
+    return star, gap, lw.amax(-1), uw.amax(-1)
+
+
+def act_bounds(net: "TorchNet", j: int, l: torch.Tensor, u: torch.Tensor):
+    """Bounds of ``h_{j+1}`` from those of ``z_j``."""
+    if net.pool[j] is None:
+        return l.clamp(min=0), u.clamp(min=0)
+    _, _, lo, hi = pool_relaxation(l, u, net.pool[j])
+    return lo, hi
+
+
 def concretize(Lam: torch.Tensor, const: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     """Exact minimum over the box of each row of ``Lam x + const``: ``Lam`` (D, m, n), ``const``
     (D, m), ``lo``/``hi`` (D, n). Returns (lb (D, m), argmin (D, m, n))."""
@@ -132,24 +186,34 @@ def concretize(Lam: torch.Tensor, const: torch.Tensor, lo: torch.Tensor, hi: tor
     return lb, X
 
 
-def interval_layer(net: TorchNet, i: int, a: torch.Tensor, b: torch.Tensor):
-    """Interval bounds of ``z_i`` from bounds ``a <= h_i <= b`` (D, n_{i-1})."""
-    mid, rad = (a + b) / 2, (b - a) / 2
-    c = mid @ net.W[i].T + net.b[i]
-    r = rad @ net.W[i].abs().T
+def interval_layer(net: TorchNet, i: int, hl, hu):
+    """Interval bounds of ``z_i`` from bounds ``hl[k] <= h_k <= hu[k]`` (D, |h_k|) of the activations it reads."""
+    c, r = net.b[i], 0.0
+    for k, W in net.terms(i):
+        mid, rad = (hl[k] + hu[k]) / 2, (hu[k] - hl[k]) / 2
+        c = c + mid @ W.T
+        r = r + rad @ W.abs().T
     return _loosen(c - r, c + r)
 
 
 def interval_bounds(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor):
     """Interval (IBP) bounds of every block, batched: lists of (D, n_i)."""
     lower, upper = [], []
-    a, b = lo, hi
+    hl, hu = [lo], [hi]
     for i in range(net.n_layers):
-        l, u = interval_layer(net, i, a, b)
+        l, u = interval_layer(net, i, hl, hu)
         lower.append(l)
         upper.append(u)
-        a, b = l.clamp(min=0), u.clamp(min=0)
+        a, b = act_bounds(net, i, l, u)
+        hl.append(a)
+        hu.append(b)
     return lower, upper
+
+
+def _pool_tau(gap: torch.Tensor) -> torch.Tensor:
+    """Default weight of the linear upper line of a max pool: 1 where the window is decided (exact),
+    else 0 (the constant ``max u``; the linear line is looser by ``u_star − l_star`` there)."""
+    return (gap <= 0).to(gap.dtype)
 
 
 def forward_bounds(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor, n_layers: int | None = None):
@@ -160,18 +224,22 @@ def forward_bounds(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor, n_layers: 
     n_layers = net.n_layers if n_layers is None else n_layers
     D, n0 = lo.shape
     eye = torch.eye(n0, dtype=net.dtype, device=net.device).expand(D, n0, n0)
-    # linear functions of x: value = x @ A.T + c, A (D, n, n0), c (D, n)
-    AL, cL, AU, cU = eye, torch.zeros(D, n0, dtype=net.dtype, device=net.device), eye, \
-        torch.zeros(D, n0, dtype=net.dtype, device=net.device)
+    zero = torch.zeros(D, n0, dtype=net.dtype, device=net.device)
+    # per activation h_k, linear functions of x: value = x @ A.T + c, A (D, n, n0), c (D, n)
+    lin = [(eye, zero, eye, zero)]
+    hl, hu = [lo], [hi]
     lower, upper = [], []
     for i in range(n_layers):
-        il, iu = interval_layer(net, i, lo, hi) if i == 0 else \
-            interval_layer(net, i, lower[-1].clamp(min=0), upper[-1].clamp(min=0))
-        Wp, Wn = net.W[i].clamp(min=0), net.W[i].clamp(max=0)
-        zAL = Wp @ AL + Wn @ AU
-        zcL = cL @ Wp.T + cU @ Wn.T + net.b[i]
-        zAU = Wp @ AU + Wn @ AL
-        zcU = cU @ Wp.T + cL @ Wn.T + net.b[i]
+        il, iu = interval_layer(net, i, hl, hu)
+        zAL = zAU = 0.0
+        zcL = zcU = net.b[i]
+        for k, W in net.terms(i):
+            AL, cL, AU, cU = lin[k]
+            Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+            zAL = zAL + Wp @ AL + Wn @ AU
+            zcL = zcL + cL @ Wp.T + cU @ Wn.T
+            zAU = zAU + Wp @ AU + Wn @ AL
+            zcU = zcU + cU @ Wp.T + cL @ Wn.T
         l = concretize(zAL, zcL, lo, hi)[0]
         u = -concretize(-zAU, -zcU, lo, hi)[0]
         l, u = _loosen(l, u)
@@ -181,43 +249,77 @@ def forward_bounds(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor, n_layers: 
         upper.append(u)
         if i == n_layers - 1:
             break
-        a, s, t, _ = relaxation(l, u)
-        # h >= a·zL (a >= 0), h <= s·zU + t (s >= 0)
-        AL, cL = a[..., None] * zAL, a * zcL
-        AU, cU = s[..., None] * zAU, s * zcU + t
+        a_l, a_u = act_bounds(net, i, l, u)
+        hl.append(a_l)
+        hu.append(a_u)
+        if net.pool[i] is None:
+            a, s, t, _ = relaxation(l, u)
+            # h >= a·zL (a >= 0), h <= s·zU + t (s >= 0)
+            lin.append((a[..., None] * zAL, a * zcL, s[..., None] * zAU, s * zcU + t))
+        else:
+            star, gap, _, top = pool_relaxation(l, u, net.pool[i])
+            tau = _pool_tau(gap)
+            g = lambda A: A.gather(1, star[..., None].expand(-1, -1, A.shape[-1]))  # noqa: E731
+            lin.append((g(zAL), zcL.gather(1, star), tau[..., None] * g(zAU),
+                        tau * (zcU.gather(1, star) + gap) + (1 - tau) * top))
     return lower, upper
 
 
 # ----------------------------------------------------------------------------------- backward
+def _relax_back(net: TorchNet, j: int, nu: torch.Tensor, l: torch.Tensor, u: torch.Tensor, alpha=None):
+    """Back through ``h_{j+1} = act(z_j)``: coefficients ``nu`` (D, m, |h|) on ``h`` → ``Lz`` (D, m, n_j)
+    on ``z`` and a constant (D, m) with ``nu h >= Lz z + const`` on ``[l, u]``. ``alpha``: the lower
+    slopes of unstable ReLUs (D, m, n_j), or for a max pool the weight τ ∈ [0, 1] of its linear upper
+    line (D, m, |h|)."""
+    pos, neg = nu.clamp(min=0), nu.clamp(max=0)
+    if net.pool[j] is None:
+        a, s, t, unstable = relaxation(l, u)
+        a = torch.where(unstable[:, None, :], alpha.clamp(0, 1), a[:, None, :]) if alpha is not None else a[:, None, :]
+        return pos * a + neg * s[:, None, :], (neg * t[:, None, :]).sum(-1)
+    star, gap, _, top = pool_relaxation(l, u, net.pool[j])
+    tau = _pool_tau(gap)[:, None, :] if alpha is None else alpha.clamp(0, 1)
+    coef = pos + neg * tau                                              # on z_star (D, m, n_h)
+    Lz = torch.zeros(nu.shape[:2] + (l.shape[1],), dtype=nu.dtype, device=nu.device)
+    Lz = Lz.scatter_add(2, star[:, None, :].expand_as(coef), coef)
+    const = (neg * (tau * gap[:, None, :] + (1 - tau) * top[:, None, :])).sum(-1)
+    return Lz, const
+
+
 def backward_bound(net: TorchNet, lower, upper, C: torch.Tensor, c0: torch.Tensor, lo: torch.Tensor,
                    hi: torch.Tensor, *, layer: int | None = None, alphas: dict | None = None,
-                   betas: dict | None = None, splits: dict | None = None):
+                   betas: dict | None = None, splits: dict | None = None, record: dict | None = None):
     """Lower bound of ``C z_layer + c0`` over each domain (default ``layer`` = output block).
 
     ``C`` (D, m, n_layer), ``c0`` (D, m); ``lower[j], upper[j]`` (D, n_j) for ``j < layer``, with
     any ReLU splits already applied (active ⇒ ``l >= 0``, inactive ⇒ ``u <= 0``). ``alphas[j]``
-    (D, m, n_j) in [0, 1] replace the default lower slopes of unstable neurons; ``betas[j]`` (D, m,
-    n_j) >= 0 with ``splits[j]`` (D, n_j) in {−1, 0, +1} add the β-CROWN terms. Returns
-    ``(lb (D, m), argmin (D, m, n_0), Lam (D, m, n_0))``.
+    (D, m, n_j) in [0, 1] replace the default lower slopes of unstable neurons (for a max-pool
+    block, the weight of its linear upper line, (D, m, |h_{j+1}|)); ``betas[j]`` (D, m, n_j) >= 0
+    with ``splits[j]`` (D, n_j) in {−1, 0, +1} add the β-CROWN terms. Residual skips: the
+    coefficients of each activation are summed over every block that reads it before it is relaxed.
+    ``record``, when given, receives per block ``j`` the coefficient (D, m, |h_{j+1}|) on its output.
+    Returns ``(lb (D, m), argmin (D, m, n_0), Lam (D, m, n_0))``.
     """
     layer = net.n_layers - 1 if layer is None else layer
-    Lam, const = C, c0
+    Lh: dict = {}
+    Lz, const = C, c0
     for i in range(layer, -1, -1):
-        const = const + Lam @ net.b[i]
-        Lam = Lam @ net.W[i]
+        const = const + Lz @ net.b[i]
+        for k, W in net.terms(i):
+            contrib = Lz @ W
+            Lh[k] = Lh[k] + contrib if k in Lh else contrib
         if i == 0:
             break
         j = i - 1
-        a, s, t, unstable = relaxation(lower[j], upper[j])
-        if alphas is not None and j in alphas:
-            a = torch.where(unstable[:, None, :], alphas[j].clamp(0, 1), a[:, None, :])
-        else:
-            a = a[:, None, :]
-        pos, neg = Lam.clamp(min=0), Lam.clamp(max=0)
-        const = const + (neg * t[:, None, :]).sum(-1)
-        Lam = pos * a + neg * s[:, None, :]
+        nu = Lh.pop(i, None)
+        if nu is None:   # nothing later reads h_i
+            nu = torch.zeros(Lz.shape[:2] + (net.W[i].shape[1],), dtype=Lz.dtype, device=Lz.device)
+        if record is not None:
+            record[j] = nu
+        Lz, c = _relax_back(net, j, nu, lower[j], upper[j], None if alphas is None else alphas.get(j))
+        const = const + c
         if betas is not None and j in betas:
-            Lam = Lam - betas[j].clamp(min=0) * splits[j][:, None, :]
+            Lz = Lz - betas[j].clamp(min=0) * splits[j][:, None, :]
+    Lam = Lh.pop(0)
     lb, X = concretize(Lam, const, lo, hi)
     return lb, X, Lam
 
@@ -228,25 +330,28 @@ def crown_intermediate(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor, start_
     with IBP and ``start_*`` (lists of (D, n_i), e.g. LP-tightened root bounds); ReLU ``splits``
     (dict layer → (D, n) in {−1, 0, +1}) are applied as soon as a layer's bounds are known."""
     lower, upper = [], []
+    hl, hu = [lo], [hi]
     D = lo.shape[0]
     for i in range(net.n_layers):
         n = net.W[i].shape[0]
-        if i == 0:
-            l, u = interval_layer(net, 0, lo, hi)
-        else:
-            il, iu = interval_layer(net, i, lower[-1].clamp(min=0), upper[-1].clamp(min=0))
+        l, u = interval_layer(net, i, hl, hu)
+        if i > 0:
             eye = torch.eye(n, dtype=net.dtype, device=net.device)
             C = torch.cat([eye, -eye], 0).expand(D, 2 * n, n)
             lb = backward_bound(net, lower, upper, C, torch.zeros(D, 2 * n, dtype=net.dtype, device=net.device),
                                 lo, hi, layer=i)[0]
-            l, u = _loosen(lb[:, :n], -lb[:, n:])
-            l, u = torch.maximum(l, il), torch.minimum(u, iu)
+            cl, cu = _loosen(lb[:, :n], -lb[:, n:])
+            l, u = torch.maximum(l, cl), torch.minimum(u, cu)
         if start_lower is not None:
             l, u = torch.maximum(l, start_lower[i]), torch.minimum(u, start_upper[i])
         if splits is not None and i in splits:
             l, u = apply_splits(l, u, splits[i])
-        lower.append(torch.minimum(l, u))
+        l = torch.minimum(l, u)
+        lower.append(l)
         upper.append(u)
+        a, b = act_bounds(net, i, l, u)
+        hl.append(a)
+        hu.append(b)
     return lower, upper
 
 
@@ -305,7 +410,11 @@ def optimize_bound(net: TorchNet, lower, upper, C: torch.Tensor, c0: torch.Tenso
     params = []
     al = {}
     for j in range(L - 1):
-        a, _, _, unstable = relaxation(lower[j], upper[j])
+        if net.pool[j] is None:
+            a, _, _, unstable = relaxation(lower[j], upper[j])
+        else:   # a max pool: the weight τ of its linear upper line, where the window is undecided
+            _, gap, _, _ = pool_relaxation(lower[j], upper[j], net.pool[j])
+            a, unstable = _pool_tau(gap), gap > 0
         if not bool(unstable.any()):
             continue
         init = alphas[j] if alphas is not None and j in alphas else a[:, None, :].expand(D, m, -1)

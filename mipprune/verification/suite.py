@@ -209,6 +209,38 @@ def _limit_threads() -> None:
         threadpool_limits(1)
     except ImportError:  # pragma: no cover - optional
         pass
+    _warm_up()
+
+
+def _warm_up() -> None:
+    """Pay a fresh process's one-off costs (imports of torch, HiGHS and the ONNX reader, the first
+    autograd pass, the first LP and MILP) before any instance's clock starts. Under load a worker's
+    first ``import torch`` alone took 15 s on the shared 2-core machine (two workers starting beside
+    other jobs) and pushed its instance to 26 s under a 10 s limit."""
+    import numpy as np
+    import torch
+
+    import solvers.network.onnx  # noqa: F401
+    import solvers.network.vnnlib  # noqa: F401
+    from mipprune.verification import crown
+    from mipprune.verification.attack import pgd_attack
+    from mipprune.verification.bounds import compute_bounds
+    from solvers.milp import build_milp, solve_highs
+    from solvers.network.ir import Network
+    from solvers.network.layers import Dense, ReLU
+    from solvers.network.spec import Spec
+
+    rng = np.random.default_rng(0)
+    net = Network([Dense(rng.normal(size=(4, 2))), ReLU(), Dense(rng.normal(size=(2, 4)))], (2,))
+    lo, hi = -np.ones(2), np.ones(2)
+    b = compute_bounds(net, lo, hi, "lp")                                   # HiGHS LP
+    solve_highs(build_milp(net, b.lower, b.upper, lower=lo, upper=hi).with_objective(np.ones(2)), time_limit=5)
+    pgd_attack(net, Spec(lo, hi, ((np.ones((1, 2)), np.zeros(1)),)), restarts=1, steps=2)
+    tn = crown.TorchNet.from_blocks(net.to_affine_relu())
+    L, U = tn.box(lo, hi)
+    lower, upper = crown.crown_intermediate(tn, L, U)
+    crown.optimize_bound(tn, lower, upper, torch.ones(1, 1, 2, dtype=tn.dtype), torch.zeros(1, 1, dtype=tn.dtype),
+                         L, U, iters=2)                                    # the first autograd pass
 
 
 def run_suite(bench_dir, *, instances=None, jobs: int = 1, filter: str | None = None, network: str | None = None,

@@ -24,6 +24,11 @@ torch on ``device``) over the LP-refined root bounds, and to the MILP only if br
 without an answer while time is left; the rest (and L1 regions) go to the MILP. The result's
 ``stage`` is ``"input"``, ``"bab"`` or ``"milp"`` accordingly and its message names the path.
 
+Residual ``Add`` and ``AvgPool2d`` are affine (folded into the blocks, :meth:`Network.to_affine_relu`);
+``MaxPool2d`` is relaxed in the bounds and LP and encoded exactly in the MILP; ReLU branch and bound
+splits ReLUs only, so a domain left open with every ReLU split goes to the MILP like any other
+branch-and-bound "unknown".
+
 Bounds come before the attack because CROWN costs less than a failed attack and settles most
 easy instances either way (its minimizers falsify most of the VNN-COMP MNIST "sat" cases).
 A time limit hit anywhere before an answer is TIMEOUT (never VERIFIED); a solver failure with no
@@ -163,7 +168,7 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     Parameters
     ----------
     network : Network
-        Feed-forward ReLU network (Dense/Conv2d/Flatten/Normalize/ReLU; residual Add is unsupported).
+        ReLU network: Dense, Conv2d, Flatten, Normalize, ReLU, residual Add, AvgPool2d, MaxPool2d.
     spec : Spec
         Input box (optionally ∩ L1 ball) and unsafe region (OR over disjuncts of AND over rows).
     time_limit : float, optional
@@ -205,6 +210,8 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
 
 
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")
+BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
+BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
 MILP_MAX_HIDDEN = 2           # α,β-CROWN's configuration for MNIST 256x2 is one MIP, deeper nets BaB
 
@@ -244,7 +251,7 @@ def _single_threaded_blas():
 
 def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: str, bounds_method: str,
             attack: bool, seed: int, device: str = "cpu", complete: str = "auto") -> VerificationResult:
-    blocks = network.to_affine_relu()   # UnsupportedLayerError for residual networks
+    blocks = network.to_affine_relu()   # residual adds become skips, max pools their own blocks
     region = make_region(network.n_inputs, spec.lower, spec.upper, spec.l1_center, spec.l1_radius)
     path = choose_complete(complete, blocks, region)
     if path in ("bab", "input") and region.has_l1:
@@ -350,7 +357,10 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
 
     # ---- 4'. deeper networks: ReLU-split branch and bound on α/β-CROWN over the LP-refined bounds
     if path == "bab":
-        r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout)
+        # ReLU splits cannot make a max pool's relaxation exact: with max pools, branch and bound gets a
+        # share of the time and the (exact) MILP the rest
+        share = BAB_SHARE_WITH_MAXPOOL if any(b.pool is not None for b in blocks[:-1]) else None
+        r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout, share)
         if r.verdict is not Verdict.UNKNOWN or clock.out():
             return r
         notes.append(f"branch and bound ended without an answer ({r.message}); MILP on the rest of the time")
@@ -409,19 +419,28 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
     return result(Verdict.UNKNOWN, "none", "; ".join(list(reason.values()) + notes))
 
 
-def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout):
-    """Branch and bound on the open disjuncts: ``path`` "bab" (ReLU splits) or "input" (input boxes)."""
+def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,
+             share: float | None = None):
+    """Branch and bound on the open disjuncts: ``path`` "bab" (ReLU splits) or "input" (input boxes).
+    With ``share`` it stops after that share of the time left and says "unknown" (the MILP goes next)."""
     from mipprune.verification.bab import input_bab, relu_bab, torch_threads
 
     t = time.perf_counter()
+    deadline = clock.deadline
+    if share is not None:
+        left = clock.left()
+        deadline = t + share * (left if left is not None else BAB_SECONDS_WITH_MAXPOOL)
     with torch_threads():
         if path == "input":
-            r = input_bab(network, spec, blocks, open_, deadline=clock.deadline, device=device, seed=seed)
+            r = input_bab(network, spec, blocks, open_, deadline=deadline, device=device, seed=seed)
             what = "input-splitting branch and bound"
         else:
-            r = relu_bab(network, spec, blocks, bounds.lower, bounds.upper, open_, deadline=clock.deadline,
+            r = relu_bab(network, spec, blocks, bounds.lower, bounds.upper, open_, deadline=deadline,
                          device=device, seed=seed)
             what = "ReLU-splitting branch and bound (α/β-CROWN)"
+    if r.status == "timeout" and share is not None and not clock.out():
+        r.status = "unknown"
+        r.message = f"stopped after its share ({100 * share:.0f} %) of the time, max pools being relaxed; " + r.message
     clock.add(path, t)
     root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
     detail = f"{what} on {device}: {r.message} ({r.domains} domains, {r.steps} batches{root})"

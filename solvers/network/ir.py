@@ -1,8 +1,11 @@
-"""A small numpy IR for feed-forward ReLU networks (the only thing the verification code sees).
+"""A small numpy IR for ReLU networks (the only thing the verification code sees): Dense, Conv2d,
+Flatten, Normalize, AvgPool2d, MaxPool2d, ReLU, and for residual networks Add (the latest activation
+plus an earlier one) and Branch (continue from an earlier activation, e.g. a downsampling shortcut).
 
 Layers act on one sample's tensor; shapes exclude the batch axis. ``Network.forward`` is the float64
 reference forward used to re-check every counterexample. ``Network.to_affine_relu()`` folds the
-network into alternating affine maps and ReLUs, the form the bound and MILP code works on.
+network into affine blocks, each followed by a ReLU or a max pool, whose affine maps may also read
+earlier activations (the residual skips): the form the bound and MILP code works on.
 
 Layers live in :mod:`solvers.network.layers`; ONNX import in :mod:`solvers.network.onnx`, exposed as
 ``Network.from_onnx``.
@@ -17,8 +20,8 @@ import scipy.sparse as sp
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 from solvers.network.onnx import read_onnx
-from solvers.network.layers import (Add, AffineBlock, Conv2d, Dense, Flatten, Normalize, ReLU, Shape,
-                                     check_layer_finite)
+from solvers.network.layers import (LAYER_TYPES, Add, AffineBlock, Branch, Conv2d, Dense, Flatten, MaxPool2d, Normalize,
+                                     ReLU, Shape, check_layer_finite, is_plain)
 
 
 @dataclass(eq=False)
@@ -40,14 +43,20 @@ class Network:
         self.check_finite()
         shapes = [self.input_shape]
         for i, layer in enumerate(self.layers):
-            if not isinstance(layer, (Dense, Conv2d, ReLU, Flatten, Normalize, Add)):
-                raise UnsupportedLayerError(f"layer {i} must be one of Dense, Conv2d, ReLU, Flatten, "
-                                            f"Normalize, Add; got {type(layer).__name__}")
+            if not isinstance(layer, LAYER_TYPES):
+                raise UnsupportedLayerError(f"layer {i} must be one of "
+                                            f"{', '.join(t.__name__ for t in LAYER_TYPES)}; got {type(layer).__name__}")
             if isinstance(layer, Add):
                 if not 0 <= layer.source <= i or shapes[layer.source] != shapes[-1]:
                     raise InvalidInputError(
                         f"Add at layer {i} must reference an earlier activation of shape {shapes[-1]}; "
                         f"got source {layer.source}")
+            if isinstance(layer, Branch):
+                if not 0 <= layer.source <= i:
+                    raise InvalidInputError(f"Branch at layer {i} must reference an earlier activation "
+                                            f"(0 … {i}); got source {layer.source}")
+                shapes.append(tuple(shapes[layer.source]))
+                continue
             shapes.append(layer.output_shape(shapes[-1]))
         return shapes
 
@@ -94,6 +103,8 @@ class Network:
         for layer in self.layers:
             if isinstance(layer, Add):
                 acts.append(acts[-1] + acts[layer.source])
+            elif isinstance(layer, Branch):
+                acts.append(acts[layer.source])
             else:
                 acts.append(layer.forward(acts[-1]))
         return acts
@@ -109,43 +120,56 @@ class Network:
 
     # ------------------------------------------------------------------ verification form
     def to_affine_relu(self) -> list[AffineBlock]:
-        """Fold into ``[A_0, A_1, …, A_L]`` with ``x_{i+1} = ReLU(A_i x_i)`` and output ``A_L x_L``.
+        """Fold into blocks ``[A_0, A_1, …, A_L]``: ``z_i = A_i(h_i, earlier h_k)``, ``h_{i+1} = ReLU(z_i)``
+        (or a max pool, :class:`AffineBlock`), output ``z_L``; ``h_0`` is the input.
 
-        Consecutive affine layers are composed; a network ending in ReLU gets an identity last block.
-        Residual ``Add`` layers are not expressible in this form and raise ``UnsupportedLayerError``.
+        Consecutive affine layers (AvgPool2d included) are composed; a residual ``Add`` becomes the sum
+        of both operands' affine expressions, which may read earlier activations ``h_k`` (the block's
+        ``skips``); a network ending in ReLU or MaxPool2d gets an identity last block.
         """
+        # every activation as an affine expression of materialized h_k: ({k: CSR}, bias, k if it is h_k)
+        eye = lambda n: sp.identity(n, format="csr")  # noqa: E731
+        exprs = [({0: eye(self.n_inputs)}, np.zeros(self.n_inputs), 0)]
         blocks: list[AffineBlock] = []
-        cur: AffineBlock | None = None
-        shape = self.input_shape
+        relu_h: set[int] = set()   # h_k that are ReLU outputs (a second ReLU on them is the identity)
+
+        def materialize(expr, pool=None) -> AffineBlock:
+            terms, bias, _ = expr
+            i = len(blocks)
+            n = bias.size
+            W = terms.get(i, sp.csr_matrix((n, blocks[-1].n_act if blocks else self.n_inputs)))
+            skips = tuple((k, M.tocsr()) for k, M in sorted(terms.items()) if k != i)
+            blk = AffineBlock(W.tocsr(), bias.copy(), skips, pool)
+            for M in [blk.weight] + [M for _, M in skips]:
+                M.eliminate_zeros()
+            return blk
+
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, Add):
-                raise UnsupportedLayerError(
-                    f"layer {i} ({self.names[i]}): the verifier (bounds, MILP, branch and bound) needs a "
-                    "feed-forward affine/ReLU network; got a residual Add (from layer "
-                    f"{layer.source}), which Network.from_onnx reads and Network.forward runs, but which "
-                    "cannot be verified yet")
-            if isinstance(layer, ReLU):
-                if cur is None:
-                    if blocks:   # ReLU after ReLU is idempotent
-                        shape = layer.output_shape(shape)
-                        continue
-                    n = int(np.prod(shape))
-                    cur = AffineBlock(sp.identity(n, format="csr"), np.zeros(n))
-                blocks.append(cur)
-                cur = None
+            shape = self.shapes[i]
+            cur = exprs[-1]
+            if isinstance(layer, Branch):
+                exprs.append(exprs[layer.source])
+            elif isinstance(layer, Add):
+                terms = dict(cur[0])
+                for k, M in exprs[layer.source][0].items():
+                    terms[k] = (terms[k] + M).tocsr() if k in terms else M
+                exprs.append((terms, cur[1] + exprs[layer.source][1], None))
+            elif isinstance(layer, (ReLU, MaxPool2d)):
+                if isinstance(layer, ReLU) and cur[2] in relu_h:
+                    exprs.append(cur)
+                    continue
+                pool = layer.windows(shape) if isinstance(layer, MaxPool2d) else None
+                blocks.append(materialize(cur, pool))
+                k = len(blocks)
+                if pool is None:
+                    relu_h.add(k)
+                n = blocks[-1].n_act
+                exprs.append(({k: eye(n)}, np.zeros(n), k))
             else:
                 W, b = layer.as_matrix(shape)
-                if cur is None:
-                    cur = AffineBlock(W.tocsr(), b)
-                else:
-                    cur = AffineBlock((W @ cur.weight).tocsr(), W @ cur.bias + b)
-            shape = layer.output_shape(shape)
-        if cur is None:
-            n = int(np.prod(shape))
-            cur = AffineBlock(sp.identity(n, format="csr"), np.zeros(n))
-        blocks.append(cur)
-        for blk in blocks:
-            blk.weight.eliminate_zeros()
+                W = sp.csr_matrix(W)
+                exprs.append(({k: (W @ M).tocsr() for k, M in cur[0].items()}, W @ cur[1] + b, None))
+        blocks.append(materialize(exprs[-1]))
         return blocks
 
     @classmethod
@@ -155,8 +179,20 @@ class Network:
         return cls(layers, input_shape, names=names)
 
 
+def forward_blocks(blocks: Sequence[AffineBlock], X) -> np.ndarray:
+    """Float64 forward of the verification form: ``X`` (N, n_inputs) → (N, n_outputs)."""
+    hs = [np.asarray(X, dtype=np.float64)]
+    for i, blk in enumerate(blocks):
+        z = sum(np.asarray(W @ hs[k].T).T for k, W in blk.terms(i)) + blk.bias
+        if i == len(blocks) - 1:
+            return z
+        hs.append(np.maximum(z, 0.0) if blk.pool is None else z[:, blk.pool].max(axis=-1))
+
+
 def network_from_blocks(blocks: Sequence[AffineBlock], input_shape: Shape | None = None) -> Network:
     """Inverse of :meth:`Network.to_affine_relu` (Dense + ReLU layers); handy in tests."""
+    if not is_plain(blocks):
+        raise InvalidInputError("network_from_blocks needs plain affine/ReLU blocks (no skips, no max pooling)")
     layers: list = []
     for i, blk in enumerate(blocks):
         layers.append(Dense(blk.dense(), blk.bias))

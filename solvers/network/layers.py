@@ -182,8 +182,118 @@ class Add:
         return tuple(in_shape)
 
 
-Layer = Union[Dense, Conv2d, ReLU, Flatten, Normalize, Add]
-AFFINE = (Dense, Conv2d, Flatten, Normalize)
+@dataclass(eq=False)
+class Branch:
+    """Continue from the earlier activation ``source`` (numbered as for :class:`Add`): the start of a
+    second path, e.g. a residual block's downsampling shortcut, joined later by an :class:`Add`."""
+
+    source: int
+
+    def output_shape(self, in_shape: Shape) -> Shape:   # the source's shape (set by Network)
+        return tuple(in_shape)
+
+
+def pool_windows(in_shape: Shape, kernel, stride, padding, dilation=(1, 1), what: str = "pooling"
+                 ) -> tuple[np.ndarray, Shape]:
+    """The windows of a 2-D pooling on (C, H, W): ``idx`` (C·oh·ow, kh·kw) indices into the flattened
+    input, ``-1`` where the window covers padding, and the output shape (C, oh, ow) (floor mode)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (kernel, stride, padding, dilation))
+    if len(in_shape) != 3:
+        raise InvalidInputError(f"{what} expects input shape (C, H, W); got {in_shape}")
+    C, H, W = in_shape
+    oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise InvalidInputError(f"{what} output would be empty for input shape {in_shape}")
+    c, p, q, i, j = np.meshgrid(np.arange(C), np.arange(oh), np.arange(ow), np.arange(kh), np.arange(kw),
+                                indexing="ij")
+    r = p * sh - ph + i * dh
+    s = q * sw - pw + j * dw
+    ok = (r >= 0) & (r < H) & (s >= 0) & (s < W)
+    idx = np.where(ok, (c * H + r) * W + s, -1).reshape(C * oh * ow, kh * kw)
+    return idx, (C, oh, ow)
+
+
+def _check_pool(name: str, kernel, stride, padding, dilation=(1, 1)):
+    kernel, padding, dilation = _pair(kernel), _pair(padding), _pair(dilation)
+    stride = kernel if stride is None else _pair(stride)
+    if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise InvalidInputError(f"{name} kernel/stride/dilation must be >= 1 and padding >= 0; got kernel "
+                                f"{kernel}, stride {stride}, padding {padding}, dilation {dilation}")
+    if any(2 * p > (k - 1) * d + 1 for p, k, d in zip(padding, kernel, dilation)):
+        raise InvalidInputError(f"{name} padding must be at most half the (dilated) kernel; got padding "
+                                f"{padding} for kernel {kernel}")
+    return kernel, stride, padding, dilation
+
+
+@dataclass(eq=False)
+class MaxPool2d:
+    """Max pooling on (C, H, W) (floor mode; padding never wins: it is −inf as in torch and ONNX)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int] | None = None
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def __post_init__(self):
+        self.kernel, self.stride, self.padding, self.dilation = _check_pool(
+            "MaxPool2d", self.kernel, self.stride, self.padding, self.dilation)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return pool_windows(in_shape, self.kernel, self.stride, self.padding, self.dilation, "MaxPool2d")[1]
+
+    def windows(self, in_shape: Shape) -> np.ndarray:
+        """(n_out, kh·kw) indices into the flattened input, every entry valid: a padded position
+        repeats a real element of its window (the max is unchanged)."""
+        key = (tuple(in_shape), self.kernel, self.stride, self.padding, self.dilation)
+        cache = self.__dict__.setdefault("_windows", {})   # the float64 re-check runs it per batch
+        if key not in cache:
+            idx, _ = pool_windows(in_shape, self.kernel, self.stride, self.padding, self.dilation, "MaxPool2d")
+            first = idx.max(axis=1, keepdims=True)   # a valid element of each window (never all padding)
+            cache[key] = np.where(idx >= 0, idx, first)
+        return cache[key]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        idx = self.windows(x.shape[1:])
+        out = x.reshape(x.shape[0], -1)[:, idx].max(axis=-1)
+        return out.reshape((x.shape[0],) + self.output_shape(x.shape[1:]))
+
+
+@dataclass(eq=False)
+class AvgPool2d:
+    """Average pooling on (C, H, W) (floor mode; linear). ``count_include_pad``: padding counts as
+    zeros in the divisor (torch's default) or not (ONNX's default)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int] | None = None
+    padding: tuple[int, int] = (0, 0)
+    count_include_pad: bool = True
+
+    def __post_init__(self):
+        self.kernel, self.stride, self.padding, _ = _check_pool("AvgPool2d", self.kernel, self.stride, self.padding)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return pool_windows(in_shape, self.kernel, self.stride, self.padding, (1, 1), "AvgPool2d")[1]
+
+    def as_matrix(self, in_shape: Shape) -> tuple[sp.csr_matrix, np.ndarray]:
+        idx, _ = pool_windows(in_shape, self.kernel, self.stride, self.padding, (1, 1), "AvgPool2d")
+        ok = idx >= 0
+        div = float(idx.shape[1]) if self.count_include_pad else ok.sum(axis=1, keepdims=True).astype(np.float64)
+        vals = np.broadcast_to(1.0 / div, idx.shape)[ok]
+        rows = np.broadcast_to(np.arange(idx.shape[0])[:, None], idx.shape)[ok]
+        M = sp.csr_matrix((vals, (rows, idx[ok])), shape=(idx.shape[0], int(np.prod(in_shape))))
+        M.sum_duplicates()
+        return M, np.zeros(idx.shape[0])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        M, _ = self.as_matrix(x.shape[1:])
+        out = np.asarray(M @ x.reshape(x.shape[0], -1).T).T
+        return out.reshape((x.shape[0],) + self.output_shape(x.shape[1:]))
+
+
+Layer = Union[Dense, Conv2d, ReLU, Flatten, Normalize, Add, Branch, MaxPool2d, AvgPool2d]
+LAYER_TYPES = (Dense, Conv2d, ReLU, Flatten, Normalize, Add, Branch, MaxPool2d, AvgPool2d)
+AFFINE = (Dense, Conv2d, Flatten, Normalize, AvgPool2d)
 
 # the numeric arrays of each layer type (checked finite whenever a Network is assembled)
 _ARRAYS = {Dense: ("weight", "bias"), Conv2d: ("weight", "bias"), Normalize: ("mean", "std")}
@@ -222,16 +332,65 @@ def check_folded(layers, names, what: str) -> None:
 
 @dataclass(eq=False)
 class AffineBlock:
-    """``y = weight @ x + bias`` on flattened vectors; ``weight`` is CSR (out, in)."""
+    """Block ``i`` of the verification form: ``z_i = weight @ h_i + Σ_k skips[k] @ h_k + bias`` on
+    flattened vectors, then (except for the last block) ``h_{i+1} = ReLU(z_i)``, or the max over
+    each row of ``pool`` when ``pool`` is given (max pooling).
+
+    ``weight`` CSR (n_i, |h_i|); ``skips`` a tuple of ``(k, CSR (n_i, |h_k|))`` with ``k < i``: the
+    residual connections (``h_0`` is the network input); ``pool`` (|h_{i+1}|, window) int indices into
+    ``z_i``, every entry valid (padding repeats a real element).
+    """
 
     weight: sp.csr_matrix
     bias: np.ndarray
+    skips: tuple = ()
+    pool: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.weight.shape
 
+    @property
+    def n_act(self) -> int:
+        """Size of the activation ``h_{i+1}`` this block feeds."""
+        return self.weight.shape[0] if self.pool is None else int(self.pool.shape[0])
+
     def dense(self) -> np.ndarray:
         return self.weight.toarray()
+
+    def terms(self, i: int) -> list:
+        """``[(i, weight), (k, skip_k), …]``: every activation this block (number ``i``) reads."""
+        return [(i, self.weight)] + list(self.skips)
+
+    def stacked(self, i: int) -> tuple[sp.csr_matrix, list]:
+        """All terms side by side: ``z_i = W @ concat(h_k for k in sources) + bias``; returns
+        ``(W CSR, sources)``."""
+        terms = self.terms(i)
+        if len(terms) == 1:
+            return self.weight, [i]
+        return sp.hstack([W for _, W in terms], format="csr"), [k for k, _ in terms]
+
+
+def is_plain(blocks) -> bool:
+    """Whether blocks form the plain chain affine → ReLU → affine … (no skips, no max pooling)."""
+    return all(not b.skips and b.pool is None for b in blocks)
+
+
+def pool_split(l: np.ndarray, u: np.ndarray, pool: np.ndarray):
+    """Data of the max-pool relaxation on pre-activation bounds ``l, u`` (n_z,): per output the window
+    element ``star`` with the largest lower bound, the ``gap`` ``max(0, max_{e≠star} u_e − l_star)``
+    (0: that element is always the max), and the output bounds ``[max l, max u]``.
+
+    Sound lines (any window element may serve as ``star`` in the upper one):
+    ``z_star <= max(window) <= z_star + gap`` and ``max(window) <= max u``."""
+    lw, uw = l[pool], u[pool]
+    k = np.argmax(lw, axis=1)
+    rows = np.arange(pool.shape[0])
+    star = pool[rows, k]
+    l_star = lw[rows, k]
+    # copies of star (padding repeats it) are the same variable: they never exceed it
+    m_other = np.where(pool == star[:, None], -np.inf, uw).max(axis=1)
+    gap = np.maximum(m_other - l_star, 0.0)
+    return star, gap, lw.max(axis=1), uw.max(axis=1)
 
 

@@ -5,7 +5,8 @@ Supported operators: ``Gemm`` (transB, alpha, beta; ``transA`` only on the const
 (activation × constant), ``Add`` / ``Sub`` / ``Mul`` / ``Div`` / ``Neg`` with a constant (folded into the
 preceding Dense/Conv/Normalize layer where possible, else a ``Normalize`` layer), ``Add`` of two
 activations (residual ``Add`` layer), ``Relu``, ``Flatten``, ``Reshape``, ``Conv`` (2-D, symmetric
-pads, strides, dilations, ``group=1``), ``BatchNormalization`` (inference form, folded into the
+pads, strides, dilations, ``group=1``), ``MaxPool`` / ``AveragePool`` (2-D, symmetric pads, floor
+mode), ``GlobalAveragePool``, ``BatchNormalization`` (inference form, folded into the
 preceding Conv/Gemm), ``Identity``, ``Dropout`` (inference: identity), ``Constant`` and initializers.
 Any node whose inputs are all constants (e.g. the ``Shape → Gather → Concat`` chains that feed a
 ``Reshape``) is evaluated once with ``onnx.reference``. Every other operator raises
@@ -24,12 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
-from solvers.network.layers import Add, Conv2d, Dense, Flatten, Normalize, ReLU, check_folded, require_finite
+from solvers.network.layers import (Add, AvgPool2d, Branch, Conv2d, Dense, Flatten, MaxPool2d, Normalize, ReLU, check_folded,
+                                     require_finite)
 
 __all__ = ["read_onnx"]
 
+# what the reader (and the verifier behind it) handles, in the words of every refusal
+_CHAIN = ("a graph of single-input layers joined by Add of two activations (residual connections, "
+          "shortcuts with their own layers included)")
+
 SUPPORTED_OPS = ("Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Relu", "Flatten", "Reshape",
-                 "Conv", "BatchNormalization", "Identity", "Dropout", "Constant", "Shape")
+                 "Conv", "BatchNormalization", "Identity", "Dropout", "Constant", "Shape", "MaxPool",
+                 "AveragePool", "GlobalAveragePool")
 
 
 @dataclass
@@ -186,13 +193,16 @@ def read_onnx(path) -> tuple[list, tuple, list]:
                 consumers[n] -= 1
         act_in = [acts.get(n) for n in ins]
         if op in ("Relu", "Identity", "Dropout", "Flatten", "Reshape", "Shape", "Gemm", "MatMul",
-                  "Conv", "BatchNormalization", "Neg") and act_in[0] is None:
+                  "Conv", "BatchNormalization", "Neg", "MaxPool", "AveragePool", "GlobalAveragePool") and \
+                act_in[0] is None:
             raise _unsupported(node, "its first input must be computed from the network input")
-        if any(a is not None for a in act_in) and op != "Add":
-            for a in act_in:
-                if a is not None and a.index != b.last:
-                    raise _unsupported(node, f"consumes an earlier activation (index {a.index}); only "
-                                             "sequential networks (with residual Add) are supported")
+        live = [k for k, a in enumerate(act_in) if a is not None]
+        if len(live) == 1 and act_in[live[0]].index != b.last and op not in ("Shape", "Identity", "Dropout"):
+            # a second path from an earlier activation (e.g. a downsampling shortcut)
+            a = act_in[live[0]]
+            act_in[live[0]] = _Act(b.add(Branch(a.index), f"branch_{b.last}", b.shapes[a.index]), a.oshape)
+        if len(live) > 1 and op != "Add":
+            raise _unsupported(node, f"combines {len(live)} activations; only {_CHAIN} is supported")
         out = node.output[0]
         if op in ("Identity", "Dropout"):
             acts[out] = act_in[0]
@@ -215,6 +225,8 @@ def read_onnx(path) -> tuple[list, tuple, list]:
             acts[out] = _matmul(node, b, act_in, consts)
         elif op == "Conv":
             acts[out] = _conv(node, b, act_in, consts)
+        elif op in ("MaxPool", "AveragePool", "GlobalAveragePool"):
+            acts[out] = _pool(node, b, act_in[0])
         else:
             # later readers of the activation this node would fold into (aliases included)
             a0 = next(a for a in act_in if a is not None)
@@ -230,8 +242,7 @@ def read_onnx(path) -> tuple[list, tuple, list]:
         raise InvalidInputError(f"the ONNX output {out_name!r} must depend on the network input; it does not")
     final = acts[out_name]
     if final.index != b.last:
-        raise UnsupportedLayerError(f"the ONNX output {out_name!r} is not the last computed activation; "
-                                    "only sequential networks are supported")
+        b.add(Branch(final.index), "output", b.shapes[final.index])
     return b.layers, b.input_shape, b.names
 
 
@@ -358,6 +369,51 @@ def _conv(node, b: _Builder, act_in, consts) -> _Act:
     return _Act(idx, (1,) + tuple(shape))
 
 
+def _pool(node, b: _Builder, a: _Act) -> _Act:
+    """MaxPool / AveragePool (2-D, symmetric pads, floor mode or a ceil mode that changes nothing) and
+    GlobalAveragePool."""
+    shape = b.shapes[a.index]
+    if len(shape) != 3:
+        raise _unsupported(node, f"expects a (C, H, W) input; got shape {shape}")
+    name = node.name or f"{node.op_type.lower()}_{b.last}"
+    if node.op_type == "GlobalAveragePool":
+        layer = AvgPool2d(kernel=shape[1:], stride=shape[1:])
+        out = layer.output_shape(shape)
+        return _Act(b.add(layer, name, out), (1,) + tuple(out))
+    at = _attrs(node)
+    auto_pad = at.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise _unsupported(node, f"auto_pad={auto_pad} is not supported; export with explicit pads")
+    kernel = list(at.get("kernel_shape", []))
+    if len(kernel) != 2:
+        raise _unsupported(node, f"only 2-D pooling is supported; got kernel_shape {kernel}")
+    strides = list(at.get("strides", [1, 1]))
+    pads = list(at.get("pads", [0, 0, 0, 0]))
+    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
+        raise _unsupported(node, f"pads must be symmetric [ph, pw, ph, pw]; got {pads}")
+    dil = list(at.get("dilations", [1, 1]))
+    try:
+        if node.op_type == "MaxPool":
+            if int(at.get("storage_order", 0)) != 0:
+                raise _unsupported(node, "storage_order=1 is not supported")
+            layer = MaxPool2d(kernel, strides, (pads[0], pads[1]), dil)
+        else:
+            if dil != [1, 1]:
+                raise _unsupported(node, f"dilations must be [1, 1] for AveragePool; got {dil}")
+            layer = AvgPool2d(kernel, strides, (pads[0], pads[1]), bool(at.get("count_include_pad", 0)))
+        out = layer.output_shape(shape)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{_node_label(node)}: {exc}") from None
+    if int(at.get("ceil_mode", 0)):
+        # ceil mode adds a last window only where floor mode leaves input uncovered
+        for k, (n, kk, st, p, d) in enumerate(zip(shape[1:], kernel, strides, pads[:2], dil)):
+            span = n + 2 * p - d * (kk - 1) - 1
+            if span % st:
+                raise _unsupported(node, "ceil_mode=1 changes the output shape here; export with ceil_mode=0")
+    return _Act(b.add(layer, name, out), (1,) + tuple(out))
+
+
 def _batchnorm(node, b: _Builder, a: _Act, consts, uses: int) -> _Act:
     at = _attrs(node)
     if at.get("training_mode", 0):
@@ -386,15 +442,14 @@ def _elementwise(node, b: _Builder, act_in, consts, uses: int) -> _Act:
             raise _unsupported(node, "only Add of two activations (a residual connection) is supported")
         if x.oshape != y.oshape:
             raise _unsupported(node, f"residual Add needs equal shapes; got {x.oshape} and {y.oshape}")
+        if b.last not in (x.index, y.index):   # both operands are earlier: continue from one of them
+            x = _Act(b.add(Branch(x.index), f"branch_{b.last}", b.shapes[x.index]), x.oshape)
         cur, other = (x, y) if x.index == b.last else (y, x)
-        if cur.index != b.last or other.index >= b.last:
-            raise _unsupported(node, "a residual Add must combine the latest activation with an earlier one")
         return _Act(b.add(Add(source=other.index), node.name or f"add_{b.last}", b.shapes[cur.index]),
                     cur.oshape)
     a = x if x is not None else y
     if a.index != b.last:
-        raise _unsupported(node, f"consumes an earlier activation (index {a.index}); only sequential "
-                                 "networks (with residual Add) are supported")
+        raise _unsupported(node, f"consumes an earlier activation (index {a.index}); only {_CHAIN} is supported")
     c = _const_in(node, consts, 1 if x is not None else 0, "constant operand")
     try:
         osh = np.broadcast_shapes(a.oshape, c.shape)

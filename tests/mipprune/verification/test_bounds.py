@@ -166,7 +166,7 @@ def test_lp_time_limit_is_per_solve_not_cumulative():
     region = make_region(20, -np.ones(20), np.ones(20))
     b = compute_bounds(net, region.lower, region.upper, "crown")
     lp = _TriangleLP(region)
-    lp.add_layer(net.to_affine_relu()[0], b.lower[0], b.upper[0])
+    lp.add_layer(0, net.to_affine_relu()[0], b.lower[0], b.upper[0])
     W = net.to_affine_relu()[1].weight
     per_solve = 0.2
     results = []

@@ -164,3 +164,135 @@ def test_linear_weights_overflowing_when_batchnorm_is_folded_are_refused():
         with pytest.raises(InvalidInputError, match=r"layer 0 \(Dense '0'\) weight must be finite; got 4 NaN/inf "
                                                     r"entries \(after folding module '1' \(BatchNorm1d\) into it\)"):
             to_network(model.eval(), 2)
+
+
+class _ResBlock(nn.Module):
+    """torchvision's BasicBlock: identity shortcut, or a strided 1×1 conv + BatchNorm one."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout)
+        self.conv2, self.relu = nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU()
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.conv2(self.relu(self.bn1(self.conv1(x)))) + identity)
+
+
+class _TinyResNet(nn.Module):
+    """stem → MaxPool → residual block → downsampling residual block → AvgPool → global average pool →
+    fc (ResNet's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        self.block1, self.block2 = _ResBlock(4, 4), _ResBlock(4, 6, stride=2)
+        self.avg, self.gap = nn.AvgPool2d(2, 1), nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.pool(self.relu(self.stem(x)))))
+        return self.fc(torch.flatten(self.gap(self.avg(x)), 1))
+
+
+def test_resnet_style_pooling_net_round_trips_through_onnx_and_verifies(tmp_path):
+    import warnings
+
+    import mipprune
+    from solvers.network.layers import AvgPool2d, Branch, MaxPool2d
+    from solvers.network.spec import Spec
+    from solvers.result import Verdict
+
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = _randomize_bn(_TinyResNet()).eval()
+    path = tmp_path / "resnet.onnx"
+    with warnings.catch_warnings():
+        # the TorchScript exporter (dynamo=False: the dynamo one warns too, and takes 10 s) announces
+        # its own deprecation; nothing else may warn
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export",
+                                DeprecationWarning)
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"])
+    net = Network.from_onnx(path)
+    kinds = [type(layer) for layer in net.layers]
+    assert kinds.count(Add) == 2 and Branch in kinds and MaxPool2d in kinds and AvgPool2d in kinds
+    x = np.random.default_rng(0).uniform(size=(5, 1, 8, 8))
+    ref = _torch_forward(model, x)
+    np.testing.assert_allclose(net.forward(x), ref, atol=1e-5)          # float32 weights in the file
+    np.testing.assert_allclose(to_network(model, (1, 8, 8)).forward(x), ref, atol=1e-10)
+
+    c = x[0].reshape(-1)
+    label = int(np.argmax(net.forward(c)))
+    others = [j for j in range(3) if j != label]
+    A = [np.eye(3)[label] - np.eye(3)[j] for j in others]
+    disjuncts = tuple((a[None, :], np.zeros(1)) for a in A)       # unsafe: another class scores as high
+    proven = mipprune.verify(net, Spec(c - 0.05, c + 0.05, disjuncts), time_limit=30)
+    assert proven.verdict == Verdict.VERIFIED
+    # over the whole [0, 1] box the margin to the runner-up class drops below a level that a third
+    # of random inputs reach: falsified, with a counterexample re-checked in float64
+    a = A[0]
+    level = float(np.quantile(net.forward(np.random.default_rng(1).uniform(size=(300, 64))) @ a, 0.3))
+    found = mipprune.verify(net, Spec(np.zeros(64), np.ones(64), ((a[None, :], np.array([level])),)),
+                            time_limit=30)
+    assert found.verdict == Verdict.FALSIFIED
+    cex = found.counterexample
+    assert np.all(cex >= 0) and np.all(cex <= 1) and a @ net.forward(cex) <= level
+    y_torch = _torch_forward(model, cex.reshape(1, 1, 8, 8))[0]          # and by the torch model itself
+    assert a @ y_torch <= level + 1e-9
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 1, 1, dilation=2),
+                                  nn.MaxPool2d(2, 2, ceil_mode=True), nn.AvgPool2d(3, 2, 1),
+                                  nn.AvgPool2d(3, 2, 1, count_include_pad=False), nn.AdaptiveAvgPool2d(1),
+                                  nn.AdaptiveAvgPool2d((2, 3))])
+def test_pooling_modules_match_torch(pool):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), pool, nn.ReLU(), nn.Flatten()).eval()
+    _compare(model, (2, 6, 6))
+
+
+@pytest.mark.parametrize("pool,match", [(nn.MaxPool2d(2, 2, ceil_mode=True), "ceil_mode=True changes"),
+                                        (nn.MaxPool2d(2, return_indices=True), "return_indices=False"),
+                                        (nn.AvgPool2d(2, divisor_override=3), "divisor_override=None"),
+                                        (nn.AdaptiveAvgPool2d(4), "must divide the input size")])
+def test_pooling_variants_the_ir_cannot_express_are_named(pool, match):
+    with pytest.raises(UnsupportedLayerError, match=match):
+        to_network(nn.Sequential(nn.Conv2d(1, 2, 3), pool), (1, 7, 7))
+
+
+class _FunctionalPools(nn.Module):
+    """Pooling through torch.nn.functional in forward (as many CIFAR ResNets write it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2, padding=1)
+        x = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).view(x.size(0), -1))
+
+
+def test_functional_pooling_in_a_traced_forward_matches_torch():
+    torch.manual_seed(7)
+    model = _FunctionalPools().eval()
+    _compare(model, (1, 6, 6))
+    net = to_network(model, (1, 6, 6))
+    assert [type(layer).__name__ for layer in net.layers].count("MaxPool2d") == 1
+
+
+def test_view_by_another_size_than_the_batch_is_refused():
+    class _Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x.view(x.size(1), -1))
+
+    with pytest.raises(UnsupportedLayerError, match="must flatten all but the batch"):
+        to_network(_Odd(), (4,))

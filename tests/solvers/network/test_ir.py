@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from solvers.errors import InvalidInputError, UnsupportedLayerError
+from solvers.errors import InvalidInputError
 from solvers.network.layers import Add, Conv2d, Dense, Flatten, Normalize, ReLU
-from solvers.network.ir import Network
+from solvers.network.ir import Network, forward_blocks
 
 
 def _conv_loop(x, w, b, stride, pad):
@@ -59,8 +59,9 @@ def test_network_errors_are_clear():
         Dense(np.array([[np.nan]]))
     net = Network([Dense(np.eye(2)), ReLU(), Add(source=1)], input_shape=(2,))
     np.testing.assert_allclose(net.forward(np.array([1.0, -1.0])), [2.0, -1.0])
-    with pytest.raises(UnsupportedLayerError, match="residual"):
-        net.to_affine_relu()
+    blocks = net.to_affine_relu()   # the residual operand (pre-ReLU) becomes a skip from the input
+    assert [k for k, _ in blocks[-1].skips] == [0]
+    np.testing.assert_allclose(forward_blocks(blocks, np.array([[1.0, -1.0]])), [[2.0, -1.0]])
     with pytest.raises(InvalidInputError, match="input must have shape"):
         net.forward(np.ones(5))
 
