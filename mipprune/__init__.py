@@ -27,6 +27,7 @@ _LAZY = {
     "capture": "mipprune.pruning.bridge",
     "LayerStatistics": "mipprune.pruning.bridge",
     "ChannelSelector": "mipprune.pruning.selector",
+    "load_pruned": "mipprune.pruning.transformer_hf",
     "NotFittedError": "mipprune.pruning.selector",
     "to_network": "mipprune.verification.export",
     "finetune": "mipprune.train",

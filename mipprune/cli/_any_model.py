@@ -1,12 +1,14 @@
 """``mipprune prune --model FILE --input-shape C,H,W``: prune a model you bring, on your data.
 
-The model file is a pickled ``nn.Module`` (``torch.save(model, FILE)``; TorchScript and
-``torch.export`` archives are recognised but cannot be pruned, see :mod:`mipprune.model_io`).
+The model file is a pickled ``nn.Module`` (``torch.save(model, FILE)``) or a ``torch.export``
+archive (``.pt2``, lifted back to prunable modules); TorchScript is refused with what blocks it (see
+:mod:`mipprune.model_io`).
 Calibration inputs come from ``--data`` (a tensor saved with ``torch.save`` or a ``.npy`` array of
 shape ``(N, *input_shape)``); without it, standard-normal inputs are used and a warning says that
 the reconstruction then fits noise. ``--labels`` (N,) adds top-1 accuracy; otherwise the pruned
 model is compared with the dense one (relative output error, top-1 agreement) on a held-out part
-of the data. ``--out`` writes the pruned model in the format it came in; ``--onnx`` also as ONNX.
+of the data. ``--out`` writes the pruned model in the format it came in (``FILE.pt2``: a
+``torch.export`` archive of the pruned module, ``FILE.onnx``: ONNX); ``--onnx`` also as ONNX.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def prune_any_model(*, model_path: Path, input_shape: str | None, data_path: Pat
     import torch
     from rich.table import Table
 
-    from mipprune.model_io import export_onnx, load_model, load_tensor, save_model
+    from mipprune.model_io import export_onnx, load_model, load_tensor, output_format, save_model
     from mipprune.torch_utils import eval_mode
     from mipprune.train import count_flops, count_params
 
@@ -104,9 +106,13 @@ def prune_any_model(*, model_path: Path, input_shape: str | None, data_path: Pat
     saved = {}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_model(pruned.cpu(), out, fmt, eval_x[:1].cpu())
-        saved["model"] = str(out)
-        console.print(f"pruned model saved to {out} ({fmt})")
+        out_fmt = output_format(out, fmt)
+        if out_fmt == "onnx":
+            export_onnx(pruned.cpu(), out, eval_x[:1].cpu())
+        else:
+            save_model(pruned.cpu(), out, out_fmt, eval_x[:1].cpu())
+        saved["model"], saved["model_format"] = str(out), out_fmt
+        console.print(f"pruned model saved to {out} ({out_fmt})")
     if onnx_path is not None:
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(pruned.cpu(), onnx_path, eval_x[:1].cpu())

@@ -8,7 +8,8 @@ fine-tuning of the pruned model from the dense one (:func:`mipprune.train.finetu
 Without ``--model`` the seeded default CNN (:func:`mipprune.models.digits_cnn`) is trained on the
 embedded digits data in a few seconds. ``--model FILE`` loads a *whole pickled module* written with
 ``torch.save(model, FILE)``; it is loaded with ``torch.load(FILE, weights_only=False)``, which runs
-pickled code: only load files you trust.
+pickled code: only load files you trust. ``--model FOLDER --text FILE`` prunes the heads and MLP
+neurons of a Hugging Face causal LM folder on that text and writes a folder (:mod:`mipprune.cli._hf_folder`).
 """
 from __future__ import annotations
 
@@ -62,7 +63,9 @@ def _fmt_int(n: int) -> str:
 def prune_command(
     model: Optional[Path] = typer.Option(
         None, "--model", help="A whole module saved with torch.save(model, FILE) (loaded with "
-        "weights_only=False: trusted files only), evaluated on the digits. Default: train the digits CNN."),
+        "weights_only=False: trusted files only) or a torch.export archive (.pt2), evaluated on the digits (or on "
+        "--data / --input-shape); or a Hugging Face causal LM folder "
+        "(with --text). Default: train the digits CNN."),
     method: str = typer.Option("lasso", "--method", help="Selection method: lasso, exact, greedy, backward, "
                                "swap, magnitude, random (solvers), l1, bn_scale, hrank, mean_activation, similarity "
                                "(criteria + refit), tecu (block-coordinate descent)."),
@@ -81,7 +84,9 @@ def prune_command(
     finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Adam learning rate of --finetune."),
     max_iter: int = typer.Option(3, "--max-iter", help="TECU outer iterations (--method tecu)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and calibration)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model (torch.save) here."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model here: in the format it came in "
+                                       "(torch.save), FILE.pt2 a torch.export archive, FILE.onnx ONNX (with --model "
+                                       "and --input-shape/--data)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     seed: int = typer.Option(0, "--seed", help="Seed of data split, training, sampling and selection."),
     positions: int = typer.Option(10, "--positions", help="Spatial positions sampled per image per conv."),
@@ -103,6 +108,9 @@ def prune_command(
                                "residual adds, concats, gates, depthwise/grouped convs)."),
     max_memory: float = typer.Option(4.0, "--max-memory", help="GiB of statistics one channel group may take; a "
                                      "larger group stays whole."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Calibration text of --model FOLDER (a Hugging Face "
+                                        "causal LM folder), tokenized with the folder's tokenizer."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sequence of --text."),
 ) -> None:
     """Prune a digits classifier: select the channels to keep per layer, refit, and report accuracy,
     parameters and FLOPs before and after (with and without least-squares reconstruction)."""
@@ -137,6 +145,18 @@ def prune_command(
     target = (f"sparsity={sparsity}" if sparsity is not None else
               f"flops={flops}" if flops is not None else f"params={params}")
 
+    if model is not None and model.is_dir():  # a Hugging Face model folder: heads and neurons, on --text
+        from mipprune.cli._hf_folder import prune_hf_folder
+
+        record = prune_hf_folder(model_dir=model, text_path=text, seq_len=seq_len, selector=selector, out=out,
+                                 device=dev, console=console)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(record, indent=2, default=str))
+            console.print(f"results written to {json_path}")
+        return
+    if text is not None:
+        raise InvalidInputError(f"--text must come with --model FOLDER (a Hugging Face model folder); got --model {model}")
     if model is not None and (input_shape is not None or data_path is not None):
         from mipprune.cli._any_model import prune_any_model
 

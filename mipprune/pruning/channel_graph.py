@@ -25,8 +25,9 @@ boundaries —, a module called twice with weights, an unknown module or functio
 stays whole, and the group records why.
 
 Models that ``torch.fx.symbolic_trace`` cannot trace (data-dependent control flow) raise
-:class:`~solvers.errors.UnsupportedLayerError` with fx's message; ``torch.export`` graphs are not
-read yet (their ATen ops would need a second op table).
+:class:`~solvers.errors.UnsupportedLayerError` with fx's message, the module being traced when it
+failed and the line of its forward (:func:`mipprune.pruning.graph.trace_blocker`); ``torch.export`` graphs are not read
+(their ATen ops on lifted parameters have no modules to slice).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from mipprune.pruning.graph import _is_shape_value, fx_trace
 from mipprune.torch_utils import evaluation_mode, prepare_input
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
@@ -203,22 +205,6 @@ _ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operat
                 operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _RESHAPE = {"view", "reshape", "flatten"}
-_SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
-
-
-def _is_shape_value(node) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return True
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return True
-    if node.op == "call_function":
-        if node.target is getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS:
-            return True
-        if node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add) and \
-                isinstance(node.args[0], torch.fx.Node) and _is_shape_value(node.args[0]):
-            return all(_is_shape_value(a) for a in node.args if isinstance(a, torch.fx.Node))
-    return False
 
 
 def _shape(node) -> tuple[int, ...] | None:
@@ -396,12 +382,7 @@ class _Analysis:
         if others:
             return self.unknown(node, "reads several tensors")
         if isinstance(mod, _STATELESS):
-            if m is not None and in_shape is not None and out_shape is not None and \
-                    (len(in_shape) != len(out_shape) or in_shape[:2] != out_shape[:2]):
-                return self.unknown(node, "changes the channel dimension")
-            if m is not None:
-                self.maps[node] = m
-            return
+            return self.pass_through(node, m, in_shape, out_shape)
         calls = self.calls[name]
         if calls > 1:
             return self.unknown(node, f"a module with weights called {calls} times")
@@ -450,6 +431,14 @@ class _Analysis:
             return self.flatten(node, m, in_shape, out_shape)
         return self.unknown(node, f"an unmapped module {type(mod).__name__}")
 
+    def pass_through(self, node, m, in_shape, out_shape) -> None:
+        """An op that keeps the channels (activation, pooling, dropout): the map goes through."""
+        if m is not None and in_shape is not None and out_shape is not None and \
+                (len(in_shape) != len(out_shape) or in_shape[:2] != out_shape[:2]):
+            return self.unknown(node, "changes the channel dimension")
+        if m is not None:
+            self.maps[node] = m
+
     def flatten(self, node, m, in_shape, out_shape) -> None:
         if m is None or in_shape is None or out_shape is None:
             return self.unknown(node, "a reshape of an unmapped tensor")
@@ -474,12 +463,7 @@ class _Analysis:
                 return self.unknown(node, "reads several tensors")
             if node.kwargs.get("return_indices", False):
                 return self.unknown(node, "pooling with indices")
-            if m is not None and in_shape is not None and out_shape is not None and \
-                    (len(in_shape) != len(out_shape) or in_shape[:2] != out_shape[:2]):
-                return self.unknown(node, "changes the channel dimension")
-            if m is not None:
-                self.maps[node] = m
-            return
+            return self.pass_through(node, m, in_shape, out_shape)
         if (not is_method and target in _ELEMENTWISE) or (is_method and target in _ELEMENTWISE_METHODS):
             return self.elementwise(node)
         if (not is_method and target is torch.cat) or (is_method and target == "cat"):
@@ -605,11 +589,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModul
         raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor):
         raise InvalidInputError(f"example_input must be a tensor batch; got {type(example_input).__name__}")
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:
-        raise UnsupportedLayerError(
-            f"model must be traceable by torch.fx.symbolic_trace; got {type(exc).__name__}: {exc}") from exc
+    gm = fx_trace(model)
     x = prepare_input(model, example_input)
     with evaluation_mode(model):
         try:

@@ -32,6 +32,24 @@ pooling or flatten), streamed over the first ``max_images`` calibration images:
   out of the clustering unless fewer than ``k`` channels are alive. This criterion needs ``k``.
 
 Random selection is the ``"random"`` method of :mod:`solvers.selection.baselines`.
+
+**Channel groups** (:class:`~mipprune.pruning.channel_graph.ChannelGroup`: residual streams, concats,
+depthwise / grouped convolutions; :func:`group_scores`). A group's unit is written by several
+producers (every conv adding into a residual stream) and sliced in BatchNorms; a criterion scores a
+unit by summing over the group's members and over the unit's channels (a grouped conv's unit is
+several channels):
+
+- ``"l1"``: Σ over the group's producers of the L1 norms of the unit's output filters;
+- ``"bn_scale"``: Σ over the group's BatchNorms of ``|γ|`` of the unit's channels (a group without an
+  affine BatchNorm is an :class:`~solvers.errors.InvalidInputError`);
+- ``"hrank"``, ``"mean_activation"``: Σ over producers of the channel scores above, each read on
+  that producer's post-activation map (all producers in one forward);
+- ``"similarity"``: a unit's feature vector is the concatenation over producers of its maps (the
+  unit's channels summed), so the unit Gram is ``Σ_p M_p G_p M_pᵀ`` (``M_p``: channel → unit
+  indicator); clustering and medoids as above.
+
+The kept units are then refitted on the group's joint problem (:mod:`mipprune.pruning.joint`), like
+every other method.
 """
 from __future__ import annotations
 
@@ -42,7 +60,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from mipprune.pruning.graph import _ACT_FUNCTIONS, _ACT_METHODS, PruneGroup, _classify_module, _is_shape_value, _leaves
+from mipprune.pruning.graph import (_ACT_FUNCTIONS, _ACT_METHODS, PruneGroup, _classify_module, _is_shape_value,
+                                   _leaves, fx_trace)
 from mipprune.torch_utils import evaluation_mode, model_device, prepare_input
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
@@ -53,7 +72,7 @@ CRITERIA = WEIGHT_CRITERIA + ACTIVATION_CRITERIA
 #: Calibration images read by the activation criteria (HRank reports ranks stable after a few hundred).
 DEFAULT_IMAGES = 256
 
-__all__ = ["CRITERIA", "WEIGHT_CRITERIA", "ACTIVATION_CRITERIA", "DEFAULT_IMAGES", "channel_scores",
+__all__ = ["CRITERIA", "WEIGHT_CRITERIA", "ACTIVATION_CRITERIA", "DEFAULT_IMAGES", "channel_scores", "group_scores",
            "l1_scores", "bn_scale_scores", "activation_statistics", "ActivationStatistics",
            "hrank_scores", "mean_activation_scores", "similarity_scores", "similarity_clusters"]
 
@@ -121,15 +140,18 @@ class _Stop(Exception):
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, node_name: str):
+    """Runs the trace, keeping the values of ``node_names``; stops once all are seen."""
+
+    def __init__(self, gm: torch.fx.GraphModule, node_names: set[str]):
         super().__init__(gm)
-        self.node_name, self.value = node_name, None
+        self.node_names, self.values = node_names, {}
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n.name == self.node_name:
-            self.value = out
-            raise _Stop
+        if n.name in self.node_names:
+            self.values[n.name] = out.detach().clone()  # a later in-place op (out += x) must not change it
+            if len(self.values) == len(self.node_names):
+                raise _Stop
         return out
 
 
@@ -137,31 +159,48 @@ def _map_reader(model: nn.Module, group: PruneGroup):
     """A function ``x -> post-activation output of the producer`` (traced with fx; an untraceable
     ``nn.Sequential`` is read with a forward hook on the last channel-wise module after the producer)."""
     try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:
+        read = _maps_reader(model, [group.producer])
+    except _Untraceable:
         if not isinstance(model, nn.Sequential):
-            raise UnsupportedLayerError(f"model must be traceable by torch.fx (or be an nn.Sequential) for "
-                                        f"activation criteria; got {type(exc).__name__}: {exc}") from exc
+            raise
         return _sequential_reader(model, group)
-    modules = dict(gm.named_modules())
-    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == group.producer), None)
-    if node is None:
-        raise InvalidInputError(f"group producer {group.producer!r} must be called by the model's forward; got no call")
-    while True:
-        users = [u for u in node.users if not _is_shape_value(u)]
-        if len(users) != 1 or not _is_channelwise(users[0], modules):
-            break
-        node = users[0]
+    return lambda x: read(x)[group.producer]
 
-    def read(x: torch.Tensor) -> torch.Tensor:
-        rec = _Recorder(gm, node.name)
+
+class _Untraceable(UnsupportedLayerError):
+    """torch.fx could not trace the model."""
+
+
+def _maps_reader(model: nn.Module, producers: list[str]):
+    """A function ``x -> {producer: its post-activation output}`` for several producers, read in one
+    forward of the fx trace (stopped once the last one is computed)."""
+    try:
+        gm = fx_trace(model, "model must be traceable by torch.fx (or be an nn.Sequential) for activation criteria")
+    except UnsupportedLayerError as exc:
+        raise _Untraceable(str(exc)) from exc
+    modules = dict(gm.named_modules())
+    nodes: dict[str, str] = {}
+    for producer in producers:
+        node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == producer), None)
+        if node is None:
+            raise InvalidInputError(f"group producer {producer!r} must be called by the model's forward; got no call")
+        while True:
+            users = [u for u in node.users if not _is_shape_value(u)]
+            if len(users) != 1 or not _is_channelwise(users[0], modules):
+                break
+            node = users[0]
+        nodes[node.name] = producer
+
+    def read(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        rec = _Recorder(gm, set(nodes))
         try:
             rec.run(x)
         except _Stop:
             pass
-        if rec.value is None:
-            raise InvalidInputError(f"the forward must compute the output of {group.producer!r}; got none")
-        return rec.value
+        missing = [nodes[n] for n in nodes if n not in rec.values]
+        if missing:
+            raise InvalidInputError(f"the forward must compute the output of {missing[0]!r}; got none")
+        return {nodes[n]: v for n, v in rec.values.items()}
 
     return read
 
@@ -369,3 +408,72 @@ def channel_scores(criterion: str, model: nn.Module, group: PruneGroup, data: It
     if criterion == "mean_activation":
         return mean_activation_scores(stats)
     return similarity_scores(stats, k)
+
+
+# ------------------------------------------------------------------------------------- channel groups
+def _unit_matrix(units: np.ndarray, n_units: int) -> np.ndarray:
+    """Indicator (n_units, C): channel c counts for unit ``units[c]`` (−1: another group's, none)."""
+    M = np.zeros((n_units, units.size))
+    mine = np.flatnonzero(units >= 0)
+    M[units[mine], mine] = 1.0
+    return M
+
+
+def group_scores(criterion: str, model: nn.Module, group, data: Iterable | None = None, *, k: int | None = None,
+                 max_images: int = DEFAULT_IMAGES) -> np.ndarray:
+    """Scores (n_units,) of a channel group's units by ``criterion`` (see "Channel groups" in the module
+    docstring); higher = keep. ``group``: a :class:`~mipprune.pruning.channel_graph.ChannelGroup` of
+    ``model``'s channel graph. Arguments as :func:`channel_scores`."""
+    from mipprune.torch_utils import split_batch
+
+    if criterion not in CRITERIA:
+        raise InvalidInputError(f"criterion must be one of {list(CRITERIA)}; got {criterion!r}")
+    mods = _modules(model)
+    n = group.n_units
+    if criterion == "l1":
+        score = np.zeros(n)
+        for m in group.producers:
+            w = mods[m.module].weight.detach().to(torch.float64)
+            score += _unit_matrix(m.units, n) @ w.abs().reshape(w.shape[0], -1).sum(dim=1).cpu().numpy()
+        return score
+    if criterion == "bn_scale":
+        bns = [m for m in group.members if m.role == "batchnorm" and getattr(mods[m.module], "weight", None) is not None]
+        if not bns:
+            raise InvalidInputError(f"criterion 'bn_scale' needs an affine BatchNorm in group {group.name!r}; got "
+                                    "none (use 'l1' or a solver method such as 'lasso')")
+        return sum(_unit_matrix(m.units, n) @ mods[m.module].weight.detach().abs().to(torch.float64).cpu().numpy()
+                   for m in bns)
+    if data is None:
+        raise InvalidInputError(f"criterion {criterion!r} needs calibration data; got data=None")
+    if criterion == "similarity" and k is None:
+        raise InvalidInputError("k (one representative per cluster) must be given for criterion 'similarity'; got k=None")
+    if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) or max_images < 1:
+        raise InvalidInputError(f"max_images must be an integer >= 1; got {max_images!r}")
+    producers = [m for m in group.producers]
+    read = _maps_reader(model, [m.module for m in producers])
+    stats = {m.module: ActivationStatistics(m.units.size, criterion == "hrank") for m in producers}
+    dev = model_device(model)
+    seen = 0
+    with evaluation_mode(model):
+        for batch in data:
+            x, _ = split_batch(batch)
+            x = x[: max_images - seen]
+            if len(x) == 0:
+                break
+            for name, maps in read(prepare_input(model, x, dev)).items():
+                if maps.ndim < 2 or maps.shape[1] != stats[name].abs_sum.size:
+                    raise UnsupportedLayerError(f"post-activation output of {name!r} must have "
+                                                f"{stats[name].abs_sum.size} channels in dim 1; got {tuple(maps.shape)}")
+                stats[name].add(maps)
+            seen += len(x)
+            if seen >= max_images:
+                break
+    if seen == 0:
+        raise InvalidInputError("data must yield at least one image; got none")
+    per = {"hrank": hrank_scores, "mean_activation": mean_activation_scores}
+    if criterion in per:
+        return sum(_unit_matrix(m.units, n) @ per[criterion](stats[m.module]) for m in producers)
+    units = ActivationStatistics(n, need_rank=False)
+    units.n_images = seen
+    units.gram = sum(_unit_matrix(m.units, n) @ stats[m.module].gram @ _unit_matrix(m.units, n).T for m in producers)
+    return similarity_scores(units, k)

@@ -275,17 +275,49 @@ def _run(model: nn.Module, example_input: torch.Tensor):
                 f"example_input must run through the model; got {type(exc).__name__}: {exc}") from exc
 
 
+def trace_blocker(tracer: torch.fx.Tracer, exc: BaseException) -> str:
+    """Where an fx trace failed: `` in module 'name' (Class) at file:line `code` `` (the innermost
+    module being traced and the last line of user code in the traceback), or ``""``."""
+    import os
+    import traceback
+
+    where = ""
+    stack = list(getattr(tracer, "module_stack", {}).values())
+    if stack and stack[-1][0]:
+        path, cls = stack[-1]
+        where += f" in module {path!r} ({getattr(cls, '__name__', cls)})"
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and not os.path.abspath(f.filename).startswith(here)]
+    if frames:
+        f = frames[-1]
+        where += f" at {os.path.basename(f.filename)}:{f.lineno}" + (f" `{f.line.strip()}`" if f.line else "")
+    return where
+
+
+def fx_trace(model: nn.Module, requirement: str = "model must be traceable by torch.fx.symbolic_trace"
+             ) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``; on failure :class:`UnsupportedLayerError` with fx's message
+    and what blocked it (:func:`trace_blocker`: the module and the line of its forward)."""
+    tracer = torch.fx.Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise UnsupportedLayerError(f"{requirement}; got {type(exc).__name__}: {exc}{trace_blocker(tracer, exc)}"
+                                    ) from exc
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def _operations(model: nn.Module, example_input: torch.Tensor | None) -> list[_Op]:
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:
+        gm = fx_trace(model, "model must be traceable by torch.fx.symbolic_trace (or be an nn.Sequential)")
+    except UnsupportedLayerError:
         if isinstance(model, nn.Sequential):
             return _sequential_ops(model, example_input)
-        raise UnsupportedLayerError(
-            "model must be traceable by torch.fx.symbolic_trace (or be an nn.Sequential); "
-            f"got {type(exc).__name__}: {exc}") from exc
+        raise
     if example_input is not None:
         _run(model, example_input)  # a clean error for a bad input (ShapeProp prints tracebacks)
         # ShapeProp runs the traced copy, which shares the model's modules: eval mode, no_grad

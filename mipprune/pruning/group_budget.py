@@ -18,8 +18,12 @@ width and :func:`measure_cost` reports the truth).
 group: :meth:`GroupCost.floor` is known before any calibration, and an unreachable target fails at
 once, naming the groups that stay whole and why.
 
-**Widths.** :func:`allocate_group_widths` trades the groups' error curves against their exact
-cost (greedy, no gap claimed); :func:`uniform_widths` keeps the same fraction of every prunable group, found by
+**Widths.** :func:`solve_group_widths` chooses the widths minimizing the summed error curves under
+the exact cost, as a MILP on HiGHS (:func:`solvers.polynomial_budget.allocate_polynomial_budget`:
+one-hot widths, products linearized only for the pairs of groups a layer couples), time-boxed,
+with its status, objective, bound and proven gap; :func:`allocate_group_widths` (greedy, no gap) is
+its warm start and what remains if HiGHS stops on its time limit before finding anything (status
+TIME_LIMIT). :func:`uniform_widths` keeps the same fraction of every prunable group, found by
 bisection, then adds single units (cheapest first) while the cost stays under the target, so that
 the result lands in ``[(1 − tolerance)·target, target]`` whenever the unit granularity allows.
 """
@@ -32,12 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mipprune.pruning.budget import polynomial_cost
+from mipprune.pruning.budget import _macs, polynomial_cost
 from mipprune.pruning.channel_graph import ChannelGraph
-from mipprune.torch_utils import evaluation_mode, prepare_input
 from solvers.errors import InfeasibleBudgetError, InvalidInputError
 
-__all__ = ["GroupCost", "group_cost", "uniform_widths", "allocate_group_widths", "measure_cost"]
+__all__ = ["GroupCost", "group_cost", "uniform_widths", "allocate_group_widths", "solve_group_widths", "measure_cost",
+           "DEFAULT_BUDGET_TIME_LIMIT"]
+
+#: Seconds HiGHS may spend on a width allocation when the caller gives no limit.
+DEFAULT_BUDGET_TIME_LIMIT = 30.0
 
 
 @dataclass
@@ -82,27 +89,15 @@ class GroupCost:
 
 def _macs_per_module(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
     """Multiply-accumulates per (input channel · output channel) — or per output channel for grouped
-    convs — of each Conv2d / Linear, one sample."""
-    names = {m: n for n, m in model.named_modules()}
-    out: dict[str, float] = {}
-
-    def hook(mod, _inp, res):
-        per_sample = res.numel() // res.shape[0]
-        if isinstance(mod, nn.Conv2d):
-            kh, kw = mod.kernel_size
-            spatial = per_sample // mod.out_channels * kh * kw
-            out[names[mod]] = out.get(names[mod], 0.0) + float(
-                spatial if mod.groups == 1 else spatial * (mod.in_channels // mod.groups))
+    convs — of each Conv2d / Linear, one sample (from :func:`mipprune.pruning.budget._macs`)."""
+    mods = dict(model.named_modules())
+    out = {}
+    for name, macs in _macs(model, example).items():
+        m = mods[name]
+        if isinstance(m, nn.Conv2d):
+            out[name] = macs / (m.out_channels if m.groups != 1 else m.in_channels * m.out_channels)
         else:
-            out[names[mod]] = out.get(names[mod], 0.0) + float(per_sample // mod.out_features)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with evaluation_mode(model):
-            model(prepare_input(model, example[:1]))
-    finally:
-        for h in handles:
-            h.remove()
+            out[name] = macs / (m.in_features * m.out_features)
     return out
 
 
@@ -309,6 +304,25 @@ def allocate_group_widths(cost: GroupCost, curves: dict[str, np.ndarray], target
         total += s_add[best]
         w[best] += 1
     return {g: int(w[i]) for i, g in enumerate(names)}
+
+
+def solve_group_widths(cost: GroupCost, curves: dict[str, np.ndarray], target: float, tolerance: float = 0.005,
+                       time_limit: float | None = DEFAULT_BUDGET_TIME_LIMIT):
+    """Widths minimizing ``Σ_g curves[g][k_g − 1]`` with ``ratio`` in ``[(1 − tolerance)·target, target]``,
+    with a proven gap: a :class:`solvers.polynomial_budget.WidthAllocation` (``widths``, ``status``,
+    ``objective``, ``bound``, ``gap``, ``source``: "milp", or "start" when the greedy warm start of
+    :func:`allocate_group_widths` is kept). ``inf`` entries of a curve are never chosen.
+
+    Raises :class:`InfeasibleBudgetError` below the floor (before any solve)."""
+    from solvers.polynomial_budget import PolynomialCost, allocate_polynomial_budget
+
+    if not 0 < target <= 1:
+        raise InvalidInputError(f"{cost.metric} must be in (0, 1]; got {target}")
+    cost.check_reachable(target)
+    start = allocate_group_widths(cost, curves, target, tolerance)
+    poly = PolynomialCost(units=cost.units, constant=cost.constant, linear=cost.linear, quadratic=cost.quadratic)
+    return allocate_polynomial_budget(poly, curves, cost.dense, target, tolerance=tolerance, time_limit=time_limit,
+                                      start=start)
 
 
 def measure_cost(model: nn.Module, example: torch.Tensor, metric: str) -> float:

@@ -30,11 +30,13 @@ from mipprune.pruning.bridge import capture
 from mipprune.pruning.channel_graph import ChannelGraph, ChannelGroup, build_channel_graph
 from mipprune.pruning.group_surgery import channel_keeps, prune_groups
 from mipprune.pruning.joint import DEFAULT_RIDGE, group_problem, refit_consumers, ridge_of
+from mipprune.pruning.samples import capture_samples
 from solvers.errors import InvalidInputError
 from solvers.result import SelectionResult
 from solvers.selection.problem import SelectionProblem
 
-__all__ = ["GroupPruning", "prune_by_groups", "group_targets", "group_curves", "statistics_bytes", "DEFAULT_MAX_MEMORY"]
+__all__ = ["GroupPruning", "prune_by_groups", "group_targets", "group_curves", "statistics_bytes",
+           "lean_statistics_bytes", "calibration_rows", "DEFAULT_MAX_MEMORY"]
 
 
 @dataclass
@@ -104,32 +106,151 @@ def statistics_bytes(model: nn.Module, group: ChannelGroup) -> int:
     return 8 * (per_consumer + largest + 3 * d_joint * d_joint + 3 * d_joint * m_joint)
 
 
+def calibration_rows(model: nn.Module, data: Iterable, example: torch.Tensor, names: list[str], *,
+                     positions: int | None, max_samples: int | None) -> dict[str, int]:
+    """Rows of ``Z`` each layer will accumulate (images × sampled positions or tokens, capped by
+    ``max_samples``), known before any capture: one forward of ``example[:1]`` for the output sizes."""
+    from mipprune.torch_utils import evaluation_mode, prepare_input, split_batch
+
+    mods = dict(model.named_modules())
+    per_image: dict[str, int] = {}
+
+    def hook(name):
+        def record(_m, _i, out):
+            if isinstance(mods[name], nn.Conv2d):
+                hw = out.shape[-1] * out.shape[-2]
+                per_image[name] = hw if positions is None else min(positions, hw)
+            else:
+                per_image[name] = out.numel() // out.shape[0] // out.shape[-1]
+        return record
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with evaluation_mode(model), torch.no_grad():
+            model(prepare_input(model, example[:1]))
+    finally:
+        for h in handles:
+            h.remove()
+    images = sum(len(split_batch(b)[0]) for b in data)
+    return {n: min(images * per_image.get(n, 1), max_samples or np.iinfo(np.int64).max) for n in names}
+
+
+def _shape_of(model: nn.Module, member) -> tuple[int, int]:
+    mod = dict(model.named_modules())[member.module]
+    d = member.units.size * member.columns_per_channel
+    return d, (mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features)
+
+
+def lean_statistics_bytes(model: nn.Module, group: ChannelGroup, rows: Mapping[str, int]) -> int:
+    """Peak bytes of a group's statistics when its consumers are captured one after another, each as
+    ``n×d`` samples when ``n < d`` (else its Gram), its block written into the joint problem and
+    dropped, and refitted one at a time after the selection (recaptured): the joint ``G`` with a
+    working copy, its ``B`` and weights, plus the largest single consumer (its rows or Gram, the
+    Schur complement of other groups' columns, and its refit's Gram with two working copies)."""
+    d_joint, m_joint, largest = 0, 0, 0
+    for m in group.consumers:
+        d, out = _shape_of(model, m)
+        n = int(rows.get(m.module, d))
+        a = int((m.units >= 0).sum()) * m.columns_per_channel
+        f = d - a
+        source = min(d * d + d * out, n * (d + out))
+        schur = f * f + a * f + f * (a + out) if f else 0
+        refit = source + 3 * d * d + 2 * d * out
+        largest = max(largest, source + schur + a * a, refit)
+        d_joint += a
+        m_joint += out
+    return 8 * (2 * d_joint * d_joint + 3 * d_joint * m_joint + largest)
+
+
+def _one_at_a_time(model: nn.Module, data, group: ChannelGroup, rows: Mapping[str, int], *,
+                   channels: Mapping[str, np.ndarray] | None = None, **common) -> "_OneAtATime":
+    """The consumers of ``group`` captured on access, one at a time: rows when ``rows[name] < d``."""
+    channels = dict(channels or {})
+    cols = {m.module: m.columns_per_channel for m in group.consumers}
+
+    def load(name):
+        d = next(_shape_of(model, m)[0] for m in group.consumers if m.module == name)
+        if rows[name] < d:
+            return capture_samples(model, data, name, target_channels=channels, columns_per_channel=cols[name],
+                                   **common)
+        return capture(model, data, [name], columns_per_channel={name: cols[name]},
+                       target_channels={name: channels[name]} if name in channels else None, **common)[name]
+
+    return _OneAtATime([m.module for m in group.consumers], load)
+
+
+class _OneAtATime(Mapping):
+    """``{consumer: statistics}`` captured on access (nothing cached): rows (:func:`capture_samples`)
+    when the layer sees fewer rows than it has columns, else its Gram (:func:`capture`)."""
+
+    def __init__(self, names, load):
+        self.names, self.load, self.seen = list(names), load, {}
+
+    def __getitem__(self, name):
+        if name not in self.names:
+            raise KeyError(name)
+        src = self.load(name)
+        self.seen[name] = (int(src.n_samples), int(src.weights.shape[0]), type(src).__name__)
+        return src
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
 def group_curves(model: nn.Module, data: Iterable, graph: ChannelGraph, *, positions: int = 10,
                  max_samples: int | None = None, seed: int = 0, max_memory: int | None = DEFAULT_MAX_MEMORY,
                  on_step=None) -> dict[str, np.ndarray]:
     """Error curve (n_units,) of every prunable group, on the dense model: the forward-greedy refit
     error of its joint problem for ``k = 1 … n`` (:func:`mipprune.pruning.budget.error_curve`).
 
-    One group's statistics at a time (the memory cap applies per group); a group above
-    ``max_memory`` gets ``inf`` below full width, so that a budget never relies on cutting it."""
+    One group's statistics at a time (the memory cap applies per group; above it, its consumers one
+    after another, as rows when they see fewer rows than columns); a group above ``max_memory`` even
+    then gets ``inf`` below full width, so that a budget never relies on cutting it."""
     from mipprune.pruning.budget import error_curve
+    from mipprune.torch_utils import split_batch
 
     curves = {}
+    rows: dict[str, int] = {}
     for g in graph.prunable:
+        need = statistics_bytes(model, g)
+        lean = max_memory is not None and need > max_memory
+        if lean:
+            if not rows:
+                example = split_batch(next(iter(data)))[0][:1]
+                rows = calibration_rows(model, data, example, list(dict.fromkeys(
+                    m.module for x in graph.prunable for m in x.consumers)), positions=positions,
+                    max_samples=max_samples)
+            need = lean_statistics_bytes(model, g, rows)
         if on_step is not None:
-            on_step(f"error curve of {g.name}")
-        if max_memory is not None and statistics_bytes(model, g) > max_memory:
+            on_step(f"error curve of {g.name} (statistics ≈ {need / 2**20:.1f} MiB"
+                    f"{', one consumer at a time' if lean else ''})")
+        if max_memory is not None and need > max_memory:
             curves[g.name] = np.r_[np.full(g.n_units - 1, np.inf), 0.0]
             continue
-        stats = capture(model, data, [m.module for m in g.consumers], positions=positions, max_samples=max_samples,
-                        columns_per_channel={m.module: m.columns_per_channel for m in g.consumers}, seed=seed)
+        if lean:
+            stats = _one_at_a_time(model, data, g, rows, positions=positions, max_samples=max_samples, seed=seed)
+        else:
+            stats = capture(model, data, [m.module for m in g.consumers], positions=positions,
+                            max_samples=max_samples,
+                            columns_per_channel={m.module: m.columns_per_channel for m in g.consumers}, seed=seed)
         curves[g.name] = error_curve(group_problem(g, stats))
     return curves
 
 
-def _select(problem: SelectionProblem, k: int, method: str, backend, time_limit, seed, gap) -> SelectionResult:
+def _select(problem: SelectionProblem, k: int, method: str, backend, time_limit, seed, gap, *, model: nn.Module,
+            group: ChannelGroup, data) -> SelectionResult:
+    """A solver method on the joint problem, or a criterion's top-k units refitted on it."""
+    from mipprune.pruning.criteria import CRITERIA, group_scores
+    from solvers.selection.baselines import select_by_scores
     from solvers.selection.select import select_channels
 
+    if method in CRITERIA:
+        start = time.perf_counter()
+        scores = group_scores(method, model, group, data, k=k)
+        return select_by_scores(problem, scores, k, method=method, start=start, info={"scores": scores})
     kw = {"gap": gap} if gap is not None else {}
     return select_channels(problem, k=k, method=method, backend=backend, time_limit=time_limit, seed=seed, **kw)
 
@@ -159,14 +280,31 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
     todo = [g for g in graph.prunable if g.name in targets and targets[g.name] < g.n_units]
     skipped: dict[str, str] = {}
     memory = {g.name: statistics_bytes(model, g) for g in todo}
+    plans = {g.name: "gram" for g in todo}
+    rows_of: dict[str, int] = {}
     if max_memory is not None:
         kept, total = [], 0
         for g in todo:
             need = memory[g.name] if sequential else total + memory[g.name]
+            if need > max_memory and sequential:
+                # consumers one after another, as rows when they see fewer rows than columns
+                if not rows_of:
+                    rows_of = calibration_rows(model, data, example, list(dict.fromkeys(
+                        m.module for x in todo for m in x.consumers)), positions=positions, max_samples=max_samples)
+                lean = lean_statistics_bytes(model, g, rows_of)
+                if lean <= max_memory:
+                    plans[g.name], memory[g.name] = "lean", lean
+                    kept.append(g)
+                    continue
+                skipped[g.name] = (f"statistics need {need / 2**30:.2f} GiB as Grams, {lean / 2**30:.2f} GiB with "
+                                   f"one consumer at a time (samples when rows < columns) > max_memory "
+                                   f"{max_memory / 2**30:.2f} GiB")
+                continue
             if need > max_memory:
                 skipped[g.name] = (f"statistics need {memory[g.name] / 2**30:.2f} GiB"
-                                   f"{'' if sequential else f' ({need / 2**30:.2f} GiB with the groups before)'}"
-                                   f" > max_memory {max_memory / 2**30:.2f} GiB")
+                                   f" ({need / 2**30:.2f} GiB with the groups before, one-shot capture; "
+                                   f"sequential=True processes groups one at a time) > max_memory "
+                                   f"{max_memory / 2**30:.2f} GiB")
                 continue
             kept.append(g)
             total += memory[g.name]
@@ -186,7 +324,8 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
         for g in todo:
             step(f"selecting {g.name} ({method})")
             problem = group_problem(g, stats)
-            res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap)
+            res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap, model=model, group=g,
+                          data=data)
             results[g.name], masks[g.name] = res, res.mask.copy()
             _, errors = refit_consumers(g, res.mask, stats)
             rows[g.name] = {"consumer_errors": errors, "capture_time": capture_time,
@@ -212,23 +351,37 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
     for g0 in todo:
         g = next(x for x in current_graph.groups if x.name == g0.name)
         names = [m.module for m in g.consumers]
-        step(f"calibrating {g.name} ({len(names)} consumers)")
+        lean = plans[g.name] == "lean"
+        step(f"calibrating {g.name} ({len(names)} consumers, statistics ≈ {memory[g.name] / 2**20:.1f} MiB"
+             f"{', one consumer at a time' if lean else ''})")
         t0 = time.perf_counter()
-        stats = capture(current, data, names, positions=positions, max_samples=max_samples,
-                        target=model if current is not model else None,
-                        columns_per_channel={m.module: m.columns_per_channel for m in g.consumers}, seed=seed,
-                        target_channels={n: out_index[n] for n in names if n in out_index})
+        common = dict(positions=positions, max_samples=max_samples, seed=seed,
+                      target=model if current is not model else None)
+        channels = {n: out_index[n] for n in names if n in out_index}
+        cols = {m.module: m.columns_per_channel for m in g.consumers}
+        if lean:
+            stats = _one_at_a_time(current, data, g, rows_of, channels=channels, **common)
+        else:
+            stats = capture(current, data, names, columns_per_channel=cols, target_channels=channels, **common)
         capture_time = time.perf_counter() - t0
         step(f"selecting {g.name} ({method})")
-        problem = group_problem(g, stats)
-        res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap)
+        problem = group_problem(g, stats)  # the lean plan captures here, one consumer after another
+        if lean:
+            capture_time = time.perf_counter() - t0
+        res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap, model=current, group=g,
+                      data=data)
+        no_refit, n_columns = problem.error(res.mask, refit=False), problem.n_columns
+        del problem  # before the refit: the lean plan recaptures its consumers one at a time
         weights, errors = refit_consumers(g, res.mask, stats)
         results[g.name], masks[g.name] = res, res.mask.copy()
-        rows[g.name] = {"consumer_errors": errors, "capture_time": capture_time,
-                        "error_no_refit": problem.error(res.mask, refit=False),
-                        "n_samples": {n: int(stats[n].n_samples) for n in names}, "columns": problem.n_columns,
-                        "consumer_columns": {n: int(stats[n].gram.shape[0]) for n in names},
-                        "memory": memory[g.name]}
+        seen = stats.seen if lean else {n: (int(stats[n].n_samples), int(stats[n].gram.shape[0]), "LayerStatistics")
+                                        for n in names}
+        rows[g.name] = {"consumer_errors": errors, "capture_time": capture_time, "error_no_refit": no_refit,
+                        "n_samples": {n: seen[n][0] for n in names}, "columns": n_columns,
+                        "consumer_columns": {n: seen[n][1] for n in names}, "memory": memory[g.name],
+                        "statistics": ("one consumer at a time (" + ", ".join(
+                            f"{n}: {'samples' if seen[n][2] == 'LayerSamples' else 'Gram'}" for n in names) + ")")
+                        if lean else "Grams"}
         for (name, side), keep in channel_keeps(current_graph, {g.id: res.mask}).items():
             if side == "out":
                 out_index[name] = out_index.get(name, np.arange(keep.size))[keep]

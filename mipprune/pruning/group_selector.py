@@ -12,9 +12,10 @@ the same fitted attributes (``groups_`` are then :class:`ChannelGroup`, keyed by
 Budgets (``flops=`` / ``params=``) over groups use the exact cost polynomial of
 :mod:`mipprune.pruning.group_budget`; the reachable floor is checked before calibration; then every
 group's error curve is computed on the dense model (one group's statistics at a time) and
-:func:`~mipprune.pruning.group_budget.allocate_group_widths` trades errors against cost (greedy, no
-proven gap: ``solvers.allocate_budget``'s MILP is for chains of pairs), landing in
-``[(1 − budget_tolerance)·target, target]`` when the units allow.
+:func:`~mipprune.pruning.group_budget.solve_group_widths` chooses the widths by a MILP on HiGHS
+(products of coupled groups linearized; status, objective, bound and proven gap in ``budget_``;
+``budget_time_limit`` seconds, default 30), landing in ``[(1 − budget_tolerance)·target, target]``
+when the units allow.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ GROUP_MODES = ("auto", "pairs", "graph")
 def use_graph(selector, dense: nn.Module, example: torch.Tensor) -> ChannelGraph | None:
     """The channel graph when ``selector`` should prune over channel groups, else ``None``."""
     mode = getattr(selector, "groups", "auto")
+    selector.trace_error_ = None
     if mode == "pairs":
         return None
     if mode == "graph":
@@ -45,7 +47,8 @@ def use_graph(selector, dense: nn.Module, example: torch.Tensor) -> ChannelGraph
 
     try:
         graph = build_channel_graph(dense, example)
-    except UnsupportedLayerError:
+    except UnsupportedLayerError as exc:
+        selector.trace_error_ = str(exc)  # shown by report(): why the channel groups were not used
         return None  # untraceable: the pair analysis has its nn.Sequential fallback
     pairs = {(g.producer, g.consumer, g.n_channels, g.columns_per_channel)
              for g in find_prune_groups(dense, example)}
@@ -61,13 +64,17 @@ def use_graph(selector, dense: nn.Module, example: torch.Tensor) -> ChannelGraph
 
 
 def _targets(selector, graph: ChannelGraph, dense: nn.Module, data, example: torch.Tensor, on_step):
-    """(targets {group: units}, budget summary or None)."""
-    from mipprune.pruning.group_budget import allocate_group_widths, group_cost
+    """(targets {group: units}, budget summary or None, the WidthAllocation or None)."""
+    from mipprune.pruning.group_budget import DEFAULT_BUDGET_TIME_LIMIT, group_cost, solve_group_widths
     from mipprune.pruning.group_pruning import DEFAULT_MAX_MEMORY, group_curves, group_targets
 
     groups = graph.require_prunable()
     if selector.sparsity is not None or selector.k is not None:
-        return group_targets(groups, sparsity=selector.sparsity, k=selector.k), None
+        return group_targets(groups, sparsity=selector.sparsity, k=selector.k), None, None
+    if selector.budget_backend != "highs":
+        raise InvalidInputError(f"budget_backend must be 'highs' for channel groups (their MILP has products of any "
+                                f"two coupled groups; CP-SAT serves chains of pairs, groups='pairs'); got "
+                                f"{selector.budget_backend!r}")
     metric = "flops" if selector.flops is not None else "params"
     target = selector.flops if selector.flops is not None else selector.params
     cost = group_cost(dense, graph, example, metric)
@@ -76,15 +83,24 @@ def _targets(selector, graph: ChannelGraph, dense: nn.Module, data, example: tor
     curves = group_curves(dense, data, graph, positions=selector.positions, max_samples=selector.max_samples,
                           seed=selector.seed, max_memory=getattr(selector, "max_memory", DEFAULT_MAX_MEMORY),
                           on_step=on_step)
-    widths = allocate_group_widths(cost, curves, target, selector.budget_tolerance)
+    curve_time = time.perf_counter() - t0
+    if on_step is not None:
+        on_step("allocating widths (HiGHS MILP)")
+    time_limit = selector.budget_time_limit if selector.budget_time_limit is not None else DEFAULT_BUDGET_TIME_LIMIT
+    alloc = solve_group_widths(cost, curves, target, selector.budget_tolerance, time_limit=time_limit)
+    widths = alloc.widths
     lo = (1.0 - selector.budget_tolerance) * target
     summary = {"metric": metric, "target": float(target), "tolerance": selector.budget_tolerance,
                "window": [lo, float(target)], "dense": cost.dense, "predicted": cost.cost(widths),
                "predicted_ratio": cost.ratio(widths), "floor": cost.floor(), "widths": dict(widths),
-               "allocation": "greedy on forward-greedy error curves of each group's joint problem (no gap)",
-               "curve_time": time.perf_counter() - t0,
+               "allocation": {"status": str(alloc.status.value), "objective": alloc.objective, "bound": alloc.bound,
+                              "gap": alloc.gap, "backend": alloc.backend, "source": alloc.source,
+                              "ratio": alloc.ratio, "solve_time": alloc.solve_time, "time_limit": time_limit,
+                              **{k: v for k, v in alloc.info.items() if k in ("window", "binaries", "mip_nodes")}},
+               "curves": "forward-greedy refit error per k of each group's joint problem, on the dense model",
+               "curve_time": curve_time,
                "fixed": {g: list(r) for g, r in cost.fixed.items()}}
-    return widths, summary
+    return widths, summary, alloc
 
 
 def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch.Tensor, graph: ChannelGraph,
@@ -92,13 +108,15 @@ def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch
     """``ChannelSelector.fit`` over channel groups (see the module docstring); ``fingerprint(model)``
     and ``progress(enabled)`` are the selector's helpers (a rich Progress factory)."""
     from mipprune.pruning.group_budget import measure_cost
+    from mipprune.pruning.criteria import CRITERIA, group_scores
     from mipprune.pruning.group_pruning import DEFAULT_MAX_MEMORY, prune_by_groups
     from solvers.selection.select import METHODS
 
-    if selector.method not in METHODS:
-        raise InvalidInputError(f"method must be one of {sorted(METHODS)} for a model with merged channel groups "
-                                f"(residual adds, concats, gates, grouped convs); got {selector.method!r} "
-                                "(criteria and tecu work on producer → consumer pairs only, groups='pairs')")
+    if selector.method not in METHODS and selector.method not in CRITERIA:
+        raise InvalidInputError(f"method must be one of {sorted(METHODS) + list(CRITERIA)} for a model with merged "
+                                f"channel groups (residual adds, concats, gates, grouped convs); got "
+                                f"{selector.method!r}: block-coordinate descent ('tecu') works on producer → consumer "
+                                "pairs only (groups='pairs'); over groups use 'exact' (proven gap per group) or 'lasso'")
     with progress(selector.progress) as bar:
         task = None
         calls = [0]
@@ -110,11 +128,14 @@ def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch
             bar.update(task, description=message)
 
         if selector.flops is not None or selector.params is not None:
-            task = bar.add_task("budget curves", total=len(graph.prunable) + 1)
-        targets, budget = _targets(selector, graph, dense, data, example, step)
+            task = bar.add_task("budget curves", total=len(graph.prunable) + 2)
+        targets, budget, allocation = _targets(selector, graph, dense, data, example, step)
         todo = [g for g in graph.prunable if g.name in targets and targets[g.name] < g.n_units]
+        if selector.method == "bn_scale":  # fail before the selection's calibration
+            for g in todo:
+                group_scores("bn_scale", dense, g)
         if task is not None:
-            bar.update(task, completed=len(graph.prunable) + 1)
+            bar.update(task, completed=len(graph.prunable) + 2)
         task = bar.add_task("calibrating", total=2 * len(todo))
         calls[0] = 0
 
@@ -136,7 +157,7 @@ def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch
     selector.skipped_ = out.skipped
     selector._rows = out.rows
     selector._targets_used = targets
-    selector.allocation_ = None
+    selector.allocation_ = allocation  # a solvers.polynomial_budget.WidthAllocation (budgets), else None
     selector.budget_ = budget
     selector.tecu_history_ = None
     selector.pruned_model_ = out.model.to(home)
@@ -204,14 +225,26 @@ def graph_caption(selector) -> str:
     if short:
         lines.append("fewer calibration rows than columns (the refit may overfit; add data or positions): "
                      + ", ".join(short[:8]) + (f", … {len(short) - 8} more" if len(short) > 8 else ""))
+    if selector._rows:
+        cap = getattr(selector, "max_memory", None)
+        est = sorted(((r["memory"], n, r.get("statistics", "Grams")) for n, r in selector._rows.items()), reverse=True)
+        lines.append(f"statistics memory, estimated before allocation (max_memory "
+                     f"{'none' if cap is None else f'{cap / 2**30:.2f} GiB'}): "
+                     + ", ".join(f"{n} {b / 2**20:.1f} MiB ({how})" for b, n, how in est[:6])
+                     + (f", … {len(est) - 6} more" if len(est) > 6 else ""))
     for name, why in selector.skipped_.items():
         lines.append(f"kept whole for memory: {name}: {why}")
     b = selector.budget_
     if b is not None:
         lo, hi = b["window"]
+        a = b["allocation"]
+        gap = "-" if a["gap"] is None else f"{100 * a['gap']:.2g}%"
         lines.append(f"{b['metric']} budget {b['target']:g}: achieved {b['achieved_ratio']:.4f} of dense "
                      f"({'in' if b['in_window'] else 'OUTSIDE'} [{lo:.4f}, {hi:.4f}]; floor {b['floor']:.4f}); "
-                     f"widths: {b['allocation']}")
+                     f"widths: HiGHS MILP {a['status']}, Σ err {a['objective']:.4g}, bound "
+                     f"{'-' if a['bound'] is None else format(a['bound'], '.4g')}, gap {gap}"
+                     + (" (greedy warm start kept)" if a["source"] == "start" else "")
+                     + (f"; {a['window']}" if "window" in a else ""))
     return "\n".join(lines)
 
 

@@ -21,20 +21,25 @@ from mipprune.pruning.channel_graph import ChannelGraph, ChannelGroup
 from mipprune.torch_utils import evaluation_mode, prepare_input
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
-__all__ = ["channel_keeps", "prune_groups"]
+__all__ = ["channel_keeps", "check_keep", "prune_groups"]
+
+
+def check_keep(what: str, mask, n: int, unit: str = "channel") -> np.ndarray:
+    """``mask`` as a bool array (n,) keeping at least one ``unit``, else InvalidInputError about ``what``."""
+    m = np.asarray(mask)
+    if m.shape != (n,):
+        raise InvalidInputError(f"{what} must have shape ({n},) (one per {unit}); got {m.shape}")
+    if m.dtype != bool:
+        if not np.all(np.isin(m, (0, 1))):
+            raise InvalidInputError(f"{what} must be boolean (or 0/1); got values {np.unique(m)[:5]}")
+        m = m.astype(bool)
+    if not m.any():
+        raise InvalidInputError(f"{what} must keep at least one {unit}; got all False")
+    return m
 
 
 def _check_mask(group: ChannelGroup, mask) -> np.ndarray:
-    m = np.asarray(mask)
-    if m.shape != (group.n_units,):
-        raise InvalidInputError(f"mask of group {group.name!r} must have shape ({group.n_units},) (one per "
-                                f"unit); got {m.shape}")
-    if m.dtype != bool:
-        if not np.all(np.isin(m, (0, 1))):
-            raise InvalidInputError(f"mask of group {group.name!r} must be boolean (or 0/1); got {np.unique(m)[:5]}")
-        m = m.astype(bool)
-    if not m.any():
-        raise InvalidInputError(f"mask of group {group.name!r} must keep at least one unit; got all False")
+    m = check_keep(f"mask of group {group.name!r}", mask, group.n_units, "unit")
     if group.fixed and not m.all():
         raise InvalidInputError(f"group {group.name!r} must stay whole ({'; '.join(group.fixed)}); got a mask "
                                 f"dropping {int((~m).sum())} units")

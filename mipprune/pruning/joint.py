@@ -25,11 +25,13 @@ the group's problem is exactly the consumer's error with those columns refitted 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import scipy.linalg
 
-from mipprune.pruning.bridge import LayerStatistics
 from mipprune.pruning.channel_graph import ChannelGroup, Member
+from mipprune.pruning.samples import LayerSamples, chunked_product
 from solvers.errors import InvalidInputError
 from solvers.selection.problem import SelectionProblem
 
@@ -40,7 +42,7 @@ def _solve_psd(G: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``G⁻¹B`` for a PSD ``G`` (Cholesky; least squares when singular)."""
     try:
         X = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, check_finite=False), B, check_finite=False)
-        if np.all(np.isfinite(X)) and np.linalg.norm(G @ X - B) <= 1e-6 * (np.linalg.norm(B) + 1e-300):
+        if np.all(np.isfinite(X)) and np.linalg.norm(chunked_product(G, X) - B) <= 1e-6 * (np.linalg.norm(B) + 1e-300):
             return X
     except (np.linalg.LinAlgError, ValueError):
         pass
@@ -52,35 +54,54 @@ def ridge_of(gram: np.ndarray, ridge: float) -> float:
     return float(ridge * max(np.trace(gram) / max(gram.shape[0], 1), 1e-300)) if ridge else 0.0
 
 
-def _consumer_block(member: Member, st: LayerStatistics, ridge: float):
-    """(G', B', yy', units of the group's columns, W_A) of one consumer, other groups partialled out."""
+def _ridge_of_source(src, ridge: float) -> float:
+    """:func:`ridge_of` for Gram statistics or samples (``mean(diag G) = ‖Z‖²/d``)."""
+    if not ridge:
+        return 0.0
+    if isinstance(src, LayerSamples):
+        return float(ridge * max(np.einsum("ij,ij->", src.Z, src.Z) / max(src.Z.shape[1], 1), 1e-300))
+    return ridge_of(src.gram, ridge)
+
+
+def _blocks(src, a: np.ndarray, f: np.ndarray):
+    """(G_AA, G_AF, G_FF, B_A, B_F) of Gram statistics (slices) or samples (chunked products)."""
+    if isinstance(src, LayerSamples):
+        return (src.gram_block(a, a), src.gram_block(a, f), src.gram_block(f, f), src.cross_block(a),
+                src.cross_block(f))
+    G = src.gram
+    return G[np.ix_(a, a)], G[np.ix_(a, f)], G[np.ix_(f, f)], src.cross[a], src.cross[f]
+
+
+def _consumer_block(member: Member, st, ridge: float):
+    """(G', B', yy', units of the group's columns, W_A) of one consumer (``st``: LayerStatistics or
+    LayerSamples), other groups partialled out; products chunked."""
     cu = member.column_units()
-    if cu.size != st.gram.shape[0]:
+    d = st.weights.shape[0]
+    if cu.size != d:
         raise InvalidInputError(f"statistics of {member.module!r} must have {cu.size} columns (the layer's input "
-                                f"in the channel graph); got {st.gram.shape[0]}")
+                                f"in the channel graph); got {d}")
     a = np.flatnonzero(cu >= 0)
     f = np.flatnonzero(cu < 0)
-    lam = ridge_of(st.gram, ridge)
-    G, B, yy = st.gram[np.ix_(a, a)], st.cross[a], float(st.target_sq)
+    lam = _ridge_of_source(st, ridge)
+    G, Gaf, Gff, B, Bf = _blocks(st, a, f)
+    yy = float(st.target_sq)
     if lam:
         G[np.diag_indices_from(G)] += lam
     if f.size:
-        Gaf = st.gram[np.ix_(a, f)]
-        Gff = st.gram[np.ix_(f, f)]
         if lam:
             Gff[np.diag_indices_from(Gff)] += lam
-        X = _solve_psd(Gff, np.hstack([Gaf.T, st.cross[f]]))
+        X = _solve_psd(Gff, np.hstack([Gaf.T, Bf]))
         Xa, Xb = X[:, :a.size], X[:, a.size:]
-        G = G - Gaf @ Xa
-        B = B - Gaf @ Xb
-        yy = yy - float(np.sum(st.cross[f] * Xb))
+        G -= chunked_product(Gaf, Xa)
+        B = B - chunked_product(Gaf, Xb)
+        yy = yy - float(np.sum(Bf * Xb))
     return G, B, yy, cu[a], st.weights[a]
 
 
 DEFAULT_RIDGE = 1e-6  # relative to the mean diagonal of each consumer's Gram
 
 
-def group_problem(group: ChannelGroup, stats: dict[str, LayerStatistics], costs=None,
+def group_problem(group: ChannelGroup, stats: Mapping, costs=None,
                   ridge: float = DEFAULT_RIDGE) -> SelectionProblem:
     """The joint :class:`solvers.SelectionProblem` of ``group`` (see the module docstring).
 
@@ -88,8 +109,9 @@ def group_problem(group: ChannelGroup, stats: dict[str, LayerStatistics], costs=
     ----------
     group : ChannelGroup
         A prunable group.
-    stats : {consumer name: LayerStatistics}
-        Every consumer's statistics, captured on the model the group belongs to.
+    stats : {consumer name: LayerStatistics or LayerSamples}
+        Every consumer's statistics (or rows), captured on the model the group belongs to. Read one
+        consumer at a time, in order: a mapping that captures on access holds one consumer at once.
     costs : array (n_units,), optional
     ridge : float
         Added to each consumer Gram's diagonal, times its mean diagonal: with fewer samples than
@@ -100,31 +122,41 @@ def group_problem(group: ChannelGroup, stats: dict[str, LayerStatistics], costs=
     Returns
     -------
     SelectionProblem over ``group.n_units`` channels (units); its ``error`` is
-    ``Σ_q err_q / Σ_q ‖Y'_q‖²/‖Y_q‖²`` (a fixed multiple of the sum of relative errors).
+    ``Σ_q err_q / Σ_q ‖Y'_q‖²/‖Y_q‖²`` (a fixed multiple of the sum of relative errors). The joint
+    Gram is allocated once and every consumer's block written into it in place.
     """
-    blocks = []
-    for m in group.consumers:
+    sizes = [int(np.count_nonzero(m.column_units() >= 0)) for m in group.consumers]
+    units = np.concatenate([m.column_units()[m.column_units() >= 0] for m in group.consumers])
+    missing = np.setdiff1d(np.arange(group.n_units), units)  # units no consumer reads: a zero column each
+    d = units.size + missing.size
+    G = np.zeros((d, d))
+    Bs, Ws, yy, offset = [], [], 0.0, 0
+    for m, size in zip(group.consumers, sizes):
         if m.module not in stats:
             raise InvalidInputError(f"stats must hold every consumer of group {group.name!r}; got none for "
                                     f"{m.module!r}")
-        blocks.append(_consumer_block(m, stats[m.module], ridge))
-    scale = [1.0 / max(float(stats[m.module].target_sq), 1e-300) for m in group.consumers]
-    G = scipy.linalg.block_diag(*[b[0] * s for b, s in zip(blocks, scale)])
-    B = scipy.linalg.block_diag(*[b[1] * s for b, s in zip(blocks, scale)])
-    W = scipy.linalg.block_diag(*[b[4] for b in blocks])
-    units = np.concatenate([b[3] for b in blocks])
-    yy = sum(max(b[2], 0.0) * s for b, s in zip(blocks, scale))
-    missing = np.setdiff1d(np.arange(group.n_units), units)
-    if missing.size:  # units no consumer reads: a zero column each (free to drop)
-        G = np.pad(G, ((0, missing.size), (0, missing.size)))
+        st = stats[m.module]
+        scale = 1.0 / max(float(st.target_sq), 1e-300)
+        Gq, Bq, yq, _, Wq = _consumer_block(m, st, ridge)
+        del st
+        Gq *= scale
+        G[offset:offset + size, offset:offset + size] = Gq
+        del Gq
+        Bs.append(Bq * scale)
+        Ws.append(Wq)
+        yy += max(yq, 0.0) * scale
+        offset += size
+    B = scipy.linalg.block_diag(*Bs)
+    W = scipy.linalg.block_diag(*Ws)
+    if missing.size:
         B = np.pad(B, ((0, missing.size), (0, 0)))
         W = np.pad(W, ((0, missing.size), (0, 0)))
         units = np.concatenate([units, missing])
-    yy = max(yy, 1e-12 * len(blocks))
+    yy = max(yy, 1e-12 * len(sizes))
     return SelectionProblem(G, B, yy, units, costs=costs, weights=W)
 
 
-def refit_consumers(group: ChannelGroup, mask: np.ndarray, stats: dict[str, LayerStatistics],
+def refit_consumers(group: ChannelGroup, mask: np.ndarray, stats: Mapping,
                     ridge: float = DEFAULT_RIDGE) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Least-squares weights and relative errors of every consumer of ``group`` keeping ``mask``.
 
@@ -135,6 +167,8 @@ def refit_consumers(group: ChannelGroup, mask: np.ndarray, stats: dict[str, Laye
     weights, errors = {}, {}
     for m in group.consumers:
         st = stats[m.module]
+        if isinstance(st, LayerSamples):
+            st = st.statistics()
         keep = np.ones(m.units.size, dtype=bool)
         mine = m.units >= 0
         keep[mine] = mask[m.units[mine]]

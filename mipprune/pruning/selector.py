@@ -44,9 +44,10 @@ class NotFittedError(MipPruneError, AttributeError):
 
 def _known_methods() -> list[str]:
     from mipprune.pruning.criteria import CRITERIA
+    from mipprune.pruning.transformer_criteria import TRANSFORMER_CRITERIA
     from solvers.selection.select import METHODS
 
-    return sorted({*METHODS, *CRITERIA, "tecu"})
+    return sorted({*METHODS, *CRITERIA, *TRANSFORMER_CRITERIA, "tecu"})
 
 
 def _fraction(name: str, value, *, closed: bool) -> float:
@@ -126,9 +127,11 @@ class ChannelSelector:
     backend : str, optional
         Solver backend of the method (``None``: the method's default).
     budget_backend : str
-        Backend of the width allocation: ``"highs"`` (MILP) or ``"cpsat"`` (OR-Tools CP-SAT).
+        Backend of the width allocation: ``"highs"`` (MILP) or ``"cpsat"`` (OR-Tools CP-SAT; chains of
+        pairs only: channel groups use the HiGHS MILP of :mod:`solvers.polynomial_budget`).
     budget_time_limit : float, optional
-        Seconds for the width allocation.
+        Seconds for the width allocation (channel groups: 30 s when not given; a time limit gives
+        status TIME_LIMIT with the proven gap).
     budget_tolerance : float
         Relative window below the target that the allocation must reach (default 0.005).
     positions : int
@@ -168,10 +171,21 @@ class ChannelSelector:
         joint selection over each group's consumers: :mod:`mipprune.pruning.group_selector`);
         ``"pairs"`` / ``"graph"`` force one. Over groups, ``layer`` names in ``k``, ``get_support``
         and the report are group names (their producers joined by ``+``) or a producer's name;
-        criteria and ``"tecu"`` need pairs.
+        criteria score a group's units summed over its members (:func:`~mipprune.pruning.criteria.group_scores`);
+        ``"tecu"`` needs pairs.
     max_memory : int or None
         Bytes one group's float64 statistics may take (estimated before any allocation); a group
-        above it is left whole and listed in the report (channel groups only; ``None``: no cap).
+        above it is left whole and listed in the report (channel groups and transformer sites; ``None``: no cap).
+    allocation : str
+        ``flops`` / ``params`` targets on transformers: ``"global"`` (default; non-uniform widths by
+        the budget MILP over the sites' error curves) or ``"uniform"`` (the same fraction of every site).
+
+    Transformers (Hugging Face LLaMA / Qwen2 / Mistral / OPT / GPT-2 and the families of
+    :mod:`mipprune.pruning.transformer_torch`) are pruned over attention heads (kv groups under
+    grouped-query attention) and MLP neurons, block by block: :mod:`mipprune.pruning.transformer_selector`.
+    There ``data`` holds token ids (``(B, T)`` tensors or dicts with ``input_ids``), ``params`` counts
+    the transformer blocks' parameters, ``flops`` their MACs per token at the calibration length, and
+    the criteria ``"magnitude_tp"``, ``"wanda_sp"``, ``"flap"`` are also accepted.
 
     Attributes (after ``fit``)
     --------------------------
@@ -179,7 +193,8 @@ class ChannelSelector:
     masks_ : dict consumer name → bool array (C,), the kept input channels (all True if unpruned).
     results_ : dict consumer name → SelectionResult, for the groups that were pruned.
     pruned_model_ : nn.Module, the pruned, reconstructed copy of the fitted model.
-    allocation_ : the :class:`solvers.BudgetResult` of a ``flops`` / ``params`` target (else None).
+    allocation_ : the :class:`solvers.BudgetResult` of a ``flops`` / ``params`` target (else None); over
+        channel groups a :class:`solvers.polynomial_budget.WidthAllocation` (HiGHS MILP, proven gap).
     budget_ : dict (``flops`` / ``params`` targets, else None): metric, target, dense, predicted and
         achieved size, achieved ratio (measured on ``pruned_model_``), window, allocation status,
         objective, bound, gap, time, widths, and how the error curves were computed.
@@ -196,7 +211,7 @@ class ChannelSelector:
                  time_limit: float | None = None, max_samples: int | None = None, sequential: bool = True,
                  max_iter: int = 3, objective: str = "output", exact_max_channels: int = 64,
                  gap: float | None = None, device: str | torch.device | None = None, progress: bool = False,
-                 groups: str = "auto", max_memory: int | None = 4 * 2**30):
+                 groups: str = "auto", max_memory: int | None = 4 * 2**30, allocation: str = "global"):
         known = _known_methods()
         if not isinstance(method, str) or method not in known:
             raise InvalidInputError(f"method must be one of {known}; got {method!r}")
@@ -272,6 +287,9 @@ class ChannelSelector:
             raise InvalidInputError(f"max_memory must be a number of bytes >= 1 or None; got {max_memory!r}")
         self.groups = groups
         self.max_memory = None if max_memory is None else int(max_memory)
+        if allocation not in ("global", "uniform"):
+            raise InvalidInputError(f"allocation must be 'global' or 'uniform'; got {allocation!r}")
+        self.allocation = allocation
 
     def _target_repr(self) -> str:
         for name in ("sparsity", "k", "flops", "params"):
@@ -342,6 +360,14 @@ class ChannelSelector:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         data = reiterable(data)
+        from mipprune.pruning.transformer_sites import find_adapter
+
+        self.sites_ = None
+        adapter = find_adapter(model)
+        if adapter is not None:  # attention heads and MLP neurons, block by block
+            from mipprune.pruning.transformer_selector import fit_transformer
+
+            return fit_transformer(self, model, data, adapter, fingerprint=_fingerprint, progress=_progress)
         x0, _ = split_batch(next(iter(data)))
         if x0.ndim < 1 or len(x0) == 0:
             raise InvalidInputError(f"the first batch must hold at least one sample; got shape {tuple(x0.shape)}")
@@ -364,8 +390,9 @@ class ChannelSelector:
                              progress=_progress)
         self.graph_ = None
         if not groups:
+            why = f". Channel groups were not analysed: {self.trace_error_}" if getattr(self, "trace_error_", None) else ""
             raise InvalidInputError("model must have at least one prunable channel group (a Conv2d/Linear "
-                                    "whose outputs feed another Conv2d/Linear); got none")
+                                    "whose outputs feed another Conv2d/Linear); got none" + why)
         allocation, budget = None, None
         if self.flops is not None or self.params is not None:
             from mipprune.pruning.budget import allocate_widths
@@ -482,6 +509,10 @@ class ChannelSelector:
     def get_support(self, layer: str) -> np.ndarray:
         """Bool mask (C,) of the kept input channels of consumer ``layer`` (or of the group whose
         producer is ``layer``); all ``True`` for a group that was not pruned."""
+        if getattr(self, "sites_", None) is not None:
+            from mipprune.pruning.transformer_selector import transformer_support
+
+            return transformer_support(self, layer)
         if getattr(self, "graph_", None) is not None:
             from mipprune.pruning.group_selector import graph_support
 
@@ -496,6 +527,10 @@ class ChannelSelector:
         same mask with the old weights), bound, gap, status, method, backend, solve_time and
         capture_time (seconds), n_samples (rows of Z)."""
         self._check_fitted()
+        if getattr(self, "sites_", None) is not None:
+            from mipprune.pruning.transformer_selector import transformer_report_rows
+
+            return transformer_report_rows(self)
         if getattr(self, "graph_", None) is not None:
             from mipprune.pruning.group_selector import graph_report_rows
 
@@ -519,6 +554,10 @@ class ChannelSelector:
     def report(self):
         """A ``rich.table.Table`` of :meth:`report_rows`: ``rich.print(sel.report())`` prints it in
         colour, the built-in ``print`` (or ``str``) as plain text at the width it needs."""
+        if getattr(self, "sites_", None) is not None:
+            from mipprune.pruning.transformer_selector import transformer_report
+
+            return transformer_report(self, ReportTable)
         mode = "block-coordinate" if self.method == "tecu" else "sequential" if self.sequential else "one-shot"
         table = ReportTable(title=f"Channel selection (method {self.method}, {self._target_repr()}, {mode})")
         for col, just in [("layer", "left"), ("type", "left"), ("kept", "right"),
@@ -545,6 +584,8 @@ class ChannelSelector:
             table.caption += (f"\n{b['metric']} budget {b['target']:g}: achieved {b['achieved_ratio']:.4f} of dense "
                               f"({'in' if b['in_window'] else 'OUTSIDE'} [{lo:.4f}, {hi:.4f}]); "
                               f"allocation ({a['backend']}) {a['status']}, Σ err {a['objective']:.4g}, gap {gap}")
+        if getattr(self, "trace_error_", None):
+            table.caption += f"\nchannel groups not analysed (pairs of layers only): {self.trace_error_}"
         if self.tecu_history_ is not None:
             steps = " → ".join(f"{h['objective']:.4g}" for h in self.tecu_history_)
             table.caption += f"\nTECU end-to-end objective per iteration: {steps}"
@@ -583,6 +624,10 @@ class ChannelSelector:
             raise InvalidInputError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if reconstruct and id(model) == self._fitted_id and _fingerprint(model) == self._fitted_fingerprint:
             return copy.deepcopy(self.pruned_model_)
+        if getattr(self, "sites_", None) is not None:
+            from mipprune.pruning.transformer_selector import transformer_prune
+
+            return transformer_prune(self, model, reconstruct)
         if getattr(self, "graph_", None) is not None:
             from mipprune.pruning.group_selector import graph_prune
 

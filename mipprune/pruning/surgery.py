@@ -15,74 +15,11 @@ import torch
 from torch import nn
 
 from mipprune.pruning.graph import PruneGroup, find_prune_groups
+from mipprune.pruning.group_surgery import _slice_in, _slice_out, check_keep
 from mipprune.torch_utils import evaluation_mode, prepare_input
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
 __all__ = ["prune_channels"]
-
-
-def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
-    else:  # a buffer
-        setattr(module, name, value.detach().clone())
-
-
-def _check_mask(name: str, mask, n_channels: int) -> np.ndarray:
-    m = np.asarray(mask)
-    if m.shape != (n_channels,):
-        raise InvalidInputError(f"mask of {name!r} must have shape ({n_channels},) (one per channel); got {m.shape}")
-    if m.dtype != bool:
-        if not np.all(np.isin(m, (0, 1))):
-            raise InvalidInputError(f"mask of {name!r} must be boolean (or 0/1); got values {np.unique(m)[:5]}")
-        m = m.astype(bool)
-    if not m.any():
-        raise InvalidInputError(f"mask of {name!r} must keep at least one channel; got all False")
-    return m
-
-
-def _new_weight(name: str, module: nn.Module, group: PruneGroup, mask: np.ndarray, weights) -> torch.Tensor:
-    """The consumer's weight tensor on the kept input channels (output dim still full)."""
-    w = module.weight.detach()
-    cols = np.repeat(mask, group.columns_per_channel)  # kept columns, bridge layout rows
-    d, m = int(cols.size), w.shape[0]
-    kept = int(cols.sum())
-    if weights is None:
-        full = w.reshape(m, d)
-        new = full[:, torch.as_tensor(np.flatnonzero(cols), device=w.device)]
-    else:
-        arr = np.asarray(weights, dtype=np.float64)
-        if arr.shape == (d, m):
-            arr = arr[cols]
-        elif arr.shape != (kept, m):
-            raise InvalidInputError(
-                f"weights of {name!r} must have shape ({kept}, {m}) (kept columns × outputs) or ({d}, {m}); "
-                f"got {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise InvalidInputError(f"weights of {name!r} must be finite; got NaN or inf entries")
-        new = torch.as_tensor(arr.T, dtype=w.dtype, device=w.device)
-    if isinstance(module, nn.Conv2d):
-        return new.reshape(m, int(mask.sum()), *module.kernel_size)
-    return new.reshape(m, kept)
-
-
-def _slice_outputs(module: nn.Module, keep: torch.Tensor) -> None:
-    _set_param(module, "weight", module.weight.detach()[keep])
-    if module.bias is not None:
-        _set_param(module, "bias", module.bias.detach()[keep])
-    if isinstance(module, nn.Conv2d):
-        module.out_channels = int(keep.numel())
-    else:
-        module.out_features = int(keep.numel())
-
-
-def _slice_batchnorm(bn: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> None:
-    for attr in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(bn, attr)
-        if t is not None:
-            _set_param(bn, attr, t.detach()[keep.to(t.device)])
-    bn.num_features = int(keep.numel())
 
 
 def prune_channels(model: nn.Module, plan: Mapping[str, tuple], example_input: torch.Tensor | None = None
@@ -134,7 +71,7 @@ def prune_channels(model: nn.Module, plan: Mapping[str, tuple], example_input: t
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
             raise InvalidInputError(f"plan[{name!r}] must be a pair (mask, weights or None); got {entry!r:.80}")
         group = groups[name]
-        mask = _check_mask(name, entry[0], group.n_channels)
+        mask = check_keep(f"mask of {name!r}", entry[0], group.n_channels)
         checked[name] = (group, mask, entry[1])
 
     pruned = copy.deepcopy(model)
@@ -142,19 +79,10 @@ def prune_channels(model: nn.Module, plan: Mapping[str, tuple], example_input: t
     # consumers first, with the reconstructed weights for their full set of outputs; then the
     # producers' outputs, which may cut rows from a consumer's new weights (a layer can be both)
     for name, (group, mask, weights) in checked.items():
-        consumer = pmods[name]
-        new = _new_weight(name, consumer, group, mask, weights)
-        _set_param(consumer, "weight", new)
-        if isinstance(consumer, nn.Conv2d):
-            consumer.in_channels = int(mask.sum())
-        else:
-            consumer.in_features = int(new.shape[1])
+        _slice_in(name, pmods[name], mask, weights)
     for name, (group, mask, _) in checked.items():
-        producer = pmods[group.producer]
-        keep = torch.as_tensor(np.flatnonzero(mask), device=producer.weight.device)
-        _slice_outputs(producer, keep)
-        for bn in group.batchnorms:
-            _slice_batchnorm(pmods[bn], keep)
+        for module in [group.producer, *group.batchnorms]:
+            _slice_out(pmods[module], mask)
 
     if example_input is not None:
         with evaluation_mode(pruned):

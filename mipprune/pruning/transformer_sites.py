@@ -67,6 +67,10 @@ class Site:
         The fewest units the module can keep (1 by default: a module with 0 heads is not run).
     info : dict
         Family-specific facts for the report (e.g. ``{"heads": 8, "kv_heads": 2, "head_dim": 32}``).
+    producer_weights : Callable[[nn.Module], list[torch.Tensor]] or None
+        Optional: the producers' weights of the site in ``prepared``, torch layout ``(out, in)``, each
+        with its rows in ``n_units`` equal consecutive blocks (q / k / v, gate / up, fc1 rows), for
+        the Torch-Pruning magnitude criterion; ``None``: the consumer alone.
     """
 
     kind: SiteKind
@@ -80,6 +84,7 @@ class Site:
     apply: Callable[[nn.Module, np.ndarray, "np.ndarray | None", "np.ndarray | None"], None]
     min_units: int = 1
     info: dict = field(default_factory=dict)
+    producer_weights: "Callable[[nn.Module], list[torch.Tensor]] | None" = None
 
     @property
     def n_columns(self) -> int:
@@ -102,6 +107,16 @@ class SiteAdapter(Protocol):
     def prepare(self, model: nn.Module) -> nn.Module: ...
 
     def sites(self, prepared: nn.Module) -> list[Site]: ...
+
+    # Optional: ``finish(prepared) -> nn.Module`` turns a pruned prepared copy back into the family's
+    # own module types (GPT-2: ``nn.Linear`` back to ``Conv1D``) and writes the new sizes into its
+    # config; adapters without it hand the prepared copy back as is (see :func:`finish`).
+
+
+def finish(adapter, prepared: nn.Module) -> nn.Module:
+    """``adapter.finish(prepared)`` when the adapter has one, else ``prepared`` itself."""
+    fn = getattr(adapter, "finish", None)
+    return prepared if fn is None else fn(prepared)
 
 
 def _rows(t: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:

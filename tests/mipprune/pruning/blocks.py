@@ -224,6 +224,28 @@ class BottleneckWide(nn.Module):
         return self.fc(self.block(torch.relu(self.stem(x))).mean((2, 3)))
 
 
+class MixedWide(nn.Module):
+    """Residual + depthwise + grouped: stem → [expand 1x1 → depthwise 3x3 → grouped 3x3 (8 groups) →
+    project 1x1] + skip → head 1x1 → fc, wide enough (24–48 channels) for budget windows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(27)
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(24, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=8), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(48, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.head = nn.Conv2d(24, 40, 1)
+        self.fc = nn.Linear(40, 3)
+        randomize_batchnorms(self, seed=27)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.project(self.grouped(self.dw(self.expand(x)))))
+        return self.fc(F.relu(self.head(x)).mean((2, 3)))
+
+
 BLOCKS = {
     "basic": ResNetTiny, "bottleneck": BottleneckNet, "resnext": lambda: BottleneckNet(groups=2),
     "inverted": MobileNetTiny, "dense": DenseTiny, "shuffle": ShuffleTiny, "grouped": GroupedNet,
