@@ -9,7 +9,8 @@ Without ``--model`` the seeded default CNN (:func:`mipprune.models.digits_cnn`) 
 embedded digits data in a few seconds. ``--model FILE`` loads a *whole pickled module* written with
 ``torch.save(model, FILE)``; it is loaded with ``torch.load(FILE, weights_only=False)``, which runs
 pickled code: only load files you trust. ``--model FOLDER --text FILE`` prunes the heads and MLP
-neurons of a Hugging Face causal LM folder on that text and writes a folder (:mod:`mipprune.cli._hf_folder`).
+neurons of a Hugging Face causal LM folder on that text and writes a folder (:mod:`mipprune.cli._hf_folder`);
+``--model FILE --text FILE [--tokenizer DIR]`` does the same for a pickled causal LM and writes it pickled.
 """
 from __future__ import annotations
 
@@ -111,6 +112,8 @@ def prune_command(
     text: Optional[Path] = typer.Option(None, "--text", help="Calibration text of --model FOLDER (a Hugging Face "
                                         "causal LM folder), tokenized with the folder's tokenizer."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sequence of --text."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for --text with --model FILE "
+                                             "(a pickled causal LM); without it the text is read as UTF-8 bytes."),
 ) -> None:
     """Prune a digits classifier: select the channels to keep per layer, refit, and report accuracy,
     parameters and FLOPs before and after (with and without least-squares reconstruction)."""
@@ -155,8 +158,19 @@ def prune_command(
             json_path.write_text(json.dumps(record, indent=2, default=str))
             console.print(f"results written to {json_path}")
         return
-    if text is not None:
-        raise InvalidInputError(f"--text must come with --model FOLDER (a Hugging Face model folder); got --model {model}")
+    if text is not None or tokenizer is not None:
+        if model is None or input_shape is not None or data_path is not None:
+            raise InvalidInputError("--text/--tokenizer must come with --model FOLDER (a Hugging Face model folder) or "
+                                    "--model FILE (a pickled causal LM), without --input-shape/--data")
+        from mipprune.cli._hf_folder import prune_text_module
+
+        record = prune_text_module(model_path=model, text_path=text, tokenizer_dir=tokenizer, seq_len=seq_len,
+                                   selector=selector, out=out, device=dev, console=console)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(record, indent=2, default=str))
+            console.print(f"results written to {json_path}")
+        return
     if model is not None and (input_shape is not None or data_path is not None):
         from mipprune.cli._any_model import prune_any_model
 
