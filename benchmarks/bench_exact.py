@@ -54,8 +54,12 @@ HEURISTICS = ("swap", "greedy", "backward", "lasso", "magnitude", "random")
 SCALE_METHODS = ("magnitude", "random", "greedy", "backward", "swap", "lasso", "exact")
 
 
-def population_layer(C: int, m: int, seed: int) -> SelectionProblem:
-    """Population statistics of a 1×1 layer with C input channels sharing C/8 latent factors (no samples)."""
+def population_layer(C: int, m: int, seed: int, cols: int = 1) -> SelectionProblem:
+    """Population statistics of a layer with C input channels sharing C/8 latent factors (no samples).
+
+    ``cols`` columns per channel (9: a 3×3 kernel): tap ``i`` of channel ``g`` is ``a_gi·x_g`` plus
+    independent tap noise of variance 0.25, so the taps of a channel are correlated.
+    """
     rng = np.random.default_rng(seed)
     f = max(4, C // 8)
     L = rng.normal(size=(f, C)) / np.sqrt(f)
@@ -64,10 +68,17 @@ def population_layer(C: int, m: int, seed: int) -> SelectionProblem:
     G[np.diag_indices(C)] += 0.49
     G *= scale[:, None]
     G *= scale[None, :]
+    if cols > 1:
+        a = rng.normal(1.0, 0.3, size=(C, cols)).reshape(-1)
+        G = np.repeat(np.repeat(G, cols, axis=0), cols, axis=1)
+        G *= a[:, None]
+        G *= a[None, :]
+        G[np.diag_indices(C * cols)] += 0.25 * np.repeat(scale, cols) ** 2
     importance = rng.permutation(np.geomspace(1.0, 0.02, C))
-    W = rng.normal(size=(C, m)) * importance[:, None] / np.sqrt(C)
+    groups = np.repeat(np.arange(C), cols)
+    W = rng.normal(size=(C * cols, m)) * importance[groups][:, None] / np.sqrt(C * cols)
     B = G @ W
-    return SelectionProblem(G, B, float(np.sum(W * B)), np.arange(C), weights=W)
+    return SelectionProblem(G, B, float(np.sum(W * B)), groups, weights=W)
 
 
 def run_scale(args) -> int:
@@ -80,8 +91,8 @@ def run_scale(args) -> int:
 
     rows = []
     m = 256 if args.m is None else args.m
-    for C in args.scale_channels:
-        problem = population_layer(C, m, args.seeds[0])
+    for C, cols in [(C, 1) for C in args.scale_channels] + [(C, 9) for C in args.scale_channels_3x3]:
+        problem = population_layer(C, m, args.seeds[0], cols=cols)
         stats_mb = (problem.gram.nbytes + problem.cross.nbytes) / 1e6
         k = C // 2
         for method in args.scale_methods:
@@ -98,21 +109,23 @@ def run_scale(args) -> int:
             wall = time.perf_counter() - t0
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            row = {"C": C, "d": problem.n_columns, "m": m, "k": k, "method": method, "wall_s": wall,
+            row = {"C": C, "cols": cols, "d": problem.n_columns, "m": m, "k": k, "method": method, "wall_s": wall,
                    "peak_mb": peak / 1e6, "stats_mb": stats_mb, "time_limit": args.time_limit,
                    "error": None if res is None else res.objective, "status": None if res is None else str(res.status),
-                   "bound": None if res is None else res.bound, "gap": None if res is None else res.gap, "note": err or ""}
+                   "bound": None if res is None else res.bound, "gap": None if res is None else res.gap,
+                   "note": err or ("" if res is None else str(res.info.get("fallback", "")
+                                                              or ("no root bound" if res.info.get("skipped_root") else "")))[:60]}
             if res is not None and method == "exact":
                 row.update(root_bound=res.info.get("root_bound"), root_bound_scalar=res.info.get("root_bound_scalar"),
                            best_from=res.info.get("best_from"))
             rows.append(row)
-            print(f"C={C} {method}: {wall:.1f} s, peak {peak / 1e6:.0f} MB, error {row['error']}", flush=True)
-    table = Table(title=f"Selection at scale: population statistics, 1 column per channel, k = C/2, m = {m}, "
+            print(f"C={C}×{cols} {method}: {wall:.1f} s, peak {peak / 1e6:.0f} MB, error {row['error']}", flush=True)
+    table = Table(title=f"Selection at scale: population statistics, k = C/2, m = {m}, "
                         f"{args.threads} BLAS thread(s), time limit {args.time_limit:g} s (all but magnitude, random)")
-    for col in ("C", "stats MB", "method", "error", "time s", "peak MB", "peak/stats", "status", "gap", "note"):
+    for col in ("C", "d", "stats MB", "method", "error", "time s", "peak MB", "peak/stats", "status", "gap", "note"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["C"]), f"{r['stats_mb']:.0f}", r["method"],
+        table.add_row(str(r["C"]), str(r["d"]), f"{r['stats_mb']:.0f}", r["method"],
                       "-" if r["error"] is None else f"{r['error']:.6f}", f"{r['wall_s']:.1f}", f"{r['peak_mb']:.0f}",
                       f"{r['peak_mb'] / r['stats_mb']:.2f}", r["status"] or "-",
                       "" if r["gap"] is None else f"{r['gap']:.2%}", r["note"])
@@ -122,6 +135,125 @@ def run_scale(args) -> int:
     out.write_text(json.dumps({"benchmark": "exact-scale", "python": platform.python_version(),
                                "machine": platform.machine(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
                                "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+def _root_bound(problem: SelectionProblem, w, t, k: int, iterations: int = 300) -> tuple[float, np.ndarray]:
+    """The converged perspective root bound (relative error) with per-channel / per-column shifts ``t``."""
+    from solvers.selection import exact as ex
+
+    C = problem.n_channels
+    S = ex._Search(problem, k, None, ex.Relaxation(w, t), None, 1e-4)
+    nothing = np.zeros(C, bool)
+    lb, z, _, _ = ex._relax(S, nothing, nothing, np.full(C, 0.5), iterations, converge=True)
+    return max(lb, 0.0) / problem.target_sq, z
+
+
+def _sdp_bound(w, k: int, time_limit: float) -> tuple[float, str]:
+    """Shor + perspective SDP (cvxpy/SCS): the ceiling of every block-shift perspective bound.
+
+    min err  s.t.  P ⪰ W Wᵀ,  P_gg ⪰ W_g W_gᵀ / z_g  (as 2×2 block LMIs),  Σ z <= k,  0 <= z <= 1,
+    written around the full least-squares fit ``W* = M⁻¹B`` (``W = W* + Δ``, ``P = W*W*ᵀ + W*Δᵀ + ΔW*ᵀ + Π``)
+    so that the objective ``err(all) + ⟨M, Π⟩`` has no cancellation (relative units, whitened
+    coordinates). An SCS value, not a certificate.
+    """
+    import warnings
+
+    import cvxpy as cp
+
+    M = w.M
+    B = w.B / np.sqrt(w.target_sq)
+    Ws = np.linalg.solve(M, B)
+    e0 = 1.0 - float(np.sum(B * Ws))
+    r, m = B.shape
+    Pi = cp.Variable((r, r), symmetric=True)
+    Dl = cp.Variable((r, m))
+    z = cp.Variable(w.n_channels)
+    cons = [cp.bmat([[Pi, Dl], [Dl.T, np.eye(m)]]) >> 0, cp.sum(z) <= k, z >= 0, z <= 1]
+    for g in range(w.n_channels):
+        sl = w.cols(g)
+        Wg = Ws[sl]
+        Pgg = Wg @ Wg.T + Wg @ Dl[sl, :].T + Dl[sl, :] @ Wg.T + Pi[sl, sl]
+        Pgg = 0.5 * (Pgg + Pgg.T)
+        cons.append(cp.bmat([[Pgg, Wg + Dl[sl, :]], [(Wg + Dl[sl, :]).T, z[g] * np.eye(m)]]) >> 0)
+    prob = cp.Problem(cp.Minimize(e0 + cp.trace(M @ Pi)), cons)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prob.solve(solver="SCS", eps=1e-8, max_iters=50000, time_limit_secs=time_limit)
+    return float(prob.value), str(prob.status)
+
+
+def run_study(args) -> int:
+    """Root bounds of every bound family against the best known error (issue 15, part 1)."""
+    import time as _time
+
+    from rich.console import Console
+    from rich.table import Table
+    from threadpoolctl import threadpool_limits
+
+    from bench_lasso import synthetic_layer as layer_data
+    from solvers.selection import exact as ex
+    from solvers.selection.greedy import whiten
+    from solvers.selection.perspective import eig_blocks, rotate
+
+    rows = []
+    m = 64 if args.m is None else args.m
+    n = 5000 if args.n is None else args.n
+    for C in args.channels:
+        cols = 9 if args.cols is None else args.cols
+        k = C // 2
+        Z, Wt, Y, groups = layer_data(C, m, n, args.seeds[0], cols=cols)
+        problem = SelectionProblem.from_data(Z, Y, groups, weights=Wt)
+        with threadpool_limits(limits=args.threads):
+            best = select_channels(problem, k=k, method="swap").objective
+            if args.study_exact:
+                res = select_channels(problem, k=k, method="exact", time_limit=args.study_exact)
+                best = min(best, res.objective)
+            w = whiten(problem)
+            lam = float(np.linalg.eigvalsh(w.M)[0])
+            row = {"C": C, "d": C * cols, "k": k, "best_error": best, "lambda_min_whitened": lam}
+            t0 = _time.perf_counter()
+            row["bvp"] = _root_bound(problem, w, np.full(C, 0.999 * lam), k)[0]
+            t = ex.choose_shift(w)
+            row["scalar"], z = _root_bound(problem, w, t, k)
+            # rank-one convexification (Atamtürk & Gómez): a data row s adds (z_sᵀ w)² / min(1, Σ_{g∈supp s} z_g);
+            # it strengthens the perspective only where that sum is < 1 at the relaxed point.
+            live = (Z.reshape(n, C, cols) != 0).any(axis=2)
+            row["rank_one_min_support_z"] = float((live * z[None, :]).sum(axis=1).min())
+            row["time_scalar"] = _time.perf_counter() - t0
+            S = ex._Search(problem, k, None, ex.Relaxation(w, t), None, 1e-4)
+            t0 = _time.perf_counter()
+            D, _ = ex._block_shift(S, w, t, None, args.study_block_steps)
+            if D is not None:
+                U, d = eig_blocks(D)
+                row["block"] = _root_bound(problem, rotate(w, U), d, k)[0]
+            else:
+                row["block"] = row["scalar"]
+            row["time_block"] = _time.perf_counter() - t0
+            # explained(S) <= the top |S|·cols singular values of Y: err >= the rest (rank bound)
+            sv = np.linalg.svd(Y, compute_uv=False) ** 2
+            row["rank_bound"] = float(sv[k * cols:].sum() / sv.sum())
+            if args.sdp and C <= args.sdp_max:
+                t0 = _time.perf_counter()
+                row["sdp"], row["sdp_status"] = _sdp_bound(w, k, args.sdp_time)
+                row["time_sdp"] = _time.perf_counter() - t0
+        rows.append(row)
+        print(row, flush=True)
+    table = Table(title=f"Root bound / best known error (gap = 1 − ratio), conv recipe 3×3, k = C/2, m = {m}, n = {n}")
+    for col in ("C", "best error", "λ_min(M)", "BVP dual (t=λ_min)", "perspective scalar", "perspective block",
+                "SDP (SCS)", "rank bound", "min Σz on a row"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        f = lambda key: "-" if r.get(key) is None else f"{r[key] / r['best_error']:.3f}"  # noqa: E731
+        table.add_row(str(r["C"]), f"{r['best_error']:.6f}", f"{r['lambda_min_whitened']:.3g}", f("bvp"), f("scalar"),
+                      f("block"), f("sdp") + ("" if "sdp_status" not in r else f" ({r['sdp_status']})"),
+                      f("rank_bound"), f"{r['rank_one_min_support_z']:.1f}")
+    Console(width=170).print(table)
+    out = args.out if args.out_set else args.out.with_name("bench_exact_study.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "exact-study", "load_avg": os.getloadavg(), "rows": rows,
+                               "args": {k: str(v) for k, v in vars(args).items()}}, indent=2, default=str))
     print(f"wrote {out}")
     return 0
 
@@ -136,13 +268,23 @@ def synthetic_layer(C: int, cols: int, m: int, n: int, seed: int) -> SelectionPr
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256], choices=sorted(SETTINGS))
+    ap.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256], choices=sorted(SETTINGS) + [16, 32])
     ap.add_argument("--shifts", nargs="+", default=["block"], choices=["block", "scalar"],
                     help="exact's perspective shifts, one exact run each (scalar: the bound before issue 15)")
+    ap.add_argument("--bounds", nargs="+", default=["conditional"], choices=["conditional", "perspective"],
+                    help="exact's node bounds, one exact run each (perspective: the root's shifts at every node)")
     ap.add_argument("--heuristics", nargs="*", default=list(HEURISTICS), help="heuristic methods to compare")
     ap.add_argument("--scale", action="store_true", help="time/memory of every method at thousands of channels")
+    ap.add_argument("--study", action="store_true", help="root bounds of every bound family vs the best known error")
+    ap.add_argument("--study-exact", type=float, default=0.0, help="study: also run exact this long for the best error")
+    ap.add_argument("--study-block-steps", type=int, default=60, help="study: block-shift ascent steps")
+    ap.add_argument("--sdp", action="store_true", help="study: also solve the Shor + perspective SDP (SCS)")
+    ap.add_argument("--sdp-max", type=int, default=32, help="study: largest C given the SDP")
+    ap.add_argument("--sdp-time", type=float, default=600.0, help="study: SCS time limit (s)")
     ap.add_argument("--scale-channels", type=int, nargs="+", default=[2048, 11008])
     ap.add_argument("--scale-methods", nargs="+", default=list(SCALE_METHODS))
+    ap.add_argument("--scale-channels-3x3", type=int, nargs="*", default=[512],
+                    help="--scale: channel counts with 9 columns (3×3 kernels) each")
     ap.add_argument("--recipe", choices=["conv", "factor"], default="conv", help="synthetic layer generator")
     ap.add_argument("--n", type=int, default=None, help="sampled positions (rows of Z); conv 5000, factor 1000")
     ap.add_argument("--m", type=int, default=None, help="output channels; conv 64, factor 8")
@@ -156,6 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "bench_exact.json")
     args = ap.parse_args(argv)
     args.out_set = argv is not None and "--out" in argv or "--out" in sys.argv
+    if args.study:
+        return run_study(args)
     if args.scale:
         if args.time_limit is None:
             args.time_limit = 60.0
@@ -186,11 +330,13 @@ def main(argv=None) -> int:
             with threadpool_limits(limits=args.threads):
                 for backend in args.backends:
                     for shift in args.shifts:
-                        from solvers.selection.exact import select_exact
+                        for bound in args.bounds:
+                            from solvers.selection.exact import select_exact
 
-                        t0 = time.perf_counter()
-                        res = select_exact(problem, k=k, backend=backend, time_limit=limit, shift=shift)
-                        results[f"exact-{backend}-{shift}"] = (res, time.perf_counter() - t0)
+                            t0 = time.perf_counter()
+                            res = select_exact(problem, k=k, backend=backend, time_limit=limit, shift=shift,
+                                               bound=bound)
+                            results[f"exact-{backend}-{shift}-{bound}"] = (res, time.perf_counter() - t0)
                 for method in args.heuristics:
                     t0 = time.perf_counter()
                     res = select_channels(problem, k=k, method=method, seed=seed)
@@ -214,7 +360,7 @@ def main(argv=None) -> int:
     table = Table(title=f"Exact vs heuristic channel selection ({args.recipe} recipe), k = C/2, m={args.m}, n={args.n}, "
                         f"{args.threads} BLAS thread(s); ratio = error / exact error of the same run")
     for col in ("C", "d", "seed", "method", "error", "ratio", "time s", "status", "root (scalar)", "root (used)",
-                "bound", "gap", "target"):
+                "bound", "gap", "nodes", "target"):
         table.add_column(col, justify="right")
     for r in rows:
         exact = r["method"].startswith("exact")
@@ -228,7 +374,7 @@ def main(argv=None) -> int:
                       "" if r.get("root_bound_scalar") is None else f"{r['root_bound_scalar']:.6f}",
                       "" if r.get("root_bound") is None else f"{r['root_bound']:.6f}",
                       "" if r["bound"] is None else f"{r['bound']:.6f}",
-                      "" if r["gap"] is None else f"{r['gap']:.3%}", target)
+                      "" if r["gap"] is None else f"{r['gap']:.3%}", str(r["iterations"]) if exact else "", target)
     Console(width=190).print(table)
     # swap never worse than backward, and at least as good as exact's incumbent (same problem)
     checks = []

@@ -45,6 +45,23 @@ SPAN_ATOL = 1e-10
 # Tiny ridge (whitened units) keeping the backward inverse defined when channels are collinear;
 # every reported error is recomputed by an exact refit anyway.
 BACKWARD_RIDGE = 1e-10
+# Assumed speed (flop/s, one core) when deciding whether an uninterruptible dense step (an r×r
+# inverse) still fits before a deadline; the same figure as exact.FLOP_RATE.
+FLOP_RATE = 1e10
+
+
+def refit_seconds(problem: SelectionProblem, k: int | None) -> float:
+    """Estimated seconds of the final refit on about ``k`` channels (a Cholesky of the kept columns
+    and the products around it) — kept back from a time limit so that the whole call respects it."""
+    if k is None:
+        return 0.0
+    s = problem.n_columns * min(k, problem.n_channels) / problem.n_channels
+    return 2.0 * (s ** 3 / 3.0 + 2.0 * s * s * problem.n_outputs) / FLOP_RATE
+
+
+def fits(flops: float, deadline: float | None) -> bool:
+    """Whether ``flops`` of uninterruptible dense work fit before ``deadline`` (``time.perf_counter``)."""
+    return deadline is None or flops / FLOP_RATE < deadline - time.perf_counter()
 
 
 @dataclass(frozen=True)
@@ -392,7 +409,7 @@ def select_greedy(problem: SelectionProblem, *, k: int | None = None, budget: fl
     accepted for the common signature and unused (k steps of O(d·(s + m)·r) each).
     """
     start = time.perf_counter()
-    deadline = None if time_limit is None else start + float(time_limit)
+    deadline = None if time_limit is None else start + float(time_limit) - refit_seconds(problem, k)
     mask = forward_mask(problem, k, budget, deadline=deadline)
     return result_from_mask(problem, mask, method="greedy", start=start, iterations=int(mask.sum()),
                             status=_status(deadline))
@@ -410,12 +427,24 @@ def select_backward(problem: SelectionProblem, *, k: int | None = None, budget: 
     ``k`` and/or ``budget`` as in :func:`solvers.select_channels`; at ``time_limit`` (seconds) the
     channels still to go are dropped by the last scores and the status is ``TIME_LIMIT``; ``backend``
     and ``seed`` are accepted for the common signature and unused (C − k steps of O(d²·r) each).
+    When even the initial r×r inverse would overrun ``time_limit`` the result is forward selection's,
+    with ``TIME_LIMIT`` and ``info["fallback"]`` saying so.
     """
     start = time.perf_counter()
-    deadline = None if time_limit is None else start + float(time_limit)
-    mask = backward_mask(problem, k, budget, deadline=deadline)
+    deadline = None if time_limit is None else start + float(time_limit) - refit_seconds(problem, k)
+    w = whiten(problem)
+    r = w.M.shape[0]
+    if not fits(1.5 * r ** 3, deadline):
+        # The r×r inverse backward starts from could not finish in time (e.g. r = 11,008: ~2 min on
+        # one core): forward selection instead, flagged, so that the time limit holds.
+        mask = forward_mask(problem, k, budget, w=w, deadline=deadline)
+        return result_from_mask(problem, mask, method="backward", start=start, iterations=int(mask.sum()),
+                                status=Status.TIME_LIMIT,
+                                info={"fallback": "forward selection: the r×r inverse would overrun time_limit"})
+    mask = backward_mask(problem, k, budget, w=w, deadline=deadline)
     return result_from_mask(problem, mask, method="backward", start=start,
                             iterations=int(problem.n_channels - mask.sum()), status=_status(deadline))
 
 
-__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "whiten", "Whitened"]
+__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "whiten", "Whitened",
+           "fits", "refit_seconds"]

@@ -47,6 +47,14 @@ MAX_STEPS = 80
 # the QP is numerically plain least squares, the solver reports "inaccurate" and the count is noise.
 LAMBDA_FLOOR_REL = 1e-8
 
+# From this many channels on, ``backend=None`` means FISTA (numpy, interruptible, exact zeros): cvxpy's
+# canonicalization of the dense C×C factor alone takes about a minute at C = 2048, one Clarabel solve
+# another, neither interruptible (measured: 77 s per solve + 107 s of path prediction at C = 2048).
+FISTA_MIN_CHANNELS = 1024
+# FISTA stops when no scaling moved by more than this (relative to the largest) in one step.
+FISTA_TOL = 1e-10
+FISTA_MAX_ITERS = 200_000
+
 # Time-limit options of the backends that have one (seconds).
 _TIME_OPTION = {"CLARABEL": "time_limit", "OSQP": "time_limit", "SCS": "time_limit_secs",
                 "HIGHS": "time_limit", "GUROBI": "TimeLimit", "PIQP": "max_time"}
@@ -72,6 +80,10 @@ def channel_gram(problem: SelectionProblem, weights: np.ndarray | None = None) -
     # Q = Eᵀ (G ∘ W Wᵀ) E with E the one-hot column->channel map: one d×d product, then group sums.
     X = W @ W.T
     X *= problem.gram
+    if g.size == C and np.array_equal(g, np.arange(C)):
+        # one column per channel in order: X is Q already (symmetric: G and W Wᵀ are), and no
+        # further C×C copies (at C = 11,008 each is another GB)
+        return X, q
     if np.all(np.diff(g) >= 0):  # contiguous channels (the usual layout): reduceat is fastest
         starts = np.flatnonzero(np.r_[True, np.diff(g) > 0])
         Q = np.add.reduceat(np.add.reduceat(X, starts, axis=0), starts, axis=1)
@@ -196,7 +208,8 @@ def search_lambda(solve: Callable[[float], np.ndarray | None], k: int, lam_max: 
     return finish(lo_beta, lo, False, False)
 
 
-def kkt_predictor(Q: np.ndarray, q: np.ndarray) -> Callable[[float, np.ndarray, int], float | None]:
+def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
+                  ) -> Callable[[float, np.ndarray, int], float | None]:
     """A ``predict(λ, β, k)`` for :func:`search_lambda` on ``min βᵀQβ − 2qᵀβ + λ‖β‖₁``.
 
     The LASSO path is piecewise linear in λ: with active set A and signs s,
@@ -204,7 +217,9 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray) -> Callable[[float, np.ndarray, 
     one j enters where ``|2(q_j − Q_jA β_A(λ'))| = λ'``. Starting from the solver's β at λ, the
     predictor follows these events one at a time (homotopy, as in LARS) toward the count k and
     returns the geometric middle of the first λ interval with exactly k channels, or ``None`` when
-    the walk fails (singular Q_AA, no such interval). It only proposes: the QP solver checks it.
+    the walk fails (singular Q_AA, no such interval) or ``deadline`` (``time.perf_counter``) passes
+    (each event solves with ``Q_AA``: thousands of channels take minutes). It only proposes: the QP
+    solver checks it.
     """
     C = q.size
 
@@ -247,6 +262,8 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray) -> Callable[[float, np.ndarray, 
         cur = lam
         try:
             for _ in range(2 * C + 2):
+                if deadline is not None and time.perf_counter() > deadline:
+                    return None
                 count = int(A.sum())
                 ev = next_event(A, s, cur, up)
                 if count == k:
@@ -345,6 +362,62 @@ class LassoQP:
         raise SolverError(f"cvxpy solver {self.solver} returned status {status!r} on the LASSO at λ={lam:.3g}")
 
 
+class FistaLasso:
+    """The same scaled LASSO as :class:`LassoQP` by FISTA with adaptive restart (numpy only).
+
+    Proximal gradient steps ``β ← soft(β − ∇/L, λ/L)`` (``L = 2 λ_max(Q̂)``) give exact zeros, so the
+    survivor count needs no threshold tuning; each step is one C×C mat-vec, the clock is checked
+    every few dozen, and each solve warm-starts from the last. Same interface as :class:`LassoQP`.
+    """
+
+    def __init__(self, Q: np.ndarray, q: np.ndarray):
+        """``Q`` must already be divided by ``max|q|`` (the caller scales it in place); ``q`` is not."""
+        self.scale = float(np.max(np.abs(q)))
+        self.Q = Q                              # (scaled by the caller, in place: no second C×C copy)
+        self.q = q / self.scale
+        self.solver = "FISTA"
+        self.lam_max = 2.0
+        self.solves = 0
+        self.inaccurate = 0
+        C = q.size
+        if C > 1:
+            import scipy.sparse.linalg
+
+            top = float(scipy.sparse.linalg.eigsh(self.Q, k=1, which="LA", return_eigenvectors=False,
+                                                  tol=1e-6)[0])
+        else:
+            top = float(self.Q[0, 0])
+        self.L = 2.0 * max(top, 1e-300) * 1.01                   # (a little above: steps stay stable)
+        self.beta = np.zeros(C)
+
+    def solve(self, lam: float, time_left: float | None = None) -> np.ndarray | None:
+        """β at λ; ``None`` when ``time_left`` (seconds) ran out first."""
+        self.solves += 1
+        stop = None if time_left is None else time.perf_counter() + time_left
+        Q, q, L = self.Q, self.q, self.L
+        thr = lam / L
+        x = self.beta.copy()
+        y, t = x.copy(), 1.0
+        for it in range(FISTA_MAX_ITERS):
+            v = y - (2.0 / L) * (Q @ y - q)
+            xn = np.sign(v) * np.maximum(np.abs(v) - thr, 0.0)
+            step = xn - x
+            if float(np.dot(y - xn, step)) > 0:             # adaptive restart (O'Donoghue & Candès)
+                t = 1.0
+            tn = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+            y = xn + ((t - 1.0) / tn) * step
+            x, t = xn, tn
+            if np.max(np.abs(step)) <= FISTA_TOL * max(float(np.max(np.abs(x))), 1e-12) and it > 2:
+                break
+            if stop is not None and it % 32 == 31 and time.perf_counter() > stop:
+                self.beta = x
+                return None
+        else:
+            self.inaccurate += 1
+        self.beta = x
+        return x.copy()
+
+
 # ---------------------------------------------------------------------------------- the method
 def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
                  backend: str | None = None, time_limit: float | None = None, seed: int = 0) -> SelectionResult:
@@ -359,7 +432,8 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
     budget : None
         Not supported (LASSO controls a count, not a cost); giving one raises ``InvalidInputError``.
     backend : str, optional
-        A cvxpy solver (``"clarabel"``, ``"osqp"``, ``"scs"``, ``"highs"`` …); default the first of
+        ``"fista"`` (numpy proximal gradient) or a cvxpy solver (``"clarabel"``, ``"osqp"``, ``"scs"``,
+        ``"highs"`` …); default FISTA from ``FISTA_MIN_CHANNELS`` channels on, else the first of
         CLARABEL / OSQP / SCS / ECOS installed.
     time_limit : float, optional
         Seconds; when hit the result is ``Status.TIME_LIMIT`` with the top-k |β| of the last solve.
@@ -386,9 +460,12 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
     k = problem.check_k(k)
     if time_limit is not None and not time_limit > 0:
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
-    solver = resolve_backend(backend)
-    deadline = None if time_limit is None else start + float(time_limit)
     C = problem.n_channels
+    fista = (backend is None and C >= FISTA_MIN_CHANNELS) or (isinstance(backend, str) and backend.lower() == "fista")
+    solver = "FISTA" if fista else resolve_backend(backend)
+    from solvers.selection.greedy import refit_seconds
+
+    deadline = None if time_limit is None else start + float(time_limit) - refit_seconds(problem, k)
 
     from solvers.selection.baselines import result_from_mask
 
@@ -406,8 +483,16 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
         return result_from_mask(problem, top_k_mask(scores, k, scores), method="lasso", start=start,
                                 backend=solver.lower(), info={"lambda": None, "degenerate": True})
 
-    qp = LassoQP(Q, q, solver)
-    predict = kkt_predictor(Q / qp.scale, q / qp.scale)
+    if fista:   # (scaled in place: at C = 11,008 every C×C copy is another GB)
+        scale = float(np.max(np.abs(q)))
+        Q /= scale
+        qp = FistaLasso(Q, q)
+        Qs = Q
+    else:
+        qp = LassoQP(Q, q, solver)
+        Qs = Q / qp.scale
+    # the path predictor gets at most a quarter of the time limit: its events are Q_AA solves
+    predict = kkt_predictor(Qs, q / qp.scale, None if deadline is None else start + 0.25 * float(time_limit))
     # First guess: follow the LASSO path from λ_max (where β = 0) to the first interval with k
     # channels; failing that, the λ that would keep k channels were the contributions orthogonal.
     guess = predict(qp.lam_max * (1 + 1e-9), np.zeros(C), k)  # just above: the first entry is at lam_max

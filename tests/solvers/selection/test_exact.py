@@ -19,6 +19,14 @@ BACKENDS = ["bnb", "highs", pytest.param("scip", marks=pytest.mark.skipif(
 TIGHT = 1e-7  # requested gap in the bank tests (the default is 1e-4)
 
 
+@pytest.fixture(autouse=True)
+def _no_enumeration(monkeypatch):
+    """These tests exercise the branch and bound and its bounds: keep small problems off enumeration."""
+    import solvers.selection.exact as ex
+
+    monkeypatch.setattr(ex, "ENUMERATE_MAX", 0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
 def test_exact_finds_the_brute_force_optimum(problem, k, backend):

@@ -262,3 +262,19 @@ def test_lasso_solve_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[3])
     assert out.returncode == 0, out.stderr
+
+
+def test_fista_backend_matches_the_qp_solver_and_respects_the_time_limit():
+    """The numpy FISTA backend (default from FISTA_MIN_CHANNELS on) keeps the same channels as
+    Clarabel, and a tiny time limit still returns k channels with TIME_LIMIT."""
+    from solvers.selection.lasso import select_lasso
+    from tests.solvers.selection.bank import make_problem
+
+    p = make_problem(24, 2, 4, 300, seed=7)
+    ref = select_lasso(p, k=10, backend="clarabel")
+    fista = select_lasso(p, k=10, backend="fista")
+    assert fista.backend == "fista" and fista.k == 10
+    assert np.array_equal(fista.mask, ref.mask)
+    assert fista.objective == pytest.approx(ref.objective, rel=1e-9)
+    quick = select_lasso(p, k=10, backend="fista", time_limit=1e-4)
+    assert quick.k == 10 and quick.status.value in ("time_limit", "feasible")

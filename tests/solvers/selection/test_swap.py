@@ -89,3 +89,19 @@ def test_collinear_and_dead_channels_stay_finite():
     res = select_channels(p, k=3, method="swap")
     assert res.k == 3 and np.all(np.isfinite(res.weights))
     assert res.objective == pytest.approx(brute_force(p, 3)[1], rel=1e-7, abs=1e-10)
+
+
+def test_backward_and_swap_keep_the_time_limit_when_the_inverse_cannot_fit(monkeypatch):
+    """When the r×r inverse backward starts from cannot finish in time, backward falls back to forward
+    selection (flagged, TIME_LIMIT) and swap starts from forward: both still return k channels."""
+    import solvers.selection.greedy as greedy_mod
+    from solvers import select_channels
+    from tests.solvers.selection.bank import make_problem
+
+    p = make_problem(12, 2, 3, 200, seed=11)
+    monkeypatch.setattr(greedy_mod, "FLOP_RATE", 1e-3)          # as if r were in the tens of thousands
+    back = select_channels(p, k=5, method="backward", time_limit=30)
+    assert back.k == 5 and back.status.value == "time_limit" and "fallback" in back.info
+    sw = select_channels(p, k=5, method="swap", time_limit=30)
+    assert sw.k == 5 and sw.info["start"] == "greedy" and sw.info["swaps"] == 0
+    assert sw.objective == pytest.approx(back.objective, rel=1e-12)     # both are forward's set
