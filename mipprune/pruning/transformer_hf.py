@@ -52,13 +52,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mipprune.pruning.transformer_sites import Site, _rows, find_adapter, finish
+from mipprune.pruning.transformer_sites import SIZES_FIELD, Site, _rows
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
 __all__ = ["ADAPTERS", "SIZES_FIELD", "LlamaFamilyAdapter", "OPTAdapter", "GPT2Adapter", "record_sizes",
            "load_pruned"]
 
-SIZES_FIELD = "mipprune_layer_sizes"
 
 
 # ----------------------------------------------------------------------------------- surgery helpers
@@ -128,7 +127,8 @@ def _slice_cols(root: nn.Module, name: str, cols: torch.Tensor, weight, bias) ->
 
 def _is_hf(model: nn.Module, model_types: tuple[str, ...]) -> bool:
     cfg = getattr(model, "config", None)
-    return (type(model).__module__.startswith("transformers.") and cfg is not None
+    # any class of the MRO: a pruned model is re-classed as a subclass (mipprune.pruning.hf_pruned)
+    return (any(c.__module__.startswith("transformers.") for c in type(model).__mro__) and cfg is not None
             and getattr(cfg, "model_type", None) in model_types)
 
 
@@ -436,6 +436,35 @@ def record_sizes(prepared: nn.Module, sites: list[Site], *, from_pretrained: boo
     biased = [s.consumer for s in sites if prepared.get_submodule(s.consumer).bias is not None]
     setattr(cfg, SIZES_FIELD, {"units": {s.name: int(s.n_units) for s in sites}, "consumer_bias": biased,
                                "from_pretrained": from_pretrained})
+    if not from_pretrained:
+        _make_remote_loadable(prepared)
+
+
+def _auto_class_of(name: str) -> str:
+    for suffix, auto in (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
+                         ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+                         ("ForMaskedLM", "AutoModelForMaskedLM"),
+                         ("ForTokenClassification", "AutoModelForTokenClassification")):
+        if name.endswith(suffix):
+            return auto
+    return "AutoModel"
+
+
+def _make_remote_loadable(model: nn.Module) -> None:
+    """Re-class a Hugging Face model with per-layer widths as ``Mippruned<Class>`` (same layout) and register
+    it for its auto class, so ``save_pretrained`` writes the loader beside the weights and
+    ``AutoModel….from_pretrained(folder, trust_remote_code=True)`` rebuilds it (:mod:`mipprune.pruning.hf_pruned`)."""
+    import transformers
+
+    from mipprune.pruning.hf_pruned import base_class_name, pruned_class
+
+    base = getattr(transformers, base_class_name(type(model).__name__), None)
+    if not isinstance(base, type) or not isinstance(model, base):
+        return  # not a transformers class (e.g. a user's subclass): mipprune.load_pruned still loads it
+    cls = pruned_class(base)
+    model.__class__ = cls
+    cls.register_for_auto_class(_auto_class_of(base.__name__))
+
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -470,32 +499,18 @@ def load_pruned(folder, **from_pretrained_kwargs) -> nn.Module:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise InvalidInputError(f"folder must be a Hugging Face model folder with config.json; got {str(folder)!r}")
+    from mipprune.pruning.hf_pruned import base_class_name, pruned_class
+
     config = AutoConfig.from_pretrained(folder)
     arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = getattr(transformers, base_class_name(arch), None) if arch else None
     if cls is None:
         raise InvalidInputError(f"config.architectures must name a transformers model class; got {arch!r}")
     sizes = getattr(config, SIZES_FIELD, None)
     if not sizes or sizes.get("from_pretrained"):
         return cls.from_pretrained(folder, **from_pretrained_kwargs).eval()
-    skeleton = cls(config)
-    adapter = find_adapter(skeleton)
-    if adapter is None:
-        raise UnsupportedLayerError(f"model class {arch} has no mipprune site adapter to rebuild its pruned sizes")
-    prepared = adapter.prepare(skeleton)
-    del skeleton
-    units = sizes.get("units", {})
-    for site in adapter.sites(prepared):
-        k = units.get(site.name)
-        if k is None or not 1 <= int(k) <= site.n_units:
-            raise InvalidInputError(f"{SIZES_FIELD}['units'][{site.name!r}] must be in [1, {site.n_units}]; got {k!r}")
-        if int(k) < site.n_units:
-            site.apply(prepared, np.arange(int(k)), None, None)
-    for name in sizes.get("consumer_bias", []):
-        lin = prepared.get_submodule(name)
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
-    model = finish(adapter, prepared)
+    model = pruned_class(cls)(config)  # the dense skeleton, cut to the recorded sizes by its __init__
+    pruned_class(cls).register_for_auto_class(_auto_class_of(cls.__name__))
     state = _read_state(folder)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:

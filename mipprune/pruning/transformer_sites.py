@@ -37,6 +37,9 @@ from torch import nn
 
 SiteKind = Literal["heads", "neurons"]
 
+# Config field of a pruned Hugging Face model: the kept units per site (see transformer_hf.record_sizes).
+SIZES_FIELD = "mipprune_layer_sizes"
+
 
 @dataclass
 class Site:

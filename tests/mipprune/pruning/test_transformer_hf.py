@@ -1,6 +1,8 @@
 """Hugging Face site adapters: sites per family, surgery, generate, save / load (tiny configs, no downloads)."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -108,8 +110,19 @@ def test_pruned_model_generates_and_round_trips(family, tmp_path):
     sizes = getattr(transformers.AutoConfig.from_pretrained(tmp_path), SIZES_FIELD)
     assert sizes["from_pretrained"] is False and len(sizes["units"]) == 4
     back = load_pruned(tmp_path)
-    assert type(back) is type(model)
+    # per-layer widths: re-classed as a subclass of the family's class (same layout), found by the adapters
+    assert isinstance(back, type(model)) and type(back).__name__ == "Mippruned" + type(model).__name__
+    assert find_adapter(back) is not None
     assert rel(logits(back, x), logits(pruned, x)) < 1e-6
+    # the stock loader rebuilds it too, from the loader file save_pretrained wrote beside the weights
+    assert (tmp_path / "hf_pruned.py").is_file()
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    assert rel(logits(stock, x), logits(pruned, x)) < 1e-6
+    assert sum(p.numel() for p in stock.parameters()) == sum(p.numel() for p in pruned.parameters())
+    buf = io.BytesIO()  # and it pickles (the re-classed model's class is importable by name)
+    torch.save(pruned, buf)
+    buf.seek(0)
+    assert rel(logits(torch.load(buf, weights_only=False), x), logits(pruned, x)) < 1e-6
 
 
 def test_uniform_llama_loads_with_from_pretrained(tmp_path):
