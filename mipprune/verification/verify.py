@@ -20,9 +20,11 @@ The complete method after the cheap stages is chosen by :func:`choose_complete` 
 networks with few inputs (≤ ``INPUT_SPLIT_MAX_INPUTS``, box regions) go to input-splitting branch
 and bound right after the attack; networks with more than ``MILP_MAX_HIDDEN`` hidden layers go, after
 the LP stage, to ReLU-splitting branch and bound on α/β-CROWN bounds (:mod:`.bab`, :mod:`.crown`,
-torch on ``device``) over the LP-refined root bounds, and to the MILP only if branch and bound ends
-without an answer while time is left; the rest (and L1 regions) go to the MILP. The result's
-``stage`` is ``"input"``, ``"bab"`` or ``"milp"`` accordingly and its message names the path.
+torch on ``device``) over the LP-refined root bounds — optionally MILP-refined first (``refine=``,
+:mod:`.refine`: time-boxed HiGHS bounds of the unstable ReLUs, stage ``"refine"``) — and to the MILP
+only if branch and bound ends without an answer while time is left; the rest (and L1 regions) go
+to the MILP. The result's ``stage`` is ``"input"``, ``"bab"`` or ``"milp"`` accordingly and its
+message names the path.
 
 Residual ``Add`` and ``AvgPool2d`` are affine (folded into the blocks, :meth:`Network.to_affine_relu`);
 ``MaxPool2d`` is relaxed in the bounds and LP and encoded exactly in the MILP; ReLU branch and bound
@@ -37,6 +39,7 @@ answer is UNKNOWN (the message says why).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import numpy as np
@@ -162,7 +165,7 @@ def _solve(model: MilpModel, backend: str, time_limit: float | None) -> MilpSolu
 
 def verify(network: Network, spec: Spec, *, time_limit: float | None = None, device="cpu", backend: str = "highs",
            bounds_method: str = "auto", attack: bool = True, seed: int = 0,
-           complete: str = "auto") -> VerificationResult:
+           complete: str = "auto", refine: str = "auto") -> VerificationResult:
     """Prove that no input in ``spec``'s region reaches its unsafe outputs, or find one that does.
 
     Parameters
@@ -193,6 +196,14 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         on α/β-CROWN bounds over the LP-refined root bounds otherwise (falling back to the MILP
         when branch and bound ends without an answer and time is left). The result's ``stage``
         and ``message`` say which path decided.
+    refine : {"auto", "after-lp", "instead-of-lp", "off"}
+        MILP refinement of the unstable ReLUs' intermediate bounds before ReLU branch and bound
+        (:func:`mipprune.verification.refine.refine_bounds`, at most ``REFINE_SHARE`` of the time
+        left): ``"after-lp"`` on top of the LP-tightened bounds, ``"instead-of-lp"`` in place of LP
+        tightening (from the CROWN bounds), ``"auto"``: after the LP stage on networks with at least
+        ``REFINE_MIN_HIDDEN`` hidden layers when it leaves at least ``REFINE_MIN_UNSTABLE`` unstable
+        ReLUs, if ``REFINE_AUTO`` (see the README for the measurements that set it). The message
+        records whether it ran.
 
     Returns
     -------
@@ -204,9 +215,12 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     backend = _validate(network, spec, time_limit, bounds_method, backend)
     if complete not in COMPLETE_METHODS:
         raise InvalidInputError(f"complete must be one of {list(COMPLETE_METHODS)}; got {complete!r}")
+    if refine not in REFINE_MODES:
+        raise InvalidInputError(f"refine must be one of {list(REFINE_MODES)}; got {refine!r}")
     device = _check_device(device)
     with _single_threaded_blas():
-        return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete)
+        return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete,
+                       refine)
 
 
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")
@@ -214,6 +228,11 @@ BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and b
 BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
 MILP_MAX_HIDDEN = 2           # α,β-CROWN's configuration for MNIST 256x2 is one MIP, deeper nets BaB
+REFINE_MODES = ("auto", "after-lp", "instead-of-lp", "off")
+REFINE_AUTO = False           # off: measured no gain on MNIST 256x4/256x6 at 60 s on 2 cores (README)
+REFINE_MIN_HIDDEN = 4         # "deep": MNIST 256x4 and 256x6 (256x2 goes to the MILP anyway)
+REFINE_MIN_UNSTABLE = 50      # fewer open ReLUs: branch and bound splits them faster than HiGHS solves them
+REFINE_SHARE = 0.35           # most of the time left that the refinement may take
 
 
 def _check_device(device) -> str:
@@ -250,7 +269,8 @@ def _single_threaded_blas():
 
 
 def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: str, bounds_method: str,
-            attack: bool, seed: int, device: str = "cpu", complete: str = "auto") -> VerificationResult:
+            attack: bool, seed: int, device: str = "cpu", complete: str = "auto",
+            refine: str = "auto") -> VerificationResult:
     blocks = network.to_affine_relu()   # residual adds become skips, max pools their own blocks
     region = make_region(network.n_inputs, spec.lower, spec.upper, spec.l1_center, spec.l1_radius)
     path = choose_complete(complete, blocks, region)
@@ -328,7 +348,11 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
     if bounds_method in ("auto", "lp"):
         for tighten in (False, True):
             t = time.perf_counter()
-            if tighten:
+            if tighten and refine == "instead-of-lp" and path == "bab":
+                bounds = _refine(blocks, bounds, region, clock, notes, "instead of LP tightening")
+                t = time.perf_counter()   # the refinement's time is its own stage
+                lb = np.maximum(lb, _row_margins(blocks, bounds, region, spec)[0])
+            elif tighten:
                 lp_time = clock.left() if bounds_method == "lp" else clock.share(LP_SHARE)
                 deadline = None if lp_time is None else time.perf_counter() + lp_time
                 bounds = _compute(blocks, region, "lp", t, deadline, start=bounds)
@@ -356,11 +380,23 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
     margins = [lb[offs[j]:offs[j + 1]] for j in range(len(spec.disjuncts))]
 
     # ---- 4'. deeper networks: ReLU-split branch and bound on α/β-CROWN over the LP-refined bounds
+    if path == "bab" and _wants_refine(refine, blocks, bounds):
+        bounds = _refine(blocks, bounds, region, clock, notes, "after the LP stage")
+        lb = np.maximum(lb, _row_margins(blocks, bounds, region, spec)[0])
+        open_ = _open(lb, offs)
+        if not open_:
+            return result(Verdict.VERIFIED, "refine", "MILP-refined bounds prove every disjunct's margin > 0; "
+                          + "; ".join(notes))
+        if clock.out():
+            return timeout("MILP refinement of the bounds")
+        margins = [lb[offs[j]:offs[j + 1]] for j in range(len(spec.disjuncts))]
     if path == "bab":
         # ReLU splits cannot make a max pool's relaxation exact: with max pools, branch and bound gets a
         # share of the time and the (exact) MILP the rest
         share = BAB_SHARE_WITH_MAXPOOL if any(b.pool is not None for b in blocks[:-1]) else None
         r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout, share)
+        if notes:   # record the path (refinement, fallbacks) in the message
+            r = dataclasses.replace(r, message=r.message + "; " + "; ".join(notes))
         if r.verdict is not Verdict.UNKNOWN or clock.out():
             return r
         notes.append(f"branch and bound ended without an answer ({r.message}); MILP on the rest of the time")
@@ -417,6 +453,26 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
     if any(r == "time" for r in reason.values()):
         return timeout(f"the MILP ({len(reason)} disjunct(s) open)")
     return result(Verdict.UNKNOWN, "none", "; ".join(list(reason.values()) + notes))
+
+
+def _wants_refine(refine: str, blocks, bounds: Bounds) -> bool:
+    """Whether MILP refinement runs after the LP stage (``refine="auto"``: deep and many unstable)."""
+    if refine == "after-lp":
+        return True
+    if refine != "auto" or not REFINE_AUTO or len(blocks) - 1 < REFINE_MIN_HIDDEN:
+        return False
+    return sum(bounds.n_unstable()) >= REFINE_MIN_UNSTABLE
+
+
+def _refine(blocks, bounds: Bounds, region: Region, clock: _Clock, notes: list, when: str) -> Bounds:
+    """MILP-refined bounds within ``REFINE_SHARE`` of the time left (sound even when cut short)."""
+    from mipprune.verification.refine import refine_bounds
+
+    t = time.perf_counter()
+    refined, info = refine_bounds(blocks, bounds, region, time_limit=clock.share(REFINE_SHARE))
+    clock.add("refine", t)
+    notes.append(f"{info.summary()}, {when}")
+    return refined
 
 
 def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,
