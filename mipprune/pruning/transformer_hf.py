@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mipprune.pruning.transformer_sites import SIZES_FIELD, Site, _rows
+from mipprune.pruning.transformer_sites import SIZES_FIELD, Site, _rows, check_keep
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
 __all__ = ["ADAPTERS", "SIZES_FIELD", "LlamaFamilyAdapter", "OPTAdapter", "GPT2Adapter", "record_sizes",
@@ -71,19 +71,6 @@ def _unit_index(keep: np.ndarray, per_unit: int, offset: int = 0) -> torch.Tenso
     keep = torch.as_tensor(np.asarray(keep, dtype=np.int64))
     return (offset + keep[:, None] * per_unit + torch.arange(per_unit)[None, :]).reshape(-1)
 
-
-def _check_keep(site: Site, keep) -> np.ndarray:
-    k = np.asarray(keep)
-    if k.ndim != 1 or (k.size and not np.issubdtype(k.dtype, np.integer)):
-        raise InvalidInputError(f"keep of site {site.name!r} must be a 1-D int array of unit indices; "
-                                f"got shape {k.shape}, dtype {k.dtype}")
-    k = k.astype(np.int64)
-    if k.size < site.min_units:
-        raise InvalidInputError(f"keep of site {site.name!r} must hold at least {site.min_units} unit(s); got {k.size}")
-    if k.min() < 0 or k.max() >= site.n_units or np.any(np.diff(k) <= 0):
-        raise InvalidInputError(f"keep of site {site.name!r} must be sorted distinct unit indices in "
-                                f"[0, {site.n_units}); got {k.tolist()[:12]}")
-    return k
 
 
 def _slice_rows(root: nn.Module, name: str, rows: torch.Tensor) -> None:
@@ -229,7 +216,7 @@ def _weights_of(prepared: nn.Module, *, names: list[str]) -> list[torch.Tensor]:
 def _llama_heads_apply(prepared, keep, weight, bias, *, name: str, hd: int, qpk: int) -> None:
     attn = prepared.get_submodule(name)
     n_kv = attn.k_proj.out_features // hd
-    keep = _check_keep(Site("heads", name, "", "", n_kv, qpk * hd, 0, _const_flops, None), keep)
+    keep = check_keep(Site("heads", name, "", "", n_kv, qpk * hd, 0, _const_flops, None), keep)
     q_rows, kv_rows = _unit_index(keep, qpk * hd), _unit_index(keep, hd)
     _slice_rows(prepared, f"{name}.q_proj", q_rows)
     _slice_rows(prepared, f"{name}.k_proj", kv_rows)
@@ -239,7 +226,7 @@ def _llama_heads_apply(prepared, keep, weight, bias, *, name: str, hd: int, qpk:
 
 def _gated_mlp_apply(prepared, keep, weight, bias, *, name: str) -> None:
     mlp = prepared.get_submodule(name)
-    keep = _check_keep(Site("neurons", name, "", "", mlp.up_proj.out_features, 1, 0, _const_flops, None), keep)
+    keep = check_keep(Site("neurons", name, "", "", mlp.up_proj.out_features, 1, 0, _const_flops, None), keep)
     rows = _unit_index(keep, 1)
     _slice_rows(prepared, f"{name}.gate_proj", rows)
     _slice_rows(prepared, f"{name}.up_proj", rows)
@@ -300,7 +287,7 @@ class OPTAdapter:
 def _mha_apply(prepared, keep, weight, bias, *, name: str, hd: int, qkv: tuple[str, str, str], out: str) -> None:
     attn = prepared.get_submodule(name)
     n = getattr(attn, qkv[0]).out_features // hd
-    keep = _check_keep(Site("heads", name, "", "", n, hd, 0, _const_flops, None), keep)
+    keep = check_keep(Site("heads", name, "", "", n, hd, 0, _const_flops, None), keep)
     rows = _unit_index(keep, hd)
     for p in qkv:
         _slice_rows(prepared, f"{name}.{p}", rows)
@@ -310,7 +297,7 @@ def _mha_apply(prepared, keep, weight, bias, *, name: str, hd: int, qkv: tuple[s
 
 def _mlp_apply(prepared, keep, weight, bias, *, up: str, down: str) -> None:
     n = prepared.get_submodule(up).out_features
-    keep = _check_keep(Site("neurons", up, "", "", n, 1, 0, _const_flops, None), keep)
+    keep = check_keep(Site("neurons", up, "", "", n, 1, 0, _const_flops, None), keep)
     rows = _unit_index(keep, 1)
     _slice_rows(prepared, up, rows)
     _slice_cols(prepared, down, rows, weight, bias)
@@ -414,7 +401,7 @@ def _gpt2_qkv_weights(prepared: nn.Module, *, name: str) -> list[torch.Tensor]:
 def _gpt2_heads_apply(prepared, keep, weight, bias, *, name: str, hd: int) -> None:
     attn = prepared.get_submodule(name)
     width = attn.c_attn.out_features // 3
-    keep = _check_keep(Site("heads", name, "", "", width // hd, hd, 0, _const_flops, None), keep)
+    keep = check_keep(Site("heads", name, "", "", width // hd, hd, 0, _const_flops, None), keep)
     rows = _unit_index(keep, hd)
     _slice_rows(prepared, f"{name}.c_attn", torch.cat([rows, rows + width, rows + 2 * width]))
     _slice_cols(prepared, f"{name}.c_proj", rows, weight, bias)

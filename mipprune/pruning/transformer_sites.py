@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from solvers.errors import InvalidInputError
+
 SiteKind = Literal["heads", "neurons"]
 
 # Config field of a pruned Hugging Face model: the kept units per site (see transformer_hf.record_sizes).
@@ -120,6 +122,22 @@ def finish(adapter, prepared: nn.Module) -> nn.Module:
     """``adapter.finish(prepared)`` when the adapter has one, else ``prepared`` itself."""
     fn = getattr(adapter, "finish", None)
     return prepared if fn is None else fn(prepared)
+
+
+def check_keep(site: Site, keep) -> np.ndarray:
+    """``keep`` as sorted distinct int64 unit indices of ``site`` (at least ``site.min_units``); raises
+    ``InvalidInputError`` otherwise (shared by the adapters' surgery, before anything is modified)."""
+    k = np.asarray(keep)
+    if k.ndim != 1 or (k.size and not np.issubdtype(k.dtype, np.integer)):
+        raise InvalidInputError(f"keep of site {site.name!r} must be a 1-D integer array of unit indices; "
+                                f"got shape {k.shape}, dtype {k.dtype}")
+    k = k.astype(np.int64)
+    if k.size < site.min_units:
+        raise InvalidInputError(f"keep of site {site.name!r} must hold at least {site.min_units} unit(s); got {k.size}")
+    if k.min() < 0 or k.max() >= site.n_units or np.any(np.diff(k) <= 0):
+        raise InvalidInputError(f"keep of site {site.name!r} must be sorted distinct unit indices in "
+                                f"[0, {site.n_units}); got {k.tolist()[:12]}")
+    return k
 
 
 def _rows(t: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mipprune.pruning.transformer_hf import record_sizes
-from mipprune.pruning.transformer_sites import Site, _rows
+from mipprune.pruning.transformer_sites import Site, _rows, check_keep
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
 __all__ = ["ADAPTERS", "BertAdapter", "PrunableMultiheadAttention", "PrunableTransformerEncoder",
@@ -408,17 +408,7 @@ def _check_surgery(site: Site, current_units: int, consumer: nn.Linear, keep, we
         raise InvalidInputError(
             f"site {site.name!r} was listed for {site.n_units} {site.kind}; the module now has {current_units} "
             "(apply each listed site once, and list the sites again after pruning)")
-    arr = np.asarray(keep)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise InvalidInputError(f"keep of site {site.name!r} must be a 1-D integer array of unit indices; "
-                                f"got shape {arr.shape}, dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if arr.size < site.min_units:
-        raise InvalidInputError(f"keep of site {site.name!r} must hold at least {site.min_units} unit(s); "
-                                f"got {arr.size}")
-    if arr.min() < 0 or arr.max() >= site.n_units or np.any(np.diff(arr) <= 0):
-        raise InvalidInputError(f"keep of site {site.name!r} must be sorted distinct indices in [0, {site.n_units}); "
-                                f"got {arr.tolist()[:12]}")
+    arr = check_keep(site, keep)
     w = consumer.weight
     out = w.shape[0]
     new_w = new_b = None

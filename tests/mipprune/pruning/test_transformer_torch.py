@@ -100,8 +100,8 @@ class ShiftedWindowAttention(nn.Module):
         area = window[0] * window[1]
         self.register_buffer("relative_position_index", torch.randint(0, n_rel, (area * area,)))
 
-    def forward(self, x):  # pragma: no cover - replaced by prepare()
-        raise NotImplementedError
+    def forward(self, x):  # pragma: no cover - only its attributes are read: prepare() swaps the module out
+        raise AssertionError("the hand-built Swin attention stand-in was called: prepare() must replace it")
 
 
 class ShiftedWindowAttentionV2(ShiftedWindowAttention):
