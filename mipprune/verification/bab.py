@@ -239,6 +239,17 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     return res
 
 
+def _search_counterexample(check, cand: np.ndarray, last_pgd: float, deadline: float | None):
+    """Re-check the open domains' candidate points (float64); failing that, PGD from the first 32 of
+    them at most every ``5 · STEP_SECONDS``. Returns ``(counterexample or None, time of the last PGD)``."""
+    x = check(cand)
+    if x is None and time.perf_counter() - last_pgd > 5 * STEP_SECONDS:
+        left = np.inf if deadline is None else deadline - time.perf_counter()
+        x = check.pgd(cand[:32], min(STEP_SECONDS, left))
+        last_pgd = time.perf_counter()
+    return x, last_pgd
+
+
 def _search_rows(spec, disjuncts, bound, branch_scores, check, net, n_hidden, root_splits, deadline, max_domains,
                  batch, iters, res: BabResult) -> str:
     """Best-first ReLU-split search on the rows of ``disjuncts``; updates ``res``, returns a status."""
@@ -296,11 +307,7 @@ def _search_rows(spec, disjuncts, bound, branch_scores, check, net, n_hidden, ro
             Xo = X[open_idx]
             worst = lb[open_idx].argmin(dim=1)
             cand = Xo[torch.arange(open_idx.numel(), device=net.device), worst].cpu().numpy()
-            x = check(cand)
-            if x is None and time.perf_counter() - last_pgd > 5 * STEP_SECONDS:
-                left = np.inf if deadline is None else deadline - time.perf_counter()
-                x = check.pgd(cand[:32], min(STEP_SECONDS, left))
-                last_pgd = time.perf_counter()
+            x, last_pgd = _search_counterexample(check, cand, last_pgd, deadline)
             if x is not None:
                 res.counterexample = x
                 res.message = f"counterexample from an open domain after {res.domains} domains"
@@ -363,11 +370,7 @@ def input_bab(network, spec: Spec, blocks, disjuncts, *, deadline: float | None,
                 worst = lb[op].argmin(dim=1)
                 ar = torch.arange(op.numel(), device=net.device)
                 cand = torch.cat([X[op, worst], (lo[op] + hi[op]) / 2]).cpu().numpy()
-                x = check(cand)
-                if x is None and time.perf_counter() - last_pgd > 5 * STEP_SECONDS:
-                    left = np.inf if deadline is None else deadline - time.perf_counter()
-                    x = check.pgd(cand[:32], min(STEP_SECONDS, left))
-                    last_pgd = time.perf_counter()
+                x, last_pgd = _search_counterexample(check, cand, last_pgd, deadline)
                 if x is not None:
                     res.status, res.counterexample = "falsified", x
                     res.message = f"counterexample in an open box after {res.domains} boxes"
@@ -380,7 +383,7 @@ def input_bab(network, spec: Spec, blocks, disjuncts, *, deadline: float | None,
                     res.status, res.message = "unknown", "a box shrank to a point without a proof"
                     break
                 mid = (olo[ar, dim] + ohi[ar, dim]) / 2
-                lo2, hi2 = olo.clone(), ohi.clone()
+                lo2 = olo.clone()
                 hi1 = ohi.clone()
                 hi1[ar, dim] = mid
                 lo2[ar, dim] = mid
