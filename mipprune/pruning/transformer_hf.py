@@ -274,13 +274,7 @@ class OPTAdapter:
         return out
 
     def finish(self, prepared: nn.Module) -> nn.Module:
-        cfg = prepared.config
-        sites = self.sites(prepared)
-        heads_whole = all(s.n_units == cfg.num_attention_heads for s in sites if s.kind == "heads")
-        inter = _uniform([s.n_units for s in sites if s.kind == "neurons"])
-        if inter is not None:
-            cfg.ffn_dim = inter
-        record_sizes(prepared, sites, from_pretrained=heads_whole and inter is not None)
+        _record_fixed_head_sizes(prepared, self.sites(prepared), prepared.config.num_attention_heads, "ffn_dim")
         return prepared
 
 
@@ -370,13 +364,7 @@ class GPT2Adapter:
     def finish(self, prepared: nn.Module) -> nn.Module:
         from transformers.pytorch_utils import Conv1D
 
-        cfg = prepared.config
-        sites = self.sites(prepared)
-        heads_whole = all(s.n_units == cfg.n_head for s in sites if s.kind == "heads")
-        inter = _uniform([s.n_units for s in sites if s.kind == "neurons"])
-        if inter is not None:
-            cfg.n_inner = inter
-        record_sizes(prepared, sites, from_pretrained=heads_whole and inter is not None)
+        _record_fixed_head_sizes(prepared, self.sites(prepared), prepared.config.n_head, "n_inner")
         prefix, layers = self._layers(prepared)
         for i in range(len(layers)):
             for part in _GPT2_CONV1D:
@@ -413,6 +401,16 @@ ADAPTERS = [LlamaFamilyAdapter(), OPTAdapter(), GPT2Adapter()]
 
 
 # ------------------------------------------------------------------------------------ saving / loading
+def _record_fixed_head_sizes(prepared: nn.Module, sites: list[Site], n_heads: int, inter_field: str) -> None:
+    """OPT / GPT-2: their configs derive ``head_dim`` from the hidden size, so only a model that kept every
+    head (and one MLP width, written to ``inter_field``) is rebuilt by the stock ``from_pretrained``."""
+    heads_whole = all(s.n_units == n_heads for s in sites if s.kind == "heads")
+    inter = _uniform([s.n_units for s in sites if s.kind == "neurons"])
+    if inter is not None:
+        setattr(prepared.config, inter_field, inter)
+    record_sizes(prepared, sites, from_pretrained=heads_whole and inter is not None)
+
+
 def record_sizes(prepared: nn.Module, sites: list[Site], *, from_pretrained: bool | None = None) -> None:
     """Write ``mipprune_layer_sizes`` into ``prepared.config`` (when it has a Hugging Face config):
     the kept units per site, the consumers that carry a bias, and whether the stock
