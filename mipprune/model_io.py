@@ -7,14 +7,19 @@ Pruning needs modules to slice (``nn.Conv2d`` / ``nn.Linear`` / BatchNorm) under
 (:func:`lift_exported_program`): its ``aten.conv2d`` / ``aten.linear`` / ``aten.batch_norm`` calls
 become modules at their parameters' original names, the other ATen ops the torch functions they
 stand for, the exported input guards are dropped; an op with no such equivalent, or a ``view`` to a
-size the export hard-coded (e.g. a channel shuffle's), is refused by name. TorchScript files are
-loaded and refused with what blocks them: a ScriptModule's layers run compiled IR that fx cannot
-trace. A pruned model is written by :func:`save_model` as a pickled module, TorchScript (traced) or
-a ``torch.export`` archive (``torch.export.export`` of the pruned module, batch dimension free when
-the model allows), and by :func:`export_onnx` as one ONNX file.
+size the export hard-coded (e.g. a channel shuffle's), is refused by name. A TorchScript file
+(scripted or traced) cannot be traced by fx itself (its layers run compiled IR), so it is converted
+to a ``torch.export`` program by torch's own converter (``torch._export.converter.TS2EPConverter``,
+run on sample inputs of the model's input shape) and lifted the same way
+(:func:`lift_torchscript`); data-dependent control flow, a converter failure or an op the lifting
+does not map is refused, saying what blocked it. A pruned model is written by :func:`save_model`
+as a pickled module, TorchScript (traced) or a ``torch.export`` archive (``torch.export.export`` of
+the pruned module, batch dimension free when the model allows), and by :func:`export_onnx` as one
+ONNX file.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import zipfile
@@ -26,7 +31,7 @@ from torch import nn
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 
 __all__ = ["FORMATS", "detect_format", "load_model", "save_model", "export_onnx", "load_tensor", "output_format",
-           "lift_exported_program"]
+           "lift_exported_program", "lift_torchscript"]
 
 FORMATS = ("pickle", "torchscript", "export")
 
@@ -41,30 +46,27 @@ def detect_format(path: Path) -> str:
             names = z.namelist()
         if any("serialized_exported_program" in n or n.endswith("archive_format") for n in names):
             return "export"
-        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        if any("code" in n.split("/")[:-1] for n in names) and any(n.endswith("constants.pkl") for n in names):
             return "torchscript"
     return "pickle"
 
 
-def load_model(path: Path) -> tuple[nn.Module, str]:
+def load_model(path: Path, example: torch.Tensor | None = None) -> tuple[nn.Module, str]:
     """``(module, format)``. Pickled modules are loaded with ``weights_only=False``, which runs the
     file's pickled code: only load files you trust. A ``torch.export`` archive comes back lifted to
-    a prunable module (:func:`lift_exported_program`).
+    a prunable module (:func:`lift_exported_program`), TorchScript converted and lifted
+    (:func:`lift_torchscript`, which needs ``example``: sample inputs ``(N, *input_shape)``).
 
-    Raises :class:`UnsupportedLayerError` for TorchScript (no layers fx can trace; save the Python
-    module with ``torch.save(model, FILE)``) and for exported graphs that cannot be lifted (the op
-    that blocks), :class:`InvalidInputError` for anything that is not a module."""
+    Raises :class:`UnsupportedLayerError` for TorchScript and exported graphs that cannot be lifted
+    (what blocks), :class:`InvalidInputError` for anything that is not a module, and for TorchScript
+    without ``example`` or that does not run on it."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch's notice that TorchScript is deprecated
-            scripted = torch.jit.load(str(path), map_location="cpu")  # a clean error if it is not readable
-        raise UnsupportedLayerError(
-            f"--model must be a pickled nn.Module to be pruned; got TorchScript ({path.name}): torch.jit.load "
-            f"gives a {type(scripted).__name__} whose {_script_layers(scripted)} run compiled TorchScript IR, "
-            "which torch.fx cannot trace (no channel graph) and whose weights cannot be resliced under a "
-            f"consistent forward. {_PASS_INSTEAD}")
+        if example is None:
+            raise InvalidInputError(f"--input-shape (e.g. 3,32,32) or --data must be given with a TorchScript --model "
+                                    f"({path.name}): it is converted by running it on sample inputs; got neither")
+        return lift_torchscript(path, example), fmt
     if fmt == "export":
         program = torch.export.load(str(path))
         return lift_exported_program(program, path.name), fmt
@@ -133,8 +135,8 @@ def lift_exported_program(program, name: str = "the archive") -> nn.Module:
     Raises :class:`UnsupportedLayerError` naming the op that blocks it."""
     def refuse(why: str):
         return UnsupportedLayerError(
-            f"--model must be a pickled nn.Module or a torch.export archive of supported ops; got {name}, whose "
-            f"ExportedProgram ({_aten_layers(program)}) cannot be turned back into prunable modules: {why}. "
+            f"--model must be a pickled nn.Module, TorchScript or a torch.export archive of supported ops; got {name}, "
+            f"whose ExportedProgram ({_aten_layers(program)}) cannot be turned back into prunable modules: {why}. "
             f"{_PASS_INSTEAD}")
 
     gm = program.module()
@@ -243,6 +245,219 @@ def lift_exported_program(program, name: str = "the archive") -> nn.Module:
     lifted.graph.eliminate_dead_code()
     lifted.recompile()
     return lifted.eval()
+
+
+_TS_INSTEAD = ("Pass the Python module instead: torch.save(model, FILE) (its class importable when loading), or a "
+               "torch.export archive (torch.export.save(torch.export.export(model, (x,)), FILE.pt2)); a model whose "
+               "forward branches on tensor values can be saved with torch.jit.trace(model, (x,)), which records the "
+               "branch taken on x")
+
+
+def lift_torchscript(path: Path, example: torch.Tensor) -> nn.Module:
+    """A prunable ``nn.Module`` (as :func:`lift_exported_program` returns) computing what the TorchScript
+    file at ``path`` computes: ``torch.jit.load`` (CPU, eval mode), then torch's converter
+    ``TS2EPConverter(module, (example,)).convert()`` (an ExportedProgram; ``example``: float inputs of
+    shape ``(N, *input_shape)``, N ≥ 2 keeps the batch size unspecialised; retried with only the batch
+    dimension dynamic if it fails: :func:`_convert_batch_dynamic`), whose ``aten.convolution`` calls
+    (what traced convs record) are read as ``aten.conv2d``, then the lifting of ``.pt2`` archives.
+    The result is checked against the TorchScript module on ``example``. The converter's own warnings
+    and logs are kept off the console.
+
+    Raises :class:`InvalidInputError` when the module does not run on ``example`` (a wrong
+    ``--input-shape``), :class:`UnsupportedLayerError` for data-dependent control flow (the file and
+    line of the ``if`` / loop), a converter failure (its message), an op the lifting cannot map, or
+    lifted outputs that differ from the TorchScript ones."""
+    from torch._export.converter import TS2EPConverter
+
+    path = Path(path)
+    name = f"TorchScript {path.name} (converted by torch's TS2EPConverter)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's notice that TorchScript is deprecated
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - an unreadable archive, in the user's terms
+            raise InvalidInputError(f"--model must be a readable TorchScript file; torch.jit.load({path.name!r}) "
+                                    f"gives {type(exc).__name__}: {_first_line(exc)}") from exc
+    scripted.eval()  # pruning reads inference behaviour (BatchNorm running statistics)
+    example = example.detach().float().cpu()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a check run of ours: the model's own notices are not news here
+            expected = scripted(example)
+    except Exception as exc:  # noqa: BLE001 - the user's model rejects this input shape
+        raise InvalidInputError(f"--input-shape must be the per-sample shape {path.name} takes; running it on a "
+                                f"{tuple(example.shape)} batch gives {type(exc).__name__}: {_first_line(exc)}") from exc
+    branches = (_control_flow_sites(scripted, "prim::If", tensor_condition_only=True)
+                + _control_flow_sites(scripted, "prim::Loop", tensor_condition_only=True))
+    if branches:
+        raise UnsupportedLayerError(
+            f"--model must be TorchScript without data-dependent control flow to be pruned; got {path.name}, whose "
+            f"forward branches on tensor values ({'; '.join(branches)}): the channel graph is static, and torch's "
+            f"converter would keep only one branch or fail. {_TS_INSTEAD}")
+    try:
+        with _quiet_torch():
+            try:
+                program = TS2EPConverter(scripted, (example,)).convert()
+            except Exception as first:  # noqa: BLE001 - retried with the spatial sizes fixed, else reported
+                try:
+                    program = _convert_batch_dynamic(scripted, example)
+                except Exception:  # noqa: BLE001 - the first failure is the one to report
+                    raise first from None
+    except Exception as exc:  # noqa: BLE001 - whatever the converter raises, said in the user's terms
+        why = _first_line(exc)
+        if "prim::Loop" in why:  # the converter has no TorchScript loops; say where they are
+            loops = _control_flow_sites(scripted, "prim::Loop", tensor_condition_only=False)[:3]
+            why += (f" (a for/while loop in forward{': ' + '; '.join(loops) if loops else ''}: the converter does "
+                    "not convert TorchScript loops; torch.jit.trace unrolls them)")
+        elif "warn is implemented" in why:
+            why += " (a warnings.warn call in forward, which the converter cannot convert; torch.jit.trace drops it)"
+        raise UnsupportedLayerError(
+            f"--model must be TorchScript that torch's converter (torch._export.converter.TS2EPConverter) turns "
+            f"into a torch.export program; got {path.name} ({_script_layers(scripted)}), on which it fails: "
+            f"{type(exc).__name__}: {why}. {_TS_INSTEAD}") from exc
+    _parameters_as_in(program, {n for n, _ in scripted.named_parameters()})
+    _convolutions_as_conv2d(program, lambda why: UnsupportedLayerError(
+        f"--model must be TorchScript of supported ops; got {path.name}, whose {why} cannot be pruned. {_TS_INSTEAD}"))
+    lifted = lift_exported_program(program, name)
+    with torch.no_grad():
+        got = lifted(example)
+    if not isinstance(expected, torch.Tensor):
+        raise UnsupportedLayerError(f"--model must return one tensor to be pruned; got {path.name}, which returns "
+                                    f"{type(expected).__name__}")
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not torch.allclose(
+            got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max().clamp_min(1.0))):
+        raise UnsupportedLayerError(  # a guard against converter specialisations, never seen on the tested nets
+            f"--model must be TorchScript whose conversion computes what it computes; got {name}, whose converted "
+            f"module's output differs from torch.jit.load's on the sample inputs. {_TS_INSTEAD}")
+    return lifted
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Keep the converter's warnings (unused ``num_batches_tracked`` buffers, ``if self.training``
+    specialised to eval) and torch's log records (graph dumps, symbolic-shape solver tracebacks it
+    recovers from) off the console: they are about torch's internals, not the user's model."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._export.converter", "torch.export",
+                                              "torch.fx.experimental.symbolic_shapes")]
+    loggers += [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.")]
+    disabled = [(log, log.disabled) for log in dict.fromkeys(loggers)]
+    try:
+        for log, _ in disabled:
+            log.disabled = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, was in disabled:
+            log.disabled = was
+
+
+def _convert_batch_dynamic(scripted, example: torch.Tensor):
+    """``TS2EPConverter(scripted, (example,)).convert()`` with only the batch dimension dynamic.
+
+    The converter retraces with every dimension ``Dim.AUTO``; sympy cannot always solve the guards
+    that fixed-size layers put on symbolic spatial sizes (AlexNet's 9,216-input classifier after
+    adaptive pooling: ``NotImplementedError: The inequality ... cannot be solved``). Pruning never
+    changes the input's spatial size, so fixing it loses nothing. Torch's retrace call is swapped for
+    the duration of this one conversion (torch is pinned; the converter takes no shape argument)."""
+    from unittest import mock
+
+    import torch.export._trace as export_trace
+    from torch._export.converter import TS2EPConverter
+
+    retrace = export_trace._export
+
+    def batch_dynamic(module, args, *rest, dynamic_shapes=None, **kwargs):
+        return retrace(module, args, *rest, dynamic_shapes=({0: torch.export.Dim.AUTO},), **kwargs)
+
+    with mock.patch.object(export_trace, "_export", batch_dynamic):
+        return TS2EPConverter(scripted, (example,)).convert()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines() or [""])[0][:300]
+
+
+_TENSOR_TO_PYTHON = ("aten::Bool", "aten::is_nonzero", "aten::item", "aten::Float", "aten::Int",
+                     "aten::ScalarImplicit")
+
+
+def _control_flow_sites(scripted, kind: str, tensor_condition_only: bool) -> list[str]:
+    """``'File "net.py", line 12: `if y.mean() > 0:`'`` for each ``kind`` node (``prim::If`` /
+    ``prim::Loop``) of the module's forward, submodules inlined, from the archive's debug info;
+    ``tensor_condition_only``: only those whose condition reads a tensor's values (``bool(t)``,
+    ``t.item()``, ``float(t)`` among the scalar ops it is computed from): branches on attributes
+    (``self.training``) or shapes (BatchNorm's input-rank check) are constant for the converter."""
+    def reads_tensor_values(value) -> bool:
+        todo, seen = [value], set()
+        while todo:  # back through the scalar computation only: a tensor's shape is not its values
+            node = todo.pop().node()
+            if node.kind() in _TENSOR_TO_PYTHON:
+                return True
+            for v in node.inputs():
+                if not isinstance(v.type(), torch._C.TensorType) and v.debugName() not in seen:
+                    seen.add(v.debugName())
+                    todo.append(v)
+        return False
+
+    found = []
+    condition = 0 if kind == "prim::If" else 1  # prim::Loop(max_trip_count, condition, ...)
+    graph = scripted.inlined_graph  # held: its nodes die with it
+    for node in graph.findAllNodes(kind, True):
+        inputs = list(node.inputs())
+        if tensor_condition_only and (len(inputs) <= condition or not reads_tensor_values(inputs[condition])):
+            continue
+        try:
+            where = node.sourceRange()
+        except Exception:  # noqa: BLE001 - no debug info in the archive
+            where = ""
+        lines = where.splitlines()
+        head = lines[0].strip() if lines else "forward"
+        marks = [k for k, line in enumerate(lines) if line.strip() and set(line.strip()) <= {"~"}]
+        code = lines[marks[0] - 1].strip() if marks and marks[0] > 0 else ""
+        found.append(f"{head}: `{code}`" if code else head)
+    return found
+
+
+def _parameters_as_in(program, parameter_names: set[str]) -> None:
+    """Mark the parameters of ``program`` as the TorchScript module names them, in place: the
+    converter tells parameters from buffers by comparing values with ``parameters()``, which for a
+    ``torch.jit.load``-ed module yields plain tensors (so every weight came out a buffer)."""
+    import dataclasses
+
+    from torch.export.graph_signature import InputKind
+
+    specs = program.graph_signature.input_specs
+    for i, spec in enumerate(specs):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target is not None:
+            is_param = spec.target in parameter_names
+            specs[i] = dataclasses.replace(spec, kind=InputKind.PARAMETER if is_param else InputKind.BUFFER,
+                                           persistent=None if is_param else True)
+            value = program.state_dict[spec.target].detach()
+            program.state_dict[spec.target] = nn.Parameter(value) if is_param else value
+
+
+def _convolutions_as_conv2d(program, refuse) -> None:
+    """Rewrite the ``aten.convolution`` calls of ``program`` (traced TorchScript records
+    ``aten::_convolution``) as the ``aten.conv2d`` calls the lifting reads, in place; transposed or
+    non-2d convolutions are refused. Unused ops (BatchNorm's ``dim`` checks) are dropped."""
+    aten = torch.ops.aten
+    graph = program.graph_module.graph
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.convolution.default:
+            v = _bound(node)
+            weight = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
+            if v["transposed"] or weight is None or weight.dim() != 4:
+                kind = "transposed convolution" if v["transposed"] else "convolution that is not 2-d"
+                raise refuse(f"{kind} ({node.name})")
+            node.target = aten.conv2d.default
+            node.args, node.kwargs = (v["input"], v["weight"], v["bias"], v["stride"], v["padding"], v["dilation"],
+                                      v["groups"]), {}
+    graph.eliminate_dead_code()
+    program.graph_module.recompile()
 
 
 def _script_layers(scripted) -> str:

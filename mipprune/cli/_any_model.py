@@ -1,14 +1,16 @@
 """``mipprune prune --model FILE --input-shape C,H,W``: prune a model you bring, on your data.
 
-The model file is a pickled ``nn.Module`` (``torch.save(model, FILE)``) or a ``torch.export``
-archive (``.pt2``, lifted back to prunable modules); TorchScript is refused with what blocks it (see
-:mod:`mipprune.model_io`).
+The model file is a pickled ``nn.Module`` (``torch.save(model, FILE)``), TorchScript
+(``torch.jit.save`` of a scripted or traced module: converted to a ``torch.export`` program on the
+calibration inputs' shape, then lifted) or a ``torch.export`` archive (``.pt2``, lifted back to
+prunable modules); what cannot be lifted is refused with what blocks it (see :mod:`mipprune.model_io`).
 Calibration inputs come from ``--data`` (a tensor saved with ``torch.save`` or a ``.npy`` array of
 shape ``(N, *input_shape)``); without it, standard-normal inputs are used and a warning says that
 the reconstruction then fits noise. ``--labels`` (N,) adds top-1 accuracy; otherwise the pruned
 model is compared with the dense one (relative output error, top-1 agreement) on a held-out part
-of the data. ``--out`` writes the pruned model in the format it came in (``FILE.pt2``: a
-``torch.export`` archive of the pruned module, ``FILE.onnx``: ONNX); ``--onnx`` also as ONNX.
+of the data. ``--out`` writes the pruned model in the format it came in (TorchScript: traced,
+``torch.jit.load``-able; ``FILE.pt2``: a ``torch.export`` archive of the pruned module,
+``FILE.onnx``: ONNX); ``--onnx`` also as ONNX.
 """
 from __future__ import annotations
 
@@ -43,8 +45,6 @@ def prune_any_model(*, model_path: Path, input_shape: str | None, data_path: Pat
     from mipprune.train import count_flops, count_params
 
     t_start = time.perf_counter()
-    net, fmt = load_model(model_path)
-    net = net.to(device)
     if data_path is not None:
         x = load_tensor(data_path, "--data").float()
         shape = tuple(x.shape[1:])
@@ -65,6 +65,8 @@ def prune_any_model(*, model_path: Path, input_shape: str | None, data_path: Pat
             raise InvalidInputError(f"--labels must have one label per --data sample ({len(x)}); got {len(y)}")
     if len(x) < 2:
         raise InvalidInputError(f"--data must hold at least 2 samples; got {len(x)}")
+    net, fmt = load_model(model_path, example=x[:2])  # TorchScript is converted on these sample inputs
+    net = net.to(device)
     n_eval = max(1, len(x) // 5)  # a held-out fifth for the comparison
     calib_x, eval_x = x[n_eval:], x[:n_eval]
     batches = [calib_x[i:i + 64] for i in range(0, len(calib_x), 64)]

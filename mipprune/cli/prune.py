@@ -8,8 +8,11 @@ fine-tuning of the pruned model from the dense one (:func:`mipprune.train.finetu
 Without ``--model`` the seeded default CNN (:func:`mipprune.models.digits_cnn`) is trained on the
 embedded digits data in a few seconds. ``--model FILE`` loads a *whole pickled module* written with
 ``torch.save(model, FILE)``; it is loaded with ``torch.load(FILE, weights_only=False)``, which runs
-pickled code: only load files you trust. ``--model FOLDER --text FILE`` prunes the heads and MLP
-neurons of a Hugging Face causal LM folder on that text and writes a folder (:mod:`mipprune.cli._hf_folder`);
+pickled code: only load files you trust. ``--model FILE --input-shape C,H,W`` (or ``--data``) also
+takes TorchScript (converted to ``torch.export`` on sample inputs, then lifted; written back as
+TorchScript) and ``torch.export`` archives (:mod:`mipprune.cli._any_model`). ``--model FOLDER --text
+FILE`` prunes the heads and MLP neurons of a Hugging Face causal LM folder on that text and writes a
+folder (:mod:`mipprune.cli._hf_folder`);
 ``--model FILE --text FILE [--tokenizer DIR]`` does the same for a pickled causal LM and writes it pickled.
 """
 from __future__ import annotations
@@ -64,9 +67,10 @@ def _fmt_int(n: int) -> str:
 def prune_command(
     model: Optional[Path] = typer.Option(
         None, "--model", help="A whole module saved with torch.save(model, FILE) (loaded with "
-        "weights_only=False: trusted files only) or a torch.export archive (.pt2), evaluated on the digits (or on "
-        "--data / --input-shape); or a Hugging Face causal LM folder "
-        "(with --text). Default: train the digits CNN."),
+        "weights_only=False: trusted files only), a torch.export archive (.pt2), or TorchScript (torch.jit.save of a "
+        "scripted or traced module; needs --input-shape or --data: it is converted with torch's TorchScript-to-export "
+        "converter on sample inputs), evaluated on the digits (or on --data / --input-shape); or a Hugging Face "
+        "causal LM folder (with --text). Default: train the digits CNN."),
     method: str = typer.Option("lasso", "--method", help="Selection method: lasso, exact, greedy, backward, "
                                "swap, magnitude, random (solvers), l1, bn_scale, hrank, mean_activation, similarity "
                                "(criteria + refit), tecu (block-coordinate descent)."),
@@ -86,8 +90,8 @@ def prune_command(
     max_iter: int = typer.Option(3, "--max-iter", help="TECU outer iterations (--method tecu)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (training and calibration)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Save the pruned model here: in the format it came in "
-                                       "(torch.save), FILE.pt2 a torch.export archive, FILE.onnx ONNX (with --model "
-                                       "and --input-shape/--data)."),
+                                       "(torch.save; TorchScript as traced TorchScript), FILE.pt2 a torch.export "
+                                       "archive, FILE.onnx ONNX (with --model and --input-shape/--data)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     seed: int = typer.Option(0, "--seed", help="Seed of data split, training, sampling and selection."),
     positions: int = typer.Option(10, "--positions", help="Spatial positions sampled per image per conv."),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mipprune.model_io import detect_format, export_onnx, load_model, load_tensor, save_model
-from solvers.errors import InvalidInputError, UnsupportedLayerError
+from solvers.errors import InvalidInputError
 from tests.mipprune.pruning.blocks import BLOCKS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,12 +18,12 @@ def test_formats_are_recognised_pickles_and_exports_load_for_pruning(fmt, tmp_pa
     x = torch.randn(2, 3, 8, 8)
     path = save_model(model, tmp_path / f"m.{fmt}", fmt, x)
     assert detect_format(path) == fmt
-    if fmt in ("pickle", "export"):  # a torch.export archive is lifted back to a prunable module
-        loaded, got = load_model(path)
-        assert got == fmt
-        torch.testing.assert_close(loaded(x), model(x))
-    else:  # TorchScript: refused, saying what to pass instead
-        with pytest.raises(UnsupportedLayerError, match="pickled nn.Module"):
+    # a torch.export archive is lifted back to a prunable module, TorchScript converted on sample inputs first
+    loaded, got = load_model(path, example=x)
+    assert got == fmt
+    torch.testing.assert_close(loaded(x), model(x))
+    if fmt == "torchscript":  # which it cannot be without
+        with pytest.raises(InvalidInputError, match="--input-shape"):
             load_model(path)
 
 
