@@ -36,7 +36,7 @@ from solvers.selection.problem import SelectionProblem
 CPU_BLAS = True
 
 __all__ = ["LayerStatistics", "capture", "check_calibration_batch", "layer_generator", "layer_weights",
-           "run_calibration_batch", "sample_conv_rows"]
+           "run_calibration_batch", "sample_conv_rows", "sample_positions"]
 
 
 @dataclass
@@ -136,18 +136,31 @@ def sample_conv_rows(module: nn.Conv2d, x: torch.Tensor, positions: int | None,
     n, c, hp, wp = xp.shape
     ho = (hp - dh * (kh - 1) - 1) // sh + 1
     wo = (wp - dw * (kw - 1) - 1) // sw + 1
-    if positions is None or positions >= ho * wo:
+    index = sample_positions(n, ho, wo, positions, generator, x.device)
+    if index is None:
         cols = F.unfold(xp, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # (N, C·kh·kw, L)
         return cols.transpose(1, 2).reshape(n * ho * wo, c * kh * kw), None
     # a random subset of positions per image; gather only those patches (no full unfold in memory)
-    scores = torch.rand(n, ho * wo, generator=generator)
-    flat = scores.argsort(dim=1)[:, :positions].reshape(-1).to(x.device)
-    img = torch.arange(n, device=x.device).repeat_interleave(positions)
-    oy, ox = flat // wo, flat % wo
+    img, oy, ox = index
     rows = oy[:, None] * sh + torch.arange(kh, device=x.device)[None, :] * dh       # (P, kh)
     colz = ox[:, None] * sw + torch.arange(kw, device=x.device)[None, :] * dw       # (P, kw)
     patches = xp[img[:, None, None], :, rows[:, :, None], colz[:, None, :]]         # (P, kh, kw, C)
     return patches.permute(0, 3, 1, 2).reshape(-1, c * kh * kw), (img, oy, ox)
+
+
+def sample_positions(n: int, ho: int, wo: int, positions: int | None, generator: torch.Generator | None = None,
+                     device=None) -> tuple | None:
+    """The output positions :func:`sample_conv_rows` samples for ``n`` images of an ``ho×wo`` map:
+    ``(image, row, col)`` index tensors (``positions`` per image, uniform without replacement), or
+    ``None`` for every position (``positions`` is ``None`` or not below ``ho·wo``; the generator is
+    then not drawn from). The same generator state gives the same positions for any layer of that
+    output size (a dense layer and its pruned copy alike)."""
+    if positions is None or positions >= ho * wo:
+        return None
+    scores = torch.rand(n, ho * wo, generator=generator)
+    flat = scores.argsort(dim=1)[:, :positions].reshape(-1).to(device)
+    img = torch.arange(n, device=device).repeat_interleave(positions)
+    return img, flat // wo, flat % wo
 
 
 _ROWS = 1024  # rows of Z converted to float64 and accumulated at a time
@@ -245,6 +258,29 @@ class _Accumulator:
         if item is not None:
             z, index, shape = item
             self._add(z, self._outputs(out, index, z.shape[0], "target", shape))
+
+    def on_target_rows(self, rows: torch.Tensor | None, keep: torch.Tensor | None) -> None:
+        """Like :meth:`on_target` for rows recorded beforehand at this layer's sampled positions
+        (:func:`mipprune.pruning.streaming.record_target_rows`; ``None`` where the layer was full),
+        restricted to the output channels ``keep``."""
+        if not self.pending:
+            raise InvalidInputError(f"target rows of layer {self.name!r} must match the model's calls; got an extra one")
+        item = self.pending.popleft()
+        if (item is None) != (rows is None):
+            raise InvalidInputError(f"target rows of layer {self.name!r} must be sampled like the model's; got "
+                                    f"{'none' if rows is None else 'rows'} where the model has "
+                                    f"{'none' if item is None else 'rows'}")
+        if item is None:
+            return
+        z = item[0]
+        y = rows.to(self.bias.device if self.bias is not None else z.device)
+        if keep is not None:
+            y = y.index_select(1, keep.to(y.device))
+        if y.shape[1] != self.m or y.shape[0] < z.shape[0]:
+            raise InvalidInputError(f"target rows of layer {self.name!r} must have shape ({z.shape[0]}, {self.m}); "
+                                    f"got {tuple(y.shape)}")
+        y = y[: z.shape[0]].to(torch.float64)
+        self._add(z, y if self.bias is None else y - self.bias)
 
     def end_batch(self) -> None:
         if self.pending:
@@ -383,8 +419,8 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
             device: str | torch.device | None = None, positions: int | None = 10,
             max_samples: int | None = None, target: nn.Module | None = None,
             columns_per_channel: Mapping[str, int] | None = None, seed: int = 0,
-            progress: bool = False, target_channels: Mapping[str, Any] | None = None
-            ) -> dict[str, LayerStatistics]:
+            progress: bool = False, target_channels: Mapping[str, Any] | None = None,
+            forward=None, target_rows: Mapping[str, list] | None = None) -> dict[str, LayerStatistics]:
     """Stream calibration data through ``model`` and return per-layer Gram statistics.
 
     Parameters
@@ -419,6 +455,15 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
     target_channels : {layer name: int indices}, optional
         With ``target``: the target layer's output channels that the model's layer still has (the
         model's outputs pruned, the target's not); ``Y`` is the target's output at these channels.
+        The same with ``target_rows``.
+    forward : callable ``(index, x) -> None``, optional
+        Runs ``model`` on calibration batch ``index`` (input ``x``, unprepared) far enough for the
+        layers' hooks to fire, e.g. a truncated forward from cached activations
+        (:class:`mipprune.pruning.streaming.CachedForward`). Default: ``model(x)``. Not with ``device``.
+    target_rows : {layer name: per-batch lists of tensors}, optional
+        Instead of running ``target``: for every batch, one entry per call of the layer, the target
+        layer's output rows at the positions this capture samples (``None`` once the layer is full),
+        recorded by :func:`mipprune.pruning.streaming.record_target_rows`. Not with ``target``.
 
     Returns
     -------
@@ -446,6 +491,16 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
             if n not in tmods or not is_prunable_module(tmods[n]):
                 raise InvalidInputError(f"target must have a Conv2d/Linear named {n!r} like model; got none")
 
+    if target_rows is not None:
+        if target is not None:
+            raise InvalidInputError("target and target_rows must not both be given; got both")
+        missing = [n for n in names if n not in target_rows]
+        if missing:
+            raise InvalidInputError(f"target_rows must hold every captured layer; got none for {missing}")
+    if forward is not None and device is not None:
+        raise InvalidInputError("forward runs the model itself: device must be None with it; got "
+                                f"device={device!r}")
+
     iterator = iter(data)
     first = next(iterator, None)
     if first is None:
@@ -464,14 +519,16 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
     cols = _resolve_columns(work, names, columns_per_channel, _batch_input(first))
     wmods = dict(work.named_modules())
     accs = {n: _Accumulator(n, wmods[n], cols[n], positions, max_samples, seed, device) for n in names}
-    with_target = work_target is not None
+    with_target = work_target is not None or target_rows is not None
+    keeps = {n: None if (target_channels or {}).get(n) is None else
+             torch.as_tensor(target_channels[n], dtype=torch.long) for n in names}
 
     handles = []
     try:
         for n, acc in accs.items():
             handles.append(wmods[n].register_forward_hook(
                 lambda _m, inp, out, acc=acc: acc.on_input(inp[0], out, with_target)))
-        if with_target:
+        if work_target is not None:
             tmods = dict(work_target.named_modules())
             for n, acc in accs.items():
                 keep = (target_channels or {}).get(n)
@@ -484,9 +541,18 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
         with evaluation_mode(work, work_target), _progress(progress, data) as advance:
             for index, batch in enumerate(itertools.chain([first], iterator)):
                 x = _batch_input(batch)
-                run_calibration_batch(work, x, index, device)
-                if with_target:
+                if forward is None:
+                    run_calibration_batch(work, x, index, device)
+                else:
+                    check_calibration_batch(x, index)
+                    forward(index, x)
+                if work_target is not None:
                     work_target(prepare_input(work_target, x, device))
+                elif target_rows is not None:
+                    for n, acc in accs.items():
+                        calls = target_rows[n][index] if index < len(target_rows[n]) else []
+                        for rows in calls:
+                            acc.on_target_rows(rows, keeps[n])
                 for acc in accs.values():
                     acc.end_batch()
                 advance()

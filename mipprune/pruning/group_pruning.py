@@ -13,6 +13,23 @@ With ``sequential=True`` (He et al.) a group's consumers see inputs ``Z`` from t
 far while their targets ``Y`` come from the dense model (restricted to the output channels the
 layer still has), so later refits absorb earlier errors; ``False`` captures everything once on the
 dense model and cuts all groups at the end, each consumer refitted on its final kept columns.
+
+Streamed calibration (``streamed=True``, the default; :mod:`mipprune.pruning.streaming`): a
+capture runs from the activation cached at a cut of the fx trace (a node after which one tensor is
+live, e.g. a ResNet block boundary) only up to the last consumer it needs. In the sequential driver
+the cache holds the *pruned* model's activation, moved forward after each group to the latest cut
+before the first member of any group still to do (valid because every module changed so far lies
+after it). The dense targets ``Y`` are recorded once, up front, at exactly the rows each consumer's
+later capture samples (:func:`~mipprune.pruning.streaming.record_target_rows`; the bridge seeds the
+sampling per layer, so the dense and pruned layer draw the same positions), instead of a dense-model
+cache advanced alongside: those rows (images × positions × outputs per consumer, ~0.5 GiB for
+ResNet-50 at 224² and 512 images) are smaller than a second activation cache (up to 1.6 GiB there)
+and cost one dense pass instead of a truncated dense run per group. The cache and the recorded rows
+count against ``max_memory`` beside the group's statistics: a cache that does not fit is dropped
+(captures run from the input, still truncated), rows that do not fit are not recorded (the dense
+model runs beside, in full, per group). Models fx cannot trace, data that changes between passes
+and the lean (one consumer at a time) plan use full forwards as before; results are the same either
+way up to float rounding.
 """
 from __future__ import annotations
 
@@ -31,6 +48,7 @@ from mipprune.pruning.channel_graph import ChannelGraph, ChannelGroup, build_cha
 from mipprune.pruning.group_surgery import channel_keeps, prune_groups
 from mipprune.pruning.joint import DEFAULT_RIDGE, group_problem, refit_consumers, ridge_of
 from mipprune.pruning.samples import capture_samples
+from mipprune.pruning.streaming import CachedForward, record_target_rows, target_rows_bytes
 from solvers.errors import InvalidInputError
 from solvers.result import SelectionResult
 from solvers.selection.problem import SelectionProblem
@@ -200,15 +218,31 @@ class _OneAtATime(Mapping):
         return len(self.names)
 
 
+def _advance_within(stream: CachedForward, target: int, allowance: int | None) -> None:
+    """Move ``stream``'s cache to the latest cut at or before node ``target`` (and not before its current
+    cut) whose estimated size fits ``allowance`` bytes; drop it when none does."""
+    start = stream.cut if stream.cache is not None else 0
+    fits = [c for c in stream.cuts if start <= c <= target
+            and (allowance is None or stream.estimated_bytes(c) <= allowance)]
+    if not fits:
+        stream.drop()
+    else:
+        stream.advance(max(fits))
+
+
 def group_curves(model: nn.Module, data: Iterable, graph: ChannelGraph, *, positions: int = 10,
                  max_samples: int | None = None, seed: int = 0, max_memory: int | None = DEFAULT_MAX_MEMORY,
-                 on_step=None) -> dict[str, np.ndarray]:
+                 on_step=None, streamed: bool = True) -> dict[str, np.ndarray]:
     """Error curve (n_units,) of every prunable group, on the dense model: the forward-greedy refit
     error of its joint problem for ``k = 1 … n`` (:func:`mipprune.pruning.budget.error_curve`).
 
     One group's statistics at a time (the memory cap applies per group; above it, its consumers one
     after another, as rows when they see fewer rows than columns); a group above ``max_memory`` even
-    then gets ``inf`` below full width, so that a budget never relies on cutting it."""
+    then gets ``inf`` below full width, so that a budget never relies on cutting it.
+
+    ``streamed``: captures run from a cached activation of the dense model up to their last consumer
+    (:class:`~mipprune.pruning.streaming.CachedForward`), the cache moved forward across passes and
+    counted against ``max_memory`` beside the statistics of the groups captured together."""
     from mipprune.pruning.budget import error_curve
     from mipprune.torch_utils import split_batch
 
@@ -216,20 +250,37 @@ def group_curves(model: nn.Module, data: Iterable, graph: ChannelGraph, *, posit
     rows: dict[str, int] = {}
     pending: list[ChannelGroup] = []  # groups whose consumers are captured together, in one pass over data
     pending_bytes = 0
+    stream = None
+    prunable = graph.prunable
+    if streamed and prunable:
+        stream, _why = CachedForward.create(model, data, split_batch(next(iter(data)))[0][:1])
+    if stream is not None:
+        first_consumer = [stream.first_index({m.module for m in g.consumers}) for g in prunable]
 
-    def flush() -> None:
+    def flush(upcoming: int) -> None:
         nonlocal pending_bytes
         if not pending:
             return
         cpc = {m.module: m.columns_per_channel for x in pending for m in x.consumers}
+        kw = {}
+        if stream is not None:
+            if max_memory is not None and stream.cache_bytes + pending_bytes > max_memory:
+                stream.drop()
+            kw["forward"] = stream.runner(stream.stop_index(cpc))
         stats = capture(model, data, list(cpc), positions=positions, max_samples=max_samples,
-                        columns_per_channel=cpc, seed=seed)  # per-layer seeds: the same rows as one group alone
+                        columns_per_channel=cpc, seed=seed, **kw)  # per-layer seeds: the same rows as one group alone
         for x in pending:
             curves[x.name] = error_curve(group_problem(x, {m.module: stats[m.module] for m in x.consumers}))
         pending.clear()
         pending_bytes = 0
+        del stats
+        if stream is not None and upcoming < len(prunable):
+            # the dense model never changes: the cache may move up to the first consumer still to capture
+            nxt = statistics_bytes(model, prunable[upcoming])
+            _advance_within(stream, stream.cut_before(min(first_consumer[upcoming:])),
+                            None if max_memory is None else max_memory - nxt)
 
-    for g in graph.prunable:
+    for position, g in enumerate(prunable):
         need = statistics_bytes(model, g)
         lean = max_memory is not None and need > max_memory
         if lean:
@@ -252,10 +303,10 @@ def group_curves(model: nn.Module, data: Iterable, graph: ChannelGraph, *, posit
         # Several groups per forward pass while their estimates fit the cap together: a capture costs a
         # whole pass over the calibration set, the dominant cost on large inputs (ResNet-50 at 224²).
         if pending and max_memory is not None and pending_bytes + need > max_memory:
-            flush()
+            flush(position)
         pending.append(g)
         pending_bytes += need
-    flush()
+    flush(len(prunable))
     return {g.name: curves[g.name] for g in graph.prunable if g.name in curves}
 
 
@@ -278,7 +329,8 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
                     method: str = "lasso", sequential: bool = True, backend: str | None = None,
                     time_limit: float | None = None, gap: float | None = None, positions: int = 10,
                     max_samples: int | None = None, seed: int = 0, graph: ChannelGraph | None = None,
-                    max_memory: int | None = DEFAULT_MAX_MEMORY, on_step=None) -> GroupPruning:
+                    max_memory: int | None = DEFAULT_MAX_MEMORY, on_step=None, streamed: bool = True
+                    ) -> GroupPruning:
     """Prune every group named in ``targets`` ({group name: units to keep}) of ``model`` (not modified).
 
     ``data``: a re-iterable of calibration batches; ``example``: one batch for tracing and checks.
@@ -286,7 +338,9 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
     ``max_memory``: bytes that one group's statistics may take (:func:`statistics_bytes`, estimated
     before anything is allocated); a group above it stays whole and ``skipped`` in the result says
     why (``None``: no cap). With ``sequential=False`` all groups' statistics live at once and the cap
-    applies to their sum.
+    applies to their sum. ``streamed``: the sequential driver's captures run from cached activations of
+    the pruned model up to their last consumer, with the dense targets recorded once (module docstring;
+    ``False``: a full forward of both models per group).
     """
     if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, np.integer))
                                    or max_memory < 1):
@@ -367,7 +421,20 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
 
     current, current_graph = model, graph
     out_index: dict[str, np.ndarray] = {}  # module → dense output channels it still has
-    for g0 in todo:
+    stream, recorded = None, None
+    streamed_groups = [g for g in todo if plans[g.name] == "gram"]
+    if streamed and streamed_groups:
+        stream, _why = CachedForward.create(model, data, example)
+    if stream is not None:
+        # the dense targets of every consumer, at the rows its capture will sample: one dense pass
+        ynames = list(dict.fromkeys(m.module for g in streamed_groups for m in g.consumers))
+        yrows = calibration_rows(model, data, example, ynames, positions=positions, max_samples=max_samples)
+        ybytes = target_rows_bytes(model, yrows, ynames)
+        if max_memory is None or ybytes + max(memory[g.name] for g in streamed_groups) <= max_memory:
+            step(f"recording dense targets of {len(ynames)} consumers (≈ {ybytes / 2**20:.0f} MiB)")
+            recorded = record_target_rows(model, data, ynames, positions=positions, max_samples=max_samples,
+                                          seed=seed, forward=stream.runner(stream.stop_index(ynames)))
+    for position, g0 in enumerate(todo):
         g = next(x for x in current_graph.groups if x.name == g0.name)
         names = [m.module for m in g.consumers]
         lean = plans[g.name] == "lean"
@@ -378,8 +445,21 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
                       target=model if current is not model else None)
         channels = {n: out_index[n] for n in names if n in out_index}
         cols = {m.module: m.columns_per_channel for m in g.consumers}
+        via = "full forwards"
         if lean:
             stats = _one_at_a_time(current, data, g, rows_of, channels=channels, **common)
+        elif stream is not None:
+            held = sum(t.numel() * t.element_size() for calls in (recorded or {}).values()
+                       for batch in calls for t in batch if t is not None)
+            # every change so far lies after this cut: it may move up to the first member still to do
+            first = stream.first_index({m.module for x in todo[position:] for m in x.members})
+            _advance_within(stream, stream.cut_before(first),
+                            None if max_memory is None else max_memory - memory[g.name] - held)
+            kw = {"forward": stream.runner(stream.stop_index(names))}
+            if recorded is not None and common["target"] is not None:
+                kw["target_rows"], common["target"] = recorded, None
+            stats = capture(current, data, names, columns_per_channel=cols, target_channels=channels, **common, **kw)
+            via = f"streamed from {stream.nodes[stream.cut].name}"
         else:
             stats = capture(current, data, names, columns_per_channel=cols, target_channels=channels, **common)
         capture_time = time.perf_counter() - t0
@@ -387,11 +467,13 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
         problem = group_problem(g, stats)  # the lean plan captures here, one consumer after another
         if lean:
             capture_time = time.perf_counter() - t0
+        t1 = time.perf_counter()
         res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap, model=current, group=g,
                       data=data)
         no_refit, n_columns = problem.error(res.mask, refit=False), problem.n_columns
         del problem  # before the refit: the lean plan recaptures its consumers one at a time
         weights, errors = refit_consumers(g, res.mask, stats)
+        select_time = time.perf_counter() - t1
         results[g.name], masks[g.name] = res, res.mask.copy()
         seen = stats.seen if lean else {n: (int(stats[n].n_samples), int(stats[n].gram.shape[0]), "LayerStatistics")
                                         for n in names}
@@ -400,12 +482,20 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
                         "consumer_columns": {n: seen[n][1] for n in names}, "memory": memory[g.name],
                         "statistics": ("one consumer at a time (" + ", ".join(
                             f"{n}: {'samples' if seen[n][2] == 'LayerSamples' else 'Gram'}" for n in names) + ")")
-                        if lean else "Grams"}
+                        if lean else "Grams", "calibration": via, "select_time": select_time}
+        t2 = time.perf_counter()
         for (name, side), keep in channel_keeps(current_graph, {g.id: res.mask}).items():
             if side == "out":
                 out_index[name] = out_index.get(name, np.arange(keep.size))[keep]
         current = prune_groups(current, current_graph, {g.id: res.mask}, weights, example)
         current_graph = build_channel_graph(current, example)
+        if stream is not None:
+            stream.rebind(current)  # same trace: the cache (before every changed module) carries over
+            if recorded is not None:  # release the targets no group still to do reads
+                needed = {m.module for x in todo[position + 1:] for m in x.consumers}
+                for n in [n for n in recorded if n not in needed]:
+                    del recorded[n]
+        rows[g.name]["surgery_time"] = time.perf_counter() - t2
     if current is model:
         current = copy.deepcopy(model)
     return GroupPruning(model=current, graph=graph, masks=masks, results=results, rows=rows, skipped=skipped,

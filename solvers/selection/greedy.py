@@ -169,6 +169,9 @@ def _padded_index(w: Whitened) -> np.ndarray:
     return np.where(np.arange(rmax)[None, :] < sizes[:, None], idx, w.M.shape[0])
 
 
+_BLOCK_BYTES = 4 * 2**20  # float64 bytes of R gathered at a time for the channel Grams
+
+
 def _pad_rows(A: np.ndarray) -> np.ndarray:
     return np.vstack([A, np.zeros((1,) + A.shape[1:])])
 
@@ -178,7 +181,11 @@ class ForwardState:
 
     ``K`` (r × s) holds the inner products of every whitened column with the orthonormal basis of the
     chosen span; ``R`` (r × m) the residual cross-covariance; ``S`` (C × r_max × r_max) the residual
-    Gram of every channel (padded with identity), updated for all channels at once.
+    Gram of every channel (padded with identity), updated for all channels at once. A gain needs only
+    ``S_g`` and ``H_g = R_g R_gᵀ`` (r_g × r_g): when every channel has the same number of columns
+    ``H`` comes from one batched product over ``R`` viewed as (C, r_g, m), with no gathered or
+    squared copy of ``R`` (what dominated wide groups with many outputs), else from a gather in
+    channel blocks.
     """
 
     def __init__(self, w: Whitened):
@@ -189,7 +196,10 @@ class ForwardState:
         self.pad = self.idx == r
         self._K = np.zeros((r, 16))
         self.s = 0
-        self.R = w.B.copy()
+        self._R = _pad_rows(w.B)  # (r + 1) × m, the last row zero (padding of the gathers)
+        self.R = self._R[:r]
+        sizes = np.diff(w.starts)
+        self.uniform = bool(sizes.size) and bool(np.all(sizes == rmax)) and rmax * w.n_channels == r
         self.S = np.broadcast_to(np.eye(rmax), (w.n_channels, rmax, rmax)).copy()
         self.chosen = np.zeros(w.n_channels, dtype=bool)
         self.explained = 0.0
@@ -198,22 +208,35 @@ class ForwardState:
     def K(self) -> np.ndarray:
         return self._K[:, :self.s]
 
+    def _grams(self, cand: np.ndarray) -> np.ndarray:
+        """``H_g = R_g R_gᵀ`` (c × r_max × r_max, zero-padded) of the channels ``cand``."""
+        rmax, m = self.idx.shape[1], self.R.shape[1]
+        if self.uniform:
+            R3 = self.R.reshape(self.w.n_channels, rmax, m)
+            return (R3 @ np.swapaxes(R3, 1, 2))[cand]
+        H = np.empty((cand.size, rmax, rmax))
+        step = max(1, _BLOCK_BYTES // max(8 * rmax * m, 1))
+        for i in range(0, cand.size, step):
+            Rg = self._R[self.idx[cand[i:i + step]]]                  # c × r_max × m
+            H[i:i + step] = Rg @ np.swapaxes(Rg, 1, 2)
+        return H
+
     def gains(self) -> np.ndarray:
         """Explained energy each unchosen channel would add (C,); chosen channels get -inf."""
         out = np.full(self.w.n_channels, -np.inf)
         cand = np.flatnonzero(~self.chosen)
         if cand.size == 0:
             return out
-        Rg = _pad_rows(self.R)[self.idx[cand]]                      # c × r_max × m
+        H = self._grams(cand)
         if self.idx.shape[1] == 1:
             Sg = self.S[cand, 0, 0]
             ok = Sg > SPAN_ATOL
-            out[cand] = np.where(ok, np.sum(Rg[:, 0] ** 2, axis=1) / np.where(ok, Sg, 1.0), 0.0)
+            out[cand] = np.where(ok, H[:, 0, 0] / np.where(ok, Sg, 1.0), 0.0)
             return out
         lam, U = np.linalg.eigh(self.S[cand])
         keep = lam > SPAN_ATOL
-        P = np.swapaxes(U, 1, 2) @ Rg
-        out[cand] = np.sum(np.where(keep[:, :, None], P * P / np.where(keep, lam, 1.0)[:, :, None], 0.0), axis=(1, 2))
+        energy = np.sum(U * (H @ U), axis=1)                           # ‖(Uᵀ R_g)_i‖², c × r_max
+        out[cand] = np.sum(np.where(keep, energy / np.where(keep, lam, 1.0), 0.0), axis=1)
         return out
 
     def add(self, g: int) -> None:
@@ -243,6 +266,93 @@ class ForwardState:
         self.S[rest] -= Kp @ np.swapaxes(Kp, 1, 2)
 
 
+class _BlockForward:
+    """Forward selection on a whitened problem whose columns split into independent blocks (no ``M``
+    entry and no output of ``B`` shared across blocks: a channel group's joint problem, one block per
+    consumer): one :class:`ForwardState` per block, sharing the chosen channels. A channel's gain is
+    the sum of its blocks' gains, exactly as on the whole problem, but every update touches only its
+    block's ``r_b × m_b`` and ``r_b × s_b`` arrays instead of the zero-padded ``r × m`` and ``r × s``."""
+
+    def __init__(self, states: list[ForwardState]):
+        self.states = states
+
+    @property
+    def chosen(self) -> np.ndarray:
+        return self.states[0].chosen
+
+    @property
+    def explained(self) -> float:
+        return float(sum(st.explained for st in self.states))
+
+    def gains(self) -> np.ndarray:
+        return np.sum([st.gains() for st in self.states], axis=0)
+
+    def add(self, g: int) -> None:
+        for st in self.states:
+            st.add(g)
+
+
+def _independent_blocks(w: Whitened) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """``[(columns, outputs)]``: a split of ``w`` into blocks that no non-zero ``M`` entry and no
+    non-zero output of ``B`` links (the connected components, or a coarser split), or ``None`` when it
+    is one block. Memory: a few row blocks of booleans (no copy of ``M`` or ``B``)."""
+    r, m = w.B.shape
+    if r < 2 or m < 2:
+        return None
+    out_label = np.arange(m)            # each output starts alone; columns join their outputs' label
+    col_label = np.full(r, -1)
+    merges = 0
+    for i in range(r):
+        outs = np.flatnonzero(w.B[i])
+        if outs.size == 0:
+            continue
+        labels = np.unique(out_label[outs])
+        if labels.size > 1:              # the column links several labels: merge them (rare)
+            out_label[np.isin(out_label, labels)] = labels[0]
+            col_label[np.isin(col_label, labels)] = labels[0]
+            merges += 1
+        col_label[i] = labels[0]
+        if labels[0] == out_label[0] and merges and np.all(out_label == out_label[0]):
+            return None                  # everything is linked already
+    loose = col_label < 0                # columns without outputs: their own label until M links them
+    col_label[loose] = m + np.flatnonzero(loose)
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent.get(a, a) != a:
+            a = parent[a]
+        return a
+
+    step = max(1, 2**20 // max(r, 1))
+    for i in range(0, r, step):         # M entries across labels merge them
+        rows, cols = np.nonzero((w.M[i:i + step] != 0) & (col_label[i:i + step, None] != col_label[None, :]))
+        for a, b in set(zip(col_label[i + rows].tolist(), col_label[cols].tolist())):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    if parent:
+        col_label = np.array([find(int(c)) for c in col_label])
+        out_label = np.array([find(int(c)) for c in out_label])
+    blocks = [(np.flatnonzero(col_label == c), np.flatnonzero(out_label == c)) for c in np.unique(col_label)]
+    return blocks if len(blocks) > 1 else None
+
+
+def _forward_state(w: Whitened):
+    """A :class:`ForwardState`, or a :class:`_BlockForward` when ``w`` splits into independent blocks."""
+    blocks = _independent_blocks(w)
+    if blocks is None:
+        return ForwardState(w)
+    C = w.n_channels
+    states = []
+    for cols, outs in blocks:
+        group = w.col_group[cols]
+        starts = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=C))]).astype(np.int64)
+        sub = Whitened(M=w.M[np.ix_(cols, cols)], B=w.B[np.ix_(cols, outs)], target_sq=w.target_sq,
+                       col_group=group, starts=starts)
+        states.append(ForwardState(sub))
+    return _BlockForward(states)
+
+
 def _ratio(gain: np.ndarray, cost: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(cost > 0, gain / np.where(cost > 0, cost, 1.0), np.where(gain > 0, np.inf, 0.0))
@@ -258,7 +368,7 @@ def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None,
     """
     w = w or whiten(problem)
     C = problem.n_channels
-    st = ForwardState(w)
+    st = _forward_state(w)
     spent = 0.0
     if start is not None:
         for g in np.flatnonzero(start):
@@ -299,7 +409,7 @@ def forward_path(problem: SelectionProblem, k_max: int | None = None) -> tuple[n
     w = whiten(problem)
     C = problem.n_channels
     k_max = C if k_max is None else problem.check_k(k_max)
-    st = ForwardState(w)
+    st = _forward_state(w)
     order, errors = [], []
     for _ in range(k_max):
         g = int(np.argmax(st.gains()))
