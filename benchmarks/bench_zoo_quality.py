@@ -21,8 +21,10 @@ pruned model per target, ``all`` every one):
   the limit and the largest proven gap are shown) with the *same* widths (``k=``, so the same FLOPs);
   the budget's error curves do not depend on the target: they are computed once per model
   (``group_curves`` memoized) and their time is shown in the model's header, not in the s columns;
-  ``"tecu"`` with ``flops=t`` where the selector accepts it (it refuses models with merged channel
-  groups: the refusal is printed);
+  ``"tecu"`` with ``flops=t`` (the same budget widths; block-coordinate descent over the channel
+  groups, :mod:`mipprune.pruning.tecu_groups`, ``--tecu-iter`` outer iterations after the sequential
+  pass, sub-solves up to ``--exact-time-limit`` seconds; its end-to-end objective per iteration is
+  stored in the row);
 * **Torch-Pruning 1.6.1** (``MetaPruner``, its default uniform per-group ratio, the classifier
   ignored): importances magnitude (L2), BN scale, Taylor (gradient of the cross-entropy on the
   calibration images), LAMP and Hessian (OBD, squared per-sample gradients averaged over
@@ -179,6 +181,10 @@ def ours(model, method: str, target: float, calib, widths, args) -> tuple[nn.Mod
         info["widths"] = {g: int(w) for g, w in sel.budget_["widths"].items() if w < sizes.get(g, w + 1)}
     statuses = [str(r.status.value) for r in sel.results_.values()]
     info["groups_pruned"] = len(statuses)
+    if method == "tecu" and sel.tecu_history_:
+        info["tecu_objective"] = [h["objective"] for h in sel.tecu_history_]
+        info["tecu_accepted"] = sum(len(h["accepted"]) + len(h.get("refitted", [])) for h in sel.tecu_history_[1:])
+        info["tecu_time"] = [h["time"] for h in sel.tecu_history_]  # seconds per iteration (0: sequential pass)
     if method == "exact":
         gaps = [r.gap for r in sel.results_.values() if r.gap is not None]
         info.update(time_limit_groups=sum(s != "optimal" for s in statuses), max_gap=max(gaps, default=None))

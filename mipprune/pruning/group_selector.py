@@ -112,11 +112,10 @@ def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch
     from mipprune.pruning.group_pruning import DEFAULT_MAX_MEMORY, prune_by_groups
     from solvers.selection.select import METHODS
 
-    if selector.method not in METHODS and selector.method not in CRITERIA:
-        raise InvalidInputError(f"method must be one of {sorted(METHODS) + list(CRITERIA)} for a model with merged "
-                                f"channel groups (residual adds, concats, gates, grouped convs); got "
-                                f"{selector.method!r}: block-coordinate descent ('tecu') works on producer → consumer "
-                                "pairs only (groups='pairs'); over groups use 'exact' (proven gap per group) or 'lasso'")
+    if selector.method not in METHODS and selector.method not in CRITERIA and selector.method != "tecu":
+        raise InvalidInputError(f"method must be one of {sorted(METHODS) + list(CRITERIA) + ['tecu']} for a model with "
+                                f"merged channel groups (residual adds, concats, gates, grouped convs); got "
+                                f"{selector.method!r}")
     with progress(selector.progress) as bar:
         task = None
         calls = [0]
@@ -139,12 +138,25 @@ def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch
         task = bar.add_task("calibrating", total=2 * len(todo))
         calls[0] = 0
 
-        out = prune_by_groups(dense, data, example, targets, method=selector.method,
-                              sequential=selector.sequential, backend=selector.backend,
-                              time_limit=selector.time_limit, gap=selector.gap, positions=selector.positions,
-                              max_samples=selector.max_samples, seed=selector.seed, graph=graph,
-                              max_memory=getattr(selector, "max_memory", DEFAULT_MAX_MEMORY), on_step=step)
-        bar.update(task, completed=2 * len(todo))
+        history = None
+        if selector.method == "tecu" and todo:  # block-coordinate descent over the groups (tecu_groups)
+            from mipprune.pruning.tecu_groups import tecu_groups
+
+            bar.update(task, total=None, description="TECU")
+            out = tecu_groups(dense, data, example, targets, graph=graph, max_iter=selector.max_iter,
+                              objective=selector.objective, exact_max_channels=selector.exact_max_channels,
+                              time_limit=selector.time_limit, positions=selector.positions,
+                              max_samples=selector.max_samples, seed=selector.seed, backend=selector.backend,
+                              max_memory=getattr(selector, "max_memory", DEFAULT_MAX_MEMORY),
+                              on_step=lambda msg: bar.update(task, description=f"TECU {msg}"))
+            history = out.history
+        else:
+            out = prune_by_groups(dense, data, example, targets, method=selector.method,
+                                  sequential=selector.sequential, backend=selector.backend,
+                                  time_limit=selector.time_limit, gap=selector.gap, positions=selector.positions,
+                                  max_samples=selector.max_samples, seed=selector.seed, graph=graph,
+                                  max_memory=getattr(selector, "max_memory", DEFAULT_MAX_MEMORY), on_step=step)
+        bar.update(task, total=2 * len(todo), completed=2 * len(todo))
     if budget is not None:
         achieved = measure_cost(out.model, example, budget["metric"])
         lo, hi = budget["window"]
@@ -159,7 +171,7 @@ def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch
     selector._targets_used = targets
     selector.allocation_ = allocation  # a solvers.polynomial_budget.WidthAllocation (budgets), else None
     selector.budget_ = budget
-    selector.tecu_history_ = None
+    selector.tecu_history_ = history
     selector.pruned_model_ = out.model.to(home)
     selector.example_input_ = example.cpu()
     selector.fit_time_ = time.perf_counter() - start

@@ -29,6 +29,9 @@ most ``2^t`` passes. A block whose sub-solve is certified to ``ε_min`` (or is a
 optimum) on its current statistics is not solved again until those statistics change. The descent
 stops after ``max_iter`` iterations, or earlier when an iteration changes no block and either every
 block is converged or ``τ_t`` has reached ``τ_max``.
+
+Models with merged channel groups (residual adds, concats, gates, grouped convolutions) use the
+group version, :mod:`mipprune.pruning.tecu_groups` (same objective, embedded solvers and schedule).
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ from solvers.result import SelectionResult, Status
 
 OBJECTIVES = ("output", "task")
 
-__all__ = ["tecu", "TecuOutcome", "EndToEndObjective", "OBJECTIVES", "embedded_solver"]
+__all__ = ["tecu", "TecuOutcome", "EndToEndObjective", "OBJECTIVES", "embedded_solver", "InexactSchedule"]
 
 
 # ----------------------------------------------------------------------------------- objective
@@ -171,6 +174,41 @@ def _sub_solve(problem: SelectionProblem, k: int, solver: str, tau: float, eps: 
     return result_from_mask(problem, improved, method=solver, start=start, info={"local_search": True}), converged
 
 
+@dataclass(frozen=True)
+class InexactSchedule:
+    """The sub-solves' inexactness schedule (module docstring): at outer iteration ``t`` the time limit
+    ``τ_t = min(τ_max, τ_0 · growth^t)`` seconds and the exact solver's relative gap tolerance
+    ``ε_t = max(ε_min, ε_0 · shrink^t)``. Shared by :func:`tecu` and the channel-group TECU."""
+
+    base_time: float
+    growth: float
+    base_gap: float
+    shrink: float
+    gap_min: float
+    time_limit: float  # τ_max
+
+    @classmethod
+    def of(cls, max_iter: int, time_limit: float | None = None, base_time: float = 0.25, growth: float = 2.0,
+           base_gap: float = 0.05, shrink: float = 0.1, gap_min: float = 1e-4) -> "InexactSchedule":
+        """Check the options (InvalidInputError in the user's terms); ``time_limit`` defaults to
+        ``base_time · growth^max_iter``."""
+        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+            raise InvalidInputError(f"max_iter must be an integer >= 0; got {max_iter!r}")
+        if not base_time > 0 or not growth >= 1:
+            raise InvalidInputError(f"base_time must be > 0 and growth >= 1; got {base_time} and {growth}")
+        if not 0 < gap_min <= base_gap < 1 or not 0 < shrink < 1:
+            raise InvalidInputError(f"gaps must satisfy 0 < gap_min <= base_gap < 1 and 0 < shrink < 1; got "
+                                    f"{gap_min}, {base_gap} and {shrink}")
+        tau_max = time_limit if time_limit is not None else base_time * growth ** max_iter
+        return cls(base_time, growth, base_gap, shrink, gap_min, tau_max)
+
+    def tau(self, t: int) -> float:
+        return min(self.time_limit, self.base_time * self.growth ** t)
+
+    def eps(self, t: int) -> float:
+        return max(self.gap_min, self.base_gap * self.shrink ** t)
+
+
 def _tighter(new: float | None, old: float | None) -> bool:
     return new is not None and (old is None or new > old)
 
@@ -268,19 +306,10 @@ def tecu(dense: nn.Module, data: Iterable, groups: list[PruneGroup], targets: di
     from mipprune.pruning.bridge import capture
     from mipprune.pruning.surgery import prune_channels
 
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
-        raise InvalidInputError(f"max_iter must be an integer >= 0; got {max_iter!r}")
+    schedule = InexactSchedule.of(max_iter, time_limit, base_time, growth, base_gap, shrink, gap_min)
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"objective must be one of {list(OBJECTIVES)}; got {objective!r}")
-    if not base_time > 0 or not growth >= 1:
-        raise InvalidInputError(f"base_time must be > 0 and growth >= 1; got {base_time} and {growth}")
-    if not 0 < gap_min <= base_gap < 1 or not 0 < shrink < 1:
-        raise InvalidInputError(f"gaps must satisfy 0 < gap_min <= base_gap < 1 and 0 < shrink < 1; got "
-                                f"{gap_min}, {base_gap} and {shrink}")
-    tau_max = time_limit if time_limit is not None else base_time * growth ** max_iter
-
-    def eps_of(t: int) -> float:
-        return max(gap_min, base_gap * shrink ** t)
+    tau_max, eps_of = schedule.time_limit, schedule.eps
     todo = [g for g in groups if g.consumer in targets]
     if not todo:
         raise InvalidInputError("targets must name at least one prune group; got none")

@@ -56,9 +56,10 @@ def test_flops_budget_over_groups_and_the_floor():
         ChannelSelector("greedy", flops=b["floor"] / 2).fit(model, _data())
 
 
-def test_tecu_needs_pairs_and_bad_options_are_refused():
-    with pytest.raises(InvalidInputError, match=r"'tecu'.*groups='pairs'.*'exact'"):
-        ChannelSelector("tecu", sparsity=0.5).fit(BLOCKS["basic"]().eval(), _data())
+def test_transformer_criteria_and_bad_options_are_refused_over_groups():
+    # (tecu over channel groups: tests/mipprune/pruning/test_tecu_groups.py)
+    with pytest.raises(InvalidInputError, match=r"method must be one of .*'tecu'.*got 'wanda_sp'"):
+        ChannelSelector("wanda_sp", sparsity=0.5).fit(BLOCKS["basic"]().eval(), _data())
     with pytest.raises(InvalidInputError, match="groups must be one of"):
         ChannelSelector(sparsity=0.5, groups="all")
     with pytest.raises(InvalidInputError, match="max_memory"):
