@@ -17,6 +17,13 @@ map. Ops then carry the maps:
 - consumers (``nn.Conv2d`` ``groups=1`` / ``nn.Linear``) lose the input columns of removed channels
   and are reconstructed.
 
+*Channels last.* A Linear on the last axis of an N-D tensor (N ≥ 3, e.g. the MLP of a ConvNeXt
+block after its permute, of a ViT or Swin block on (N, T, D) / (N, H, W, C)) creates a space on the
+last axis; activations, dropout, elementwise ops between channels-last operands and reshapes that
+keep the last axis carry it, and a Linear reading it is its consumer, so the hidden units of
+``Linear → GELU [→ Dropout] → Linear`` form a group. Last-axis and dim-1 maps are never mixed: a
+permute, a LayerNorm, pooling, a concat or conv on such a tensor is an op the analysis cannot map.
+
 A grouped convolution (``groups = g``) removes whole convolution groups: the space's channels are
 cut in *units* of ``C/g`` consecutive channels (1 for depthwise). A *channel group* is one merged
 space: its units are selected together in all its members. A space reaching the network input or
@@ -201,6 +208,8 @@ _PASS_FUNCTIONS = {
 # wrapped leaf functions of other libraries, channel-wise (per-sample drop in training, identity in eval)
 _PASS_FUNCTION_NAMES = {"stochastic_depth", "drop_path"}
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                 operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
@@ -234,6 +243,9 @@ class _Map:
     index: np.ndarray
     cols: int = 1
     flat: bool = False
+    # channels on the LAST axis of an N-D tensor (N >= 3): a Linear's output on (N, …, features);
+    # only elementwise ops, reshapes that keep the last axis and Linear consumers read such a map
+    last: bool = False
 
 
 class _Spaces:
@@ -293,15 +305,16 @@ class _Analysis:
                 self.first_call.setdefault(node.target, i)
 
     # ---------------------------------------------------------------- helpers
-    def fresh(self, node: torch.fx.Node, reason: str | None = None, size: int | None = None) -> None:
-        """A new space for ``node``'s output (fixed if ``reason``)."""
+    def fresh(self, node: torch.fx.Node, reason: str | None = None, size: int | None = None,
+              last: bool = False) -> None:
+        """A new space for ``node``'s output (fixed if ``reason``); on the last axis if ``last``."""
         shape = _shape(node)
         if size is None:
             if shape is None or len(shape) < 2:
                 return
-            size = shape[1]
+            size = shape[-1] if last else shape[1]
         s = self.spaces.new(size, reason)
-        self.maps[node] = _Map(np.full(size, s), np.arange(size))
+        self.maps[node] = _Map(np.full(size, s), np.arange(size), last=last)
 
     def fix_map(self, m: _Map | None, reason: str) -> None:
         if m is None:
@@ -382,12 +395,14 @@ class _Analysis:
         if others:
             return self.unknown(node, "reads several tensors")
         if isinstance(mod, _STATELESS):
+            if m is not None and m.last and isinstance(mod, _POOL_MODULES):
+                return self.unknown(node, "pooling over a channels-last tensor")
             return self.pass_through(node, m, in_shape, out_shape)
         calls = self.calls[name]
         if calls > 1:
             return self.unknown(node, f"a module with weights called {calls} times")
         if isinstance(mod, nn.Conv2d):
-            if m is None or m.flat or in_shape is None or len(in_shape) != 4:
+            if m is None or m.flat or m.last or in_shape is None or len(in_shape) != 4:
                 return self.unknown(node, "a convolution on an unmapped tensor")
             if mod.groups == 1:
                 self.record(name, "consumer", m, mod.kernel_size[0] * mod.kernel_size[1])
@@ -411,6 +426,8 @@ class _Analysis:
             self.record(name, "grouped", m)
             self.maps[node] = m
             return
+        if isinstance(mod, nn.Linear) and in_shape is not None and len(in_shape) >= 3:
+            return self.linear_last(node, name, mod, m)
         if isinstance(mod, nn.Linear):
             if m is None or in_shape is None or len(in_shape) != 2:
                 return self.unknown(node, "a Linear on a tensor that is not (N, features)")
@@ -421,7 +438,7 @@ class _Analysis:
             self.record(name, "producer", self.maps[node])
             return
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if m is None or m.cols != 1 or in_shape is None or len(in_shape) not in (2, 4) or \
+            if m is None or m.cols != 1 or m.last or in_shape is None or len(in_shape) not in (2, 4) or \
                     mod.num_features != m.space.size:
                 return self.unknown(node, "a BatchNorm over an unmapped dimension")
             self.record(name, "batchnorm", m)
@@ -431,10 +448,22 @@ class _Analysis:
             return self.flatten(node, m, in_shape, out_shape)
         return self.unknown(node, f"an unmapped module {type(mod).__name__}")
 
+    def linear_last(self, node, name: str, mod: nn.Linear, m: _Map | None) -> None:
+        """A Linear on the last axis of an N-D tensor (N >= 3): a producer of a last-axis space of
+        ``out_features``; a consumer when its input's map is on the last axis too. Reading a map on
+        another axis (dim 1, after a permute, a LayerNorm, …), that map stays whole."""
+        if m is not None and m.last and m.space.ndim == 1 and m.cols == 1 and m.space.size == mod.in_features:
+            self.record(name, "consumer", m, 1)
+        else:
+            self.fix_map(m, f"read on another axis than its channels by the Linear {name!r}")
+        self.fresh(node, size=mod.out_features, last=True)
+        self.record(name, "producer", self.maps[node])
+
     def pass_through(self, node, m, in_shape, out_shape) -> None:
         """An op that keeps the channels (activation, pooling, dropout): the map goes through."""
+        axis = slice(-1, None) if m is not None and m.last else slice(0, 2)
         if m is not None and in_shape is not None and out_shape is not None and \
-                (len(in_shape) != len(out_shape) or in_shape[:2] != out_shape[:2]):
+                (len(in_shape) != len(out_shape) or in_shape[axis] != out_shape[axis]):
             return self.unknown(node, "changes the channel dimension")
         if m is not None:
             self.maps[node] = m
@@ -445,6 +474,11 @@ class _Analysis:
         if in_shape == out_shape:
             self.maps[node] = m
             return
+        if m.last:  # a reshape of the leading axes keeps a last-axis map (on 2-D, the last axis is dim 1)
+            if len(out_shape) >= 2 and out_shape[-1] == in_shape[-1] and m.space.ndim == 1:
+                self.maps[node] = _Map(m.space, m.index, last=len(out_shape) >= 3)
+                return
+            return self.unknown(node, f"a reshape {in_shape} → {out_shape} of a channels-last tensor")
         if len(in_shape) == 4 and not m.flat and m.cols == 1 and len(out_shape) == 2 and \
                 out_shape[0] == in_shape[0] and out_shape[1] == math.prod(in_shape[1:]):
             self.maps[node] = _Map(m.space, m.index, cols=in_shape[2] * in_shape[3])
@@ -463,6 +497,8 @@ class _Analysis:
                 return self.unknown(node, "reads several tensors")
             if node.kwargs.get("return_indices", False):
                 return self.unknown(node, "pooling with indices")
+            if m is not None and m.last and target in _POOL_FUNCTIONS:
+                return self.unknown(node, "pooling over a channels-last tensor")
             return self.pass_through(node, m, in_shape, out_shape)
         if (not is_method and target in _ELEMENTWISE) or (is_method and target in _ELEMENTWISE_METHODS):
             return self.elementwise(node)
@@ -488,7 +524,7 @@ class _Analysis:
         if (not is_method and target is torch.mean) or (is_method and target == "mean"):
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-            if m is not None and dims and in_shape is not None and len(in_shape) == 4 and not m.flat \
+            if m is not None and dims and in_shape is not None and len(in_shape) == 4 and not m.flat and not m.last \
                     and all(d % 4 in (2, 3) for d in dims) and out_shape is not None and out_shape[1] == in_shape[1]:
                 self.maps[node] = m
                 return
@@ -498,6 +534,8 @@ class _Analysis:
     def reshape(self, node, m, in_shape, out_shape) -> None:
         if m is None or in_shape is None or out_shape is None:
             return self.unknown(node, "a reshape of an unmapped tensor")
+        if m.last:
+            return self.flatten(node, m, in_shape, out_shape)
         # channel shuffle, step 1: (N, C, H, W) → (N, g, C/g, H, W)
         if len(in_shape) == 4 and len(out_shape) == 5 and m.space.ndim == 1 and m.cols == 1 and \
                 out_shape[0] == in_shape[0] and out_shape[1] * out_shape[2] == in_shape[1] and \
@@ -524,11 +562,15 @@ class _Analysis:
         tensors = [a for a in node.args if isinstance(a, torch.fx.Node) and not _is_shape_value(a)]
         if out_shape is None or len(out_shape) < 2:
             return self.unknown(node, "an elementwise op on an unmapped tensor")
+        if any(a in self.maps and self.maps[a].last for a in tensors):
+            return self.elementwise_last(node, tensors, out_shape)
         mapped = []
         for a in tensors:
             s = _shape(a)
-            if s is None or len(s) < 2 or s[1] == 1 and out_shape[1] != 1:
+            axis = None if s is None else len(s) - len(out_shape) + 1  # broadcasting aligns from the right
+            if axis is None or axis < 0 or s[axis] == 1 and out_shape[1] != 1:
                 continue  # a scalar, or broadcast along channels: couples no channel
+            # a lower-rank operand spanning the channels (a (C, 1, 1) layer scale) has no map: it stays whole
             if len(s) != len(out_shape) or s[1] != out_shape[1] or a not in self.maps or self.maps[a].space.ndim != 1:
                 return self.unknown(node, "an elementwise op whose operands do not share a channel map")
             mapped.append(self.maps[a])
@@ -536,6 +578,24 @@ class _Analysis:
             return self.unknown(node, "an elementwise op on an unmapped tensor")
         if any(x.cols != mapped[0].cols for x in mapped):
             return self.unknown(node, "an elementwise op over differently flattened tensors")
+        for other in mapped[1:]:
+            self.merge(mapped[0], other, f"the elementwise {_op_name(node)}")
+        self.maps[node] = mapped[0]
+
+    def elementwise_last(self, node: torch.fx.Node, tensors: list, out_shape: tuple[int, ...]) -> None:
+        """An elementwise op with a channels-last operand: every operand spanning the last axis must
+        be channels-last (merged); a size-1 last axis broadcasts and couples nothing."""
+        mapped = []
+        for a in tensors:
+            s = _shape(a)
+            if s is None or len(s) == 0 or s[-1] == 1 and out_shape[-1] != 1:
+                continue
+            x = self.maps.get(a)
+            if x is None or not x.last or len(s) != len(out_shape) or s[-1] != out_shape[-1]:
+                return self.unknown(node, "an elementwise op mixing a channels-last tensor with another layout")
+            mapped.append(x)
+        if not mapped:
+            return self.unknown(node, "an elementwise op broadcasting a channels-last tensor")
         for other in mapped[1:]:
             self.merge(mapped[0], other, f"the elementwise {_op_name(node)}")
         self.maps[node] = mapped[0]
@@ -551,7 +611,7 @@ class _Analysis:
         maps = [self.maps.get(a) if isinstance(a, torch.fx.Node) else None for a in seq]
         if dim != 1:
             return self.unknown(node, f"a concat along dim {dim}")
-        if any(x is None or x.space.ndim != 1 for x in maps) or len({x.cols for x in maps}) != 1:
+        if any(x is None or x.space.ndim != 1 or x.last for x in maps) or len({x.cols for x in maps}) != 1:
             return self.unknown(node, "a concat of unmapped tensors")
         self.maps[node] = _Map(np.concatenate([x.space for x in maps]), np.concatenate([x.index for x in maps]),
                                cols=maps[0].cols)
