@@ -45,6 +45,25 @@ def _count(model, x):
     return sum(p.numel() for p in model.parameters()), count_flops(model, tuple(x.shape[1:]))
 
 
+def l1_masks(model: nn.Module, graph, widths: dict) -> dict:
+    """{group id: kept units} of every group narrower in ``widths`` than its ``n_units``: units ranked by
+    the L1 norms of their rows in every producer and grouped conv of the group (no calibration)."""
+    mods = dict(model.named_modules())
+    masks = {}
+    for g in graph.prunable:
+        if widths.get(g.name, g.n_units) >= g.n_units:
+            continue
+        score = np.zeros(g.n_units)
+        for m in g.members:
+            if m.role in ("producer", "grouped"):
+                w = mods[m.module].weight.detach().abs().reshape(m.units.size, -1).sum(1).numpy()
+                np.add.at(score, m.units[m.units >= 0], w[m.units >= 0])
+        keep = np.zeros(g.n_units, dtype=bool)
+        keep[np.argsort(-score)[: widths[g.name]]] = True
+        masks[g.id] = keep
+    return masks
+
+
 def ours(model: nn.Module, x: torch.Tensor) -> dict:
     from mipprune.pruning.channel_graph import build_channel_graph
     from mipprune.pruning.group_budget import group_cost
@@ -53,17 +72,7 @@ def ours(model: nn.Module, x: torch.Tensor) -> dict:
     t0 = time.perf_counter()
     graph = build_channel_graph(model, x)
     t_graph = time.perf_counter() - t0
-    mods = dict(model.named_modules())
-    masks = {}
-    for g in graph.prunable:
-        score = np.zeros(g.n_units)
-        for m in g.members:
-            if m.role in ("producer", "grouped"):
-                w = mods[m.module].weight.detach().abs().reshape(m.units.size, -1).sum(1).numpy()
-                np.add.at(score, m.units[m.units >= 0], w[m.units >= 0])
-        keep = np.zeros(g.n_units, dtype=bool)
-        keep[np.argsort(-score)[: max(1, round(g.n_units / 2))]] = True
-        masks[g.id] = keep
+    masks = l1_masks(model, graph, {g.name: max(1, round(g.n_units / 2)) for g in graph.prunable})
     pruned = prune_groups(model, graph, masks, example_input=x)
     t_total = time.perf_counter() - t0
     touched = {m.module for g in graph.prunable for m in g.members} & set(graph.layers)
@@ -98,19 +107,7 @@ def ours_flops(model: nn.Module, x: torch.Tensor, target: float) -> dict:
     t0 = time.perf_counter()
     graph = build_channel_graph(model, x)
     widths = uniform_widths(group_cost(model, graph, x, "flops"), target)
-    mods = dict(model.named_modules())
-    masks = {}
-    for g in graph.prunable:
-        if widths.get(g.name, g.n_units) >= g.n_units:
-            continue
-        score = np.zeros(g.n_units)
-        for m in g.members:
-            if m.role in ("producer", "grouped"):
-                w = mods[m.module].weight.detach().abs().reshape(m.units.size, -1).sum(1).numpy()
-                np.add.at(score, m.units[m.units >= 0], w[m.units >= 0])
-        keep = np.zeros(g.n_units, dtype=bool)
-        keep[np.argsort(-score)[: widths[g.name]]] = True
-        masks[g.id] = keep
+    masks = l1_masks(model, graph, widths)
     pruned = prune_groups(model, graph, masks, example_input=x)
     return {"groups": len(graph.prunable), "time": time.perf_counter() - t0, "pruned": pruned}
 
