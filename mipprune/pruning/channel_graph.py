@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -86,6 +87,11 @@ class Member:
     def column_units(self) -> np.ndarray:
         """Consumers: the unit of each input column in the bridge layout (−1: another group's)."""
         return np.repeat(self.units, self.columns_per_channel)
+
+
+# The dimensions of a module a member's units index: "out" (producer rows, BatchNorm features, grouped
+# conv outputs) and/or "in" (consumer input channels, grouped conv inputs).
+MEMBER_SIDES = {"producer": ("out",), "batchnorm": ("out",), "grouped": ("in", "out"), "consumer": ("in",)}
 
 
 @dataclass
@@ -185,6 +191,43 @@ class ChannelGraph:
             raise UnsupportedLayerError("model must have at least one prunable channel group; got none. "
                                         "Blocked: " + ("; ".join(lines) if lines else "no Conv2d/Linear layers"))
         return groups
+
+    def kept_channels(self, masks: Mapping[int, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+        """Kept channels per (module, side) (:data:`MEMBER_SIDES`) from per-group unit masks
+        ({group id: bool (n_units,)}, not checked here); groups not in ``masks`` keep everything."""
+        by_id = {g.id: g for g in self.groups}
+        keeps: dict[tuple[str, str], np.ndarray] = {}
+        for gid, mask in masks.items():
+            mask = np.asarray(mask, dtype=bool)
+            for m in by_id[gid].members:
+                for side in MEMBER_SIDES[m.role]:
+                    keep = keeps.setdefault((m.module, side), np.ones(m.units.size, dtype=bool))
+                    mine = m.units >= 0
+                    keep[mine] &= mask[m.units[mine]]
+        return keeps
+
+    def after_pruning(self, masks: Mapping[int, np.ndarray]) -> "ChannelGraph":
+        """The graph of the model these ``masks`` ({group id: kept units}) prune, without tracing it
+        again: every member's channels are sliced like the module it names (so another group's
+        member on a shared dimension — a concat reader — loses the removed positions too) and the
+        pruned groups' kept units are renumbered 0 … k − 1. Group ids, names, order, reasons and
+        layers carry over; equal to :func:`build_channel_graph` on the pruned model (tested), at no
+        forward pass (a retrace per group cost ResNet-50's sequential driver minutes at 224²)."""
+        keeps = self.kept_channels(masks)
+        groups = []
+        for g in self.groups:
+            mask = None if g.id not in masks else np.asarray(masks[g.id], dtype=bool)
+            renumber = None if mask is None else np.cumsum(mask) - 1
+            members = []
+            for m in g.members:
+                keep = keeps.get((m.module, MEMBER_SIDES[m.role][0]))
+                units = m.units if keep is None else m.units[keep]
+                if renumber is not None:
+                    units = np.where(units >= 0, renumber[np.maximum(units, 0)], -1).astype(np.int64)
+                members.append(replace(m, units=units))
+            groups.append(replace(g, n_units=g.n_units if mask is None else int(mask.sum()), members=members,
+                                  fixed=list(g.fixed)))
+        return ChannelGraph(groups=groups, layers=list(self.layers))
 
     def group_of(self, module: str, role: str | None = None) -> list[ChannelGroup]:
         """Groups that ``module`` belongs to (optionally in ``role``)."""

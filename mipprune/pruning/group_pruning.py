@@ -488,7 +488,7 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
             if side == "out":
                 out_index[name] = out_index.get(name, np.arange(keep.size))[keep]
         current = prune_groups(current, current_graph, {g.id: res.mask}, weights, example)
-        current_graph = build_channel_graph(current, example)
+        current_graph = current_graph.after_pruning({g.id: res.mask})  # no retrace: sliced like the model
         if stream is not None:
             stream.rebind(current)  # same trace: the cache (before every changed module) carries over
             if recorded is not None:  # release the targets no group still to do reads

@@ -47,26 +47,18 @@ def _check_mask(group: ChannelGroup, mask) -> np.ndarray:
 
 
 def channel_keeps(graph: ChannelGraph, masks: Mapping[int, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-    """Kept channels per (module, side) from per-group unit masks.
+    """Kept channels per (module, side) from per-group unit masks (checked: sizes, fixed groups).
 
     ``side`` is ``"out"`` (producer rows, BatchNorm features, grouped conv outputs) or ``"in"``
     (consumer input channels, grouped conv inputs). Groups not in ``masks`` keep everything.
     """
     by_id = {g.id: g for g in graph.groups}
-    keeps: dict[tuple[str, str], np.ndarray] = {}
+    checked = {}
     for gid, mask in masks.items():
         if gid not in by_id:
             raise InvalidInputError(f"masks must be keyed by group ids {sorted(by_id)}; got {gid!r}")
-        group = by_id[gid]
-        mask = _check_mask(group, mask)
-        for m in group.members:
-            sides = {"producer": ("out",), "batchnorm": ("out",), "grouped": ("in", "out"),
-                     "consumer": ("in",)}[m.role]
-            for side in sides:
-                keep = keeps.setdefault((m.module, side), np.ones(m.units.size, dtype=bool))
-                mine = m.units >= 0
-                keep[mine] &= mask[m.units[mine]]
-    return keeps
+        checked[gid] = _check_mask(by_id[gid], mask)
+    return graph.kept_channels(checked)
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -33,20 +33,9 @@ import scipy.linalg
 from mipprune.pruning.channel_graph import ChannelGroup, Member
 from mipprune.pruning.samples import LayerSamples, chunked_product
 from solvers.errors import InvalidInputError
-from solvers.selection.problem import SelectionProblem
+from solvers.selection.problem import SelectionProblem, solve_psd
 
 __all__ = ["DEFAULT_RIDGE", "group_problem", "refit_consumers", "ridge_of"]
-
-
-def _solve_psd(G: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``G⁻¹B`` for a PSD ``G`` (Cholesky; least squares when singular)."""
-    try:
-        X = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, check_finite=False), B, check_finite=False)
-        if np.all(np.isfinite(X)) and np.linalg.norm(chunked_product(G, X) - B) <= 1e-6 * (np.linalg.norm(B) + 1e-300):
-            return X
-    except (np.linalg.LinAlgError, ValueError):
-        pass
-    return scipy.linalg.lstsq(G, B, cond=1e-12, check_finite=False)[0]
 
 
 def ridge_of(gram: np.ndarray, ridge: float) -> float:
@@ -90,7 +79,7 @@ def _consumer_block(member: Member, st, ridge: float):
     if f.size:
         if lam:
             Gff[np.diag_indices_from(Gff)] += lam
-        X = _solve_psd(Gff, np.hstack([Gaf.T, Bf]))
+        X = solve_psd(Gff, np.hstack([Gaf.T, Bf]))
         Xa, Xb = X[:, :a.size], X[:, a.size:]
         G -= chunked_product(Gaf, Xa)
         B = B - chunked_product(Gaf, Xb)

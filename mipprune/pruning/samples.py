@@ -20,28 +20,9 @@ from mipprune.pruning.bridge import (LayerStatistics, _batch_input, layer_genera
                                      run_calibration_batch, sample_conv_rows)
 from mipprune.torch_utils import evaluation_mode, model_device, prepare_input
 from solvers.errors import InvalidInputError
+from solvers.selection.linalg import MAX_PRODUCT_BYTES, chunked_product
 
 __all__ = ["MAX_PRODUCT_BYTES", "LayerSamples", "capture_samples", "chunked_product"]
-
-#: Largest output of one BLAS product (bytes of float64); larger products are done in row blocks.
-MAX_PRODUCT_BYTES = 256 * 2**20
-
-
-def chunked_product(a: np.ndarray, b: np.ndarray, *, transpose_a: bool = False, out: np.ndarray | None = None,
-                    max_bytes: int | None = None) -> np.ndarray:
-    """``a @ b`` (or ``aᵀ @ b``) computed in row blocks of the result, each at most ``max_bytes``
-    (default :data:`MAX_PRODUCT_BYTES`), written into ``out`` when given (float64)."""
-    max_bytes = MAX_PRODUCT_BYTES if max_bytes is None else max_bytes
-    rows = a.shape[1] if transpose_a else a.shape[0]
-    cols = b.shape[1]
-    if out is None:
-        out = np.empty((rows, cols))
-    step = max(1, int(max_bytes // max(8 * cols, 1)))
-    for i in range(0, rows, step):
-        j = min(i + step, rows)
-        piece = a[:, i:j].T if transpose_a else a[i:j]
-        np.matmul(piece, b, out=out[i:j])
-    return out
 
 
 @dataclass

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
@@ -194,7 +195,9 @@ class ForwardState:
         self.idx = _padded_index(w)
         rmax = self.idx.shape[1]
         self.pad = self.idx == r
-        self._K = np.zeros((r, 16))
+        # Kᵀ by rows (K = _Kt[:s].T is a view BLAS reads without a copy); s never exceeds r, so room for
+        # all of it up front when that is small beside M (no regrowth copies), else grown by doubling
+        self._Kt = np.empty((r if r <= 8192 else 16, r))
         self.s = 0
         self._R = _pad_rows(w.B)  # (r + 1) × m, the last row zero (padding of the gathers)
         self.R = self._R[:r]
@@ -206,7 +209,7 @@ class ForwardState:
 
     @property
     def K(self) -> np.ndarray:
-        return self._K[:, :self.s]
+        return self._Kt[:self.s].T
 
     def _grams(self, cand: np.ndarray) -> np.ndarray:
         """``H_g = R_g R_gᵀ`` (c × r_max × r_max, zero-padded) of the channels ``cand``."""
@@ -250,20 +253,74 @@ class ForwardState:
         if not keep.any():
             return
         T = U[:, keep] / np.sqrt(lam[keep])      # S_g^{-1/2} on its range
-        Knew = (self.w.M[:, sl] - self.K @ self.K[sl].T) @ T          # r × q
+        Kt = self._Kt[:self.s]
+        Knew = (self.w.M[:, sl] - Kt.T @ Kt[:, sl]) @ T               # r × q
         pnew = T.T @ self.R[sl]                                        # q × m
         self.R -= Knew @ pnew
         self.explained += float(np.sum(pnew * pnew))
         q = Knew.shape[1]
-        if self.s + q > self._K.shape[1]:                              # grow by doubling (amortized)
-            grown = np.zeros((self._K.shape[0], max(2 * self._K.shape[1], self.s + q)))
-            grown[:, :self.s] = self.K
-            self._K = grown
-        self._K[:, self.s:self.s + q] = Knew
+        if self.s + q > self._Kt.shape[0]:                             # grow by doubling (amortized)
+            grown = np.zeros((max(2 * self._Kt.shape[0], self.s + q), self._Kt.shape[1]))
+            grown[:self.s] = self._Kt[:self.s]
+            self._Kt = grown
+        self._Kt[self.s:self.s + q] = Knew.T
         self.s += q
         rest = np.flatnonzero(~self.chosen)
         Kp = _pad_rows(Knew)[self.idx[rest]]                           # c × r_max × q
         self.S[rest] -= Kp @ np.swapaxes(Kp, 1, 2)
+
+    def add_many(self, gs: np.ndarray) -> np.ndarray:
+        """Add the channels ``gs`` in this order, as one block: the same span, basis and explained
+        energies as :meth:`add` one at a time, but every product over the ``r`` columns is done once for
+        the block (``r × s × Q`` and ``r × Q × m`` matrix products, Q = the block's columns) instead of
+        one memory-bound rank-``q`` update per channel. Returns each channel's explained energy (len(gs))."""
+        gs = np.asarray(gs, dtype=np.int64)
+        out = np.zeros(gs.size)
+        slices = [self.w.cols(int(g)) for g in gs]
+        self.chosen[gs] = True
+        cols = np.concatenate([np.arange(sl.start, sl.stop) for sl in slices]) if gs.size else np.zeros(0, np.int64)
+        if cols.size == 0:
+            return out
+        Kt = self._Kt[:self.s]
+        A = self.w.M[:, cols] - Kt.T @ Kt[:, cols]                     # r × Q residual columns of the block
+        S = A[cols]                                                    # their residual Gram (Q × Q)
+        Q = cols.size
+        T = np.zeros((Q, 0))                                           # coefficients of the new basis in A
+        owner, local = [], 0
+        for j, sl in enumerate(slices):                                # Gram–Schmidt in the block, channel by channel
+            q0 = sl.stop - sl.start
+            idx = np.arange(local, local + q0)
+            local += q0
+            if q0 == 0:
+                continue
+            V = T.T @ S[:, idx]                                        # (basis so far)ᵀ · these columns
+            lam, U = np.linalg.eigh(S[np.ix_(idx, idx)] - V.T @ V)
+            keep = lam > SPAN_ATOL
+            if not keep.any():
+                continue
+            E = -T @ V                                                 # residual columns' coefficients
+            E[idx] += np.eye(q0)
+            T = np.hstack([T, E @ (U[:, keep] / np.sqrt(lam[keep]))])
+            owner += [j] * int(keep.sum())
+        if T.shape[1] == 0:
+            return out
+        Knew = A @ T                                                   # r × q, orthonormal basis
+        pnew = T.T @ self.R[cols]                                      # q × m
+        self.R -= Knew @ pnew
+        energy = np.einsum("ij,ij->i", pnew, pnew)
+        np.add.at(out, np.asarray(owner), energy)
+        self.explained += float(energy.sum())
+        q = Knew.shape[1]
+        if self.s + q > self._Kt.shape[0]:
+            grown = np.zeros((max(2 * self._Kt.shape[0], self.s + q), self._Kt.shape[1]))
+            grown[:self.s] = self._Kt[:self.s]
+            self._Kt = grown
+        self._Kt[self.s:self.s + q] = Knew.T
+        self.s += q
+        rest = np.flatnonzero(~self.chosen)
+        Kp = _pad_rows(Knew)[self.idx[rest]]
+        self.S[rest] -= Kp @ np.swapaxes(Kp, 1, 2)
+        return out
 
 
 class _BlockForward:
@@ -290,6 +347,9 @@ class _BlockForward:
     def add(self, g: int) -> None:
         for st in self.states:
             st.add(g)
+
+    def add_many(self, gs: np.ndarray) -> np.ndarray:
+        return np.sum([st.add_many(gs) for st in self.states], axis=0)
 
 
 def _independent_blocks(w: Whitened) -> list[tuple[np.ndarray, np.ndarray]] | None:
@@ -344,7 +404,11 @@ def _forward_state(w: Whitened):
         return ForwardState(w)
     C = w.n_channels
     states = []
-    for cols, outs in blocks:
+    # A block without outputs explains nothing, whatever is chosen (no M entry links it to the
+    # others): its gains stay 0. Dead channels (all-zero columns after a ReLU) make hundreds of such
+    # one-column blocks, whose per-step calls dominated the error curves of wide residual groups.
+    live = [(cols, outs) for cols, outs in blocks if outs.size]
+    for cols, outs in live or blocks[:1]:
         group = w.col_group[cols]
         starts = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=C))]).astype(np.int64)
         sub = Whitened(M=w.M[np.ix_(cols, cols)], B=w.B[np.ix_(cols, outs)], target_sq=w.target_sq,
@@ -399,23 +463,41 @@ def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None,
     return st.chosen.copy()
 
 
-def forward_path(problem: SelectionProblem, k_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def forward_path(problem: SelectionProblem, k_max: int | None = None, *, batch: int = 1
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The nested forward-selection path: ``(order, errors)``.
 
     ``order`` (k_max,) lists channels in the order forward selection adds them; ``errors[k − 1]`` is
     the relative refit error of keeping ``order[:k]`` (k = 1 … k_max, default C). One pass gives a
     whole error-vs-width curve (non-increasing), e.g. for :func:`solvers.allocate_budget`.
+
+    ``batch`` > 1: the gains are scored once per ``batch`` channels, which are then added in the order
+    of those gains as one block (:meth:`ForwardState.add_many`): every ``errors`` entry is still the
+    exact refit error of its prefix (an upper bound of the optimum at that width), the order is greedy
+    up to the stale gains within a batch, and the cost falls from ``C`` memory-bound rank-``q`` updates
+    of the ``r``-column state to ``C / batch`` matrix products.
     """
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise InvalidInputError(f"batch must be an integer >= 1; got {batch!r}")
     w = whiten(problem)
     C = problem.n_channels
     k_max = C if k_max is None else problem.check_k(k_max)
     st = _forward_state(w)
     order, errors = [], []
-    for _ in range(k_max):
-        g = int(np.argmax(st.gains()))
-        st.add(g)
-        order.append(g)
-        errors.append(max(w.target_sq - st.explained, 0.0) / w.target_sq)
+    while len(order) < k_max:
+        gain = st.gains()
+        if batch == 1:
+            g = int(np.argmax(gain))
+            st.add(g)
+            order.append(g)
+            errors.append(max(w.target_sq - st.explained, 0.0) / w.target_sq)
+            continue
+        take = min(batch, k_max - len(order))
+        gs = np.argsort(-gain, kind="stable")[:take]                   # ties: lowest index first
+        before = st.explained
+        energy = st.add_many(gs)
+        order += gs.tolist()
+        errors += [max(w.target_sq - e, 0.0) / w.target_sq for e in before + np.cumsum(energy)]
     return np.asarray(order, np.int64), np.minimum.accumulate(np.asarray(errors))
 
 

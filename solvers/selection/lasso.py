@@ -26,6 +26,7 @@ import scipy.linalg
 import scipy.sparse
 
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
+from solvers.selection.linalg import diagonal_blocks, gram_of_rows
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
 
@@ -51,6 +52,10 @@ LAMBDA_FLOOR_REL = 1e-8
 # canonicalization of the dense C×C factor alone takes about a minute at C = 2048, one Clarabel solve
 # another, neither interruptible (measured: 77 s per solve + 107 s of path prediction at C = 2048).
 FISTA_MIN_CHANNELS = 1024
+# Floating-point work one prediction of the path may spend (Q_AA gathers and solves, Q_jA products,
+# counted): walking from λ_max to k = 1,024 of 2,048 channels is ~10¹¹ (minutes); past this the
+# predictor declines and the search bisects on solver calls, which its next, shorter walks refine.
+PREDICT_WORK = 3e8
 # FISTA stops when no scaling moved by more than this (relative to the largest) in one step.
 FISTA_TOL = 1e-10
 FISTA_MAX_ITERS = 200_000
@@ -77,20 +82,44 @@ def channel_gram(problem: SelectionProblem, weights: np.ndarray | None = None) -
         raise InvalidInputError(f"weights must have shape {problem.cross.shape}; got {W.shape}")
     g, C = problem.groups, problem.n_channels
     q = np.bincount(g, weights=np.einsum("ij,ij->i", W, problem.cross), minlength=C)
-    # Q = Eᵀ (G ∘ W Wᵀ) E with E the one-hot column->channel map: one d×d product, then group sums.
-    X = W @ W.T
-    X *= problem.gram
-    if g.size == C and np.array_equal(g, np.arange(C)):
-        # one column per channel in order: X is Q already (symmetric: G and W Wᵀ are), and no
-        # further C×C copies (at C = 11,008 each is another GB)
-        return X, q
+    # Q = Eᵀ (G ∘ W Wᵀ) E with E the one-hot column->channel map: a d×d product, then group sums.
+    blocks = diagonal_blocks(problem.gram)
+    if len(blocks) == 1:
+        X = gram_of_rows(W)
+        X *= problem.gram
+        if g.size == C and np.array_equal(g, np.arange(C)):
+            # one column per channel in order: X is Q already (symmetric: G and W Wᵀ are), and no
+            # further C×C copies (at C = 11,008 each is another GB)
+            return X, q
+        return _channel_sums(X, g, C), q
+    # G block-diagonal (a channel group's joint problem: one block per consumer): so is X, and only
+    # its blocks are computed, each on the outputs its weights use (ResNet-50's stage-3 group: 8 blocks
+    # of 1,024 columns instead of one 8,192² product over 3,840 outputs).
+    Q = np.zeros((C, C))
+    for a, b in blocks:
+        Wb = W[a:b]
+        Wb = Wb[:, np.flatnonzero(np.any(Wb != 0, axis=0))]
+        Xb = gram_of_rows(Wb)
+        Xb *= problem.gram[a:b, a:b]
+        units, local = np.unique(g[a:b], return_inverse=True)
+        Q[np.ix_(units, units)] += _channel_sums(Xb, local, units.size)
+    return 0.5 * (Q + Q.T), q
+
+
+def _channel_sums(X: np.ndarray, g: np.ndarray, C: int) -> np.ndarray:
+    """``Eᵀ X E`` (C×C) for the one-hot column→channel map ``E`` of labels ``g`` (symmetrized)."""
     if np.all(np.diff(g) >= 0):  # contiguous channels (the usual layout): reduceat is fastest
         starts = np.flatnonzero(np.r_[True, np.diff(g) > 0])
         Q = np.add.reduceat(np.add.reduceat(X, starts, axis=0), starts, axis=1)
+        if starts.size < C:  # channels without columns
+            full = np.zeros((C, C))
+            present = g[starts]
+            full[np.ix_(present, present)] = Q
+            Q = full
     else:
         E = scipy.sparse.csr_matrix((np.ones(g.size), (np.arange(g.size), g)), shape=(g.size, C))
         Q = np.asarray((E.T @ (E.T @ X).T).T)
-    return 0.5 * (Q + Q.T), q
+    return 0.5 * (Q + Q.T)
 
 
 def _factor(Q: np.ndarray) -> np.ndarray:
@@ -217,9 +246,9 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
     one j enters where ``|2(q_j − Q_jA β_A(λ'))| = λ'``. Starting from the solver's β at λ, the
     predictor follows these events one at a time (homotopy, as in LARS) toward the count k and
     returns the geometric middle of the first λ interval with exactly k channels, or ``None`` when
-    the walk fails (singular Q_AA, no such interval) or ``deadline`` (``time.perf_counter``) passes
-    (each event solves with ``Q_AA``: thousands of channels take minutes). It only proposes: the QP
-    solver checks it.
+    the walk fails (singular Q_AA, no such interval), ``deadline`` (``time.perf_counter``) passes or
+    the walk's work exceeds ``PREDICT_WORK`` (each event solves with ``Q_AA``: thousands of channels
+    take minutes). It only proposes: the QP solver checks it.
     """
     C = q.size
 
@@ -260,11 +289,15 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
         s = np.sign(beta) * A
         up = int(A.sum()) > k  # too many channels: raise λ
         cur = lam
+        work = 0.0
         try:
             for _ in range(2 * C + 2):
                 if deadline is not None and time.perf_counter() > deadline:
                     return None
                 count = int(A.sum())
+                work += count ** 3 / 3 + 2.0 * count * C
+                if work > PREDICT_WORK:
+                    return None
                 ev = next_event(A, s, cur, up)
                 if count == k:
                     if ev is None:

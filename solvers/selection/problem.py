@@ -15,6 +15,7 @@ import numpy as np
 import scipy.linalg
 
 from solvers.errors import InfeasibleBudgetError, InvalidInputError
+from solvers.selection.linalg import chunked_product, diagonal_blocks
 
 
 def _as_float_matrix(name: str, a, ndim: int) -> np.ndarray:
@@ -24,6 +25,18 @@ def _as_float_matrix(name: str, a, ndim: int) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise InvalidInputError(f"{name} must be finite; got NaN or inf entries")
     return arr
+
+
+def solve_psd(G: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``G⁻¹B`` for a PSD ``G``: Cholesky, checked (it can "succeed" on a numerically singular ``G``
+    with a garbage answer), else minimum-norm least squares (dead channels, too few samples)."""
+    try:
+        X = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, check_finite=False), B, check_finite=False)
+        if np.all(np.isfinite(X)) and np.linalg.norm(chunked_product(G, X) - B) <= 1e-6 * (np.linalg.norm(B) + 1e-300):
+            return X
+    except (np.linalg.LinAlgError, ValueError):
+        pass
+    return scipy.linalg.lstsq(G, B, cond=1e-12, check_finite=False)[0]
 
 
 class SelectionProblem:
@@ -169,14 +182,15 @@ class SelectionProblem:
         if ridge:
             G = G + ridge * np.eye(G.shape[0])
         B = self.cross[cols]
-        try:
-            W[cols] = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, check_finite=False), B,
-                                             check_finite=False)
-            # Cholesky can "succeed" on a numerically singular G with a garbage answer: check it.
-            if not np.all(np.isfinite(W)) or np.linalg.norm(G @ W[cols] - B) > 1e-6 * (np.linalg.norm(B) + 1e-300):
-                raise np.linalg.LinAlgError
-        except (np.linalg.LinAlgError, ValueError):
-            W[cols] = scipy.linalg.lstsq(G, B, cond=1e-12, check_finite=False)[0]
+        blocks = diagonal_blocks(G) if G.shape[0] > 512 else [(0, G.shape[0])]
+        if len(blocks) > 1:
+            # independent diagonal blocks (a channel group's consumers): one small solve each, the
+            # same least squares at a fraction of one Cholesky of the whole
+            idx = np.flatnonzero(cols)
+            for a, b in blocks:
+                W[idx[a:b]] = solve_psd(G[a:b, a:b], B[a:b])
+            return W
+        W[cols] = solve_psd(G, B)
         return W
 
     def error_of(self, weights) -> float:
@@ -189,7 +203,14 @@ class SelectionProblem:
             Wr, G, B = W[rows], self.gram[np.ix_(rows, rows)], self.cross[rows]
         else:
             Wr, G, B = W, self.gram, self.cross
-        sq = self.target_sq - 2.0 * np.sum(Wr * B) + np.sum(Wr * (G @ Wr))
+        blocks = diagonal_blocks(G) if G.shape[0] > 512 else [(0, G.shape[0])]
+        quad = 0.0
+        for a, b in blocks:  # a block-diagonal G (a group's consumers): each block on its own outputs
+            Wb = Wr[a:b]
+            if len(blocks) > 1:
+                Wb = Wb[:, np.flatnonzero(np.any(Wb != 0, axis=0))]
+            quad += float(np.sum(Wb * chunked_product(G[a:b, a:b], Wb)))
+        sq = self.target_sq - 2.0 * np.sum(Wr * B) + quad
         return max(0.0, float(sq)) / self.target_sq
 
     def error(self, mask, *, refit: bool = True) -> float:

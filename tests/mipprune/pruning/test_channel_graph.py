@@ -155,3 +155,29 @@ def test_bad_example_input_and_untraceable_model():
 
     with pytest.raises(UnsupportedLayerError, match="traceable"):
         build_channel_graph(Branchy(), X)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_graph_after_pruning_equals_a_retrace_of_the_pruned_model(name):
+    # The sequential driver slices the graph instead of tracing the pruned model after every group:
+    # the two must agree member by member (units of every module's sliced dimension, group sizes).
+    from mipprune.pruning.group_surgery import prune_groups
+
+    model = BLOCKS[name]()
+    graph = build_channel_graph(model, X)
+    rng = np.random.default_rng(0)
+    masks = {}
+    for g in graph.prunable[::2] or graph.prunable:  # every other group: untouched neighbours too
+        keep = np.zeros(g.n_units, bool)
+        keep[rng.choice(g.n_units, max(1, g.n_units // 2), replace=False)] = True
+        masks[g.id] = keep
+    sliced = graph.after_pruning(masks)
+    retraced = build_channel_graph(prune_groups(model, graph, masks, None, X), X)
+
+    def summary(gr):
+        return {g.name: (g.n_units, g.unit_size, sorted((m.module, m.role, tuple(m.units.tolist()),
+                                                         m.columns_per_channel) for m in g.members))
+                for g in gr.groups}
+
+    assert masks and summary(sliced) == summary(retraced)
+    assert [g.fixed for g in sliced.groups] == [g.fixed for g in graph.groups]

@@ -99,6 +99,43 @@ def test_forward_path_is_the_nested_greedy_curve():
     assert np.array_equal(np.sort(order[:4]), np.flatnonzero(forward_mask(p, 4, None)))
 
 
+@pytest.mark.parametrize("batch", [2, 3, 10])
+def test_batched_forward_path_gives_exact_prefix_errors(batch):
+    # gains scored once per batch, the batch added as one block: each entry is still the refit error
+    # of its prefix, and the first batch is the top gains of the empty set
+    p = make_problem(12, 3, 4, 150, seed=5)
+    order, errors = forward_path(p, batch=batch)
+    assert sorted(order) == list(range(12))
+    for k in range(1, 13):
+        assert errors[k - 1] == pytest.approx(p.error(p.mask_from_support(order[:k])), rel=1e-8, abs=1e-12)
+    single = [p.error(p.mask_from_support([g])) for g in range(12)]
+    assert list(order[:batch]) == sorted(range(12), key=lambda g: (single[g], g))[:batch]
+    with pytest.raises(Exception, match="batch"):
+        forward_path(p, batch=0)
+
+
+def test_block_diagonal_refit_and_error_equal_the_dense_solve():
+    import scipy.linalg
+
+    rng = np.random.default_rng(4)
+    Gs, Bs = [], []
+    for d in (300, 400):  # > 512 kept columns together: the block path runs
+        Z = rng.standard_normal((500, d))
+        Gs.append(Z.T @ Z)
+        Bs.append(Z.T @ rng.standard_normal((500, 3)))
+    G, B = scipy.linalg.block_diag(*Gs), scipy.linalg.block_diag(*Bs)
+    p = SelectionProblem(G, B, 1e4, np.arange(700) // 2)
+    mask = np.ones(350, bool)
+    mask[::7] = False
+    W = p.refit(mask, ridge=1e-3)
+    cols = p.column_mask(mask)
+    dense = np.linalg.solve(G[np.ix_(cols, cols)] + 1e-3 * np.eye(cols.sum()), B[cols])
+    np.testing.assert_allclose(W[cols], dense, rtol=1e-8, atol=1e-10)
+    assert np.all(W[~cols] == 0)
+    expect = 1e4 - 2 * np.sum(W * B) + np.sum(W * (G @ W))
+    assert p.error_of(W) == pytest.approx(max(expect, 0) / 1e4, rel=1e-9)
+
+
 def test_swaps_never_hurt_and_keep_the_size():
     p = make_greedy_trap(6, 2, 120, seed=12)
     start = forward_mask(p, 2, None)
