@@ -520,8 +520,9 @@ def main() -> None:
         return
     if args.lasso:
         for name in args.models.split(","):
+            torch.manual_seed(0)  # reproducible random init
             model = getattr(tv.models, name)(num_classes=10).eval()  # as issue 12's zoo: 10 classes, random init
-            stem = f"bench_zoo_lasso_{name}_{args.size}"
+            stem = f"bench_zoo_lasso_{name}_{args.size}_{args.lasso}"
             log = out / f"{stem}.log"
             log.write_text("")
             print(f"{name} {args.size}x{args.size}, lasso, flops={targets[0]}, {args.lasso} images "
@@ -529,7 +530,7 @@ def main() -> None:
             r = lasso_run(model, args.size, args.lasso, targets[0], log)
             print(f"{name:20s} lasso: {r['time']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, FLOPs "
                   f"{r['achieved_ratio']:.4f} (in window: {r['in_window']}), curves {r['curve_time']:.0f} s, "
-                  f"captures {r['capture_time']:.0f} s, selections {r['select_time']:.0f} s, surgery+retrace "
+                  f"captures {r['capture_time']:.0f} s, selections {r['select_time']:.0f} s, surgery "
                   f"{r['surgery_time']:.0f} s, CPU {r['cpu_time']:.0f} s, load average {r['load_average'][0]:.1f}",
                   flush=True)
             (out / f"{stem}.json").write_text(json.dumps(dict(meta, model=name, images=args.lasso, target=targets[0],

@@ -164,6 +164,10 @@ def sample_positions(n: int, ho: int, wo: int, positions: int | None, generator:
 
 
 _ROWS = 1024  # rows of Z converted to float64 and accumulated at a time
+# Widest Gram accumulated by one SYRK: numpy's bundled OpenBLAS (0.3.31) crashes the process on
+# multithreaded SYRKs with outputs past ~4 GB (d = 25,088: VGG's classifier at 224²); wider ones are
+# accumulated in row blocks of GEMMs (solvers.selection.linalg explains).
+_SYRK_MAX_COLUMNS = 16384
 
 
 def _mirror_upper(a: np.ndarray, block: int = 256) -> np.ndarray:
@@ -296,7 +300,12 @@ class _Accumulator:
                 zn = np.ascontiguousarray(zb.numpy())   # (n, d) C order: zn.T is Fortran, no copy
                 yn = np.ascontiguousarray(yb.numpy())
                 # re-assigned: f2py would copy instead of writing in place if the order were off
-                self.G = blas.dsyrk(1.0, zn.T, beta=1.0, c=self.G, trans=0, overwrite_c=1)
+                if self.d <= _SYRK_MAX_COLUMNS:
+                    self.G = blas.dsyrk(1.0, zn.T, beta=1.0, c=self.G, trans=0, overwrite_c=1)
+                else:  # the upper triangle by row blocks (statistics() mirrors it)
+                    for a in range(0, self.d, _ROWS):
+                        b = min(a + _ROWS, self.d)
+                        self.G[a:b, a:] += zn[:, a:b].T @ zn[:, a:]
                 self.B = blas.dgemm(1.0, zn.T, yn.T, beta=1.0, c=self.B, trans_b=1, overwrite_c=1)
                 self.yy += float(np.einsum("ij,ij->", yn, yn))
             else:

@@ -53,7 +53,8 @@ from solvers.errors import InvalidInputError
 from solvers.result import SelectionResult
 from solvers.selection.problem import SelectionProblem
 
-__all__ = ["GroupPruning", "prune_by_groups", "group_targets", "group_curves", "statistics_bytes",
+__all__ = ["GroupPruning", "prune_by_groups", "group_targets", "group_curves", "curve_calibration",
+           "CURVE_IMAGES", "statistics_bytes",
            "lean_statistics_bytes", "calibration_rows", "DEFAULT_MAX_MEMORY"]
 
 
@@ -230,11 +231,48 @@ def _advance_within(stream: CachedForward, target: int, allowance: int | None) -
         stream.advance(max(fits))
 
 
+#: Images the budget's error curves calibrate on (the first batches covering them), with as many more
+#: positions per image as keep the rows of a full calibration: the curves only rank widths, and a pass
+#: over 512 images of ResNet-50 at 224² costs ~50 s on 2 cores, several of which the curves took.
+CURVE_IMAGES = 128
+
+
+class _FirstBatches:
+    """The first ``n`` batches of a re-iterable ``data``, re-iterable itself."""
+
+    def __init__(self, data: Iterable, n: int):
+        self.data, self.n = data, n
+
+    def __iter__(self):
+        import itertools
+
+        return itertools.islice(iter(self.data), self.n)
+
+
+def curve_calibration(data: Iterable, positions: int | None, images: int | None = CURVE_IMAGES
+                      ) -> tuple[Iterable, int | None, int, int]:
+    """``(data, positions, images used, images in all)`` for the error curves: the first batches of
+    ``data`` covering ``images`` images, and ``positions`` scaled by the images left out (so that the
+    curves' problems see as many rows); ``data`` unchanged when it has no more than ``images``."""
+    from mipprune.torch_utils import split_batch
+
+    counts = [len(split_batch(b)[0]) for b in data]
+    total = sum(counts)
+    if images is None or positions is None or total <= images:
+        return data, positions, total, total
+    used, n = 0, 0
+    while used < images:
+        used += counts[n]
+        n += 1
+    return _FirstBatches(data, n), int(math.ceil(positions * total / used)), used, total
+
+
 def group_curves(model: nn.Module, data: Iterable, graph: ChannelGraph, *, positions: int = 10,
                  max_samples: int | None = None, seed: int = 0, max_memory: int | None = DEFAULT_MAX_MEMORY,
                  on_step=None, streamed: bool = True) -> dict[str, np.ndarray]:
     """Error curve (n_units,) of every prunable group, on the dense model: the forward-greedy refit
     error of its joint problem for ``k = 1 … n`` (:func:`mipprune.pruning.budget.error_curve`).
+    (Callers subsample the data first with :func:`curve_calibration`.)
 
     One group's statistics at a time (the memory cap applies per group; above it, its consumers one
     after another, as rows when they see fewer rows than columns); a group above ``max_memory`` even

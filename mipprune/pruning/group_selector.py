@@ -66,7 +66,7 @@ def use_graph(selector, dense: nn.Module, example: torch.Tensor) -> ChannelGraph
 def _targets(selector, graph: ChannelGraph, dense: nn.Module, data, example: torch.Tensor, on_step):
     """(targets {group: units}, budget summary or None, the WidthAllocation or None)."""
     from mipprune.pruning.group_budget import DEFAULT_BUDGET_TIME_LIMIT, group_cost, solve_group_widths
-    from mipprune.pruning.group_pruning import DEFAULT_MAX_MEMORY, group_curves, group_targets
+    from mipprune.pruning.group_pruning import DEFAULT_MAX_MEMORY, curve_calibration, group_curves, group_targets
 
     groups = graph.require_prunable()
     if selector.sparsity is not None or selector.k is not None:
@@ -80,7 +80,8 @@ def _targets(selector, graph: ChannelGraph, dense: nn.Module, data, example: tor
     cost = group_cost(dense, graph, example, metric)
     cost.check_reachable(target)  # before any calibration
     t0 = time.perf_counter()
-    curves = group_curves(dense, data, graph, positions=selector.positions, max_samples=selector.max_samples,
+    curve_data, curve_positions, used, total = curve_calibration(data, selector.positions)
+    curves = group_curves(dense, curve_data, graph, positions=curve_positions, max_samples=selector.max_samples,
                           seed=selector.seed, max_memory=getattr(selector, "max_memory", DEFAULT_MAX_MEMORY),
                           on_step=on_step)
     curve_time = time.perf_counter() - t0
@@ -97,7 +98,9 @@ def _targets(selector, graph: ChannelGraph, dense: nn.Module, data, example: tor
                               "gap": alloc.gap, "backend": alloc.backend, "source": alloc.source,
                               "ratio": alloc.ratio, "solve_time": alloc.solve_time, "time_limit": time_limit,
                               **{k: v for k, v in alloc.info.items() if k in ("window", "binaries", "mip_nodes")}},
-               "curves": "forward-greedy refit error per k of each group's joint problem, on the dense model",
+               "curves": "forward-greedy refit error per k of each group's joint problem, on the dense model"
+                         + (f", from the first {used} of {total} images at {curve_positions} positions each"
+                            if used < total else ""),
                "curve_time": curve_time,
                "fixed": {g: list(r) for g, r in cost.fixed.items()}}
     return widths, summary, alloc

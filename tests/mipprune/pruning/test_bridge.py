@@ -47,6 +47,19 @@ def test_streaming_gram_over_batches_equals_materialized_activations(conv_model,
     assert stats.n_samples == Z.shape[0]
 
 
+def test_wide_grams_accumulate_by_row_blocks_without_syrk(conv_model, monkeypatch):
+    # past _SYRK_MAX_COLUMNS the Gram is accumulated by GEMM row blocks (OpenBLAS SYRK crash): same Gram
+    import mipprune.pruning.bridge as bridge
+
+    monkeypatch.setattr(bridge, "_SYRK_MAX_COLUMNS", 4)
+    monkeypatch.setattr(bridge, "_ROWS", 7)
+    xs = batches((3, 3, 8, 8), 4)
+    stats = capture(conv_model, xs, ["3"], positions=None)["3"]
+    Z, Y = _materialized_conv(conv_model, 3, xs)
+    _close(stats.gram, Z.T @ Z)
+    _close(stats.cross, Z.T @ Y)
+
+
 def test_streaming_with_sampling_equals_one_big_batch_with_the_same_positions(conv_model):
     xs = batches((2, 3, 8, 8), 3)
     # positions are drawn per image, in order, from one seeded generator per layer: three batches

@@ -351,3 +351,14 @@ def test_small_cap_takes_the_sample_path_chunked_and_selects_the_same(monkeypatc
     # below even the lean estimate: left whole, both estimates said
     out = prune_by_groups(model, data, data[0], {big.name: 24}, max_memory=lean // 2, **kw)
     assert "one consumer at a time" in out.skipped[big.name]
+
+
+def test_curve_calibration_takes_the_first_batches_with_rows_kept():
+    from mipprune.pruning.group_pruning import curve_calibration
+
+    batches = [torch.full((50, 1, 2, 2), float(i)) for i in range(4)]  # 200 images
+    sub, positions, used, total = curve_calibration(batches, 10, images=80)
+    assert (used, total, positions) == (100, 200, 20)
+    assert [float(b[0, 0, 0, 0]) for b in sub] == [0.0, 1.0] and len(list(sub)) == 2  # re-iterable
+    same, p2, u2, t2 = curve_calibration(batches, 10, images=200)
+    assert same is batches and (p2, u2, t2) == (10, 200, 200)
