@@ -26,7 +26,7 @@ import scipy.linalg
 import scipy.sparse
 
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
-from solvers.selection.linalg import diagonal_blocks, gram_of_rows
+from solvers.selection.linalg import diagonal_blocks, gram_of_rows, one_blas_thread
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
 
@@ -52,10 +52,10 @@ LAMBDA_FLOOR_REL = 1e-8
 # canonicalization of the dense C×C factor alone takes about a minute at C = 2048, one Clarabel solve
 # another, neither interruptible (measured: 77 s per solve + 107 s of path prediction at C = 2048).
 FISTA_MIN_CHANNELS = 1024
-# Floating-point work one prediction of the path may spend (Q_AA gathers and solves, Q_jA products,
-# counted): walking from λ_max to k = 1,024 of 2,048 channels is ~10¹¹ (minutes); past this the
+# Floating-point work one prediction of the path may spend (triangular solves and Q_jA products,
+# counted): walking from λ_max to k = 1,024 of 2,048 channels is ~5·10⁹ (seconds); past this the
 # predictor declines and the search bisects on solver calls, which its next, shorter walks refine.
-PREDICT_WORK = 3e8
+PREDICT_WORK = 2e10
 # FISTA stops when no scaling moved by more than this (relative to the largest) in one step.
 FISTA_TOL = 1e-10
 FISTA_MAX_ITERS = 200_000
@@ -237,6 +237,76 @@ def search_lambda(solve: Callable[[float], np.ndarray | None], k: int, lam_max: 
     return finish(lo_beta, lo, False, False)
 
 
+class _ActiveCholesky:
+    """Lower Cholesky factor of ``Q_AA`` for an ordered active set ``A``, updated as channels enter
+    (a bordered row) or leave (a rank-one update of the trailing block), never refactored, and the
+    active rows of ``Q`` in one contiguous buffer (``rows``): an event of the path costs two
+    triangular solves and one product over ``|A| × C`` without gathering ``Q``. ``add`` returns False
+    when the new channel is (numerically) in the span of the active ones."""
+
+    def __init__(self, Q: np.ndarray, active: np.ndarray, room: int):
+        self.Q = Q
+        self.order: list[int] = []
+        self.L = np.zeros((0, 0))                       # exactly |A|×|A|, C-ordered (no copies in solves)
+        self._rows = np.empty((max(room, 1), Q.shape[0]))
+        for j in active.tolist():
+            if not self.add(j):
+                raise np.linalg.LinAlgError("singular Q_AA")
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self._rows[:self.n]
+
+    def add(self, j: int) -> bool:
+        n = self.n
+        col = self.rows[:, j]
+        l = scipy.linalg.solve_triangular(self.L, col, lower=True, check_finite=False) if n else col
+        d2 = float(self.Q[j, j] - l @ l)
+        if not d2 > 1e-12 * max(float(self.Q[j, j]), 1e-300):
+            return False
+        L = np.zeros((n + 1, n + 1))
+        L[:n, :n] = self.L
+        L[n, :n] = l
+        L[n, n] = math.sqrt(d2)
+        self.L = L
+        if n + 1 > self._rows.shape[0]:
+            grown = np.empty((2 * self._rows.shape[0], self._rows.shape[1]))
+            grown[:n] = self._rows[:n]
+            self._rows = grown
+        self._rows[n] = self.Q[j]
+        self.order.append(j)
+        return True
+
+    def remove(self, j: int) -> None:
+        p = self.order.index(j)
+        n = self.n
+        L = self.L
+        x = L[p + 1:, p].copy()
+        T = L[p + 1:, p + 1:].copy()                    # trailing block, updated by x xᵀ (Givens)
+        for r in range(T.shape[0]):
+            a, b = T[r, r], x[r]
+            h = math.hypot(a, b)
+            c, s = h / a, b / a
+            T[r, r] = h
+            if r + 1 < T.shape[0]:
+                T[r + 1:, r] = (T[r + 1:, r] + s * x[r + 1:]) / c
+                x[r + 1:] = c * x[r + 1:] - s * T[r + 1:, r]
+        keep = np.r_[0:p, p + 1:n]
+        out = L[np.ix_(keep, keep)]
+        out[p:, p:] = T
+        self.L = np.ascontiguousarray(out)
+        self._rows[p:n - 1] = self._rows[p + 1:n]
+        self.order.pop(p)
+
+    def solve(self, B: np.ndarray) -> np.ndarray:
+        y = scipy.linalg.solve_triangular(self.L, B, lower=True, check_finite=False)
+        return scipy.linalg.solve_triangular(self.L, y, lower=True, trans="T", check_finite=False)
+
+
 def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
                   ) -> Callable[[float, np.ndarray, int], float | None]:
     """A ``predict(λ, β, k)`` for :func:`search_lambda` on ``min βᵀQβ − 2qᵀβ + λ‖β‖₁``.
@@ -247,24 +317,24 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
     predictor follows these events one at a time (homotopy, as in LARS) toward the count k and
     returns the geometric middle of the first λ interval with exactly k channels, or ``None`` when
     the walk fails (singular Q_AA, no such interval), ``deadline`` (``time.perf_counter``) passes or
-    the walk's work exceeds ``PREDICT_WORK`` (each event solves with ``Q_AA``: thousands of channels
-    take minutes). It only proposes: the QP solver checks it.
+    the walk's work exceeds ``PREDICT_WORK``. ``Q_AA`` is kept as a Cholesky factor updated per event
+    (:class:`_ActiveCholesky`), so an event costs O(|A|² + C·|A|): the whole path to k = 1,024 of
+    2,048 channels takes seconds. It only proposes: the QP solver checks it. ``predict.last`` holds
+    ``(λ, β)`` of the last proposal (β on the path there), a warm start for that check.
     """
     C = q.size
 
-    def next_event(A: np.ndarray, s: np.ndarray, lam: float, up: bool):
-        """(λ of the next event beyond lam, channel, entering?) on the linear piece of (A, s)."""
-        idx = np.flatnonzero(A)
-        out = np.flatnonzero(~A)
+    def next_event(chol: _ActiveCholesky, s: np.ndarray, lam: float, up: bool):
+        """(λ of the next event beyond lam, channel, entering?, sign) on the linear piece of (A, s)."""
+        idx = np.asarray(chol.order, dtype=np.int64)
+        inactive = np.ones(C, dtype=bool)
+        inactive[idx] = False
+        out = np.flatnonzero(inactive)
         if idx.size:
-            with warnings.catch_warnings():
-                # A singular Q_AA (rank-deficient statistics): no unique path, predict() declines.
-                warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
-                sol = scipy.linalg.solve(Q[np.ix_(idx, idx)], np.column_stack([q[idx], 0.5 * s[idx]]),
-                                         assume_a="pos", check_finite=False)
+            sol = chol.solve(np.column_stack([q[idx], 0.5 * s[idx]]))
             a, b = sol[:, 0], sol[:, 1]  # β_A(λ') = a − λ' b
-            QjA = Q[np.ix_(out, idx)]
-            u, v = 2.0 * (q[out] - QjA @ a), 2.0 * (QjA @ b)  # r_j(λ') = u_j + λ' v_j
+            prod = sol.T @ chol.rows                             # (2, C): Q_jA a and Q_jA b for every j
+            u, v = 2.0 * (q - prod[0])[out], 2.0 * prod[1][out]  # r_j(λ') = u_j + λ' v_j
         else:
             a = b = np.zeros(0)
             u, v = 2.0 * q[out], np.zeros(out.size)
@@ -275,42 +345,62 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
         ok = np.isfinite(cand) & (cand > 0)
         ok &= cand > lam * (1 + 1e-12) if up else cand < lam * (1 - 1e-12)
         if not ok.any():
-            return None
+            return None, (a, b, idx)
         i = np.flatnonzero(ok)[np.argmin(cand[ok]) if up else np.argmax(cand[ok])]
         lam_e, j = float(cand[i]), int(who[i])
         sign = 0.0
         if entering[i]:
             pos = np.flatnonzero(out == j)[0]
             sign = float(np.sign(u[pos] + lam_e * v[pos]))
-        return lam_e, j, entering[i], sign
+        return (lam_e, j, entering[i], sign), (a, b, idx)
+
+    def on_path(lam_mid: float, piece) -> np.ndarray:
+        a, b, idx = piece
+        beta = np.zeros(C)
+        beta[idx] = a - lam_mid * b
+        return beta
+
+    def walk(A: np.ndarray, s: np.ndarray, cur: float, up: bool, room: int, k: int) -> float | None:
+        chol = _ActiveCholesky(Q, np.flatnonzero(A), room)
+        work = 0.0
+        for _ in range(2 * C + 2):
+            if deadline is not None and time.perf_counter() > deadline:
+                return None
+            count = chol.n
+            work += 2.0 * count * count + 2.0 * count * C
+            if work > PREDICT_WORK:
+                return None
+            ev, piece = next_event(chol, s, cur, up)
+            if count == k:
+                mid = (cur * 1.1 if up else cur / 1.1) if ev is None else math.sqrt(cur * ev[0])
+                predict.last = (mid, on_path(mid, piece))
+                return mid
+            if ev is None or (count > k) != up:
+                return None  # the walk overshot k or ran out of events
+            cur, j, enters, sign = ev
+            if enters:
+                if not chol.add(j):
+                    return None  # a channel in the span of the active ones: no unique path
+                s[j] = sign
+            else:
+                chol.remove(j)
+                s[j] = 0.0
+        return None
 
     def predict(lam: float, beta: np.ndarray, k: int) -> float | None:
+        predict.last = None
         A = survivors(beta)
         s = np.sign(beta) * A
-        up = int(A.sum()) > k  # too many channels: raise λ
-        cur = lam
-        work = 0.0
-        try:
-            for _ in range(2 * C + 2):
-                if deadline is not None and time.perf_counter() > deadline:
-                    return None
-                count = int(A.sum())
-                work += count ** 3 / 3 + 2.0 * count * C
-                if work > PREDICT_WORK:
-                    return None
-                ev = next_event(A, s, cur, up)
-                if count == k:
-                    if ev is None:
-                        return cur * 1.1 if up else cur / 1.1
-                    return math.sqrt(cur * ev[0])
-                if ev is None or (count > k) != up:
-                    return None  # the walk overshot k or ran out of events
-                cur, j, enters, sign = ev
-                A[j] = enters
-                s[j] = sign if enters else 0.0
-        except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
+        room = max(int(A.sum()), k) + 2
+        if 8 * room * C > 2**30:  # the active rows of Q would take over 1 GiB: let the solver search
             return None
-        return None
+        try:
+            with one_blas_thread():  # an event is a few small products: threads only add latency
+                return walk(A, s, lam, int(A.sum()) > k, room, k)  # too many channels: raise λ
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+
+    predict.last = None
     return predict
 
 
@@ -535,6 +625,8 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
 
     def solve(lam: float):
         left = None if deadline is None else deadline - time.perf_counter()
+        if fista and predict.last is not None and predict.last[0] == lam:
+            qp.beta = predict.last[1].copy()  # the path's β there: FISTA only confirms it
         return qp.solve(lam, left)
 
     out = search_lambda(solve, k, qp.lam_max, tiebreak=q, lam_guess=guess, deadline=deadline,

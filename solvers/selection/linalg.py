@@ -9,9 +9,11 @@ problem stacks one block per consumer), so that products over them need only the
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
-__all__ = ["MAX_PRODUCT_BYTES", "chunked_product", "gram_of_rows", "diagonal_blocks"]
+__all__ = ["MAX_PRODUCT_BYTES", "chunked_product", "gram_of_rows", "diagonal_blocks", "one_blas_thread"]
 
 #: Largest output of one BLAS product (bytes of float64); larger products are done in row blocks.
 MAX_PRODUCT_BYTES = 256 * 2**20
@@ -68,3 +70,14 @@ def diagonal_blocks(gram: np.ndarray) -> list[tuple[int, int]]:
     ends = np.flatnonzero(reach == np.arange(n)) + 1  # a block closes where nothing before reaches further
     starts = np.r_[0, ends[:-1]]
     return list(zip(starts.tolist(), ends.tolist()))
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on one thread (threadpoolctl; a no-op without it), for loops of
+    small products: OpenBLAS wakes its threads for every call, and on a busy 2-core machine a
+    512×512 triangular solve measured 16 ms with two threads against 0.13 ms with one."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # (threadpoolctl comes with scikit-learn, a dependency)
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")

@@ -278,3 +278,27 @@ def test_fista_backend_matches_the_qp_solver_and_respects_the_time_limit():
     assert fista.objective == pytest.approx(ref.objective, rel=1e-9)
     quick = select_lasso(p, k=10, backend="fista", time_limit=1e-4)
     assert quick.k == 10 and quick.status.value in ("time_limit", "feasible")
+
+
+def test_active_cholesky_follows_adds_and_removals():
+    # the predictor's factor of Q_AA, updated per event, equals a fresh Cholesky of the active block
+    from solvers.selection.lasso import _ActiveCholesky
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((40, 12))
+    Q = X.T @ X
+    chol = _ActiveCholesky(Q, np.array([3, 0, 7]), room=2)  # room grows past 2
+    for j in (5, 11, 1):
+        assert chol.add(j)
+    for j in (0, 11, 3):
+        chol.remove(j)
+        A = chol.order
+        np.testing.assert_allclose(chol.L, np.linalg.cholesky(Q[np.ix_(A, A)]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(chol.rows, Q[A])
+        b = rng.standard_normal(len(A))
+        np.testing.assert_allclose(chol.solve(b), np.linalg.solve(Q[np.ix_(A, A)], b), rtol=1e-9)
+    Qs = Q.copy()
+    Qs[:, 2] = Qs[2, :] = Q[:, 5]  # channel 2 duplicates channel 5's column: in the span
+    Qs[2, 2] = Q[5, 5]
+    dup = _ActiveCholesky(Qs, np.array([5]), room=4)
+    assert not dup.add(2) and dup.order == [5]
