@@ -239,8 +239,10 @@ class _Accumulator:
         y = y[:n_rows].to(torch.float64)
         return y if self.bias is None else y - self.bias
 
-    def on_input(self, x: torch.Tensor, out: torch.Tensor, with_target: bool) -> None:
-        x, out = x.detach(), out.detach()  # data may be a leaf that requires grad
+    def on_input(self, x: torch.Tensor, out: torch.Tensor | None, with_target: bool) -> None:
+        """``out``: the layer's output, or None when the targets come as recorded rows."""
+        x = x.detach()  # data may be a leaf that requires grad
+        out = None if out is None else out.detach()
         if self.full:
             if with_target:
                 self.pending.append(None)
@@ -249,7 +251,7 @@ class _Accumulator:
         if self.max_samples is not None:
             z = z[: self.max_samples - self.n - self._reserved()]
         if with_target:
-            self.pending.append((z, index, tuple(out.shape)))
+            self.pending.append((z, index, None if out is None else tuple(out.shape)))
         else:
             self._add(z, self._outputs(out, index, z.shape[0], "model"))
 
@@ -535,6 +537,12 @@ def capture(model: nn.Module, data: Iterable, layers: Iterable[str] | str | None
     handles = []
     try:
         for n, acc in accs.items():
+            if target_rows is not None:
+                # Y is recorded: only the layer's input is read, before it runs (a forward that stops
+                # there, CachedForward.runner(skip_last=True), saves the last consumer's own cost)
+                handles.append(wmods[n].register_forward_pre_hook(
+                    lambda _m, inp, acc=acc: acc.on_input(inp[0], None, True)))
+                continue
             handles.append(wmods[n].register_forward_hook(
                 lambda _m, inp, out, acc=acc: acc.on_input(inp[0], out, with_target)))
         if work_target is not None:

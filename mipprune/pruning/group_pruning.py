@@ -496,6 +496,7 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
             kw = {"forward": stream.runner(stream.stop_index(names))}
             if recorded is not None and common["target"] is not None:
                 kw["target_rows"], common["target"] = recorded, None
+                kw["forward"] = stream.runner(stream.stop_index(names), skip_last=True)
             stats = capture(current, data, names, columns_per_channel=cols, target_channels=channels, **common, **kw)
             via = f"streamed from {stream.nodes[stream.cut].name}"
         else:

@@ -40,6 +40,10 @@ from solvers.errors import InvalidInputError, MipPruneError
 __all__ = ["CachedForward", "record_target_rows", "target_rows_bytes"]
 
 
+class _StopBefore(Exception):
+    """Raised by a forward pre-hook to end a truncated forward before the module runs."""
+
+
 def _fingerprint(x: torch.Tensor) -> tuple:
     """Shape and float64 sum of a batch: what tells two passes over the data apart."""
     return tuple(x.shape), float(torch.sum(x.detach(), dtype=torch.float64))
@@ -204,9 +208,30 @@ class CachedForward:
         # a copy: the graph may modify its input in place (ReLU(inplace=True) after the cut)
         return self._run(self.cut, self.cache[index].clone(), stop)
 
-    def runner(self, stop: int):
-        """``forward(index, x)`` for :func:`~mipprune.pruning.bridge.capture`: batches run through ``stop``."""
-        return lambda index, x: self.forward(index, x, stop)
+    def runner(self, stop: int, *, skip_last: bool = False):
+        """``forward(index, x)`` for :func:`~mipprune.pruning.bridge.capture`: batches run through ``stop``.
+
+        ``skip_last``: node ``stop`` calls a module (called once in the trace) whose forward pre-hooks
+        are all a capture needs (its inputs; targets recorded beforehand): its pre-hooks run, the
+        module itself does not (a 3×3 consumer is most of its bottleneck's cost)."""
+        node = self.nodes[stop]
+        name = str(node.target) if node.op == "call_module" else None
+        if not skip_last or name is None or len(self.module_nodes.get(name, [])) != 1:
+            return lambda index, x: self.forward(index, x, stop)
+        module = self.model.get_submodule(name)
+
+        def stop_before(_m, _inp):
+            raise _StopBefore
+
+        def run(index, x):
+            handle = module.register_forward_pre_hook(stop_before)  # after the capture's own pre-hooks
+            try:
+                self.forward(index, x, stop)
+            except _StopBefore:
+                pass
+            finally:
+                handle.remove()
+        return run
 
     def advance(self, cut: int) -> None:
         """Cache the value at ``cut`` (a cut not before the current one) for every batch, computed with

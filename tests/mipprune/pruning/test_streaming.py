@@ -180,3 +180,23 @@ def test_greedy_by_consumer_blocks_equals_the_dense_path():
         state.add(pick)
         dense.add(pick)
         assert state.explained == pytest.approx(dense.explained, rel=1e-10, abs=1e-14)
+
+
+def test_skip_last_fires_the_pre_hooks_of_the_last_consumer_but_does_not_run_it():
+    model = ResNetTiny().eval()
+    data = _data()
+    stream, _ = CachedForward.create(model, data, data[0][:1])
+    stop = stream.stop_index(["layer1.0.conv2"])
+    conv = model.get_submodule("layer1.0.conv2")
+    seen = {"pre": 0, "ran": 0}
+    handles = [conv.register_forward_pre_hook(lambda *_: seen.__setitem__("pre", seen["pre"] + 1)),
+               conv.register_forward_hook(lambda *_: seen.__setitem__("ran", seen["ran"] + 1))]
+    try:
+        stream.runner(stop, skip_last=True)(0, data[0])
+        assert seen == {"pre": 1, "ran": 0}
+        stream.runner(stop)(0, data[0])
+        assert seen == {"pre": 2, "ran": 1}
+    finally:
+        for h in handles:
+            h.remove()
+    assert not conv._forward_pre_hooks  # the stopper is removed again
