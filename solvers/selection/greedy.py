@@ -256,8 +256,13 @@ class ForwardState:
         Kt = self._Kt[:self.s]
         Knew = (self.w.M[:, sl] - Kt.T @ Kt[:, sl]) @ T               # r × q
         pnew = T.T @ self.R[sl]                                        # q × m
-        self.R -= Knew @ pnew
         self.explained += float(np.sum(pnew * pnew))
+        self._extend(Knew, pnew)
+
+    def _extend(self, Knew: np.ndarray, pnew: np.ndarray) -> None:
+        """Take the new orthonormal directions ``Knew`` (r × q, with ``pnew = Knewᵀ``-projections of
+        ``R``, q × m) into the basis: residual cross, basis columns, candidates' residual Grams."""
+        self.R -= Knew @ pnew
         q = Knew.shape[1]
         if self.s + q > self._Kt.shape[0]:                             # grow by doubling (amortized)
             grown = np.zeros((max(2 * self._Kt.shape[0], self.s + q), self._Kt.shape[1]))
@@ -306,20 +311,10 @@ class ForwardState:
             return out
         Knew = A @ T                                                   # r × q, orthonormal basis
         pnew = T.T @ self.R[cols]                                      # q × m
-        self.R -= Knew @ pnew
         energy = np.einsum("ij,ij->i", pnew, pnew)
         np.add.at(out, np.asarray(owner), energy)
         self.explained += float(energy.sum())
-        q = Knew.shape[1]
-        if self.s + q > self._Kt.shape[0]:
-            grown = np.zeros((max(2 * self._Kt.shape[0], self.s + q), self._Kt.shape[1]))
-            grown[:self.s] = self._Kt[:self.s]
-            self._Kt = grown
-        self._Kt[self.s:self.s + q] = Knew.T
-        self.s += q
-        rest = np.flatnonzero(~self.chosen)
-        Kp = _pad_rows(Knew)[self.idx[rest]]
-        self.S[rest] -= Kp @ np.swapaxes(Kp, 1, 2)
+        self._extend(Knew, pnew)
         return out
 
 
