@@ -16,6 +16,7 @@ solved.
 
     python benchmarks/bench_vnncomp.py [--network 256x2] [--filter TEXT] [--max-timeout S]
         [--timeout-scale F] [--jobs N] [--backend highs] [--baseline plain] [--out PATH.json]
+        [--instances SUBSET.csv] [--bab-options JSON]
 
 Writes PATH.json (summary, per-instance rows, machine) and PATH.csv (one row per instance).
 """
@@ -72,7 +73,10 @@ def _run(args, console, label: str, options: dict | None):
                       f" (consensus {r.consensus or '-'}){flag}")
 
     t0 = time.perf_counter()
-    rows = run_suite(args.bench_dir, jobs=args.jobs, filter=args.filter, network=args.network,
+    gt_file = instances_path(args.bench_dir).parent / "ground_truth.csv"
+    rows = run_suite(args.bench_dir, instances=args.instances, jobs=args.jobs, filter=args.filter,
+                     network=args.network,
+                     ground_truth=gt_file if gt_file.is_file() else None,
                      timeout_scale=args.timeout_scale, max_timeout=args.max_timeout, backend=args.backend,
                      options=options, on_start=on_start, on_result=on_result)
     return rows, time.perf_counter() - t0
@@ -132,6 +136,12 @@ def main() -> None:
     ap.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH)
     ap.add_argument("--network", default=None, help="only networks whose file name contains this, e.g. 256x2")
     ap.add_argument("--filter", default=None, help="only instances whose 'network/property' contains this")
+    ap.add_argument("--instances", type=Path, default=None,
+                    help="an instances CSV (onnx, vnnlib, timeout; paths relative to --bench-dir) to run instead of "
+                         "the folder's, e.g. a fixed subset of hard instances")
+    ap.add_argument("--bab-options", default=None,
+                    help="JSON dict of options for ReLU branch and bound (verify's bab_options=), e.g. "
+                         "'{\"iters\": 20}'")
     ap.add_argument("--max-timeout", type=float, default=None, help="cap every time limit (seconds)")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every time limit")
     ap.add_argument("--jobs", type=int, default=1, help="instances in parallel (processes)")
@@ -159,6 +169,8 @@ def main() -> None:
     gt = read_ground_truth(gt_file) if gt_file.is_file() else {}
     machine = _machine()
     main_opts = {"complete": args.complete, "device": args.device}
+    if args.bab_options:
+        main_opts["bab_options"] = json.loads(args.bab_options)
     rows, wall = _run(args, console, f"mipprune (bounds → attack → LP → {args.complete}: MILP or BaB)", main_opts)
     summary = summarize(rows, gt)
     title = f"{args.bench_dir.name}, {len(rows)} instances" + (f" ({args.network})" if args.network else "")

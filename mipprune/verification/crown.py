@@ -355,6 +355,83 @@ def crown_intermediate(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor, start_
     return lower, upper
 
 
+def split_intermediate(net: TorchNet, root_lower, root_upper, splits: dict, lo: torch.Tensor, hi: torch.Tensor,
+                       rows: list | None = None, alphas: dict | None = None):
+    """Pre-activation bounds of split sub-domains, recomputed below the first split (β-CROWN's
+    intermediate-bound update): block ``i`` is re-bounded by backward CROWN over the domain's
+    (already recomputed, split-applied) bounds of blocks ``< i`` when some domain has a split in a
+    block ``< i``, and intersected with the root's; only neurons ``rows[i]`` (a long tensor, e.g. the
+    root's unstable ones: the others are stable on every sub-domain and keep the root's bounds) are
+    re-bounded. ``root_lower[i]`` (1 or D, n_i) for the ReLU/pool blocks ``i < L−1``; ``splits``
+    dict block → (D, n_i) in {−1, 0, +1}. ``alphas`` (optional): block ``i`` → dict ``j`` → lower
+    slopes (D, 2|rows[i]|, n_j) for the rows of block ``i`` (α-CROWN intermediate slopes).
+    Returns lists ``lower, upper`` of (D, n_i), splits applied."""
+    D = lo.shape[0]
+    lower, upper = [], []
+    first = None
+    for j in sorted(splits):
+        if bool((splits[j] != 0).any()):
+            first = j
+            break
+    for i in range(len(root_lower)):
+        l, u = root_lower[i].expand(D, -1), root_upper[i].expand(D, -1)
+        idx = None if rows is None else rows[i]
+        if first is not None and i > first and (idx is None or idx.numel()) and net.is_relu(i):
+            n = net.W[i].shape[0]
+            if idx is None:
+                idx = torch.arange(n, device=net.device)
+            k = idx.numel()
+            E = torch.zeros(k, n, dtype=net.dtype, device=net.device)
+            E[torch.arange(k, device=net.device), idx] = 1.0
+            C = torch.cat([E, -E], 0).expand(D, 2 * k, n)
+            lb = backward_bound(net, lower, upper, C, torch.zeros(D, 2 * k, dtype=net.dtype, device=net.device),
+                                lo, hi, layer=i, alphas=None if alphas is None else alphas.get(i))[0]
+            cl, cu = _loosen(lb[:, :k], -lb[:, k:])
+            l, u = l.clone(), u.clone()
+            l[:, idx] = torch.maximum(l[:, idx], cl)
+            u[:, idx] = torch.minimum(u[:, idx], cu)
+        if i in splits:
+            l, u = apply_splits(l, u, splits[i])
+        lower.append(torch.minimum(l, u))
+        upper.append(u)
+    return lower, upper
+
+
+def optimized_intermediate(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor, lower, upper, *, iters: int = 20,
+                           lr: float = 0.1, deadline: float | None = None):
+    """α-CROWN bounds of the hidden ReLU blocks' unstable neurons, block by block (each block's new
+    bounds serve the next): rows ``±e_j`` of block ``i``'s unstable neurons with their own lower
+    slopes on every block ``< i``, ``iters`` Adam steps each (every iterate sound), intersected with
+    the given ``lower``/``upper`` (lists of (1, n_i) for blocks ``0 … L−2``) and loosened by
+    :func:`slack`. A cheap stand-in for per-neuron LPs (which it approaches as it converges).
+    Returns new lists and the number of blocks done before ``deadline``."""
+    import time
+
+    lower, upper = [t.clone() for t in lower], [t.clone() for t in upper]
+    done = 1
+    for i in range(1, len(lower)):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        done = i + 1
+        if not net.is_relu(i):
+            continue
+        idx = torch.nonzero((lower[i][0] < 0) & (upper[i][0] > 0))[:, 0]
+        k = idx.numel()
+        if not k:
+            continue
+        n = net.W[i].shape[0]
+        E = torch.zeros(k, n, dtype=net.dtype, device=net.device)
+        E[torch.arange(k, device=net.device), idx] = 1.0
+        C = torch.cat([E, -E], 0)[None]
+        lb = optimize_bound(net, lower, upper, C, torch.zeros(1, 2 * k, dtype=net.dtype, device=net.device), lo, hi,
+                            iters=iters, lr_alpha=lr, deadline=deadline, layer=i)[0]
+        cl, cu = _loosen(lb[:, :k], -lb[:, k:])
+        lower[i][:, idx] = torch.maximum(lower[i][:, idx], cl)
+        upper[i][:, idx] = torch.minimum(upper[i][:, idx], cu)
+        lower[i] = torch.minimum(lower[i], upper[i])
+    return lower, upper, done
+
+
 def apply_splits(l: torch.Tensor, u: torch.Tensor, split: torch.Tensor):
     """Active (+1) ⇒ ``l = max(l, 0)``; inactive (−1) ⇒ ``u = min(u, 0)``."""
     return torch.where(split > 0, l.clamp(min=0), l), torch.where(split < 0, u.clamp(max=0), u)
@@ -369,6 +446,13 @@ class _Ascent:
     def __init__(self, groups, betas=(0.9, 0.999), eps=1e-8):
         self.groups, (self.b1, self.b2), self.eps, self.t = groups, betas, eps, 0
         self.state = [[(torch.zeros_like(p), torch.zeros_like(p)) for p in g["params"]] for g in groups]
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep only the rows ``mask`` (along dim 0) of every parameter and its moments; the
+        parameters become new leaf tensors (read them back from ``groups``)."""
+        for g, st in zip(self.groups, self.state):
+            g["params"] = [p.detach()[mask].requires_grad_(True) for p in g["params"]]
+            st[:] = [(m[mask], v[mask]) for m, v in st]
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -390,22 +474,33 @@ class _Ascent:
 
 def optimize_bound(net: TorchNet, lower, upper, C: torch.Tensor, c0: torch.Tensor, lo: torch.Tensor,
                    hi: torch.Tensor, *, splits: dict | None = None, iters: int = 20, lr_alpha: float = 0.1,
-                   lr_beta: float = 0.05, alphas: dict | None = None, deadline: float | None = None):
+                   lr_beta: float = 0.05, alphas: dict | None = None, betas: dict | None = None,
+                   deadline: float | None = None, out: dict | None = None, layer: int | None = None):
     """α-CROWN (and β-CROWN when ``splits`` are given) lower bound of ``C z_L + c0``.
 
-    Starts from CROWN's slopes (or ``alphas``), runs ``iters`` Adam steps of projected gradient
-    ascent on the sum of the rows' bounds (rows already proven stop pulling), and keeps per row the
-    best bound seen (each iterate is sound). Returns ``(lb (D, m), argmin (D, m, n_0), Lam of the
-    first iterate, alphas)``; ``alphas`` can warm-start the children of a domain.
+    Starts from CROWN's slopes (or ``alphas``; β from 0 or ``betas``, warm starts from a parent
+    domain), runs ``iters`` Adam steps of projected gradient ascent on the sum of the rows' bounds
+    (rows already proven stop pulling), and keeps per row the best bound seen (each iterate is
+    sound: any α in [0, 1], any β >= 0). Returns ``(lb (D, m), argmin (D, m, n_0), Lam of the first
+    iterate, alphas)`` with the α of each row's best bound. ``out``, when given, receives the last
+    iterate's ``"alphas"`` and ``"betas"`` (block → (D, m, ·); the better warm start for a domain's
+    children, measured: the best iterate is often an early one) and the best bound's
+    ``"best_alphas"``, ``"best_betas"`` (for domains that left the batch once proven: their last). ``layer``:
+    bound ``C z_layer + c0`` instead of the output (intermediate bounds; α of blocks ``< layer``).
     """
     import time
 
     D, m = c0.shape
-    L = net.n_layers
+    L = net.n_layers if layer is None else layer + 1
+    warm = bool(alphas) or bool(betas)
     with torch.no_grad():
-        lb0, X0, Lam0 = backward_bound(net, lower, upper, C, c0, lo, hi)
-    best, best_X = lb0.clone(), X0
+        lb0, X0, Lam0 = backward_bound(net, lower, upper, C, c0, lo, hi, layer=layer, alphas=alphas if warm else None,
+                                       betas=betas if (warm and betas and splits) else None,
+                                       splits=splits if (warm and betas and splits) else None)
+    best, best_X = lb0.clone(), X0.clone()
     if iters <= 0 or bool(proven(best).all()):
+        if out is not None:
+            out["alphas"], out["betas"] = alphas or {}, betas or {}
         return best, best_X, Lam0, alphas
     params = []
     al = {}
@@ -424,26 +519,40 @@ def optimize_bound(net: TorchNet, lower, upper, C: torch.Tensor, c0: torch.Tenso
     if splits:
         for j, s in splits.items():
             if bool((s != 0).any()):
-                be[j] = torch.zeros(D, m, s.shape[1], dtype=net.dtype, device=net.device, requires_grad=True)
+                init = betas[j] if betas is not None and j in betas else torch.zeros(D, m, s.shape[1], dtype=net.dtype,
+                                                                                     device=net.device)
+                be[j] = init.detach().clone().requires_grad_(True)
     groups = []
     if al:
         groups.append({"params": list(al.values()), "lr": lr_alpha})
     if be:
         groups.append({"params": list(be.values()), "lr": lr_beta})
     if not groups:
+        if out is not None:
+            out["alphas"], out["betas"] = alphas or {}, betas or {}
         return best, best_X, Lam0, alphas
     opt = _Ascent(groups)
+    # ``full_*``: per domain and row the parameters of the best bound so far (warm starts of children);
+    # domains whose rows are all proven leave the batch
+    full_al = {j: p.detach().clone() for j, p in al.items()}
+    full_be = {j: p.detach().clone() for j, p in be.items()}
+    alive = torch.arange(D, device=c0.device)
+    sp = splits if be else None
     for _ in range(iters):
         if deadline is not None and time.perf_counter() > deadline:
             break
         opt.zero_grad()
-        lb, X, _ = backward_bound(net, lower, upper, C, c0, lo, hi, alphas=al, betas=be or None,
-                                  splits=splits if be else None)
+        lb, X, _ = backward_bound(net, lower, upper, C, c0, lo, hi, layer=layer, alphas=al, betas=be or None,
+                                  splits=sp)
         with torch.no_grad():
-            better = lb > best
-            best = torch.where(better, lb, best)
-            best_X = torch.where(better[..., None], X, best_X)
-        done = proven(best)
+            cur = best[alive]
+            better = lb > cur
+            best[alive] = torch.where(better, lb, cur)
+            best_X[alive] = torch.where(better[..., None], X, best_X[alive])
+            for full, cur_p in ((full_al, al), (full_be, be)):   # the parameters of each row's best bound
+                for j, p in cur_p.items():
+                    full[j][alive] = torch.where(better[..., None], p.detach(), full[j][alive])
+        done = proven(best[alive])
         if bool(done.all()):
             break
         # rows already proven stop pulling on the shared slopes
@@ -455,4 +564,19 @@ def optimize_bound(net: TorchNet, lower, upper, C: torch.Tensor, c0: torch.Tenso
                 p.clamp_(0, 1)
             for p in be.values():
                 p.clamp_(min=0)
-    return best.detach(), best_X.detach(), Lam0, {j: p.detach() for j, p in al.items()}
+        finished = done.all(dim=1)
+        if 4 * int(finished.sum()) >= finished.numel():   # shrink when a quarter is done
+            keep = ~finished
+            alive = alive[keep]
+            opt.keep(keep)
+            al = dict(zip(al, opt.groups[0]["params"])) if al else {}
+            be = dict(zip(be, opt.groups[-1]["params"])) if be else {}
+            lower, upper = [t[keep] for t in lower], [t[keep] for t in upper]
+            C, c0, lo, hi = C[keep], c0[keep], lo[keep], hi[keep]
+            if sp is not None:
+                sp = {j: t[keep] for j, t in sp.items()}
+    if out is not None:
+        out["alphas"] = {j: full_al[j].index_copy(0, alive, p.detach()) for j, p in al.items()}
+        out["betas"] = {j: full_be[j].index_copy(0, alive, p.detach()) for j, p in be.items()}
+        out["best_alphas"], out["best_betas"] = full_al, full_be
+    return best.detach(), best_X.detach(), Lam0, full_al
