@@ -24,9 +24,18 @@ exact solve (e.g. for a quick run); the target column then says whether the targ
 
 The baseline of the ratio columns is the exact solution of the same run: ``err / err_exact``.
 
+``--rows-per-column R`` samples n = R·d rows for every C instead of a fixed ``--n``: the bound depends on
+n/d (the whitened Gram's λ_min falls as n/d shrinks), and the default n = 5,000 is only 2.2·d at C = 256
+and 1.1·d at C = 512, while real calibration (images × positions) usually has many more rows.
+``--study --sdp --sdp-solver CLARABEL`` solves the SDP-optimal perspective by interior point (C <= 12 with
+``--m 8``); SCS does not converge on it, and a value outside [0, best] is reported as a failed solve.
+
     python benchmarks/bench_exact.py [--channels 64 128 256 512 1024] [--time-limit 300] [--threads 1]
                                      [--shifts block scalar] [--backends bnb highs scip]
-                                     [--recipe conv|factor] [--seeds 0] [--n N] [--m M] [--cols 9] [--out PATH]
+                                     [--recipe conv|factor] [--seeds 0] [--n N | --rows-per-column R]
+                                     [--m M] [--cols 9] [--out PATH]
+    python benchmarks/bench_exact.py --study [--channels 8 12] [--m 8] [--rows-per-column 2.2] [--sdp]
+                                     [--sdp-max 12] [--sdp-solver SCS|CLARABEL] [--study-exact 30]
     python benchmarks/bench_exact.py --scale [--scale-channels 2048 11008] [--time-limit 60] [--m 256]
 """
 from __future__ import annotations
@@ -150,13 +159,15 @@ def _root_bound(problem: SelectionProblem, w, t, k: int, iterations: int = 300) 
     return max(lb, 0.0) / problem.target_sq, z
 
 
-def _sdp_bound(w, k: int, time_limit: float) -> tuple[float, str]:
-    """Shor + perspective SDP (cvxpy/SCS): the ceiling of every block-shift perspective bound.
+def _sdp_bound(w, k: int, time_limit: float, solver: str = "SCS") -> tuple[float, str]:
+    """Shor + perspective SDP (cvxpy; SCS or Clarabel): the ceiling of every block-shift perspective bound.
 
     min err  s.t.  P ⪰ W Wᵀ,  P_gg ⪰ W_g W_gᵀ / z_g  (as 2×2 block LMIs),  Σ z <= k,  0 <= z <= 1,
     written around the full least-squares fit ``W* = M⁻¹B`` (``W = W* + Δ``, ``P = W*W*ᵀ + W*Δᵀ + ΔW*ᵀ + Π``)
     so that the objective ``err(all) + ⟨M, Π⟩`` has no cancellation (relative units, whitened
-    coordinates). An SCS value, not a certificate.
+    coordinates). A solver's value, not a certificate. SCS does not converge here beyond toy sizes (C = 32 3×3:
+    values outside [0, optimum] after 300–1200 s); Clarabel (interior point) does, but its dense KKT system
+    limits it to about C = 12 with m = 8 outputs (~3 min).
     """
     import warnings
 
@@ -180,7 +191,10 @@ def _sdp_bound(w, k: int, time_limit: float) -> tuple[float, str]:
     prob = cp.Problem(cp.Minimize(e0 + cp.trace(M @ Pi)), cons)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prob.solve(solver="SCS", eps=1e-8, max_iters=50000, time_limit_secs=time_limit)
+        if solver.upper() == "SCS":
+            prob.solve(solver="SCS", eps=1e-8, max_iters=50000, time_limit_secs=time_limit)
+        else:
+            prob.solve(solver=solver.upper(), time_limit=time_limit)
     return float(prob.value), str(prob.status)
 
 
@@ -203,6 +217,7 @@ def run_study(args) -> int:
     for C in args.channels:
         cols = 9 if args.cols is None else args.cols
         k = C // 2
+        n = n if args.rows_per_column is None else int(round(args.rows_per_column * C * cols))
         Z, Wt, Y, groups = layer_data(C, m, n, args.seeds[0], cols=cols)
         problem = SelectionProblem.from_data(Z, Y, groups, weights=Wt)
         with threadpool_limits(limits=args.threads):
@@ -212,7 +227,7 @@ def run_study(args) -> int:
                 best = min(best, res.objective)
             w = whiten(problem)
             lam = float(np.linalg.eigvalsh(w.M)[0])
-            row = {"C": C, "d": C * cols, "k": k, "best_error": best, "lambda_min_whitened": lam}
+            row = {"C": C, "d": C * cols, "n": n, "k": k, "best_error": best, "lambda_min_whitened": lam}
             t0 = _time.perf_counter()
             row["bvp"] = _root_bound(problem, w, np.full(C, 0.999 * lam), k)[0]
             t = ex.choose_shift(w)
@@ -236,17 +251,23 @@ def run_study(args) -> int:
             row["rank_bound"] = float(sv[k * cols:].sum() / sv.sum())
             if args.sdp and C <= args.sdp_max:
                 t0 = _time.perf_counter()
-                row["sdp"], row["sdp_status"] = _sdp_bound(w, k, args.sdp_time)
+                row["sdp"], row["sdp_status"] = _sdp_bound(w, k, args.sdp_time, args.sdp_solver)
                 row["time_sdp"] = _time.perf_counter() - t0
+                # every set of k channels is feasible for the SDP, so its optimum lies in [0, best]:
+                # a value outside is SCS not converging (seen at C = 32 after 300 s: 1.79 × best)
+                if not (0.0 <= row["sdp"] <= best * (1 + 1e-6)):
+                    row["sdp_status"] = f"failed: {row['sdp_status']}, value {row['sdp']:.3g}"
+                    row["sdp"] = None
         rows.append(row)
         print(row, flush=True)
-    table = Table(title=f"Root bound / best known error (gap = 1 − ratio), conv recipe 3×3, k = C/2, m = {m}, n = {n}")
-    for col in ("C", "best error", "λ_min(M)", "BVP dual (t=λ_min)", "perspective scalar", "perspective block",
-                "SDP (SCS)", "rank bound", "min Σz on a row"):
+    table = Table(title=f"Root bound / best known error (gap = 1 − ratio), conv recipe {cols} column(s) per channel, "
+                        f"k = C/2, m = {m}")
+    for col in ("C", "n", "n/d", "best error", "λ_min(M)", "BVP dual (t=λ_min)", "perspective scalar", "perspective block",
+                f"SDP ({args.sdp_solver})", "rank bound", "min Σz on a row"):
         table.add_column(col, justify="right")
     for r in rows:
         f = lambda key: "-" if r.get(key) is None else f"{r[key] / r['best_error']:.3f}"  # noqa: E731
-        table.add_row(str(r["C"]), f"{r['best_error']:.6f}", f"{r['lambda_min_whitened']:.3g}", f("bvp"), f("scalar"),
+        table.add_row(str(r["C"]), str(r["n"]), f"{r['n'] / r['d']:.2f}", f"{r['best_error']:.6f}", f"{r['lambda_min_whitened']:.3g}", f("bvp"), f("scalar"),
                       f("block"), f("sdp") + ("" if "sdp_status" not in r else f" ({r['sdp_status']})"),
                       f("rank_bound"), f"{r['rank_one_min_support_z']:.1f}")
     Console(width=170).print(table)
@@ -268,7 +289,7 @@ def synthetic_layer(C: int, cols: int, m: int, n: int, seed: int) -> SelectionPr
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256], choices=sorted(SETTINGS) + [16, 32])
+    ap.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256], choices=sorted(SETTINGS) + [8, 12, 16, 32])
     ap.add_argument("--shifts", nargs="+", default=["block"], choices=["block", "scalar"],
                     help="exact's perspective shifts, one exact run each (scalar: the bound before issue 15)")
     ap.add_argument("--bounds", nargs="+", default=["conditional"], choices=["conditional", "perspective"],
@@ -280,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--study-block-steps", type=int, default=60, help="study: block-shift ascent steps")
     ap.add_argument("--sdp", action="store_true", help="study: also solve the Shor + perspective SDP (SCS)")
     ap.add_argument("--sdp-max", type=int, default=32, help="study: largest C given the SDP")
+    ap.add_argument("--sdp-solver", default="SCS", choices=["SCS", "CLARABEL"], help="study: the SDP's solver")
     ap.add_argument("--sdp-time", type=float, default=600.0, help="study: SCS time limit (s)")
     ap.add_argument("--scale-channels", type=int, nargs="+", default=[2048, 11008])
     ap.add_argument("--scale-methods", nargs="+", default=list(SCALE_METHODS))
@@ -287,6 +309,8 @@ def main(argv=None) -> int:
                     help="--scale: channel counts with 9 columns (3×3 kernels) each")
     ap.add_argument("--recipe", choices=["conv", "factor"], default="conv", help="synthetic layer generator")
     ap.add_argument("--n", type=int, default=None, help="sampled positions (rows of Z); conv 5000, factor 1000")
+    ap.add_argument("--rows-per-column", type=float, default=None,
+                    help="instead of --n: n = this × d for every C (keeps n/d fixed; the bound depends on it)")
     ap.add_argument("--m", type=int, default=None, help="output channels; conv 64, factor 8")
     ap.add_argument("--cols", type=int, default=None,
                     help="columns per channel for every C (default 9: 3×3 kernels)")
@@ -320,12 +344,13 @@ def main(argv=None) -> int:
         limit = target_limit if args.time_limit is None else min(target_limit, args.time_limit)
         for seed in args.seeds:
             k = C // 2
+            n = args.n if args.rows_per_column is None else int(round(args.rows_per_column * C * cols))
             if args.recipe == "conv":
-                problem = synthetic_layer(C, cols, args.m, args.n, seed)
+                problem = synthetic_layer(C, cols, args.m, n, seed)
             else:
                 from tests.solvers.selection.bank import make_problem
 
-                problem = make_problem(C, cols, args.m, args.n, seed=seed)
+                problem = make_problem(C, cols, args.m, n, seed=seed)
             results = {}
             with threadpool_limits(limits=args.threads):
                 for backend in args.backends:
@@ -343,7 +368,7 @@ def main(argv=None) -> int:
                     results[method] = (res, time.perf_counter() - t0)
             ref = min(r.objective for name, (r, _) in results.items() if name.startswith("exact"))
             for name, (res, wall) in results.items():
-                row = {"recipe": args.recipe, "C": C, "k": k, "cols_per_channel": cols, "d": C * cols, "m": args.m, "n": args.n,
+                row = {"recipe": args.recipe, "C": C, "k": k, "cols_per_channel": cols, "d": C * cols, "m": args.m, "n": n,
                        "seed": seed, "method": name, "error": res.objective, "wall_s": wall,
                        "ratio_to_exact": res.objective / ref if ref > 0 else float("nan"),
                        "status": str(res.status), "bound": res.bound, "gap": res.gap,
@@ -353,13 +378,15 @@ def main(argv=None) -> int:
                                target_met=bool(res.gap is not None and res.gap <= target_gap
                                                and wall <= target_limit + 1.0),
                                root_bound=res.info.get("root_bound"), root_bound_scalar=res.info.get("root_bound_scalar"),
-                               shift_time=res.info.get("shift_time"), best_from=res.info.get("best_from"),
+                               shift_time=res.info.get("shift_time"), shift_steps=res.info.get("shift_steps"),
+                               shift_used=res.info.get("shift_used"), best_from=res.info.get("best_from"),
                                incumbents=res.info.get("incumbents"))
                 rows.append(row)
 
-    table = Table(title=f"Exact vs heuristic channel selection ({args.recipe} recipe), k = C/2, m={args.m}, n={args.n}, "
+    n_text = f"n={args.n}" if args.rows_per_column is None else f"n={args.rows_per_column:g}·d"
+    table = Table(title=f"Exact vs heuristic channel selection ({args.recipe} recipe), k = C/2, m={args.m}, {n_text}, "
                         f"{args.threads} BLAS thread(s); ratio = error / exact error of the same run")
-    for col in ("C", "d", "seed", "method", "error", "ratio", "time s", "status", "root (scalar)", "root (used)",
+    for col in ("C", "d", "n", "seed", "method", "error", "ratio", "time s", "status", "root (scalar)", "root (used)",
                 "bound", "gap", "nodes", "target"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -369,7 +396,7 @@ def main(argv=None) -> int:
             target = (f"{'met' if r['target_met'] else 'MISSED'} (gap<={r['target_gap']:.2%} "
                       f"in {r['target_time_s']:.0f}s"
                       + (f"; run capped at {r['time_limit']:.0f}s)" if r["time_limit"] < r["target_time_s"] else ")"))
-        table.add_row(str(r["C"]), str(r["d"]), str(r["seed"]), r["method"], f"{r['error']:.6f}",
+        table.add_row(str(r["C"]), str(r["d"]), str(r["n"]), str(r["seed"]), r["method"], f"{r['error']:.6f}",
                       f"{r['ratio_to_exact']:.4f}", f"{r['wall_s']:.2f}", r["status"],
                       "" if r.get("root_bound_scalar") is None else f"{r['root_bound_scalar']:.6f}",
                       "" if r.get("root_bound") is None else f"{r['root_bound']:.6f}",
