@@ -155,7 +155,8 @@ def _cpu_seconds() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def lasso_run(model: nn.Module, size: int, n_images: int, target: float, log: Path) -> dict:
+def lasso_run(model: nn.Module, size: int, n_images: int, target: float, log: Path,
+              max_memory: int | None = None) -> dict:
     """``ChannelSelector("lasso", flops=target)`` on ``n_images`` random calibration images: seconds and
     peak resident memory (sampled every 2 s into ``log`` as well, so a run stopped by a time box still
     tells how far it got and what it held)."""
@@ -194,7 +195,8 @@ def lasso_run(model: nn.Module, size: int, n_images: int, target: float, log: Pa
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     x = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(0))
-    sel = ChannelSelector("lasso", flops=target, progress=True).fit(model, make_loader(x, batch_size=32))
+    kw = {} if max_memory is None else {"max_memory": max_memory}
+    sel = ChannelSelector("lasso", flops=target, progress=True, **kw).fit(model, make_loader(x, batch_size=32))
     elapsed = time.perf_counter() - t0
     stop.set()
     thread.join()
@@ -488,6 +490,9 @@ def main() -> None:
                         help="FLOPs fractions to keep (e.g. 0.5,0.25): both tools land each target (ours: uniform "
                              "widths from the cost polynomial; TP: bisected ratio) instead of removing half the "
                              "channels; writes bench_zoo_flops.json")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                        help="--lasso: ChannelSelector's max_memory (statistics, activation cache, recorded "
+                             "targets) in GiB; the process also holds torch, the model and the images")
     parser.add_argument("--lasso", type=int, default=None, metavar="N",
                         help="instead: ChannelSelector('lasso', flops=first target) on N random calibration images "
                              "per model, seconds and peak memory; writes bench_zoo_lasso_<model>_<size>.json")
@@ -522,18 +527,20 @@ def main() -> None:
         for name in args.models.split(","):
             torch.manual_seed(0)  # reproducible random init
             model = getattr(tv.models, name)(num_classes=10).eval()  # as issue 12's zoo: 10 classes, random init
-            stem = f"bench_zoo_lasso_{name}_{args.size}_{args.lasso}"
+            stem = f"bench_zoo_lasso_{name}_{args.size}_{args.lasso}" + (f"_mem{args.max_memory:g}" if args.max_memory else "")
             log = out / f"{stem}.log"
             log.write_text("")
             print(f"{name} {args.size}x{args.size}, lasso, flops={targets[0]}, {args.lasso} images "
                   f"(memory/progress log: {log})", flush=True)
-            r = lasso_run(model, args.size, args.lasso, targets[0], log)
+            r = lasso_run(model, args.size, args.lasso, targets[0], log,
+                          None if args.max_memory is None else int(args.max_memory * 2**30))
             print(f"{name:20s} lasso: {r['time']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, FLOPs "
                   f"{r['achieved_ratio']:.4f} (in window: {r['in_window']}), curves {r['curve_time']:.0f} s, "
                   f"captures {r['capture_time']:.0f} s, selections {r['select_time']:.0f} s, surgery "
                   f"{r['surgery_time']:.0f} s, CPU {r['cpu_time']:.0f} s, load average {r['load_average'][0]:.1f}",
                   flush=True)
             (out / f"{stem}.json").write_text(json.dumps(dict(meta, model=name, images=args.lasso, target=targets[0],
+                                                               max_memory_gib=args.max_memory,
                                                                **r), indent=2))
         return
     if args.targets:

@@ -212,10 +212,15 @@ class SelectionProblem:
         if W.shape != self.cross.shape:
             raise InvalidInputError(f"weights must have shape {self.cross.shape}; got {W.shape}")
         rows = np.flatnonzero(np.any(W != 0, axis=1))
-        if rows.size < W.shape[0]:  # pruned weights: only the kept rows of G matter
-            Wr, G, B = W[rows], self.gram[np.ix_(rows, rows)], self.cross[rows]
+        return self._error_on(rows, W[rows] if rows.size < W.shape[0] else W)
+
+    def _error_on(self, rows: np.ndarray, Wr: np.ndarray) -> float:
+        """:meth:`error_of` of weights that are zero outside ``rows`` (sorted) and ``Wr`` on them: only
+        the kept rows of ``G`` are read (pruned weights)."""
+        if rows.size < self.gram.shape[0]:
+            G, B = self.gram[np.ix_(rows, rows)], self.cross[rows]
         else:
-            Wr, G, B = W, self.gram, self.cross
+            G, B = self.gram, self.cross
         blocks = diagonal_blocks(G) if G.shape[0] > 512 else [(0, G.shape[0])]
         quad = 0.0
         for a, b in blocks:  # a block-diagonal G (a group's consumers): each block on its own outputs
@@ -230,12 +235,12 @@ class SelectionProblem:
         """Relative reconstruction error of keeping the channels in ``mask``.
 
         With ``refit=True`` (default) the kept weights are refitted by least squares; with
-        ``refit=False`` the current weights are kept and the dropped rows zeroed.
+        ``refit=False`` the current weights are kept and the dropped rows zeroed (without a d×m copy).
         """
         if refit:
             return self.error_of(self.refit(mask))
-        W = self.weights * self.column_mask(mask)[:, None]
-        return self.error_of(W)
+        rows = np.flatnonzero(self.column_mask(mask) & np.any(self.weights != 0, axis=1))
+        return self._error_on(rows, self.weights[rows])
 
     def channel_norms(self, ord: int = 1) -> np.ndarray:
         """Per-channel norm (C,) of the current weights (L1 by default: sum of |w| over the group)."""
