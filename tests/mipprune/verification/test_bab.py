@@ -31,15 +31,20 @@ def _case(seed, eps, sizes):
 CASES = [(s, e) for s in range(6) for e in (0.1, 0.3)]
 
 
-@pytest.mark.parametrize("seed,eps", CASES)
-def test_relu_and_input_bab_agree_with_brute_force(seed, eps):
+def brute_force_case(seed, eps):
+    """A small net and property with its exact minimum margin (skipped on the decision boundary),
+    its affine/ReLU blocks, CROWN bounds and every disjunct: what a BaB-vs-brute-force test needs."""
     net, spec = _case(seed, eps, (3, 5, 4, 4, 3))
     truth = exact_min_margin(net, spec)
     if abs(truth) < 1e-6:
         pytest.skip("on the decision boundary")
-    blocks = net.to_affine_relu()
     b = compute_bounds(net, spec.lower, spec.upper, "crown")
-    disj = list(range(len(spec.disjuncts)))
+    return net, spec, truth, net.to_affine_relu(), b, list(range(len(spec.disjuncts)))
+
+
+@pytest.mark.parametrize("seed,eps", CASES)
+def test_relu_and_input_bab_agree_with_brute_force(seed, eps):
+    net, spec, truth, blocks, b, disj = brute_force_case(seed, eps)
     for r in (relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 30),
               input_bab(net, spec, blocks, disj, deadline=time.perf_counter() + 30)):
         if truth > 0:

@@ -15,7 +15,7 @@ from mipprune.verification.bab import relu_bab
 from mipprune.verification.bounds import compute_bounds
 from mipprune.verification.verify import verify
 from solvers.errors import InvalidInputError
-from tests.mipprune.verification.test_bab import _case
+from tests.mipprune.verification.test_bab import _case, brute_force_case
 from tests.mipprune.verification.test_bounds import preactivations, random_net, sample_region
 from tests.mipprune.verification.test_verify import exact_min_margin
 
@@ -110,13 +110,7 @@ OPTIONS = [{"candidates": 4}, {"intermediate": True}, {"iters": 3, "candidates":
 
 @pytest.mark.parametrize("seed,eps", [(s, e) for s in range(4) for e in (0.1, 0.3)])
 def test_relu_bab_options_agree_with_brute_force(seed, eps):
-    net, spec = _case(seed, eps, (3, 5, 4, 4, 3))
-    truth = exact_min_margin(net, spec)
-    if abs(truth) < 1e-6:
-        pytest.skip("on the decision boundary")
-    blocks = net.to_affine_relu()
-    b = compute_bounds(net, spec.lower, spec.upper, "crown")
-    disj = list(range(len(spec.disjuncts)))
+    net, spec, truth, blocks, b, disj = brute_force_case(seed, eps)
     for opts in OPTIONS:
         r = relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 20, **opts)
         if truth > 0:
