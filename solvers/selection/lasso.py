@@ -53,9 +53,10 @@ LAMBDA_FLOOR_REL = 1e-8
 # another, neither interruptible (measured: 77 s per solve + 107 s of path prediction at C = 2048).
 FISTA_MIN_CHANNELS = 1024
 # Floating-point work one prediction of the path may spend (triangular solves and Q_jA products,
-# counted): walking from λ_max to k = 1,024 of 2,048 channels is ~5·10⁹ (seconds); past this the
-# predictor declines and the search bisects on solver calls, which its next, shorter walks refine.
-PREDICT_WORK = 2e10
+# counted): walking from λ_max to k = 1,024 of 2,048 channels is ~5·10⁹ (seconds), to 2,048 of 4,096
+# (VGG's classifier) ~2.3·10¹⁰; past this the predictor declines and the search bisects on solver
+# calls (FISTA at C = 4,096: minutes each), which its next, shorter walks refine.
+PREDICT_WORK = 1e11
 # FISTA stops when no scaling moved by more than this (relative to the largest) in one step.
 FISTA_TOL = 1e-10
 FISTA_MAX_ITERS = 200_000
