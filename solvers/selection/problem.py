@@ -40,6 +40,12 @@ def _symmetric(G: np.ndarray, block: int = 1024) -> np.ndarray:
     return out
 
 
+def _solve_blocks(G: np.ndarray) -> list[tuple[int, int]]:
+    """The diagonal blocks a refit or an error evaluation of ``G`` works on: searched only above 512
+    columns, where one Cholesky or product of the whole costs more than the scan."""
+    return diagonal_blocks(G) if G.shape[0] > 512 else [(0, G.shape[0])]
+
+
 def solve_psd(G: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``G⁻¹B`` for a PSD ``G``: Cholesky, checked (it can "succeed" on a numerically singular ``G``
     with a garbage answer), else minimum-norm least squares (dead channels, too few samples)."""
@@ -195,7 +201,7 @@ class SelectionProblem:
         if ridge:
             G = G + ridge * np.eye(G.shape[0])
         B = self.cross[cols]
-        blocks = diagonal_blocks(G) if G.shape[0] > 512 else [(0, G.shape[0])]
+        blocks = _solve_blocks(G)
         if len(blocks) > 1:
             # independent diagonal blocks (a channel group's consumers): one small solve each, the
             # same least squares at a fraction of one Cholesky of the whole
@@ -221,7 +227,7 @@ class SelectionProblem:
             G, B = self.gram[np.ix_(rows, rows)], self.cross[rows]
         else:
             G, B = self.gram, self.cross
-        blocks = diagonal_blocks(G) if G.shape[0] > 512 else [(0, G.shape[0])]
+        blocks = _solve_blocks(G)
         quad = 0.0
         for a, b in blocks:  # a block-diagonal G (a group's consumers): each block on its own outputs
             Wb = Wr[a:b]
