@@ -113,6 +113,7 @@ class SelectionProblem:
             if np.any(~np.isfinite(c)) or np.any(c < 0):
                 raise InvalidInputError("costs must be finite and >= 0; got negative or non-finite entries")
         self.gram = _symmetric(G)
+        self._block_cache = None
         self.cross = B
         self.target_sq = target_sq
         self.groups = g
@@ -187,29 +188,40 @@ class SelectionProblem:
         return self.check_mask(mask)[self.groups]
 
     # ------------------------------------------------------------------ evaluation
+    def _blocks(self) -> list[tuple[int, int, np.ndarray]]:
+        """``[(start, stop, outputs)]``: the diagonal blocks of the Gram (:func:`_solve_blocks`, found
+        once) and the output columns each block's cross statistics use. A channel group's joint problem
+        is block-diagonal, one block per consumer: refits and error evaluations work block by block on
+        the block's own outputs, and no d×d or d×m temporary of the kept part is formed (at ResNet-50's
+        stage-3 group, a 7,168-column problem with 3,840 outputs, those were 0.4 GB per call)."""
+        if self._block_cache is None:
+            blocks = _solve_blocks(self.gram)
+            if len(blocks) == 1:
+                self._block_cache = [(0, self.gram.shape[0], slice(None))]
+            else:
+                self._block_cache = [(a, b, np.flatnonzero(np.any(self.cross[a:b] != 0, axis=0)))
+                                     for a, b in blocks]
+        return self._block_cache
+
     def refit(self, mask, ridge: float = 0.0) -> np.ndarray:
         """Least-squares weights (d×m) on the kept columns, zeros on the others.
 
         Solves ``(G_SS + ridge·I) W_S = B_S`` (Cholesky; minimum-norm least squares when
-        ``G_SS`` is singular, e.g. for dead channels).
+        ``G_SS`` is singular, e.g. for dead channels), one diagonal block of ``G`` at a time.
         """
         cols = self.column_mask(mask)
         W = np.zeros_like(self.cross)
-        if not cols.any():
-            return W
-        G = self.gram[np.ix_(cols, cols)]
-        if ridge:
-            G = G + ridge * np.eye(G.shape[0])
-        B = self.cross[cols]
-        blocks = _solve_blocks(G)
-        if len(blocks) > 1:
-            # independent diagonal blocks (a channel group's consumers): one small solve each, the
-            # same least squares at a fraction of one Cholesky of the whole
-            idx = np.flatnonzero(cols)
-            for a, b in blocks:
-                W[idx[a:b]] = solve_psd(G[a:b, a:b], B[a:b])
-            return W
-        W[cols] = solve_psd(G, B)
+        for a, b, outs in self._blocks():
+            idx = a + np.flatnonzero(cols[a:b])
+            if not idx.size:
+                continue
+            G = self.gram[np.ix_(idx, idx)]
+            if ridge:
+                G[np.diag_indices_from(G)] += ridge
+            if isinstance(outs, slice):
+                W[idx] = solve_psd(G, self.cross[idx])
+            elif outs.size:  # the block's own outputs: its weights are zero on the others
+                W[np.ix_(idx, outs)] = solve_psd(G, self.cross[np.ix_(idx, outs)])
         return W
 
     def error_of(self, weights) -> float:
@@ -217,24 +229,24 @@ class SelectionProblem:
         W = np.asarray(weights, dtype=np.float64)
         if W.shape != self.cross.shape:
             raise InvalidInputError(f"weights must have shape {self.cross.shape}; got {W.shape}")
-        rows = np.flatnonzero(np.any(W != 0, axis=1))
-        return self._error_on(rows, W[rows] if rows.size < W.shape[0] else W)
+        return self._error_on(np.flatnonzero(np.any(W != 0, axis=1)), W)
 
-    def _error_on(self, rows: np.ndarray, Wr: np.ndarray) -> float:
-        """:meth:`error_of` of weights that are zero outside ``rows`` (sorted) and ``Wr`` on them: only
-        the kept rows of ``G`` are read (pruned weights)."""
-        if rows.size < self.gram.shape[0]:
-            G, B = self.gram[np.ix_(rows, rows)], self.cross[rows]
-        else:
-            G, B = self.gram, self.cross
-        blocks = _solve_blocks(G)
-        quad = 0.0
-        for a, b in blocks:  # a block-diagonal G (a group's consumers): each block on its own outputs
-            Wb = Wr[a:b]
-            if len(blocks) > 1:
-                Wb = Wb[:, np.flatnonzero(np.any(Wb != 0, axis=0))]
-            quad += float(np.sum(Wb * chunked_product(G[a:b, a:b], Wb)))
-        sq = self.target_sq - 2.0 * np.sum(Wr * B) + quad
+    def _error_on(self, rows: np.ndarray, W: np.ndarray) -> float:
+        """:meth:`error_of` of ``W`` (d×m) on its rows ``rows`` (sorted), taken as zero elsewhere: only
+        the kept rows of ``G`` are read (pruned weights), one diagonal block at a time."""
+        quad = lin = 0.0
+        for a, b, _outs in self._blocks():
+            idx = rows[(rows >= a) & (rows < b)]
+            if not idx.size:
+                continue
+            Wb = W[a:b] if idx.size == b - a else W[idx]
+            lin += float(np.sum(Wb * (self.cross[a:b] if idx.size == b - a else self.cross[idx])))
+            used = np.flatnonzero(np.any(Wb != 0, axis=0))  # the block's outputs (a group's consumer)
+            if used.size < Wb.shape[1]:
+                Wb = Wb[:, used]
+            G = self.gram[np.ix_(idx, idx)] if idx.size < b - a else self.gram[a:b, a:b]
+            quad += float(np.sum(Wb * chunked_product(G, Wb)))
+        sq = self.target_sq - 2.0 * lin + quad
         return max(0.0, float(sq)) / self.target_sq
 
     def error(self, mask, *, refit: bool = True) -> float:
@@ -246,7 +258,7 @@ class SelectionProblem:
         if refit:
             return self.error_of(self.refit(mask))
         rows = np.flatnonzero(self.column_mask(mask) & np.any(self.weights != 0, axis=1))
-        return self._error_on(rows, self.weights[rows])
+        return self._error_on(rows, self.weights)
 
     def channel_norms(self, ord: int = 1) -> np.ndarray:
         """Per-channel norm (C,) of the current weights (L1 by default: sum of |w| over the group)."""
