@@ -120,10 +120,14 @@ def tp_flops(model: nn.Module, x: torch.Tensor, target: float, tries: int = 14) 
     import torch_pruning as tp
     from mipprune.train import count_flops
 
+    from benchmarks.tp_ratio import bisect_ratio
+
     t0 = time.perf_counter()
     f0 = count_flops(model, tuple(x.shape[1:]))
-    lo, hi, r, best, n, groups, t_groups = 0.0, 0.999, 1.0 - target ** 0.5, None, 0, None, 0.0
-    for n in range(1, tries + 1):
+    groups, t_groups = None, 0.0
+
+    def flops_at(r):
+        nonlocal groups, t_groups
         m = copy.deepcopy(model)
         last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1:] or \
                [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)][-1:]
@@ -135,17 +139,13 @@ def tp_flops(model: nn.Module, x: torch.Tensor, target: float, tries: int = 14) 
                                                        root_module_types=[nn.Conv2d, nn.Linear])))
             t_groups = time.perf_counter() - tg
         pruner.step()
-        ratio = count_flops(m, tuple(x.shape[1:])) / f0
-        if ratio <= target:
-            hi, best = r, m
-            if ratio >= 0.995 * target:
-                break
-        else:
-            lo = r
-        r = (lo + hi) / 2
+        return m, count_flops(m, tuple(x.shape[1:])) / f0
+
+    best, n = bisect_ratio(flops_at, target, tries)
     if best is None:
         raise RuntimeError(f"no ratio reached FLOPs <= {target} in {tries} tries")
-    return {"tries": n, "ratio": hi, "groups": groups, "time": time.perf_counter() - t0 - t_groups, "pruned": best}
+    return {"tries": n, "ratio": best[0], "groups": groups, "time": time.perf_counter() - t0 - t_groups,
+            "pruned": best[2]}
 
 
 def _cpu_seconds() -> float:

@@ -234,26 +234,16 @@ def tp_prune(model, ratio: float, importance: str, xc, yc, args) -> tuple[nn.Mod
 def tp_ratio_for(model, target: float, xc, yc, f0: int, args) -> tuple[float, float, int]:
     """(channel ratio, FLOPs ratio, tries): the smallest uniform ratio whose FLOPs are ≤ target·dense
     (bisection; stops early inside [0.995·target, target])."""
+    from benchmarks.tp_ratio import bisect_ratio
     from mipprune.train import count_flops
 
-    lo, hi = 0.0, 0.999  # FLOPs(lo) > target ≥ FLOPs(hi) is assumed (checked at hi)
-    best = None
-    tries = 0
-    r = 1.0 - target ** 0.5  # FLOPs ≈ (1 − r)² for convolutions between pruned groups
-    for _ in range(args.tp_bisect):
-        tries += 1
+    def flops_at(r):
         m, _ = tp_prune(model, r, "magnitude", xc, yc, args)
-        ratio = count_flops(m, INPUT) / f0
-        if ratio <= target:
-            hi, best = r, (r, ratio)
-            if ratio >= 0.995 * target:
-                break
-        else:
-            lo = r
-        r = (lo + hi) / 2
-    if best is None:
-        m, _ = tp_prune(model, hi, "magnitude", xc, yc, args)
-        best = (hi, count_flops(m, INPUT) / f0)
+        return None, count_flops(m, INPUT) / f0
+
+    best, tries = bisect_ratio(flops_at, target, args.tp_bisect)
+    if best is None:  # nothing at or below the target in the tries: the largest ratio tried
+        best = (0.999, flops_at(0.999)[1], None)
     return best[0], best[1], tries
 
 
