@@ -321,7 +321,9 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
     the walk's work exceeds ``PREDICT_WORK``. ``Q_AA`` is kept as a Cholesky factor updated per event
     (:class:`_ActiveCholesky`), so an event costs O(|A|² + C·|A|): the whole path to k = 1,024 of
     2,048 channels takes seconds. It only proposes: the QP solver checks it. ``predict.last`` holds
-    ``(λ, β)`` of the last proposal (β on the path there), a warm start for that check.
+    ``(λ, β)`` of the last proposal (β on the path there), a warm start for that check;
+    ``predict.path_end`` is ``(λ, β, count)`` when the walk down reached the end of the path (λ → 0)
+    with fewer than k channels, else ``None``.
     """
     C = q.size
 
@@ -376,6 +378,11 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
                 mid = (cur * 1.1 if up else cur / 1.1) if ev is None else math.sqrt(cur * ev[0])
                 predict.last = (mid, on_path(mid, piece))
                 return mid
+            if ev is None and not up and count < k:
+                # the path ends (λ → 0) with fewer than k channels: the others' correlations with the
+                # residual vanish there (rank-deficient statistics), so no λ keeps k
+                predict.path_end = (cur, on_path(0.5 * cur, piece), count)
+                return None
             if ev is None or (count > k) != up:
                 return None  # the walk overshot k or ran out of events
             cur, j, enters, sign = ev
@@ -389,7 +396,7 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
         return None
 
     def predict(lam: float, beta: np.ndarray, k: int) -> float | None:
-        predict.last = None
+        predict.last = predict.path_end = None
         A = survivors(beta)
         s = np.sign(beta) * A
         room = max(int(A.sum()), k) + 2
@@ -401,7 +408,7 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
         except (np.linalg.LinAlgError, ValueError):
             return None
 
-    predict.last = None
+    predict.last = predict.path_end = None
     return predict
 
 
@@ -573,7 +580,8 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
         the time limit forced a top-k cut of |β|), ``path``, the (λ, survivors) of every step
         with λ in the scaled units where ``lam_max = 2``, ``lambda_floor`` (True when fewer than k
         channels survive even at the smallest λ tried, ``LAMBDA_FLOOR_REL``: the statistics are
-        rank-deficient, e.g. dead channels or few samples, and the rest are the best by ⟨Z_c W_c, Y⟩)
+        rank-deficient, e.g. dead channels or few samples, and the rest are the best by ⟨Z_c W_c, Y⟩;
+        ``path_end_channels``: the count where the path predictor found the path's end, no solve needed)
         and ``inaccurate_solves`` (QP solves the backend reported as inaccurate).
     """
     start = time.perf_counter()
@@ -620,6 +628,16 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
     # First guess: follow the LASSO path from λ_max (where β = 0) to the first interval with k
     # channels; failing that, the λ that would keep k channels were the contributions orthogonal.
     guess = predict(qp.lam_max * (1 + 1e-9), np.zeros(C), k)  # just above: the first entry is at lam_max
+    if predict.path_end is not None:
+        # The whole path keeps fewer than k channels (rank-deficient statistics: VGG's 4,096-unit
+        # classifier groups on 1,347 images end at ~1,400): what the λ floor of the search would
+        # conclude after dozens of slow ill-conditioned solves. Keep the path's end, and the rest of
+        # the k by ⟨Z_c W_c, Y⟩.
+        lam_end, beta_end, count = predict.path_end
+        info = {"lambda": lam_end / qp.lam_max, "lambda_max": qp.lam_max * qp.scale, "exact_count": False,
+                "path": [], "lambda_floor": True, "path_end_channels": count, "inaccurate_solves": 0}
+        return result_from_mask(problem, top_k_mask(beta_end, k, q), method="lasso", start=start,
+                                backend=solver.lower(), info=info)
     if guess is None:
         entry = np.sort(2.0 * np.abs(q) / qp.scale)[::-1]
         guess = math.sqrt(entry[k - 1] * entry[k]) if entry[k] > 0 else 0.5 * entry[k - 1]

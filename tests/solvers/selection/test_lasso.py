@@ -219,9 +219,12 @@ def test_dead_channel_is_never_kept_before_live_ones():
 
 
 @pytest.mark.filterwarnings("error")   # cvxpy's "Solution may be inaccurate" would fail the test
-def test_more_channels_than_lasso_can_reach_stop_at_the_lambda_floor():
-    """Only 4 of 8 channels are live: no λ keeps k = 6; the search stops at LAMBDA_FLOOR_REL instead of
-    halving λ into solves the backend calls inaccurate, keeps every live channel and says so in info."""
+def test_more_channels_than_lasso_can_reach_stop_at_the_lambda_floor(monkeypatch):
+    """Only 4 of 8 channels are live: no λ keeps k = 6. The path predictor walks to the path's end
+    (4 channels) and stops there without a solve; without it (it declines when over its work cap) the
+    search stops at LAMBDA_FLOOR_REL instead of halving λ into solves the backend calls inaccurate.
+    Either way every live channel is kept and info says so."""
+    import solvers.selection.lasso as lasso_module
     from solvers.selection.lasso import LAMBDA_FLOOR_REL
 
     Z, Y, groups, _ = _data(seed=4, C=8, cols=2)
@@ -231,6 +234,11 @@ def test_more_channels_than_lasso_can_reach_stop_at_the_lambda_floor():
     problem = SelectionProblem.from_data(Z, Y, groups)
     res = select_lasso(problem, k=6)
     assert res.k == 6 and res.mask[[0, 2, 4, 7]].all()
+    assert res.info["lambda_floor"] is True and res.info["path_end_channels"] == 4
+    assert res.iterations == 0 and res.objective == pytest.approx(problem.error(res.mask))
+    monkeypatch.setattr(lasso_module, "PREDICT_WORK", 0.0)  # the predictor declines: solves find the floor
+    res = select_lasso(problem, k=6)
+    assert res.k == 6 and res.mask[[0, 2, 4, 7]].all() and "path_end_channels" not in res.info
     assert res.info["lambda_floor"] is True and res.info["exact_count"] is False
     assert res.info["inaccurate_solves"] == 0
     smallest = min(lam for lam, _ in res.info["path"])
