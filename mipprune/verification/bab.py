@@ -107,7 +107,8 @@ class _Checker:
         X = np.clip(X, self.spec.lower, self.spec.upper)
         self.checked += X.shape[0]
         Y = self.network.forward(X)
-        margins = np.array([self.spec.unsafe_margin(y) for y in Y])
+        # Spec.unsafe_margin for every row at once (ranking only: is_counterexample decides)
+        margins = np.min([np.max(Y @ A.T - b, axis=1) for A, b in self.spec.disjuncts], axis=0)
         for k in np.argsort(margins)[:8]:
             if margins[k] > 0:
                 break
@@ -191,22 +192,22 @@ class _ReluState:
                                                lr_alpha=lrs[0], lr_beta=lrs[1])
             return lb, X
         if self.net32 is None:
-            self.net32 = TorchNet([w.float() for w in net.W], [b.float() for b in net.b], net.device, torch.float32,
-                                  [[(k, M.float()) for k, M in sk] for sk in net.skips], net.pool)
+            self.net32 = net.to_dtype(torch.float32)
         f = lambda t: t.float()  # noqa: E731
         o32: dict = {}
         crown.optimize_bound(self.net32, [f(t) for t in lower], [f(t) for t in upper], f(C), f(c0), f(lo), f(hi),
                              splits={j: f(t) for j, t in splits.items()}, iters=iters,
                              alphas={j: f(t) for j, t in alphas.items()}, betas={j: f(t) for j, t in betas.items()},
-                             deadline=deadline, out=o32, lr_alpha=lrs[0], lr_beta=lrs[1])
+                             deadline=deadline, out=o32, lr_alpha=lrs[0], lr_beta=lrs[1], want_x=False)
         d = lambda t: t.to(net.dtype)  # noqa: E731
         lbs = []
+        relax = {j: crown.relaxation(lower[j], upper[j]) for j in range(self.L - 1) if net.is_relu(j)}
         with torch.no_grad():   # float64 bounds at the last and at the best float32 iterate: the larger
             for ka, kb in (("alphas", "betas"), ("best_alphas", "best_betas")):
                 al = {**alphas, **{j: d(t).clamp(0, 1) for j, t in o32.get(ka, {}).items()}}
                 be = {**betas, **{j: d(t).clamp(min=0) for j, t in o32.get(kb, {}).items()}}
                 lbs.append(crown.backward_bound(net, lower, upper, C, c0, lo, hi, alphas=al, betas=be,
-                                                splits=splits)[:2])
+                                                splits=splits, relax=relax)[:2])
                 if ka == "alphas":
                     out["alphas"], out["betas"] = al, be
         lb = torch.maximum(lbs[0][0], lbs[1][0])
@@ -428,7 +429,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             has_split = bool((S != 0).any())
             lbp = crown.backward_bound(net, lower, upper, Cs[tags], c0s[tags], lo1.expand(P, -1), hi1.expand(P, -1),
                                        alphas=alphas, betas=betas if has_split else None,
-                                       splits=splits if has_split else None, record=nus)[0]
+                                       splits=splits if has_split else None, record=nus, want_x=False)[0]
             sc = st.scores(lower, upper, nus, lbp.argmin(dim=1))
             sc = torch.where(S != 0, torch.full_like(sc, -1.0), sc)
         k = max(1, min(candidates, st.n_hidden))

@@ -130,3 +130,46 @@ def test_a_float32_box_contains_the_float64_box():
     l, u = net.box(lo, hi)
     assert l.dtype == torch.float32
     assert np.all(l[0].double().numpy() <= lo) and np.all(u[0].double().numpy() >= hi)
+
+
+def _conv_net(rng):
+    """1×12×12 → conv 4×3×3 (pad 1) → ReLU → conv 4×3×3 (stride 2, pad 1) → ReLU → dense 3: both conv
+    matrices (576×144, 144×576, ~6 % dense) take the sparse products."""
+    from solvers.network.ir import Network
+    from solvers.network.layers import Conv2d, Dense, Flatten, ReLU
+
+    w = lambda *s: rng.normal(size=s) / np.sqrt(np.prod(s[1:]))  # noqa: E731
+    return Network([Conv2d(w(4, 1, 3, 3), 0.2 * rng.normal(size=4), padding=1), ReLU(),
+                    Conv2d(w(4, 4, 3, 3), 0.2 * rng.normal(size=4), stride=2, padding=1), ReLU(), Flatten(),
+                    Dense(w(3, 144), 0.2 * rng.normal(size=3))], (1, 12, 12))
+
+
+def test_sparse_products_give_the_dense_bounds_and_gradients(monkeypatch):
+    rng = np.random.default_rng(3)
+    blocks = _conv_net(rng).to_affine_relu()
+    sp = crown.TorchNet.from_blocks(blocks)
+    assert sp.sparse[0][0] is not None and sp.sparse[1][0] is not None and sp.sparse[2][0] is None
+    monkeypatch.setattr(crown, "SPARSE_MIN_SIZE", 1 << 40)
+    dn = crown.TorchNet.from_blocks(blocks)
+    assert all(s is None for row in dn.sparse for s in row)
+    c = rng.uniform(-1, 1, size=144)
+    lo, hi = _t(sp, c - 0.05), _t(sp, c + 0.05)
+    C = sp.tensor(rng.normal(size=(2, 3)))[None]
+    c0 = torch.zeros(1, 2, dtype=torch.float64)
+    res = []
+    for tn in (sp, dn):
+        lower, upper = crown.crown_intermediate(tn, lo, hi)
+        lb0 = crown.backward_bound(tn, lower[:-1], upper[:-1], C, c0, lo, hi)[0]
+        alphas = {j: crown.relaxation(lower[j], upper[j])[0][:, None, :].expand(1, 2, -1).clone().requires_grad_(True)
+                  for j in range(2)}
+        lb = crown.backward_bound(tn, lower[:-1], upper[:-1], C, c0, lo, hi, alphas=alphas)[0]
+        lb.sum().backward()
+        lbo = crown.optimize_bound(tn, lower[:-1], upper[:-1], C, c0, lo, hi, iters=5)[0]
+        res.append((lower, upper, lb0, [alphas[j].grad for j in range(2)], lbo, tn.forward(lo)))
+    (l1, u1, b1, g1, o1, f1), (l2, u2, b2, g2, o2, f2) = res
+    for a, b in zip(l1 + u1 + [b1, o1, f1] + g1, l2 + u2 + [b2, o2, f2] + g2):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+    # and sound: the optimized bound stays below sampled margins
+    X = torch.as_tensor(rng.uniform(c - 0.05, c + 0.05, size=(400, 144)))
+    assert bool((o1[0][None] <= (sp.forward(X) @ C[0].T) + 1e-9).all())
+    assert sp.to_dtype(torch.float32).sparse[0][0].W.dtype == torch.float32
