@@ -34,6 +34,7 @@ way up to float rounding.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -67,7 +68,9 @@ class GroupPruning:
     model : nn.Module — the pruned, reconstructed copy.
     graph : ChannelGraph — the dense model's groups.
     masks : {group name: bool array (n_units,)} — kept units of every prunable group.
-    results : {group name: SelectionResult} — the pruned groups' selections (joint problems).
+    results : {group name: SelectionResult} — the pruned groups' selections (joint problems), without
+        their joint weights (``weights`` is empty: every consumer's refitted weights are in ``model``,
+        and holding the joint ones for every group cost 0.3 GB at ResNet-50's last stage).
     rows : {group name: dict} — consumer errors, capture time, samples, joint problem size.
     skipped : {group name: reason} — groups left whole because their statistics exceed max_memory.
     memory : {group name: bytes} — the estimated peak of each group's statistics.
@@ -348,6 +351,11 @@ def group_curves(model: nn.Module, data: Iterable, graph: ChannelGraph, *, posit
     return {g.name: curves[g.name] for g in graph.prunable if g.name in curves}
 
 
+def _without_weights(res: SelectionResult) -> SelectionResult:
+    """``res`` with an empty ``weights`` (see :class:`GroupPruning`)."""
+    return dataclasses.replace(res, weights=np.zeros((0, 0)))
+
+
 def _select(problem: SelectionProblem, k: int, method: str, backend, time_limit, seed, gap, *, model: nn.Module,
             group: ChannelGroup, data) -> SelectionResult:
     """A solver method on the joint problem, or a criterion's top-k units refitted on it."""
@@ -437,7 +445,7 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
             problem = group_problem(g, stats)
             res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap, model=model, group=g,
                           data=data)
-            results[g.name], masks[g.name] = res, res.mask.copy()
+            results[g.name], masks[g.name] = _without_weights(res), res.mask.copy()
             _, errors = refit_consumers(g, res.mask, stats)
             rows[g.name] = {"consumer_errors": errors, "capture_time": capture_time,
                             "error_no_refit": problem.error(res.mask, refit=False),
@@ -511,9 +519,10 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
                       data=data)
         no_refit, n_columns = problem.error(res.mask, refit=False), problem.n_columns
         del problem  # before the refit: the lean plan recaptures its consumers one at a time
+        res = results[g.name] = _without_weights(res)  # (the joint weights, before the consumers' refit)
+        masks[g.name] = res.mask.copy()
         weights, errors = refit_consumers(g, res.mask, stats)
         select_time = time.perf_counter() - t1
-        results[g.name], masks[g.name] = res, res.mask.copy()
         seen = stats.seen if lean else {n: (int(stats[n].n_samples), int(stats[n].gram.shape[0]), "LayerStatistics")
                                         for n in names}
         rows[g.name] = {"consumer_errors": errors, "capture_time": capture_time, "error_no_refit": no_refit,

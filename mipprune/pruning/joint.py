@@ -61,9 +61,11 @@ def _blocks(src, a: np.ndarray, f: np.ndarray):
     return G[np.ix_(a, a)], G[np.ix_(a, f)], G[np.ix_(f, f)], src.cross[a], src.cross[f]
 
 
-def _consumer_block(member: Member, st, ridge: float):
-    """(G', B', yy', units of the group's columns, W_A) of one consumer (``st``: LayerStatistics or
-    LayerSamples), other groups partialled out; products chunked."""
+def _consumer_block(member: Member, st, ridge: float, out: np.ndarray):
+    """(B', yy', units of the group's columns, W_A) of one consumer (``st``: LayerStatistics or
+    LayerSamples), other groups partialled out; its G' is written into ``out`` (the consumer's
+    diagonal block of the joint Gram: no copy of G' of its own, 170 MB for a 4,608-column 3×3 conv);
+    products chunked."""
     cu = member.column_units()
     d = st.weights.shape[0]
     if cu.size != d:
@@ -72,19 +74,25 @@ def _consumer_block(member: Member, st, ridge: float):
     a = np.flatnonzero(cu >= 0)
     f = np.flatnonzero(cu < 0)
     lam = _ridge_of_source(st, ridge)
-    G, Gaf, Gff, B, Bf = _blocks(st, a, f)
     yy = float(st.target_sq)
+    if not f.size and not isinstance(st, LayerSamples):  # every column is the group's: G' = G
+        out[...] = st.gram
+        B = st.cross.copy()
+    else:
+        G, Gaf, Gff, B, Bf = _blocks(st, a, f)
+        out[...] = G
+        del G
+        if f.size:
+            if lam:
+                Gff[np.diag_indices_from(Gff)] += lam
+            X = solve_psd(Gff, np.hstack([Gaf.T, Bf]))
+            Xa, Xb = X[:, :a.size], X[:, a.size:]
+            out -= chunked_product(Gaf, Xa)
+            B = B - chunked_product(Gaf, Xb)
+            yy = yy - float(np.sum(Bf * Xb))
     if lam:
-        G[np.diag_indices_from(G)] += lam
-    if f.size:
-        if lam:
-            Gff[np.diag_indices_from(Gff)] += lam
-        X = solve_psd(Gff, np.hstack([Gaf.T, Bf]))
-        Xa, Xb = X[:, :a.size], X[:, a.size:]
-        G -= chunked_product(Gaf, Xa)
-        B = B - chunked_product(Gaf, Xb)
-        yy = yy - float(np.sum(Bf * Xb))
-    return G, B, yy, cu[a], st.weights[a]
+        out[np.diag_indices_from(out)] += lam
+    return B, yy, cu[a], st.weights[a]
 
 
 DEFAULT_RIDGE = 1e-6  # relative to the mean diagonal of each consumer's Gram
@@ -126,11 +134,10 @@ def group_problem(group: ChannelGroup, stats: Mapping, costs=None,
                                     f"{m.module!r}")
         st = stats[m.module]
         scale = 1.0 / max(float(st.target_sq), 1e-300)
-        Gq, Bq, yq, _, Wq = _consumer_block(m, st, ridge)
+        block = G[offset:offset + size, offset:offset + size]
+        Bq, yq, _, Wq = _consumer_block(m, st, ridge, block)
         del st
-        Gq *= scale
-        G[offset:offset + size, offset:offset + size] = Gq
-        del Gq
+        block *= scale
         Bs.append(Bq * scale)
         Ws.append(Wq)
         yy += max(yq, 0.0) * scale
