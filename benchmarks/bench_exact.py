@@ -5,9 +5,11 @@ k = C/2 channels with every method and report the refit error, wall time, and fo
 proven bound and gap. The layer recipe is the one of ``bench_lasso.py``: post-ReLU inputs whose
 channels share latent factors, correlated taps, decaying channel importance (1 … 0.02), Y = Z W.
 
-``--shifts scalar block`` runs ``exact`` once per perspective shift on the same problem (one table):
-``scalar`` = one shift per channel (the bound before issue 15), ``block`` = block-diagonal shifts
-D_g climbed by :mod:`solvers.selection.perspective`; the root bound of both is in every exact row.
+``--shifts scalar ascent block`` runs ``exact`` once per perspective shift on the same problem (one table):
+``scalar`` = one shift per channel (the bound before issue 15), ``ascent`` = block-diagonal shifts D_g
+climbed by first-order ascent alone (the default before session 5), ``block`` = interior-point sizes
+(:func:`solvers.selection.perspective.saddle_sizes`) plus the ascent's directions; the root bound of
+each is in every exact row.
 
 ``--recipe factor`` instead uses the test bank's generator (``tests/solvers/selection/bank.py:make_problem``:
 channels sharing latent factors at correlation 0.6, random importances, 10 % noise) with few samples
@@ -290,8 +292,9 @@ def synthetic_layer(C: int, cols: int, m: int, n: int, seed: int) -> SelectionPr
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256], choices=sorted(SETTINGS) + [8, 12, 16, 32])
-    ap.add_argument("--shifts", nargs="+", default=["block"], choices=["block", "scalar"],
-                    help="exact's perspective shifts, one exact run each (scalar: the bound before issue 15)")
+    ap.add_argument("--shifts", nargs="+", default=["block"], choices=["block", "ascent", "scalar"],
+                    help="exact's perspective shifts, one exact run each (scalar: the bound before issue 15; "
+                         "ascent: first-order block ascent alone, the default before session 5)")
     ap.add_argument("--bounds", nargs="+", default=["conditional"], choices=["conditional", "perspective"],
                     help="exact's node bounds, one exact run each (perspective: the root's shifts at every node)")
     ap.add_argument("--heuristics", nargs="*", default=list(HEURISTICS), help="heuristic methods to compare")
@@ -380,6 +383,10 @@ def main(argv=None) -> int:
                                root_bound=res.info.get("root_bound"), root_bound_scalar=res.info.get("root_bound_scalar"),
                                shift_time=res.info.get("shift_time"), shift_steps=res.info.get("shift_steps"),
                                shift_used=res.info.get("shift_used"), best_from=res.info.get("best_from"),
+                               sizes_iterations=res.info.get("sizes_iterations"),
+                               sizes_bound_first=res.info.get("sizes_bound_first"),
+                               sizes_bound_second=res.info.get("sizes_bound_second"),
+                               time_warm=res.info.get("time_warm"), time_root=res.info.get("time_root"),
                                incumbents=res.info.get("incumbents"))
                 rows.append(row)
 

@@ -26,9 +26,11 @@ Frank–Wolfe (a linear solve with ``M_TT + diag(t(1/z − 1))`` per step), and 
 maximizing ``Σ t_g + μ log det(M − T)`` (Newton in C variables, μ → 0; ``0.9·λ_min(M)`` when
 ``M`` has thousands of columns), the trace-maximal diagonal shift in the spirit of Dong, Chen &
 Linderoth (2015). By default (``shift="block"``) the shift then becomes block-diagonal,
-``D = blkdiag(D_g)`` with ``M − D ⪰ 0``, climbed by supergradient ascent on the root relaxation value
-(:mod:`solvers.selection.perspective`: the optimal perspective extended to groups, first order), and
-kept when its root bound beats the scalar one; everything below holds with ``t_g‖W_g‖²`` read as
+``D = blkdiag(D_g)`` with ``M − D ⪰ 0`` (:mod:`solvers.selection.perspective`: the optimal perspective
+extended to groups): per-column sizes in each channel's eigenbasis of ``(M⁻¹)_gg`` by an interior-point
+Newton method on the saddle problem ``max_D min_z F_D(z)``, then supergradient ascent for better
+directions and the sizes once more in its basis (``shift="ascent"``: the ascent alone, the default
+before), kept when its root bound beats the scalar one; everything below holds with ``t_g‖W_g‖²`` read as
 ``tr(W_gᵀ D_g W_g)`` (each block written in its eigenbasis). ``W`` = the fitted weights of a single set ``S``
 gives the outer-approximation cut of Bertsimas & Van Parys (2020) at ``S``, but for the
 unregularized objective (their ridge ``1/γ‖W‖²`` is replaced by the shift ``T`` taken out of ``M``).
@@ -73,7 +75,8 @@ from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import Whitened, backward_mask, forward_mask, refit_seconds, whiten
-from solvers.selection.perspective import eig_blocks, optimize_shift, rotate
+from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, blocks, eig_blocks, inverse_basis,
+                                          optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.swap import improve_by_swaps
 from solvers.result import SelectionResult, Status
@@ -82,6 +85,9 @@ BACKENDS = ("bnb", "highs", "scip")
 # Node bounds of the B&B: "perspective" (the root's shifts everywhere) or "conditional" (shifts
 # re-certified at each node on the free channels, :mod:`solvers.selection.conditional`).
 BOUNDS = ("perspective", "conditional")
+# Perspective shifts: one per channel ("scalar"), block-diagonal by first-order ascent alone ("ascent", the
+# default before session 5) or by interior-point sizes plus the ascent's directions ("block").
+SHIFTS = ("block", "ascent", "scalar")
 DEFAULT_GAP = 1e-4
 # Shifts below this (whitened units, where M_gg = I) count as zero: that channel gets no perspective
 # term and must stay in every relaxed support (monotone bound only).
@@ -109,6 +115,8 @@ FLOP_RATE = 1e10
 WARM_SHARE = 0.3
 SHIFT_SHARE = 0.15
 BLOCK_SHARE = 0.25
+# shift="block": the scalar search gets only this share, the block shifts the rest of SHIFT_SHARE too.
+SHIFT_SHARE_BLOCK = 0.03
 # Cardinality problems with at most this many sets of k channels are solved by evaluating them all
 # (C = 16, k = 8: 12,870 refits, ~1 s) — the digits CNN's first layer kept a 37 % gap after 10 s of
 # branch and bound (λ_min(M) ≈ 0.004: the perspective bound is near the monotone one there).
@@ -121,6 +129,15 @@ ENUMERATE_SHARE = 0.8
 # The LASSO warm start is skipped from this many channels on (its C×C channel Gram would double the
 # memory of 1-column statistics).
 LASSO_WARM_MAX_CHANNELS = 4096
+# shift="block": the interior-point sizes in the basis of (M⁻¹)_gg run until they converge; when that took
+# less than this share of the block-shift time, the first-order ascent (directions) runs from those blocks
+# and the sizes once more in the ascent's basis (:func:`_newton_blocks`).
+SIZES_SHARE = 0.5
+# shift="block" with more whitened columns than this: the block shifts get BLOCK_SHARE_LARGE of the time
+# limit (the sizes need ~30 iterations of O(r³); at C = 512 3×3 the tree processed 5 nodes in 300 s, so
+# the root bound is what the time buys).
+BLOCK_LARGE_COLUMNS = 3000
+BLOCK_SHARE_LARGE = 0.6
 # Frank–Wolfe steps per block-shift ascent step (warm-started from the previous relaxed point).
 SHIFT_FW_STEPS = 5
 # Converging Frank–Wolfe runs (root, shift ascent) shorten a step whose quadratic-model length did not
@@ -500,12 +517,14 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
         lb1, _ = S.bound(L1, a1, fixed_in, free)
         if lb1 > best[0]:
             best = (lb1, L1, a1)
+        if S.timed_out():                         # (each solve is an uninterruptible factorization)
+            break
         zn = z + gamma * d
         Wn, Fn = rel.solve(zn, fixed_out)
         if F1 < Fn:
             zn, Wn, Fn = s, W1, F1
         for _ in range(LINE_BACKTRACKS if converge else 0):
-            if Fn < Fz:
+            if Fn < Fz or S.timed_out():
                 break
             # the quadratic model overshot (the perspective terms are far from quadratic near z_g = 0):
             # shorter steps along the same direction, which is a descent direction (slope < 0)
@@ -1065,6 +1084,81 @@ def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, ite
     return (D if trace and out["best"] > trace[0] else None), trace
 
 
+def _newton_blocks(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, iterations: int):
+    """Block shifts from interior-point sizes (:func:`solvers.selection.perspective.saddle_sizes`).
+
+    1. per-column sizes in each channel's eigenbasis of ``(M⁻¹)_gg``, from ``0.9·t``;
+    2. with the time left, the first-order ascent (:func:`_block_shift`'s) from those blocks, for
+       better directions, and sizes once more in the ascent's basis (from ``0.97·D``: strictly inside).
+    When the sizes' first iteration shows that ``SADDLE_MIN_ITERATIONS`` would not fit before ``stop``,
+    the first-order ascent from ``t`` takes the time instead (``info["sizes_gave_up"]``).
+    Returns ``(U, d, bound, z, info)`` of the best (valid root bound, energy; -inf / z None when only
+    the ascent ran) found, or None when nothing succeeded. Every candidate is feasible (``M − D ⪰ 0``
+    checked by Cholesky).
+    """
+    C = w.n_channels
+    nothing = np.zeros(C, bool)
+    kw = dict(k=S.k, budget=S.budget, costs=S.costs)
+
+    def bound_of(L, a):
+        return S.bound(L, a, nothing, ~nothing)[0]
+
+    t0 = time.perf_counter()
+    U = inverse_basis(w)
+    wr = rotate(w, U)
+    d, val, z, out = saddle_sizes(wr, 0.9 * t[w.col_group], bound_of, deadline=stop,
+                                  min_iterations=SADDLE_MIN_ITERATIONS, **kw)
+    info = {"sizes_iterations": out["iterations"], "sizes_bound_first": val / S.c if val > -math.inf else None}
+    if out["gave_up"]:
+        # too slow to converge in the time (C = 512 3×3 under load: 4 iterations in 137 s, bound 0.57 of the
+        # scalar one): the first-order ascent from the scalar shifts gets the rest of the time instead
+        info["sizes_gave_up"] = True
+        D, trace = _block_shift(S, w, t, stop, iterations)
+        info["shift_steps"] = len(trace)
+        if D is None:
+            return None
+        U2, d2 = eig_blocks(D)
+        return U2, d2, -math.inf, None, info
+    best = (U, d, val, z) if val > -math.inf else None
+    # the ascent and the second sizes only when the first sizes converged within SIZES_SHARE of the time
+    # (C = 256 3×3, n/d = 8.7: the first sizes took the whole share and 9 ascent steps + a few sizes
+    # iterations in the ascent's basis ended below them, 0.9477 against 0.9705 of the best error)
+    if (best is None or S.timed_out()
+            or (stop is not None and time.perf_counter() > t0 + SIZES_SHARE * (stop - t0))):
+        return None if best is None else (*best, info)
+    # directions: the ascent from the sizes' blocks, then sizes in its basis
+    ascent_stop = None if stop is None else time.perf_counter() + 0.5 * max(stop - time.perf_counter(), 0.0)
+    saved_rel, saved_deadline = S.rel, S.deadline
+    S.deadline = ascent_stop
+
+    def relax_value(wr_, d_, z_):
+        S.rel = Relaxation(wr_, d_)
+        lb, z_, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5) if z_ is None else z_, SHIFT_FW_STEPS,
+                              converge=True)
+        W, _ = S.rel.solve(z_, nothing)
+        return lb, z_, W
+
+    try:
+        D, asc = optimize_shift(w, t, relax_value, iterations=iterations, deadline=ascent_stop,
+                                D_init=blocks(w, U, d))
+    finally:
+        S.rel, S.deadline = saved_rel, saved_deadline
+    info["shift_steps"] = len(asc["trace"])
+    # (an ascent that never beat its start returns the sizes' own blocks: nothing new to size; measured at
+    # C = 64 / 128 3×3, n/d 8.7 / 4.3, where it stops after 12 steps)
+    if (S.timed_out() or (stop is not None and time.perf_counter() > stop)
+            or not asc["trace"] or max(asc["trace"]) <= asc["trace"][0]):
+        return (*best, info)
+    U2, d2 = eig_blocks(D)
+    wr2 = rotate(w, U2)
+    d2, val2, z2, out2 = saddle_sizes(wr2, 0.97 * d2, bound_of, deadline=stop, **kw)
+    info["sizes_iterations"] += out2["iterations"]
+    info["sizes_bound_second"] = val2 / S.c if val2 > -math.inf else None
+    if val2 > best[2]:
+        best = (U2, d2, val2, z2)
+    return (*best, info)
+
+
 # ===================================================================================== entry point
 def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
                  backend: str | None = None, time_limit: float | None = None, seed: int = 0,
@@ -1092,11 +1186,15 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         Stop once ``(objective − bound)/objective <= rel_gap`` (default 1e-4): ``Status.OPTIMAL``.
     warm_start, lasso : bool
         Seed the incumbent with greedy/backward/swaps (and LASSO, cardinality only).
-    shift : {"block", "scalar"}
+    shift : {"block", "ascent", "scalar"}
         The perspective shifts: ``"scalar"`` one ``t_g`` per channel (trace-maximal, Newton);
-        ``"block"`` (default) then climbs the root relaxation value over block-diagonal ``D_g``
-        (:mod:`solvers.selection.perspective`, at most ``shift_iterations`` steps and a quarter of
-        ``time_limit``). Both give valid bounds; ``info`` reports the root bound of each.
+        ``"ascent"`` then climbs the root relaxation value over block-diagonal ``D_g`` by supergradient
+        ascent (:func:`solvers.selection.perspective.optimize_shift`, at most ``shift_iterations`` steps
+        and a quarter of ``time_limit``); ``"block"`` (default) takes the sizes of ``D_g`` from an
+        interior-point method (:func:`solvers.selection.perspective.saddle_sizes`) and the directions
+        from the ascent (:func:`_newton_blocks`; up to 37 % of ``time_limit``, 60 % past
+        ``BLOCK_LARGE_COLUMNS`` whitened columns, the scalar search 3 %). All give
+        valid bounds; ``info`` reports the root bound of the scalar shifts and of the one used.
     bound : {"conditional", "perspective"}
         Node bounds of ``backend="bnb"``: ``"conditional"`` (default) re-certifies the shifts at every
         node on the free channels only (:mod:`solvers.selection.conditional`: no shift needed on
@@ -1115,8 +1213,9 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         ``objective`` the refit error of the chosen set (relative), ``bound`` a proven lower bound on
         the optimum, ``gap``, ``status``, ``backend``, ``iterations`` (nodes / master solves / SCIP
         nodes), ``info``: ``root_bound`` (the root bound used), ``root_bound_scalar`` (with the
-        scalar shifts), ``shift_used`` (``"block"`` or ``"scalar"``), ``shift_time``/``shift_steps``
-        (block ascent), ``shift_mean``/``shift_min`` (the scalar ``t``), ``time_warm``/``time_shift``/
+        scalar shifts), ``shift_used`` (``"block"``, ``"ascent"`` or ``"scalar"``), ``shift_time``/``shift_steps``
+        (block ascent), ``sizes_iterations``/``sizes_bound_first``/``sizes_bound_second`` (interior-point
+        sizes: iterations, root bound in the (M⁻¹)_gg basis and in the ascent's), ``shift_mean``/``shift_min`` (the scalar ``t``), ``time_warm``/``time_shift``/
         ``time_root`` (seconds), ``incumbents`` (best error found by each heuristic), ``solves``
         (linear solves of the relaxation).
     """
@@ -1138,8 +1237,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         raise InvalidInputError(f"rel_gap must be in [0, 1); got {rel_gap!r}")
     if time_limit is not None and not time_limit > 0:
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
-    if shift not in ("block", "scalar"):
-        raise InvalidInputError(f"shift must be 'block' or 'scalar'; got {shift!r}")
+    if shift not in SHIFTS:
+        raise InvalidInputError(f"shift must be one of {list(SHIFTS)}; got {shift!r}")
     if bound not in BOUNDS:
         raise InvalidInputError(f"bound must be one of {list(BOUNDS)}; got {bound!r}")
     # (the final refits of the chosen set cannot be interrupted: their time is kept back)
@@ -1188,7 +1287,10 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                         status=Status.OPTIMAL if proven else Status.FEASIBLE, info=info)
             info["enumeration_timed_out"] = True
     if _affordable(w.M.shape[0], 4.0, deadline):
-        t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + SHIFT_SHARE * float(time_limit))
+        # (shift="block" only starts its interior-point sizes from t: a short search suffices, measured at
+        # C = 128 3×3: sizes from 0.9·λ_min(M) reach 0.9509 of the best error, from the Newton shifts 0.9512)
+        share = SHIFT_SHARE_BLOCK if shift == "block" else SHIFT_SHARE
+        t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + share * float(time_limit))
     else:   # a shift search and a root solve would overrun the time limit: monotone bound only
         t = np.zeros(C)
         info["skipped_root"] = True
@@ -1211,25 +1313,41 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                    cuts=root_cuts, converge=backend == "bnb")
     info["root_bound_scalar"] = max(root_lb, 0.0) / c
     info["shift_used"] = "scalar"
-    if (shift == "block" and root_lb < S.threshold and np.all(rel.shifted | (np.diff(w.starts) == 0))
+    if (shift in ("block", "ascent") and root_lb < S.threshold and np.all(rel.shifted | (np.diff(w.starts) == 0))
             and not S.timed_out()):
-        # Climb the relaxation over block shifts D_g; any feasible D keeps the bound valid, so the
-        # stronger relaxation simply replaces the scalar one (its root cuts stay valid too).
+        # Block shifts D_g; any feasible D keeps the bound valid, so the stronger relaxation simply
+        # replaces the scalar one (its root cuts stay valid too).
         t_opt = time.perf_counter()
-        stop = None if deadline is None else min(deadline, t_opt + BLOCK_SHARE * float(time_limit))
-        D, trace = _block_shift(S, w, t, stop, shift_iterations)
-        if D is not None:
-            U, d = eig_blocks(D)
+        share = BLOCK_SHARE + (SHIFT_SHARE - SHIFT_SHARE_BLOCK if shift == "block" else 0.0)
+        if shift == "block" and w.M.shape[0] > BLOCK_LARGE_COLUMNS:
+            share = max(share, BLOCK_SHARE_LARGE)
+        stop = None if deadline is None else min(deadline, t_opt + share * float(time_limit))
+        U = d = None
+        z_start, sizes_lb = root_z, -math.inf
+        if shift == "block":
+            found = _newton_blocks(S, w, t, stop, shift_iterations)
+            if found is not None:
+                U, d, sizes_lb, z_sizes, more = found
+                info.update(more)
+                # (the OA backends keep the scalar root's point: its root cuts closed SCIP's budgeted bank case)
+                if z_sizes is not None and backend == "bnb":
+                    z_start = z_sizes
+        else:
+            D, trace = _block_shift(S, w, t, stop, shift_iterations)
+            info["shift_steps"] = len(trace)
+            if D is not None:
+                U, d = eig_blocks(D)
+        if U is not None:
             S.rel = Relaxation(rotate(w, U), d)
-            lb2, z2, _, _ = _relax(S, nothing, nothing, root_z, max(fw_iterations, ROOT_ITERATIONS),
+            lb2, z2, _, _ = _relax(S, nothing, nothing, z_start, max(fw_iterations, ROOT_ITERATIONS),
                                    cuts=root_cuts, converge=backend == "bnb")
+            lb2 = max(lb2, sizes_lb)           # (the sizes' own minorant: valid for every set too)
             if lb2 > root_lb:                   # the tree uses whichever relaxation proved more at the root
                 root_lb, root_z, rel = lb2, z2, S.rel
             else:
                 S.rel = rel
-        info["shift_used"] = "block" if rel.w is not w else "scalar"
+        info["shift_used"] = shift if rel.w is not w else "scalar"
         info["shift_time"] = time.perf_counter() - t_opt
-        info["shift_steps"] = len(trace)
     # (the OA masters keep the short root: fifty near-parallel root cuts stall HiGHS's master on
     # round-off, measured on the test bank's budgeted C = 10 problem)
     # The monotone bound err(all channels) holds for every set too.

@@ -26,6 +26,12 @@ Clarabel's dense KKT system. Separately, the sample count caps every shift on be
 with n samples of d columns λ_min(M) falls as n/d shrinks (root bound / optimum with scalar shifts,
 n/d ≈ 2.2: 0.68 at C = 64, 0.62 at C = 128, 0.60 at C = 256; n/d ≈ 8.7: 0.87 at C = 64, 0.91 at C = 256).
 
+:func:`saddle_sizes` (session 5) closes most of that gap for the *sizes*: in a fixed basis per channel
+(``D_g = U_g diag(d_g) U_gᵀ``) it solves the saddle problem ``max_d min_z F_d(z)`` by a primal-dual
+interior-point Newton method (O(r³) per iteration, about 30 iterations), and every iterate's weights give
+a valid bound. ``exact``'s ``shift="block"`` runs it in the eigenbasis of ``(M⁻¹)_gg``
+(:func:`inverse_basis`), then the ascent above from its blocks (directions), then the sizes once more.
+
 The relaxation machinery works with a *diagonal* shift, so every block is written in its own
 eigenbasis: ``D_g = U_g diag(d_g) U_gᵀ`` and the channel's whitened columns are rotated by ``U_g``
 (:func:`rotate`; ``M_gg = I`` and every refit error are unchanged). Any feasible ``D`` gives a valid
@@ -200,4 +206,274 @@ def optimize_shift(w: Whitened, t0: np.ndarray, relax_value, *, iterations: int 
     return best_D, {"trace": trace, "best": best_val, "restarts": restarts_done}
 
 
-__all__ = ["optimize_shift", "rotate", "eig_blocks"]
+# ============================================================================ interior-point sizes
+# The per-column sizes of the block shifts in a fixed basis, by a primal-dual interior-point Newton method
+# on the saddle problem  max_d min_z F_d(z)  (concave in d, convex in z): the relaxation's optimal
+# perspective restricted to D_g = U_g diag(d_g) U_gᵀ. Measured on bench_exact's conv layers (3×3, m = 64,
+# root bound / best known error): C = 32, n/d = 8.7: scalar 0.829, first-order ascent 0.910, these sizes in
+# the basis of (M⁻¹)_gg 0.941; n/d = 2.2: 0.590 / 0.751 / 0.754, and 0.805 in the ascent's basis; C = 12,
+# m = 8: 0.980 in the ascent's basis (SDP over full blocks: 0.996).
+SADDLE_ITERATIONS = 40
+# Barrier weights relative to F/(2r + 3C) (r whitened columns, C channels; F at the centre z = 1/2 start,
+# well above the relaxation's value): start, floor, decrease per long (or centred) step. Start measured on
+# bench_exact's conv layers, root bound / best error at C = 128, n/d = 8.7 and C = 32, n/d = 2.2: 0.1:
+# 0.950 / 0.767, 0.3: 0.951 / 0.754, 1: 0.954 / 0.770, 3: 0.954 / 0.676; a start at the expected value
+# (smaller) jams against M − diag d ⪰ 0 (0.90 at C = 128).
+SADDLE_MU_START = 1.0
+SADDLE_MU_END = 1e-6
+SADDLE_MU_DECAY = 0.3
+# Stop when the bound gained less than this (relative) over SADDLE_STALL iterations at the floor barrier.
+SADDLE_STALL = 4
+SADDLE_TOL = 1e-5
+# Iterations the sizes need to be worth starting (their bound passes the scalar shifts' after ~10-15 and
+# converges in ~30, bench_exact C = 128 / 256 3×3).
+SADDLE_MIN_ITERATIONS = 20
+# Relative gap F_d(z) − bound under which the iterate counts as centred (μ is lowered).
+SADDLE_CENTRED = 1e-3
+
+
+def _inv_spd(A: np.ndarray) -> np.ndarray | None:
+    """Inverse of a symmetric positive definite matrix (None when the Cholesky factorization fails)."""
+    import scipy.linalg.lapack as lapack
+
+    c, info = lapack.dpotrf(A, lower=1, clean=0, overwrite_a=0)
+    if info != 0:
+        return None
+    X, info = lapack.dpotri(c, lower=1, overwrite_c=1)
+    if info != 0:
+        return None
+    il = np.triu_indices(X.shape[0], 1)
+    X[il] = X.T[il]                      # dpotri fills the lower triangle only
+    return X
+
+
+def _factors(A: np.ndarray) -> bool:
+    import scipy.linalg.lapack as lapack
+
+    return lapack.dpotrf(A, lower=1, clean=0, overwrite_a=0)[1] == 0
+
+
+def inverse_basis(w: Whitened, Minv: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each channel's eigenbasis of ``(M⁻¹)_gg``: the directions in which the channel is least (most)
+    predictable from the others, i.e. the room ``M − D ⪰ 0`` leaves a shift on that channel alone."""
+    if Minv is None:
+        Minv = _inv_spd(w.M)
+        if Minv is None:
+            return [np.eye(w.cols(g).stop - w.cols(g).start) for g in range(w.n_channels)]
+    out = []
+    for g in range(w.n_channels):
+        sl = w.cols(g)
+        if sl.stop == sl.start:
+            out.append(np.zeros((0, 0)))
+            continue
+        out.append(np.linalg.eigh(0.5 * (Minv[sl, sl] + Minv[sl, sl].T))[1])
+    return out
+
+
+def compose(w: Whitened, U: list[np.ndarray], V: list[np.ndarray]) -> list[np.ndarray]:
+    """Bases ``U_g V_g`` (``V`` expressed in the basis ``U``)."""
+    return [u @ v if u.size else u for u, v in zip(U, V)]
+
+
+def blocks(w: Whitened, U: list[np.ndarray], d: np.ndarray) -> list[np.ndarray]:
+    """The blocks ``D_g = U_g diag(d_g) U_gᵀ`` (in ``w``'s basis) of per-column sizes ``d`` in bases ``U``."""
+    out = []
+    for g in range(w.n_channels):
+        sl = w.cols(g)
+        out.append((U[g] * d[sl]) @ U[g].T if sl.stop > sl.start else np.zeros((0, 0)))
+    return out
+
+
+def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budget: float | None = None,
+                 costs: np.ndarray | None = None, iterations: int = SADDLE_ITERATIONS,
+                 deadline: float | None = None,
+                 min_iterations: int = 0) -> tuple[np.ndarray, float, np.ndarray | None, dict]:
+    """Per-column shift sizes ``d`` (r,) for the rotated problem ``wr``, maximizing the relaxation value.
+
+    Interior-point Newton on the saddle function (energies in units of ‖Y‖²)
+
+        Λ(d, z) = F_d(z) + μ (log det(M − diag d) + Σ log d) − μ (Σ log z + Σ log(1 − z) + log(k − Σz))
+
+    (``F_d(z) = ‖Y‖² − tr(Bᵀ (M + diag(d (1/z − 1)))⁻¹ B)``, concave in ``d``, convex in ``z``): one
+    Newton step on ``∇Λ = 0`` per iteration (``z`` eliminated through its C×C block, the r×r Schur complement
+    negative definite), fraction-to-the-boundary steps checked by a Cholesky factorization of
+    ``M − diag d``, ``μ`` decreased after long (or centred) steps. Each iterate's weights ``W = A⁻¹B`` give the
+    Fenchel minorant ``(L, a)`` of the relaxation, whose bound ``bound_of(L, a)`` (energy) is valid for
+    every feasible ``d`` (M − diag d ⪰ 0, d > 0): the best one is returned with its sizes.
+
+    ``d0`` must be strictly feasible. ``k``/``budget``/``costs``: the relaxation's constraints on z.
+    The start is the centre ``z = 1/2`` (scaled into the constraints), whose ``F`` sets the barrier
+    weights (a start at the relaxation's ``z`` with smaller weights jammed against ``M − diag d ⪰ 0``).
+    ``min_iterations``: after the first iteration, give up (``info["gave_up"]``) when that many would not
+    fit before ``deadline`` at its pace (the early iterates' bounds are far below the converged one).
+    Returns ``(d, bound, z, info)``; ``d = d0`` with ``bound = -inf`` when no step could be taken.
+    Costs O(r³) per iteration (two inverses, one Schur factorization) and a few r×r arrays of memory.
+    """
+    import scipy.linalg
+
+    M, g, C = wr.M, wr.col_group, wr.n_channels
+    r = M.shape[0]
+    c = wr.target_sq
+    Bn = wr.B / math.sqrt(c)
+    sizes = np.diff(wr.starts)
+    first = wr.starts[:-1][sizes > 0]
+    live = np.flatnonzero(sizes > 0)
+    rows = []                                 # constraints  a·z <= b  of the relaxation
+    if k is not None:
+        rows.append((np.ones(C), float(k)))
+    if budget is not None:
+        rows.append((np.asarray(costs, np.float64), float(budget)))
+    z = np.full(C, 0.5)
+    for a_row, b in rows:                    # strictly inside every constraint
+        if a_row @ z >= 0.9 * b:
+            z *= 0.9 * b / max(float(a_row @ z), 1e-300)
+    z = np.clip(z, 1e-6, 1 - 1e-6)
+    d = np.asarray(d0, np.float64).copy()
+    best_d, best, best_z = d.copy(), -math.inf, None
+    mu = mu_end = None
+    trace: list[float] = []
+    flat = 0
+    diag = np.diag_indices(r)
+
+    def gsum_cols(X):                         # (r, C): column sums over each channel's columns
+        out = np.zeros((X.shape[0], C))
+        out[:, live] = np.add.reduceat(X, first, axis=1)
+        return out
+
+    gave_up = False
+    t_start = time.perf_counter()
+    for it in range(iterations):
+        now = time.perf_counter()
+        if deadline is not None and now > deadline:
+            break
+        if (deadline is not None and it == 1 and min_iterations
+                and (deadline - now) < (min_iterations - 1) * (now - t_start)):
+            gave_up = True           # the method would stop far from converged: leave the time to others
+            break
+        s = (1.0 / z - 1.0)[g]
+        A = M.copy()
+        A[diag] += d * s
+        K = _inv_spd(A)
+        del A
+        if K is None:
+            break
+        W = K @ Bn
+        # the Fenchel minorant at W (valid for every set): L = 1 − ⟨W, QW⟩, a_g = Σ ‖V_j‖²/d_j, V = B − QW
+        QW = M @ W
+        QW -= d[:, None] * W
+        V = Bn - QW
+        L = 1.0 - float(np.sum(W * QW))
+        a = np.bincount(g, weights=np.sum(V * V, axis=1) / d, minlength=C)
+        del QW, V
+        val = float(bound_of(L * c, a * c))
+        trace.append(val)
+        if val > best * (1 + SADDLE_TOL) + 1e-300 or best == -math.inf:
+            flat = 0
+        else:
+            flat += 1
+        if val > best:
+            best, best_d, best_z = val, d.copy(), z.copy()
+        Fz = 1.0 - float(np.sum(Bn * W))
+        if mu is None:
+            ref = max(Fz, 1e-12)
+            mu = SADDLE_MU_START * ref / (2 * r + 3 * C)
+            mu_end = SADDLE_MU_END * ref / (2 * r + 3 * C)
+        if mu <= mu_end and flat >= SADDLE_STALL:
+            break
+        Q = M.copy()
+        Q[diag] -= d
+        X = _inv_spd(Q)
+        del Q
+        if X is None:
+            break
+        omega = np.sum(W * W, axis=1)
+        WWt = W @ W.T
+        K *= WWt                               # K = A⁻¹ ∘ WWᵀ (PSD)
+        del WWt
+        sp = (-1.0 / z ** 2)                   # ds/dz per channel
+        spc = sp[g]
+        # gradient
+        Ld = s * omega + mu * (1.0 / d - np.diag(X))
+        Fs = d * omega
+        slack = [b - float(a_row @ z) for a_row, b in rows]
+        Lz = np.bincount(g, weights=Fs * spc, minlength=C) - mu * (1.0 / z - 1.0 / (1.0 - z))
+        for (a_row, _), sl_ in zip(rows, slack):
+            Lz += mu * a_row / sl_
+        # z block: F_zz = P'(sp d K d sp)P + diag(2/z³ Σ_g Fs), barrier
+        v = d * spc
+        Kv = K * v[None, :]
+        Kv *= v[:, None]
+        Fzz = np.zeros((C, C))
+        Fzz[np.ix_(live, live)] = -2.0 * np.add.reduceat(np.add.reduceat(Kv, first, axis=0), first, axis=1)
+        del Kv
+        Fzz[np.diag_indices(C)] += (2.0 / z ** 3) * np.bincount(g, weights=Fs, minlength=C)
+        Lzz = Fzz
+        Lzz[np.diag_indices(C)] += mu * (1.0 / z ** 2 + 1.0 / (1.0 - z) ** 2)
+        for (a_row, _), sl_ in zip(rows, slack):
+            Lzz += mu * np.outer(a_row, a_row) / sl_ ** 2
+        # mixed block: F_dz[j, h] = sp_h (ω_j [j ∈ h] − 2 s_j Σ_{i∈h} K_ji d_i)
+        Fdz = gsum_cols(K * d[None, :])
+        Fdz *= -2.0 * s[:, None]
+        Fdz[np.arange(r), g] += omega
+        Fdz *= sp[None, :]
+        # d block: −2 S K S − μ X∘X − μ diag(1/d²), into X
+        X *= X
+        X *= -mu
+        K *= s[None, :]
+        K *= s[:, None]
+        X -= 2.0 * K
+        del K
+        X[diag] -= mu / d ** 2
+        try:
+            cz = scipy.linalg.cho_factor(Lzz, check_finite=False)
+        except np.linalg.LinAlgError:
+            break
+        T1 = scipy.linalg.cho_solve(cz, Fdz.T, check_finite=False)          # (C, r)
+        X -= Fdz @ T1                          # Schur complement (negative definite)
+        rhs = -Ld + T1.T @ Lz
+        X *= -1.0
+        step_d = None
+        for reg in (0.0, 1e-12, 1e-9, 1e-6):
+            Sm = X if reg == 0.0 else X + reg * np.diag(np.abs(np.diag(X)))
+            try:
+                step_d = -scipy.linalg.cho_solve(scipy.linalg.cho_factor(Sm, check_finite=False), rhs,
+                                                 check_finite=False)
+                break
+            except np.linalg.LinAlgError:
+                continue
+        del X
+        if step_d is None:
+            break
+        step_z = -scipy.linalg.cho_solve(cz, Lz + Fdz.T @ step_d, check_finite=False)
+        # fraction to the boundary of d > 0, 0 < z < 1 and the constraints, then M − diag d ≻ 0
+        al = 1.0
+        neg = step_d < 0
+        if neg.any():
+            al = min(al, 0.95 * float(np.min(d[neg] / -step_d[neg])))
+        neg = step_z < 0
+        if neg.any():
+            al = min(al, 0.95 * float(np.min(z[neg] / -step_z[neg])))
+        pos = step_z > 0
+        if pos.any():
+            al = min(al, 0.95 * float(np.min((1.0 - z[pos]) / step_z[pos])))
+        for (a_row, _), sl_ in zip(rows, slack):
+            grow = float(a_row @ step_z)
+            if grow > 0:
+                al = min(al, 0.95 * sl_ / grow)
+        while al > 1e-12:
+            Q = M.copy()
+            Q[diag] -= d + al * step_d + MARGIN
+            if _factors(Q):
+                break
+            al *= 0.5
+        else:
+            break
+        d = d + al * step_d
+        z = z + al * step_z
+        # a long step, or z already (nearly) optimal for d: close enough to the central path to lower μ
+        if al > 0.5 or (val > -math.inf and Fz - val / c <= SADDLE_CENTRED * Fz):
+            mu = max(mu * SADDLE_MU_DECAY, mu_end)
+    return best_d, best, best_z, {"trace": trace, "iterations": len(trace), "gave_up": gave_up}
+
+
+__all__ = ["optimize_shift", "rotate", "eig_blocks", "saddle_sizes", "inverse_basis", "blocks", "compose"]

@@ -231,10 +231,11 @@ def test_block_shift_minorant_is_valid_for_every_subset():
             assert L - a[m].sum() <= p.error(m) * p.target_sq * (1 + 1e-9) + 1e-9 * p.target_sq
 
 
+@pytest.mark.parametrize("shift", ["block", "ascent"])
 @pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
-def test_block_root_bound_is_valid_and_no_weaker_than_the_scalar_one(problem, k):
+def test_block_root_bound_is_valid_and_no_weaker_than_the_scalar_one(problem, k, shift):
     _, opt = brute_force(problem, k)
-    res = select_exact(problem, k=k, rel_gap=TIGHT, lasso=False, shift="block")
+    res = select_exact(problem, k=k, rel_gap=TIGHT, lasso=False, shift=shift)
     assert res.info["root_bound"] <= opt + 1e-9
     assert res.info["root_bound"] >= res.info["root_bound_scalar"] - 1e-12
     assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
@@ -257,7 +258,7 @@ def test_large_problems_take_the_uniform_shift_and_stay_exact(monkeypatch):
 
 def test_bad_shift_name_is_rejected():
     p, k = BANK[0]
-    with pytest.raises(InvalidInputError, match="shift must be 'block' or 'scalar'"):
+    with pytest.raises(InvalidInputError, match="shift must be one of"):
         select_exact(p, k=k, shift="diagonal")
 
 

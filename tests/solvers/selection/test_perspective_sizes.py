@@ -1,0 +1,119 @@
+"""Interior-point shift sizes (solvers.selection.perspective.saddle_sizes) and shift="block" in exact: every
+bound stays valid (checked against every subset / brute force), and the sizes beat the scalar shifts."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+import solvers.selection.exact as ex
+from solvers.selection.greedy import whiten
+from solvers.selection.perspective import inverse_basis, rotate, saddle_sizes
+from tests.solvers.selection.bank import BUDGET_BANK, brute_force, make_problem
+from tests.solvers.selection.test_exact_line_search import _conv_layer
+
+
+def _sizes(p, k=None, budget=None, **kw):
+    w = whiten(p)
+    t = ex.choose_shift(w)
+    S = ex._Search(p, k, budget, ex.Relaxation(w, t), None, 1e-4)
+    nothing = np.zeros(p.n_channels, bool)
+    wr = rotate(w, inverse_basis(w))
+    d, val, z, info = saddle_sizes(wr, 0.9 * t[w.col_group], lambda L, a: S.bound(L, a, nothing, ~nothing)[0],
+                                   k=k, budget=budget, costs=p.costs, **kw)
+    return w, t, wr, d, val, z, info
+
+
+def _assert_valid(p, wr, d):
+    """M − diag d ⪰ 0, d > 0, and the relaxation's minorants under-estimate every subset's error."""
+    C = p.n_channels
+    assert np.all(d > 0)
+    assert np.linalg.eigvalsh(wr.M - np.diag(d))[0] >= -1e-12
+    rel = ex.Relaxation(wr, d)
+    subsets = [list(c) for r in range(C + 1) for c in itertools.combinations(range(C), r)]
+    errs = []
+    for S_ in subsets:
+        m = np.zeros(C, bool)
+        m[S_] = True
+        errs.append((m, p.error(m) * p.target_sq))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        W, _ = rel.solve(rng.uniform(0, 1, size=C), np.zeros(C, bool))
+        L, a = rel.dual(W)
+        for m, e in errs:
+            assert L - a[m].sum() <= e * (1 + 1e-9) + 1e-9 * p.target_sq
+
+
+def test_sizes_are_feasible_their_bound_valid_and_above_the_scalar_root():
+    p = make_problem(8, 3, 3, 150, seed=5, correlation=0.85)
+    k = 4
+    opt = brute_force(p, k)[1]
+    w, t, wr, d, val, z, info = _sizes(p, k=k)
+    _assert_valid(p, wr, d)
+    assert val / p.target_sq <= opt * (1 + 1e-9)
+    S = ex._Search(p, k, None, ex.Relaxation(w, t), None, 1e-4)
+    nothing = np.zeros(8, bool)
+    scalar, *_ = ex._relax(S, nothing, nothing, np.full(8, 0.5), 200, converge=True)
+    assert val > scalar                                   # the sizes improve on the trace-maximal shift
+    # the relaxation built from the sizes proves at least as much as their own minorant did
+    S.rel = ex.Relaxation(wr, d)
+    lb, *_ = ex._relax(S, nothing, nothing, z, 200, converge=True)
+    assert val * (1 - 1e-6) <= max(lb, val) / 1.0 and lb / p.target_sq <= opt * (1 + 1e-9)
+
+
+def test_sizes_on_an_ill_conditioned_conv_layer_close_most_of_the_root_gap():
+    p = _conv_layer(12, 8, 238, 0)                        # n/d = 2.2: scalar root 0.70 of the optimum
+    opt = brute_force(p, 6)[1]
+    *_, wr, d, val, z, info = _sizes(p, k=6)
+    assert 0.9 * opt <= val / p.target_sq <= opt * (1 + 1e-9)     # measured 0.944 of the optimum
+    assert np.linalg.eigvalsh(wr.M - np.diag(d))[0] >= -1e-12
+
+
+def test_sizes_under_a_cost_budget_stay_valid():
+    p, budget = BUDGET_BANK[0]
+    opt = brute_force(p, budget=budget)[1]
+    w, t, wr, d, val, z, info = _sizes(p, budget=budget)
+    assert info["iterations"] > 0 and val > -np.inf
+    _assert_valid(p, wr, d)
+    assert val / p.target_sq <= opt * (1 + 1e-9)
+    assert float(p.costs @ z) <= budget                    # the relaxed point stays inside the budget
+
+
+def test_sizes_past_their_deadline_return_the_start():
+    p = make_problem(6, 2, 3, 80, seed=1)
+    w, t, wr, d, val, z, info = _sizes(p, k=3, deadline=time.perf_counter() - 1.0)
+    assert val == -np.inf and info["iterations"] == 0
+    assert np.allclose(d, 0.9 * t[w.col_group])
+
+
+@pytest.mark.parametrize("backend", ["bnb", "highs"])
+def test_block_shifts_prove_the_optimum_with_a_root_bound_at_least_the_ascents(backend, monkeypatch):
+    monkeypatch.setattr(ex, "ENUMERATE_MAX", 0)          # (C = 12, k = 6 would be enumerated)
+    p = _conv_layer(12, 8, 238, 0)
+    opt = brute_force(p, 6)[1]
+    res = ex.select_exact(p, k=6, backend=backend, lasso=False, rel_gap=1e-7)
+    assert res.objective == pytest.approx(opt, rel=1e-9) and res.bound <= opt + 1e-12
+    assert res.info["shift_used"] == "block" and res.info["sizes_iterations"] > 0
+    assert res.info["root_bound"] <= opt + 1e-12
+    if backend == "bnb":
+        ascent = ex.select_exact(p, k=6, lasso=False, rel_gap=1e-7, shift="ascent")
+        assert res.info["root_bound"] >= ascent.info["root_bound"] - 1e-12
+
+
+def test_sizes_that_cannot_converge_in_time_give_up_after_one_iteration():
+    p = make_problem(6, 2, 3, 80, seed=1)
+    *_, info = _sizes(p, k=3, deadline=time.perf_counter() + 60.0, min_iterations=10**9)
+    assert info["gave_up"] and info["iterations"] == 1
+
+
+def test_exact_falls_back_to_the_ascent_when_the_sizes_give_up(monkeypatch):
+    monkeypatch.setattr(ex, "ENUMERATE_MAX", 0)
+    monkeypatch.setattr(ex, "SADDLE_MIN_ITERATIONS", 10**9)
+    p = _conv_layer(12, 8, 238, 0)
+    opt = brute_force(p, 6)[1]
+    res = ex.select_exact(p, k=6, lasso=False, rel_gap=1e-7, time_limit=60.0)
+    assert res.info["sizes_gave_up"] and res.info["shift_steps"] > 0 and res.info["shift_used"] == "block"
+    assert res.info["root_bound"] <= opt + 1e-12 and res.bound <= opt + 1e-12
+    assert res.objective == pytest.approx(opt, rel=1e-9)
