@@ -1059,10 +1059,11 @@ def _scip_oa(S: _Search, root_cuts, floor_energy: float) -> tuple[float, int]:
     return min(bound * unit, S.best_err), int(model.getNNodes())
 
 
-def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, iterations: int):
-    """Block shifts climbing the root relaxation (see :func:`solvers.selection.perspective.optimize_shift`).
+def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, iterations: int, D_init=None):
+    """Block shifts climbing the root relaxation (see :func:`solvers.selection.perspective.optimize_shift`),
+    from the scalar shifts ``t`` or from the blocks ``D_init``.
 
-    Returns ``(D, trace)`` with ``D`` None when nothing beat the scalar shifts' first value.
+    Returns ``(D, trace)`` with ``D`` None when nothing beat the first value.
     """
     C = w.n_channels
     nothing = np.zeros(C, bool)
@@ -1077,7 +1078,7 @@ def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, ite
         return lb, z, W
 
     try:
-        D, out = optimize_shift(w, t, relax_value, iterations=iterations, deadline=stop)
+        D, out = optimize_shift(w, t, relax_value, iterations=iterations, deadline=stop, D_init=D_init)
     finally:
         S.rel, S.deadline = saved_rel, saved_deadline
     trace = out["trace"]
@@ -1128,26 +1129,11 @@ def _newton_blocks(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, i
         return None if best is None else (*best, info)
     # directions: the ascent from the sizes' blocks, then sizes in its basis
     ascent_stop = None if stop is None else time.perf_counter() + 0.5 * max(stop - time.perf_counter(), 0.0)
-    saved_rel, saved_deadline = S.rel, S.deadline
-    S.deadline = ascent_stop
-
-    def relax_value(wr_, d_, z_):
-        S.rel = Relaxation(wr_, d_)
-        lb, z_, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5) if z_ is None else z_, SHIFT_FW_STEPS,
-                              converge=True)
-        W, _ = S.rel.solve(z_, nothing)
-        return lb, z_, W
-
-    try:
-        D, asc = optimize_shift(w, t, relax_value, iterations=iterations, deadline=ascent_stop,
-                                D_init=blocks(w, U, d))
-    finally:
-        S.rel, S.deadline = saved_rel, saved_deadline
-    info["shift_steps"] = len(asc["trace"])
+    D, trace = _block_shift(S, w, t, ascent_stop, iterations, D_init=blocks(w, U, d))
+    info["shift_steps"] = len(trace)
     # (an ascent that never beat its start returns the sizes' own blocks: nothing new to size; measured at
     # C = 64 / 128 3×3, n/d 8.7 / 4.3, where it stops after 12 steps)
-    if (S.timed_out() or (stop is not None and time.perf_counter() > stop)
-            or not asc["trace"] or max(asc["trace"]) <= asc["trace"][0]):
+    if S.timed_out() or (stop is not None and time.perf_counter() > stop) or D is None:
         return (*best, info)
     U2, d2 = eig_blocks(D)
     wr2 = rotate(w, U2)
