@@ -310,3 +310,27 @@ def test_active_cholesky_follows_adds_and_removals():
     Qs[2, 2] = Q[5, 5]
     dup = _ActiveCholesky(Qs, np.array([5]), room=4)
     assert not dup.add(2) and dup.order == [5]
+
+
+def test_path_points_certified_by_the_optimality_conditions_skip_fista(monkeypatch):
+    """The predictor's β at its proposed λ is accepted when it meets the LASSO's KKT conditions (no
+    FISTA run); the channels kept are those FISTA's confirmation keeps, and a β off the path fails."""
+    import solvers.selection.lasso as lasso_module
+
+    Z, Y, groups, _ = _data(seed=7, n=300, C=24, cols=2)
+    problem = SelectionProblem.from_data(Z, Y, groups)
+    res = select_lasso(problem, k=9, backend="fista")
+    assert res.k == 9 and res.info["kkt_certified"] >= 1 and res.info["exact_count"]
+    monkeypatch.setattr(lasso_module.FistaLasso, "kkt_holds", lambda self, beta, lam, rtol=0: False)
+    confirmed = select_lasso(problem, k=9, backend="fista")
+    assert confirmed.info["kkt_certified"] == 0
+    np.testing.assert_array_equal(res.mask, confirmed.mask)
+    monkeypatch.undo()
+    Q, q = channel_gram(problem)
+    scale = float(np.max(np.abs(q)))
+    qp = lasso_module.FistaLasso(Q / scale, q)
+    beta = qp.solve(0.3)
+    assert qp.kkt_holds(beta, 0.3, rtol=1e-4)
+    wrong = beta.copy()
+    wrong[np.argmax(np.abs(beta))] *= 1.1
+    assert not qp.kkt_holds(wrong, 0.3, rtol=1e-4)
