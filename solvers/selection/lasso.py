@@ -642,37 +642,37 @@ def select_lasso(problem: SelectionProblem, *, k: int | None = None, budget: flo
     # First guess: follow the LASSO path from λ_max (where β = 0) to the first interval with k
     # channels; failing that, the λ that would keep k channels were the contributions orthogonal.
     guess = predict(qp.lam_max * (1 + 1e-9), np.zeros(C), k)  # just above: the first entry is at lam_max
-    if predict.path_end is not None:
+    certified = [0]  # path points accepted by their optimality conditions
+    end = predict.path_end
+    if end is not None:
         # The whole path keeps fewer than k channels (rank-deficient statistics: VGG's 4,096-unit
         # classifier groups on 1,347 images end at ~1,400): what the λ floor of the search would
         # conclude after dozens of slow ill-conditioned solves. Keep the path's end, and the rest of
         # the k by ⟨Z_c W_c, Y⟩.
-        lam_end, beta_end, count = predict.path_end
-        info = {"lambda": lam_end / qp.lam_max, "lambda_max": qp.lam_max * qp.scale, "exact_count": False,
-                "path": [], "lambda_floor": True, "path_end_channels": count, "inaccurate_solves": 0}
-        return result_from_mask(problem, top_k_mask(beta_end, k, q), method="lasso", start=start,
-                                backend=solver.lower(), info=info)
-    if guess is None:
-        entry = np.sort(2.0 * np.abs(q) / qp.scale)[::-1]
-        guess = math.sqrt(entry[k - 1] * entry[k]) if entry[k] > 0 else 0.5 * entry[k - 1]
+        out = SearchOutcome(top_k_mask(end[1], k, q), end[0], 0, False, False, [])
+        out.floor_hit = True
+    else:
+        if guess is None:
+            entry = np.sort(2.0 * np.abs(q) / qp.scale)[::-1]
+            guess = math.sqrt(entry[k - 1] * entry[k]) if entry[k] > 0 else 0.5 * entry[k - 1]
 
-    certified = [0]  # path points accepted by their optimality conditions
+        def solve(lam: float):
+            left = None if deadline is None else deadline - time.perf_counter()
+            if fista and predict.last is not None and predict.last[0] == lam:
+                qp.beta = predict.last[1].copy()  # the path's β there: FISTA only confirms it
+                if qp.kkt_holds(qp.beta, lam):    # ... unless the optimality conditions already do
+                    certified[0] += 1
+                    return qp.beta.copy()
+            return qp.solve(lam, left)
 
-    def solve(lam: float):
-        left = None if deadline is None else deadline - time.perf_counter()
-        if fista and predict.last is not None and predict.last[0] == lam:
-            qp.beta = predict.last[1].copy()  # the path's β there: FISTA only confirms it
-            if qp.kkt_holds(qp.beta, lam):    # ... unless the optimality conditions already do
-                certified[0] += 1
-                return qp.beta.copy()
-        return qp.solve(lam, left)
-
-    out = search_lambda(solve, k, qp.lam_max, tiebreak=q, lam_guess=guess, deadline=deadline,
-                        predict=predict)
+        out = search_lambda(solve, k, qp.lam_max, tiebreak=q, lam_guess=guess, deadline=deadline,
+                            predict=predict)
     status = Status.TIME_LIMIT if out.timed_out else Status.FEASIBLE
     info = {"lambda": None if out.lam is None else out.lam / qp.lam_max, "lambda_max": qp.lam_max * qp.scale,
             "exact_count": out.exact, "path": out.history, "lambda_floor": out.floor_hit,
             "inaccurate_solves": qp.inaccurate, "kkt_certified": certified[0]}
+    if end is not None:
+        info["path_end_channels"] = end[2]
     return result_from_mask(problem, out.mask, method="lasso", start=start, backend=solver.lower(),
                             iterations=out.steps, status=status, info=info)
 
