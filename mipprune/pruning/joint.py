@@ -77,7 +77,7 @@ def _consumer_block(member: Member, st, ridge: float, out: np.ndarray):
     yy = float(st.target_sq)
     if not f.size and not isinstance(st, LayerSamples):  # every column is the group's: G' = G
         out[...] = st.gram
-        B = st.cross.copy()
+        B = st.cross  # (read only: the caller scales a copy)
     else:
         G, Gaf, Gff, B, Bf = _blocks(st, a, f)
         out[...] = G
