@@ -59,10 +59,12 @@ FISTA_MIN_CHANNELS = 1024
 PREDICT_WORK = 1e11
 # FISTA stops when no scaling moved by more than this (relative to the largest) in one step.
 FISTA_TOL = 1e-10
+REFINE_STEPS = 2  # iterative-refinement steps on a path point (kkt_predictor): each is O(|A|²)
 # A path point (the predictor's β) is accepted without a FISTA run when it meets the optimality
 # conditions to this fraction of λ: on ill-conditioned statistics (VGG's 4,096-unit classifier groups
 # at λ ≈ 5·10⁻⁷ λ_max) FISTA needs minutes to confirm what the conditions certify in one mat-vec.
 KKT_RTOL = 1e-6
+KKT_ROUNDOFF = 16  # ulps of |q_j| + |Q_j|·|β| granted to the optimality check for round-off
 FISTA_MAX_ITERS = 200_000
 
 # Time-limit options of the backends that have one (seconds).
@@ -349,12 +351,18 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
             cand = np.concatenate([a / b, u / (1.0 - v), -u / (1.0 + v)])
         who = np.concatenate([idx, out, out])
         entering = np.concatenate([np.zeros(idx.size, bool), np.ones(2 * out.size, bool)])
-        ok = np.isfinite(cand) & (cand > 0)
-        ok &= cand > lam * (1 + 1e-12) if up else cand < lam * (1 - 1e-12)
+        # An event is a crossing *into* violation in the walk's direction: an active β_j shrinking to
+        # 0, an inactive |r_j| growing to λ'. Roots crossing the other way (the channel that just
+        # entered or left, ties) are not events; without this test a channel at its boundary at
+        # ``lam`` through round-off is skipped and the walk leaves the path.
+        sb = s[idx] * b
+        toward = np.concatenate([sb > 0, v > 1.0, v < -1.0] if up else [sb < 0, v < 1.0, v > -1.0])
+        ok = np.isfinite(cand) & (cand > 0) & toward
+        ok &= cand > lam * (1 - 1e-10) if up else cand < lam * (1 + 1e-10)
         if not ok.any():
             return None, (a, b, idx)
         i = np.flatnonzero(ok)[np.argmin(cand[ok]) if up else np.argmax(cand[ok])]
-        lam_e, j = float(cand[i]), int(who[i])
+        lam_e, j = (max if up else min)(float(cand[i]), lam), int(who[i])
         sign = 0.0
         if entering[i]:
             pos = np.flatnonzero(out == j)[0]
@@ -365,6 +373,23 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
         a, b, idx = piece
         beta = np.zeros(C)
         beta[idx] = a - lam_mid * b
+        return beta
+
+    def refined(chol: _ActiveCholesky, s: np.ndarray, lam: float, beta: np.ndarray) -> np.ndarray:
+        """β on the path with a few steps of iterative refinement of ``Q_AA β_A = q_A − λ/2 s_A``: the
+        factor, updated over hundreds of events, carries round-off that ill-conditioned statistics
+        (VGG's classifier groups at λ ~ 1e-7 λ_max) magnify past the optimality check's tolerance."""
+        idx = np.asarray(chol.order, dtype=np.int64)
+        if not idx.size:
+            return beta
+        Q_AA = chol.rows[:, idx]
+        rhs = q[idx] - 0.5 * lam * s[idx]
+        x = beta[idx]
+        for _ in range(REFINE_STEPS):
+            x = x + chol.solve(rhs - Q_AA @ x)
+        if np.all(np.sign(x) == s[idx]):  # (a refinement that flips a sign would leave the path: keep β)
+            beta = beta.copy()
+            beta[idx] = x
         return beta
 
     def walk(A: np.ndarray, s: np.ndarray, cur: float, up: bool, room: int, k: int) -> float | None:
@@ -380,7 +405,7 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
             ev, piece = next_event(chol, s, cur, up)
             if count == k:
                 mid = (cur * 1.1 if up else cur / 1.1) if ev is None else math.sqrt(cur * ev[0])
-                predict.last = (mid, on_path(mid, piece))
+                predict.last = (mid, refined(chol, s, mid, on_path(mid, piece)))
                 return mid
             if ev is None and not up and count < k:
                 # the path ends (λ → 0) with fewer than k channels: the others' correlations with the
@@ -528,11 +553,20 @@ class FistaLasso:
     def kkt_holds(self, beta: np.ndarray, lam: float, rtol: float = KKT_RTOL) -> bool:
         """Whether ``beta`` is optimal at ``lam`` by the LASSO's optimality conditions (a certificate: the
         problem is convex): with ``r = 2(q − Qβ)``, ``r_j = λ·sign β_j`` on the non-zeros and ``|r_j| ≤ λ``
-        elsewhere, to ``rtol·λ``."""
+        elsewhere, to ``rtol·λ`` plus the round-off of evaluating ``r_j`` (``KKT_ROUNDOFF`` ulps of
+        ``2(|q_j| + |Q_j|·|β|)``): at λ ~ 1e-7 λ_max on ill-conditioned statistics that round-off alone
+        exceeds ``rtol·λ``, and no float64 solver, FISTA included, can do better."""
         r = 2.0 * (self.q - self.Q @ beta)
         on = beta != 0
-        tol = rtol * lam
-        return bool(np.all(np.abs(r[on] - lam * np.sign(beta[on])) <= tol) and np.all(np.abs(r[~on]) <= lam + tol))
+        magnitude = np.abs(self.q)
+        cols = np.flatnonzero(on)
+        for lo in range(0, cols.size, 256):  # |Q_j|·|β| over the non-zeros, 256 columns at a time (no C×C copy)
+            c = cols[lo:lo + 256]
+            magnitude += np.abs(self.Q[:, c]) @ np.abs(beta[c])
+        floor = 2.0 * KKT_ROUNDOFF * np.finfo(np.float64).eps * magnitude
+        tol = rtol * lam + (floor[on] if on.any() else 0.0)
+        tol_off = rtol * lam + floor[~on]
+        return bool(np.all(np.abs(r[on] - lam * np.sign(beta[on])) <= tol) and np.all(np.abs(r[~on]) <= lam + tol_off))
 
     def solve(self, lam: float, time_left: float | None = None) -> np.ndarray | None:
         """β at λ; ``None`` when ``time_left`` (seconds) ran out first."""

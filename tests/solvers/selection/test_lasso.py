@@ -334,3 +334,28 @@ def test_path_points_certified_by_the_optimality_conditions_skip_fista(monkeypat
     wrong = beta.copy()
     wrong[np.argmax(np.abs(beta))] *= 1.1
     assert not qp.kkt_holds(wrong, 0.3, rtol=1e-4)
+
+
+def test_path_predictor_stays_on_the_path_through_ties_of_ill_conditioned_statistics():
+    """Channels that are mixes of a few shared factors (cond(Q) ~ 1e5) put channels at their boundary
+    together; the walk must not skip one of them (before, it left the path: a kept channel's β took
+    the wrong sign at k = 100). Every proposal meets the LASSO's optimality conditions, and for the
+    k near the end of the path they hold only to the round-off of evaluating them."""
+    from solvers.selection.lasso import FistaLasso
+
+    rng = np.random.default_rng(0)
+    factors = rng.standard_normal((2000, 60))
+    Z = factors @ rng.standard_normal((60, 300)) + 0.1 * rng.standard_normal((2000, 300))
+    Y = factors @ rng.standard_normal(60) + 0.1 * rng.standard_normal(2000)
+    Q, q = Z.T @ Z, Z.T @ Y
+    s = float(np.abs(q).max())
+    predict = kkt_predictor(Q / s, q / s)
+    qp = FistaLasso(Q / s, q)
+    for k in (20, 100, 200):
+        lam = predict(2.0 * (1 + 1e-9), np.zeros(300), k)
+        assert lam is not None, k
+        beta = predict.last[1]
+        assert np.count_nonzero(beta) == k and qp.kkt_holds(beta, lam), k
+    wrong = beta.copy()
+    wrong[np.flatnonzero(beta)[0]] *= 1.001
+    assert not qp.kkt_holds(wrong, lam)
