@@ -39,6 +39,12 @@ and 1.1·d at C = 512, while real calibration (images × positions) usually has 
     python benchmarks/bench_exact.py --study [--channels 8 12] [--m 8] [--rows-per-column 2.2] [--sdp]
                                      [--sdp-max 12] [--sdp-solver SCS|CLARABEL] [--study-exact 30]
     python benchmarks/bench_exact.py --scale [--scale-channels 2048 11008] [--time-limit 60] [--m 256]
+    python benchmarks/bench_exact.py --network digits teacher [--budgets 0.5 0.25 0.1] [--net-time-limit 10]
+                                     [--shifts block ascent]
+
+``--network`` prunes whole networks (the digits CNN `mipprune prune` trains by default; bench_selection's
+teacher–student MLP) to FLOPs budgets with ``ChannelSelector("exact")`` at ``--net-time-limit`` s per group,
+and solves every group's recorded problem once per shift: the per-group proven gap side by side.
 """
 from __future__ import annotations
 
@@ -281,6 +287,129 @@ def run_study(args) -> int:
     return 0
 
 
+class _Shift:
+    """``select_channels(method="exact")`` with the given perspective shift while inside (benchmark only)."""
+
+    def __init__(self, shift: str):
+        self.shift = shift
+
+    def __enter__(self):
+        import functools
+
+        from solvers.selection import exact as ex
+
+        self.orig = ex.select_exact
+        ex.select_exact = functools.partial(self.orig, shift=self.shift)
+        return self
+
+    def __exit__(self, *exc):
+        from solvers.selection import exact as ex
+
+        ex.select_exact = self.orig
+        return False
+
+
+def _network(name: str, seed: int):
+    """(model, calibration loader, input shape) of a whole-network run."""
+    from mipprune.data import make_loader
+
+    if name == "digits":    # the model `mipprune prune` trains by default
+        from mipprune.train import train_digits_cnn
+
+        model, data = train_digits_cnn(seed=seed, epochs=5)
+        return model, make_loader(data.x_train, batch_size=256), (1, 8, 8)
+    from bench_selection import teacher_student   # a 16→128→128→4 MLP student of a ReLU teacher
+
+    student, tr, _ = teacher_student(seed, n_train=8000, n_test=3000, epochs=20)
+    return student, make_loader(tr[0][:4000], batch_size=500), (16,)
+
+
+def run_network(args) -> int:
+    """Whole networks pruned to FLOPs budgets by ``ChannelSelector("exact")`` at ``--net-time-limit`` s per
+    group: the per-group proven gap, with every ``--shifts`` on the same per-group problems.
+
+    The pipeline (widths from the FLOPs allocation, sequential calibration) runs once with the first shift;
+    every group's problem and k are recorded and solved again with the other shifts, so the columns compare
+    bounds on identical problems.
+    """
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+    from threadpoolctl import threadpool_limits
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mipprune.pruning.selector import ChannelSelector
+    from solvers.selection.exact import select_exact
+
+    torch.set_num_threads(args.threads)
+    rows = []
+
+    class Recording(ChannelSelector):
+        def _select(self, problem, k, group, model, data):
+            res = super()._select(problem, k, group, model, data)
+            self.recorded.append((group.consumer, problem, k, res))
+            return res
+
+    first, rest = args.shifts[0], args.shifts[1:]
+    with threadpool_limits(limits=args.threads):
+        for net in args.network:
+            model, calib, _ = _network(net, args.seeds[0])
+            for budget in args.budgets:
+                sel = Recording("exact", flops=budget, time_limit=args.net_time_limit, positions=10,
+                                seed=args.seeds[0])
+                sel.recorded = []
+                t0 = time.perf_counter()
+                with _Shift(first):
+                    sel.fit(model, calib)
+                fit_s = time.perf_counter() - t0
+                for layer, problem, k, res in sel.recorded:
+                    row = {"network": net, "budget": budget, "layer": layer, "C": problem.n_channels,
+                           "d": problem.n_columns, "m": problem.n_outputs, "k": k, "fit_s": fit_s,
+                           "load_avg": os.getloadavg()[0]}
+                    runs = {first: (res, res.solve_time)}
+                    for shift in rest:
+                        t1 = time.perf_counter()
+                        runs[shift] = (select_exact(problem, k=k, time_limit=args.net_time_limit, shift=shift),
+                                       time.perf_counter() - t1)
+                    for shift, (r, wall) in runs.items():
+                        row[shift] = {"error": r.objective, "bound": r.bound, "gap": r.gap, "time_s": wall,
+                                      "status": str(r.status.value), "nodes": r.iterations,
+                                      "root_bound": r.info.get("root_bound"),
+                                      "root_bound_scalar": r.info.get("root_bound_scalar"),
+                                      "shift_used": r.info.get("shift_used"),
+                                      "sizes_iterations": r.info.get("sizes_iterations")}
+                    rows.append(row)
+                    print(f"{net} FLOPs {budget:.0%} {layer}: " + "  ".join(
+                        f"{s} gap {row[s]['gap']:.2%} ({row[s]['time_s']:.1f} s)" for s in runs), flush=True)
+    table = Table(title=f"Whole networks, exact at {args.net_time_limit:g} s per group, FLOPs budgets; proven gap "
+                        f"per group with each shift on the same problems ({args.threads} BLAS thread(s))")
+    for col in ["network", "FLOPs", "group", "C", "d", "m", "k"]:
+        table.add_column(col, justify="right")
+    for s in args.shifts:
+        for col in (f"{s} root/err", f"{s} gap", f"{s} s"):
+            table.add_column(col, justify="right")
+    for r in rows:
+        cells = [r["network"], f"{r['budget']:.0%}", r["layer"], str(r["C"]), str(r["d"]), str(r["m"]), str(r["k"])]
+        for s in args.shifts:
+            x = r[s]
+            rb = x["root_bound"]
+            cells += ["-" if rb is None or not x["error"] else f"{rb / x['error']:.3f}",
+                      "-" if x["gap"] is None else f"{x['gap']:.2%}", f"{x['time_s']:.1f}"]
+        table.add_row(*cells)
+    Console(width=190).print(table)
+    worst = {s: max((r[s]["gap"] or 0.0) for r in rows) for s in args.shifts} if rows else {}
+    for s, v in worst.items():
+        print(f"worst group gap with shift={s}: {v:.2%} (target <= 10% at {args.net_time_limit:g} s per group)")
+    out = args.out if args.out_set else args.out.with_name("bench_exact_network.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "exact-network", "python": platform.python_version(),
+                               "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "worst_gap": worst,
+                               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                              indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
 def synthetic_layer(C: int, cols: int, m: int, n: int, seed: int) -> SelectionProblem:
     """bench_lasso's conv-like layer with ``cols`` columns per channel (9 = 3×3 kernel, 1 = 1×1)."""
     from bench_lasso import synthetic_layer as layer_data  # same generator, same seeds
@@ -306,6 +435,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sdp-max", type=int, default=32, help="study: largest C given the SDP")
     ap.add_argument("--sdp-solver", default="SCS", choices=["SCS", "CLARABEL"], help="study: the SDP's solver")
     ap.add_argument("--sdp-time", type=float, default=600.0, help="study: SCS time limit (s)")
+    ap.add_argument("--network", nargs="+", default=None, choices=["digits", "teacher"],
+                    help="whole networks pruned by exact to --budgets FLOPs at --net-time-limit s per group")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1], help="--network: FLOPs kept")
+    ap.add_argument("--net-time-limit", type=float, default=10.0, help="--network: exact seconds per group")
     ap.add_argument("--scale-channels", type=int, nargs="+", default=[2048, 11008])
     ap.add_argument("--scale-methods", nargs="+", default=list(SCALE_METHODS))
     ap.add_argument("--scale-channels-3x3", type=int, nargs="*", default=[512],
@@ -327,6 +460,8 @@ def main(argv=None) -> int:
     args.out_set = argv is not None and "--out" in argv or "--out" in sys.argv
     if args.study:
         return run_study(args)
+    if args.network:
+        return run_network(args)
     if args.scale:
         if args.time_limit is None:
             args.time_limit = 60.0

@@ -75,8 +75,8 @@ from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import Whitened, backward_mask, forward_mask, refit_seconds, whiten
-from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, blocks, eig_blocks, inverse_basis,
-                                          optimize_shift, rotate, saddle_sizes)
+from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks, eig_blocks,
+                                          inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.swap import improve_by_swaps
 from solvers.result import SelectionResult, Status
@@ -138,6 +138,8 @@ SIZES_SHARE = 0.5
 # the root bound is what the time buys).
 BLOCK_LARGE_COLUMNS = 3000
 BLOCK_SHARE_LARGE = 0.6
+# ... and the scalar shifts' root Frank–Wolfe there gets this many steps (C = 512 3×3: each ~4–6 s under load).
+SCALAR_ROOT_ITERATIONS_LARGE = 5
 # Frank–Wolfe steps per block-shift ascent step (warm-started from the previous relaxed point).
 SHIFT_FW_STEPS = 5
 # Converging Frank–Wolfe runs (root, shift ascent) shorten a step whose quadratic-model length did not
@@ -180,14 +182,20 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
         A[np.diag_indices_from(A)] -= np.repeat(tv, size[idx].astype(np.int64))
         return A
 
+    single = r >= SINGLE_MIN_COLUMNS          # (the Newton direction only: feasibility is checked in float64)
+    pace = 0.0                                # seconds of the last Newton step
     while mu > 1e-6:
         for _ in range(4):
-            if deadline is not None and time.perf_counter() > deadline:
+            # (no step that would end past the deadline: at C = 512 3×3 one took ~12 s and the 9 s search 31 s)
+            if deadline is not None and time.perf_counter() + pace > deadline:
                 break
-            X = np.linalg.inv(shifted(tl))
+            t_step = time.perf_counter()
+            X = _inv_spd(shifted(tl).astype(np.float32) if single else shifted(tl), overwrite=True)
+            if X is None:
+                X = np.linalg.inv(shifted(tl))
             grad = size[idx] - mu * np.add.reduceat(np.diag(X), first) + mu / tl
             np.multiply(X, X, out=X)
-            H = np.add.reduceat(np.add.reduceat(X, first, axis=0), first, axis=1)
+            H = np.add.reduceat(np.add.reduceat(X, first, axis=0), first, axis=1).astype(np.float64)
             del X
             H *= -mu
             H[np.diag_indices_from(H)] -= mu / tl ** 2
@@ -208,10 +216,11 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
             else:
                 break
             tl = tn
+            pace = time.perf_counter() - t_step
             if np.abs(a * step).max() < 1e-10:
                 break
         mu *= 0.3
-        if deadline is not None and time.perf_counter() > deadline:
+        if deadline is not None and time.perf_counter() + pace > deadline:
             break
     t[idx] = tl
     return _with_margin(M, g, t)
@@ -1295,7 +1304,11 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                     incumbents=dict(S.sources), best_from=S.best_source, solves=0)
         return result_from_mask(problem, S.best_mask, method="exact", start=start, backend=backend,
                                 bound=0.0, status=Status.TIME_LIMIT, info=info)
-    root_lb, root_z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5), max(fw_iterations, ROOT_ITERATIONS),
+    # (under shift="block" past BLOCK_LARGE_COLUMNS the scalar root is only a fallback of the block shifts, and
+    # each of its Frank–Wolfe steps factors r×r matrices: a few steps, the time goes to the sizes)
+    scalar_steps = (SCALAR_ROOT_ITERATIONS_LARGE if shift == "block" and w.M.shape[0] > BLOCK_LARGE_COLUMNS
+                    else ROOT_ITERATIONS)
+    root_lb, root_z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5), max(fw_iterations, scalar_steps),
                                    cuts=root_cuts, converge=backend == "bnb")
     info["root_bound_scalar"] = max(root_lb, 0.0) / c
     info["shift_used"] = "scalar"

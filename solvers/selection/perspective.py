@@ -226,38 +226,77 @@ SADDLE_MU_DECAY = 0.3
 SADDLE_STALL = 4
 SADDLE_TOL = 1e-5
 # Iterations the sizes need to be worth starting (their bound passes the scalar shifts' after ~10-15 and
-# converges in ~30, bench_exact C = 128 / 256 3×3).
-SADDLE_MIN_ITERATIONS = 20
+# converges in ~30, bench_exact C = 128 / 256 3×3; at C = 512 3×3, n/d 8.7, root bound / best error per
+# iteration: 0.40, 0.80, 0.85, 0.89, 0.92 at iterations 4–8, 0.93 at 10, 0.94 at 31, against 0.81 for the
+# first-order ascent in its whole share and 0.70 for the scalar shifts: 10 is worth it there).
+SADDLE_MIN_ITERATIONS = 10
 # Relative gap F_d(z) − bound under which the iterate counts as centred (μ is lowered).
 SADDLE_CENTRED = 1e-3
 
 
-def _inv_spd(A: np.ndarray) -> np.ndarray | None:
-    """Inverse of a symmetric positive definite matrix (None when the Cholesky factorization fails)."""
-    import scipy.linalg.lapack as lapack
+# Above this many whitened columns saddle_sizes (and exact.choose_shift) build their Newton systems in single
+# precision: LAPACK's spotrf/spotri run ~3× faster than dpotrf/dpotri at r = 4,608 on one thread (0.7 + 1.7 s
+# against 1.9 + 6.3 s). Only the Newton *directions* come from them: feasibility (M − diag d ⪰ 0) is still
+# certified by a float64 Cholesky factorization, and the weights W of each bound by float64 refinement.
+SINGLE_MIN_COLUMNS = 2000
+# Rounds of iterative refinement (float64 residuals) of W = A⁻¹B from a single-precision inverse (the
+# minorant at W is off the one at A⁻¹B by a term quadratic in the error: one round leaves ~(ε₃₂·κ(A))²).
+REFINE_ROUNDS = 1
 
-    c, info = lapack.dpotrf(A, lower=1, clean=0, overwrite_a=0)
-    if info != 0:
-        return None
-    X, info = lapack.dpotri(c, lower=1, overwrite_c=1)
-    if info != 0:
-        return None
-    il = np.triu_indices(X.shape[0], 1)
-    X[il] = X.T[il]                      # dpotri fills the lower triangle only
+
+def _sym_lower(X: np.ndarray, slab: int = 256) -> np.ndarray:
+    """Copy the lower triangle of the square ``X`` onto its upper one, in place, slab by slab (a fancy-indexed
+    copy over all of ``triu_indices`` took 3.1 s at r = 4,608 against 0.15 s for this)."""
+    n = X.shape[0]
+    for i in range(0, n, slab):
+        j = min(i + slab, n)
+        X[i:j, j:] = X[j:, i:j].T
+        blk = X[i:j, i:j]
+        iu = np.triu_indices(j - i, 1)
+        blk[iu] = blk.T[iu]
     return X
 
 
-def _factors(A: np.ndarray) -> bool:
+def _inv_from_factor(c: np.ndarray) -> np.ndarray | None:
+    """Inverse (full, symmetric) from a lower Cholesky factor ``c`` (overwritten; float32 or float64)."""
     import scipy.linalg.lapack as lapack
 
-    return lapack.dpotrf(A, lower=1, clean=0, overwrite_a=0)[1] == 0
+    potri = lapack.spotri if c.dtype == np.float32 else lapack.dpotri
+    X, info = potri(c, lower=1, overwrite_c=1)
+    if info != 0:
+        return None
+    return _sym_lower(X)
+
+
+def _inv_spd(A: np.ndarray, *, overwrite: bool = False) -> np.ndarray | None:
+    """Inverse of a symmetric positive definite matrix in ``A``'s precision (None when the Cholesky
+    factorization fails)."""
+    import scipy.linalg.lapack as lapack
+
+    potrf = lapack.spotrf if A.dtype == np.float32 else lapack.dpotrf
+    c, info = potrf(A, lower=1, clean=0, overwrite_a=int(overwrite))
+    if info != 0:
+        return None
+    return _inv_from_factor(c)
+
+
+def _factors(A: np.ndarray, *, single: bool = False) -> np.ndarray | None:
+    """The lower Cholesky factor of ``A`` (``A`` overwritten; float32 with ``single``), None when ``A`` is not
+    positive definite. Only a float64 factor certifies feasibility."""
+    import scipy.linalg.lapack as lapack
+
+    c, info = (lapack.spotrf if single else lapack.dpotrf)(A, lower=1, clean=0, overwrite_a=1)
+    return c if info == 0 else None
 
 
 def inverse_basis(w: Whitened, Minv: np.ndarray | None = None) -> list[np.ndarray]:
     """Each channel's eigenbasis of ``(M⁻¹)_gg``: the directions in which the channel is least (most)
     predictable from the others, i.e. the room ``M − D ⪰ 0`` leaves a shift on that channel alone."""
     if Minv is None:
-        Minv = _inv_spd(w.M)
+        # (a basis only: float32 suffices above SINGLE_MIN_COLUMNS, and eigh below keeps U orthogonal)
+        Minv = _inv_spd(w.M.astype(np.float32) if w.M.shape[0] >= SINGLE_MIN_COLUMNS else w.M)
+        if Minv is None and w.M.shape[0] >= SINGLE_MIN_COLUMNS:
+            Minv = _inv_spd(w.M)
         if Minv is None:
             return [np.eye(w.cols(g).stop - w.cols(g).start) for g in range(w.n_channels)]
     out = []
@@ -266,7 +305,8 @@ def inverse_basis(w: Whitened, Minv: np.ndarray | None = None) -> list[np.ndarra
         if sl.stop == sl.start:
             out.append(np.zeros((0, 0)))
             continue
-        out.append(np.linalg.eigh(0.5 * (Minv[sl, sl] + Minv[sl, sl].T))[1])
+        blk = Minv[sl, sl].astype(np.float64)
+        out.append(np.linalg.eigh(0.5 * (blk + blk.T))[1])
     return out
 
 
@@ -287,7 +327,8 @@ def blocks(w: Whitened, U: list[np.ndarray], d: np.ndarray) -> list[np.ndarray]:
 def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budget: float | None = None,
                  costs: np.ndarray | None = None, iterations: int = SADDLE_ITERATIONS,
                  deadline: float | None = None,
-                 min_iterations: int = 0) -> tuple[np.ndarray, float, np.ndarray | None, dict]:
+                 min_iterations: int = 0,
+                 single: bool | None = None) -> tuple[np.ndarray, float, np.ndarray | None, dict]:
     """Per-column shift sizes ``d`` (r,) for the rotated problem ``wr``, maximizing the relaxation value.
 
     Interior-point Newton on the saddle function (energies in units of ‖Y‖²)
@@ -306,8 +347,11 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
     weights (a start at the relaxation's ``z`` with smaller weights jammed against ``M − diag d ⪰ 0``).
     ``min_iterations``: after the first iteration, give up (``info["gave_up"]``) when that many would not
     fit before ``deadline`` at its pace (the early iterates' bounds are far below the converged one).
+    ``single``: build the Newton system in float32 (default: above ``SINGLE_MIN_COLUMNS`` columns); the
+    bound stays valid either way (float64 feasibility checks, W refined in float64).
     Returns ``(d, bound, z, info)``; ``d = d0`` with ``bound = -inf`` when no step could be taken.
-    Costs O(r³) per iteration (two inverses, one Schur factorization) and a few r×r arrays of memory.
+    Costs O(r³) per iteration (two inverses, one Schur factorization, the feasibility Cholesky of the
+    step, whose factor the next iteration's inverse reuses in float32 runs) and a few r×r arrays of memory.
     """
     import scipy.linalg
 
@@ -340,6 +384,13 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
         out[:, live] = np.add.reduceat(X, first, axis=1)
         return out
 
+    if single is None:
+        single = r >= SINGLE_MIN_COLUMNS
+    ft = np.float32 if single else np.float64
+    Mf = M.astype(np.float32) if single else M
+    Bf = Bn.astype(ft)
+    qfac = None                               # float64 factor of M − diag d from the last step's check
+    factorizations = 0                        # float64 feasibility checks (Cholesky) of the steps
     gave_up = False
     t_start = time.perf_counter()
     for it in range(iterations):
@@ -351,13 +402,17 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
             gave_up = True           # the method would stop far from converged: leave the time to others
             break
         s = (1.0 / z - 1.0)[g]
-        A = M.copy()
-        A[diag] += d * s
-        K = _inv_spd(A)
+        A = Mf.copy()
+        A[diag] += (d * s).astype(ft)
+        K = _inv_spd(A, overwrite=True)
         del A
         if K is None:
             break
-        W = K @ Bn
+        W = (K @ Bf).astype(np.float64)
+        for _ in range(REFINE_ROUNDS if single else 0):   # float64 residuals: W accurate to ~(ε₃₂·κ)²
+            R = Bn - M @ W
+            R -= (d * s)[:, None] * W
+            W += K @ R.astype(ft)
         # the Fenchel minorant at W (valid for every set): L = 1 − ⟨W, QW⟩, a_g = Σ ‖V_j‖²/d_j, V = B − QW
         QW = M @ W
         QW -= d[:, None] * W
@@ -380,14 +435,31 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
             mu_end = SADDLE_MU_END * ref / (2 * r + 3 * C)
         if mu <= mu_end and flat >= SADDLE_STALL:
             break
-        Q = M.copy()
-        Q[diag] -= d
-        X = _inv_spd(Q)
-        del Q
+        X = None
+        if qfac is not None and single:
+            # (the step's own check factored M − diag d − MARGIN·I; float64 runs factor M − diag d afresh: near
+            # the end λ_min(M − diag d) can be of MARGIN's order, and on the digits CNN's C = 32 group the
+            # reused factor stalled the sizes at 0.185 of the best error instead of climbing past 0.22)
+            X = _inv_from_factor(qfac.astype(ft))
+        qfac = None
+        if X is None:
+            Q = Mf.copy()
+            Q[diag] -= d.astype(ft)
+            X = _inv_spd(Q, overwrite=True)
+            del Q
+        if X is None and single:              # float32 cannot factor it: float64 can
+            Q = M.copy()
+            Q[diag] -= d
+            X = _inv_spd(Q, overwrite=True)
+            del Q
+            if X is not None:
+                X = X.astype(ft)
         if X is None:
             break
         omega = np.sum(W * W, axis=1)
-        WWt = W @ W.T
+        Wf = W.astype(ft)
+        WWt = Wf @ Wf.T
+        del Wf
         K *= WWt                               # K = A⁻¹ ∘ WWᵀ (PSD)
         del WWt
         sp = (-1.0 / z ** 2)                   # ds/dz per channel
@@ -400,7 +472,7 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
         for (a_row, _), sl_ in zip(rows, slack):
             Lz += mu * a_row / sl_
         # z block: F_zz = P'(sp d K d sp)P + diag(2/z³ Σ_g Fs), barrier
-        v = d * spc
+        v = (d * spc).astype(ft)
         Kv = K * v[None, :]
         Kv *= v[:, None]
         Fzz = np.zeros((C, C))
@@ -412,32 +484,35 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
         for (a_row, _), sl_ in zip(rows, slack):
             Lzz += mu * np.outer(a_row, a_row) / sl_ ** 2
         # mixed block: F_dz[j, h] = sp_h (ω_j [j ∈ h] − 2 s_j Σ_{i∈h} K_ji d_i)
-        Fdz = gsum_cols(K * d[None, :])
+        Fdz = gsum_cols(K * d.astype(ft)[None, :])
         Fdz *= -2.0 * s[:, None]
         Fdz[np.arange(r), g] += omega
         Fdz *= sp[None, :]
         # d block: −2 S K S − μ X∘X − μ diag(1/d²), into X
         X *= X
         X *= -mu
-        K *= s[None, :]
-        K *= s[:, None]
-        X -= 2.0 * K
+        sf = s.astype(ft)
+        K *= sf[None, :]
+        K *= sf[:, None]
+        K *= 2.0
+        X -= K
         del K
-        X[diag] -= mu / d ** 2
+        X[diag] -= (mu / d ** 2).astype(ft)
         try:
             cz = scipy.linalg.cho_factor(Lzz, check_finite=False)
         except np.linalg.LinAlgError:
             break
         T1 = scipy.linalg.cho_solve(cz, Fdz.T, check_finite=False)          # (C, r)
-        X -= Fdz @ T1                          # Schur complement (negative definite)
+        X -= Fdz.astype(ft) @ T1.astype(ft)    # Schur complement (negative definite)
         rhs = -Ld + T1.T @ Lz
         X *= -1.0
         step_d = None
-        for reg in (0.0, 1e-12, 1e-9, 1e-6):
-            Sm = X if reg == 0.0 else X + reg * np.diag(np.abs(np.diag(X)))
+        for reg in (0.0, 1e-12, 1e-9, 1e-6) if not single else (0.0, 1e-6, 1e-4):
+            if reg:
+                X[diag] += reg * np.abs(X[diag])
             try:
-                step_d = -scipy.linalg.cho_solve(scipy.linalg.cho_factor(Sm, check_finite=False), rhs,
-                                                 check_finite=False)
+                cf = scipy.linalg.cho_factor(X, check_finite=False)
+                step_d = -scipy.linalg.cho_solve(cf, rhs.astype(ft), check_finite=False).astype(np.float64)
                 break
             except np.linalg.LinAlgError:
                 continue
@@ -460,20 +535,34 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
             grow = float(a_row @ step_z)
             if grow > 0:
                 al = min(al, 0.95 * sl_ / grow)
+        checks = 0
         while al > 1e-12:
+            shift = d + al * step_d + MARGIN
+            if single:              # a float32 factorization rejects most failing steps at a third of the cost
+                Q = Mf.copy()
+                Q[diag] -= shift.astype(ft)
+                ok = _factors(Q, single=True) is not None
+                del Q
+                if not ok:
+                    al *= 0.5
+                    continue
             Q = M.copy()
-            Q[diag] -= d + al * step_d + MARGIN
-            if _factors(Q):
+            Q[diag] -= shift
+            checks += 1
+            qfac = _factors(Q)
+            if qfac is not None:
                 break
             al *= 0.5
         else:
             break
+        factorizations += checks
         d = d + al * step_d
         z = z + al * step_z
         # a long step, or z already (nearly) optimal for d: close enough to the central path to lower μ
         if al > 0.5 or (val > -math.inf and Fz - val / c <= SADDLE_CENTRED * Fz):
             mu = max(mu * SADDLE_MU_DECAY, mu_end)
-    return best_d, best, best_z, {"trace": trace, "iterations": len(trace), "gave_up": gave_up}
+    return best_d, best, best_z, {"trace": trace, "iterations": len(trace), "gave_up": gave_up,
+                                  "feasibility_checks": factorizations}
 
 
 __all__ = ["optimize_shift", "rotate", "eig_blocks", "saddle_sizes", "inverse_basis", "blocks", "compose"]

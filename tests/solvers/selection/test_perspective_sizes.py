@@ -46,11 +46,12 @@ def _assert_valid(p, wr, d):
             assert L - a[m].sum() <= e * (1 + 1e-9) + 1e-9 * p.target_sq
 
 
-def test_sizes_are_feasible_their_bound_valid_and_above_the_scalar_root():
+@pytest.mark.parametrize("single", [False, True])
+def test_sizes_are_feasible_their_bound_valid_and_above_the_scalar_root(single):
     p = make_problem(8, 3, 3, 150, seed=5, correlation=0.85)
     k = 4
     opt = brute_force(p, k)[1]
-    w, t, wr, d, val, z, info = _sizes(p, k=k)
+    w, t, wr, d, val, z, info = _sizes(p, k=k, single=single)
     _assert_valid(p, wr, d)
     assert val / p.target_sq <= opt * (1 + 1e-9)
     S = ex._Search(p, k, None, ex.Relaxation(w, t), None, 1e-4)
@@ -71,10 +72,11 @@ def test_sizes_on_an_ill_conditioned_conv_layer_close_most_of_the_root_gap():
     assert np.linalg.eigvalsh(wr.M - np.diag(d))[0] >= -1e-12
 
 
-def test_sizes_under_a_cost_budget_stay_valid():
+@pytest.mark.parametrize("single", [False, True])
+def test_sizes_under_a_cost_budget_stay_valid(single):
     p, budget = BUDGET_BANK[0]
     opt = brute_force(p, budget=budget)[1]
-    w, t, wr, d, val, z, info = _sizes(p, budget=budget)
+    w, t, wr, d, val, z, info = _sizes(p, budget=budget, single=single)
     assert info["iterations"] > 0 and val > -np.inf
     _assert_valid(p, wr, d)
     assert val / p.target_sq <= opt * (1 + 1e-9)
@@ -117,3 +119,41 @@ def test_exact_falls_back_to_the_ascent_when_the_sizes_give_up(monkeypatch):
     assert res.info["sizes_gave_up"] and res.info["shift_steps"] > 0 and res.info["shift_used"] == "block"
     assert res.info["root_bound"] <= opt + 1e-12 and res.bound <= opt + 1e-12
     assert res.objective == pytest.approx(opt, rel=1e-9)
+
+
+def test_single_precision_newton_systems_reach_the_double_precision_bound():
+    # (float32 only builds the Newton directions: feasibility is certified in float64, W refined in float64)
+    p = _conv_layer(12, 8, 238, 0)
+    opt = brute_force(p, 6)[1]
+    *_, wr, d, val, z, info = _sizes(p, k=6, single=False)
+    *_, wr1, d1, val1, z1, info1 = _sizes(p, k=6, single=True)
+    assert val1 / p.target_sq <= opt * (1 + 1e-9)
+    assert val1 >= 0.99 * val                            # measured: equal to 4 digits
+    assert np.linalg.eigvalsh(wr1.M - np.diag(d1))[0] >= -1e-12 and np.all(d1 > 0)
+    assert info1["feasibility_checks"] >= 1
+
+
+@pytest.mark.parametrize("n", [5, 256, 300, 513])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_spd_inverse_is_the_full_symmetric_inverse(n, dtype):
+    from solvers.selection.perspective import _inv_spd
+
+    rng = np.random.default_rng(n)
+    G = rng.normal(size=(n, n + 3))
+    A = G @ G.T / n + np.eye(n)
+    X = _inv_spd(A.astype(dtype))
+    assert X.dtype == dtype and np.array_equal(X, X.T)
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    assert np.abs(X @ A - np.eye(n)).max() <= tol
+    assert _inv_spd(-A.astype(dtype)) is None            # not positive definite: no inverse
+
+
+def test_scalar_shifts_with_single_precision_directions_stay_feasible_and_near_double(monkeypatch):
+    p = _conv_layer(12, 8, 238, 0)
+    w = whiten(p)
+    t = ex.choose_shift(w)
+    monkeypatch.setattr(ex, "SINGLE_MIN_COLUMNS", 0)
+    t1 = ex.choose_shift(w)
+    T = t1[w.col_group]
+    assert np.linalg.eigvalsh(w.M - np.diag(T))[0] >= 0 and np.all(t1 >= 0)
+    assert t1.sum() >= 0.99 * t.sum()
