@@ -16,7 +16,7 @@ solved.
 
     python benchmarks/bench_vnncomp.py [--network 256x2] [--filter TEXT] [--max-timeout S]
         [--timeout-scale F] [--jobs N] [--backend highs] [--baseline plain] [--out PATH.json]
-        [--instances SUBSET.csv] [--bab-options JSON]
+        [--instances SUBSET.csv] [--bab-options JSON] [--refine auto|split|off|…]
 
 Writes PATH.json (summary, per-instance rows, machine) and PATH.csv (one row per instance).
 """
@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--complete", default="auto", choices=["auto", "milp", "bab", "input"],
                     help="complete method after the cheap stages (verify's complete=)")
     ap.add_argument("--device", default="cpu", help="bound engine device for branch and bound")
+    ap.add_argument("--refine", default="auto", choices=["auto", "split", "after-lp", "instead-of-lp", "off"],
+                    help="intermediate-bound refinement before ReLU branch and bound (verify's refine=)")
     ap.add_argument("--family", choices=["vnncomp", "control"], default="vnncomp",
                     help="control: the small-input family (5 inputs, 6x50) instead of the VNN-COMP folder")
     ap.add_argument("--n-props", type=int, default=20, help="control family: number of properties")
@@ -168,7 +170,7 @@ def main() -> None:
     gt_file = instances_path(args.bench_dir).parent / "ground_truth.csv"
     gt = read_ground_truth(gt_file) if gt_file.is_file() else {}
     machine = _machine()
-    main_opts = {"complete": args.complete, "device": args.device}
+    main_opts = {"complete": args.complete, "device": args.device, "refine": args.refine}
     if args.bab_options:
         main_opts["bab_options"] = json.loads(args.bab_options)
     rows, wall = _run(args, console, f"mipprune (bounds → attack → LP → {args.complete}: MILP or BaB)", main_opts)

@@ -496,19 +496,20 @@ def split_intermediate(net: TorchNet, root_lower, root_upper, splits: dict, lo: 
 
 
 def optimized_intermediate(net: TorchNet, lo: torch.Tensor, hi: torch.Tensor, lower, upper, *, iters: int = 20,
-                           lr: float = 0.1, deadline: float | None = None):
+                           lr: float = 0.1, deadline: float | None = None, first: int = 1):
     """α-CROWN bounds of the hidden ReLU blocks' unstable neurons, block by block (each block's new
     bounds serve the next): rows ``±e_j`` of block ``i``'s unstable neurons with their own lower
     slopes on every block ``< i``, ``iters`` Adam steps each, or fewer: each block gets an equal share
     of the time left before ``deadline`` (every iterate is sound), intersected with
     the given ``lower``/``upper`` (lists of (1, n_i) for blocks ``0 … L−2``) and loosened by
     :func:`slack`. A cheap stand-in for per-neuron LPs (which it approaches as it converges).
+    ``first``: the first block to re-bound (the earlier ones are kept as given).
     Returns new lists and the number of blocks done before ``deadline``."""
     import time
 
     lower, upper = [t.clone() for t in lower], [t.clone() for t in upper]
-    done = 1
-    for i in range(1, len(lower)):
+    done = first
+    for i in range(first, len(lower)):
         if deadline is not None and time.perf_counter() > deadline:
             break
         done = i + 1

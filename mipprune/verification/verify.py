@@ -28,8 +28,12 @@ the α stage (the LP stage with ``bounds_method="lp"``), to ReLU-splitting branc
 optionally MILP-refined first (``refine=``,
 :mod:`.refine`: time-boxed HiGHS bounds of the unstable ReLUs, stage ``"refine"``) — and to the MILP
 only if branch and bound ends without an answer while time is left; the rest (and L1 regions) go
-to the MILP. The result's ``stage`` is ``"input"``, ``"bab"`` or ``"milp"`` accordingly and its
-message names the path.
+to the MILP. On fully connected networks with at least ``SPLIT_REFINE_MIN_HIDDEN`` hidden layers,
+``refine="auto"`` first gives branch and bound a short try (``SPLIT_PROBE_SHARE``), then tightens
+the intermediate bounds by a split search per neuron bound (:mod:`.split_refine`, stage
+``"refine"``, at most ``SPLIT_REFINE_SHARE`` of the time left; it stops as soon as the bounds prove
+the query), and branch and bound continues over them. The result's ``stage`` is ``"input"``,
+``"bab"``, ``"refine"`` or ``"milp"`` accordingly and its message names the path.
 
 Residual ``Add`` and ``AvgPool2d`` are affine (folded into the blocks, :meth:`Network.to_affine_relu`);
 ``MaxPool2d`` is relaxed in the bounds and LP and encoded exactly in the MILP; ReLU branch and bound
@@ -202,14 +206,17 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         on α/β-CROWN bounds over α-CROWN-refined root bounds otherwise (falling back to the MILP
         when branch and bound ends without an answer and time is left). The result's ``stage``
         and ``message`` say which path decided.
-    refine : {"auto", "after-lp", "instead-of-lp", "off"}
-        MILP refinement of the unstable ReLUs' intermediate bounds before ReLU branch and bound
-        (:func:`mipprune.verification.refine.refine_bounds`, at most ``REFINE_SHARE`` of the time
-        left): ``"after-lp"`` on top of the LP-tightened bounds, ``"instead-of-lp"`` in place of LP
-        tightening (from the CROWN bounds), ``"auto"``: after the LP stage on networks with at least
-        ``REFINE_MIN_HIDDEN`` hidden layers when it leaves at least ``REFINE_MIN_UNSTABLE`` unstable
-        ReLUs, if ``REFINE_AUTO`` (see the README for the measurements that set it). The message
-        records whether it ran.
+    refine : {"auto", "split", "after-lp", "instead-of-lp", "off"}
+        Refinement of the unstable ReLUs' intermediate bounds before ReLU branch and bound.
+        ``"split"``: a best-first split search per neuron bound
+        (:func:`mipprune.verification.split_refine.split_refine_bounds`, at most
+        ``SPLIT_REFINE_SHARE`` of the time left, after a short plain branch and bound); MILP
+        refinement (:func:`mipprune.verification.refine.refine_bounds`, at most ``REFINE_SHARE``):
+        ``"after-lp"`` on top of the LP-tightened bounds, ``"instead-of-lp"`` in place of LP
+        tightening (from the CROWN bounds); ``"auto"``: ``"split"`` on fully connected networks
+        with at least ``SPLIT_REFINE_MIN_HIDDEN`` hidden layers (``SPLIT_REFINE_AUTO``), the MILP
+        one after the LP stage if ``REFINE_AUTO`` (off; see the README for the measurements that
+        set both). The message records what ran.
     bab_options : dict, optional
         Keyword options of ReLU branch and bound (:func:`mipprune.verification.bab.relu_bab`: e.g.
         ``iters``, ``candidates``, ``intermediate``); for studies, the defaults are the measured best.
@@ -242,7 +249,7 @@ BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and b
 BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
 MILP_MAX_HIDDEN = 2           # α,β-CROWN's configuration for MNIST 256x2 is one MIP, deeper nets BaB
-REFINE_MODES = ("auto", "after-lp", "instead-of-lp", "off")
+REFINE_MODES = ("auto", "split", "after-lp", "instead-of-lp", "off")
 ALPHA_INTERMEDIATE = True     # before ReLU branch and bound: α-CROWN intermediate bounds instead of the LP stage
 ALPHA_ITERS = 30              # Adam steps per block (MNIST 256x4: unstable neurons within 1 of the LPs')
 ALPHA_SHARE = 0.3             # most of the time left that they may take
@@ -250,6 +257,14 @@ REFINE_AUTO = False           # off: measured no gain on MNIST 256x4/256x6 at 60
 REFINE_MIN_HIDDEN = 4         # "deep": MNIST 256x4 and 256x6 (256x2 goes to the MILP anyway)
 REFINE_MIN_UNSTABLE = 50      # fewer open ReLUs: branch and bound splits them faster than HiGHS solves them
 REFINE_SHARE = 0.35           # most of the time left that the refinement may take
+# split refinement (:mod:`.split_refine`, ``refine="split"``; "auto" on fully connected deep nets): MNIST 256x4 /
+# 256x6 prop_0 ε 0.05 verified at the root after it (α-CROWN margins −3.1 / −454 → +0.83 / +0.89)
+SPLIT_REFINE_AUTO = True
+SPLIT_REFINE_MIN_HIDDEN = 3   # hidden ReLU blocks (block 0 is exact: at least two get refined)
+SPLIT_REFINE_MIN_DENSITY = 0.25   # "fully connected": every weight matrix at least this dense (convs are sparse)
+SPLIT_REFINE_SHARE = 0.4      # most of the time left that it may take …
+SPLIT_REFINE_SECONDS = 120.0  # … and its seconds without a time limit
+SPLIT_PROBE_SHARE = 0.05      # before it, plain branch and bound gets this share of the time left (easy ones end)
 
 
 def _check_device(device) -> str:
@@ -411,6 +426,23 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
                 return timeout("LP bounds")
     margins = [lb[offs[j]:offs[j + 1]] for j in range(len(spec.disjuncts))]
 
+    # ---- 4''. fully connected deep networks: a short branch and bound, then split-refined intermediate bounds
+    if path == "bab" and _wants_split_refine(refine, blocks, bounds):
+        r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout,
+                     SPLIT_PROBE_SHARE, bab_options, why="a first try before refining the intermediate bounds")
+        if r.verdict is not Verdict.UNKNOWN or clock.out():
+            return r
+        notes.append(f"a first branch and bound ended open ({r.message})")
+        bounds = _split_refine(blocks, bounds, region, spec, offs, clock, device, notes)
+        lb = np.maximum(lb, _row_margins(blocks, bounds, region, spec)[0])
+        open_ = _open(lb, offs)
+        if not open_:
+            return result(Verdict.VERIFIED, "refine", "split-refined intermediate bounds prove every disjunct's "
+                          "margin > 0; " + "; ".join(notes))
+        if clock.out():
+            return timeout("split refinement of the intermediate bounds")
+        margins = [lb[offs[j]:offs[j + 1]] for j in range(len(spec.disjuncts))]
+
     # ---- 4'. deeper networks: ReLU-split branch and bound on α/β-CROWN over the LP-refined bounds
     if path == "bab" and _wants_refine(refine, blocks, bounds):
         bounds = _refine(blocks, bounds, region, clock, notes, "after the LP stage")
@@ -515,6 +547,43 @@ def _alpha_tighten(blocks, bounds: Bounds, region: Region, clock: _Clock, device
     return new
 
 
+def _wants_split_refine(refine: str, blocks, bounds: Bounds) -> bool:
+    """Whether split refinement runs before ReLU branch and bound (``"auto"``: fully connected and deep)."""
+    if refine == "split":
+        return True
+    if refine != "auto" or not SPLIT_REFINE_AUTO or len(blocks) - 1 < SPLIT_REFINE_MIN_HIDDEN:
+        return False
+    if any(b.pool is not None or b.skips for b in blocks):
+        return False
+    dense = all(b.weight.nnz >= SPLIT_REFINE_MIN_DENSITY * b.weight.shape[0] * b.weight.shape[1] for b in blocks)
+    return dense and sum(bounds.n_unstable()) > 0
+
+
+def _split_refine(blocks, bounds: Bounds, region: Region, spec: Spec, offs, clock: _Clock, device,
+                  notes: list) -> Bounds:
+    """Split-refined bounds within ``SPLIT_REFINE_SHARE`` of the time left; stops once they prove every disjunct."""
+    from mipprune.verification.bab import torch_threads
+    from mipprune.verification.split_refine import split_refine_bounds
+
+    t = time.perf_counter()
+    new = bounds.copy()
+
+    def proves(lower, upper) -> bool:
+        trial = bounds.copy()
+        trial.lower, trial.upper = lower, upper
+        return not _open(_row_margins(blocks, trial, region, spec)[0], offs)
+
+    share = clock.share(SPLIT_REFINE_SHARE)
+    with torch_threads():
+        new.lower, new.upper, info = split_refine_bounds(
+            blocks, bounds.lower, bounds.upper, region.lower, region.upper,
+            time_limit=SPLIT_REFINE_SECONDS if share is None else share, device=device, stop=proves)
+    new.method = "split-refined"
+    clock.add("refine", t)
+    notes.append(info.summary())
+    return new
+
+
 def _wants_refine(refine: str, blocks, bounds: Bounds) -> bool:
     """Whether MILP refinement runs after the LP stage (``refine="auto"``: deep and many unstable)."""
     if refine == "after-lp":
@@ -536,9 +605,9 @@ def _refine(blocks, bounds: Bounds, region: Region, clock: _Clock, notes: list, 
 
 
 def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,
-             share: float | None = None, bab_options: dict | None = None):
+             share: float | None = None, bab_options: dict | None = None, why: str = "max pools being relaxed"):
     """Branch and bound on the open disjuncts: ``path`` "bab" (ReLU splits) or "input" (input boxes).
-    With ``share`` it stops after that share of the time left and says "unknown" (the MILP goes next)."""
+    With ``share`` it stops after that share of the time left and says "unknown" (``why``: what goes next)."""
     from mipprune.verification.bab import input_bab, relu_bab, torch_threads
 
     t = time.perf_counter()
@@ -556,7 +625,7 @@ def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device
             what = "ReLU-splitting branch and bound (α/β-CROWN)"
     if r.status == "timeout" and share is not None and not clock.out():
         r.status = "unknown"
-        r.message = f"stopped after its share ({100 * share:.0f} %) of the time, max pools being relaxed; " + r.message
+        r.message = f"stopped after its share ({100 * share:.0f} %) of the time, {why}; " + r.message
     clock.add(path, t)
     root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
     detail = f"{what} on {device}: {r.message} ({r.domains} domains, {r.steps} batches{root})"

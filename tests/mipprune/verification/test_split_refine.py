@@ -1,0 +1,115 @@
+"""Split-refined intermediate bounds (:mod:`mipprune.verification.split_refine`): sound against
+sampling and against the exact (MILP) ranges, never looser than where they start, tighter than
+α-CROWN, time-boxed, and the verifier's verdicts unchanged when it runs."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from mipprune.verification.bounds import compute_bounds
+from mipprune.verification.split_refine import split_refine_bounds
+from mipprune.verification.verify import _wants_split_refine, verify
+from solvers.network.spec import Spec, make_region
+from solvers.milp import build_milp, solve_highs
+from solvers.result import Status, Verdict
+from tests.mipprune.verification.test_bounds import preactivations, random_net, sample_region
+
+
+def _case(seed, sizes=(4, 10, 10, 10, 3), half=0.6):
+    rng = np.random.default_rng(seed)
+    net = random_net(rng, list(sizes))
+    c = rng.uniform(-0.5, 0.5, sizes[0])
+    return rng, net, c - half, c + half
+
+
+def exact_ranges(blocks, lower, upper, lo, hi):
+    """The exact range of every hidden pre-activation: two MILPs per neuron (HiGHS, solved to optimality)."""
+    region = make_region(lo.size, lo, hi)
+    out = []
+    for i in range(len(blocks) - 1):
+        model = build_milp(blocks[:i + 1], lower[:i + 1], upper[:i + 1], region)
+        n = blocks[i].shape[0]
+        rng_ = np.zeros((2, n))
+        for k in range(n):
+            for side, sign in ((0, 1.0), (1, -1.0)):
+                sol = solve_highs(model.with_objective(sign * np.eye(n)[k]))
+                assert sol.status is Status.OPTIMAL
+                rng_[side, k] = sign * sol.objective
+        out.append(rng_)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_refined_bounds_contain_the_exact_ranges_and_tighten_crown(seed):
+    rng, net, lo, hi = _case(seed, sizes=(4, 8, 8, 8, 3))
+    crown = compute_bounds(net, lo, hi, "crown")
+    blocks = net.to_affine_relu()
+    low, up, info = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=2.0)
+    exact = exact_ranges(blocks, crown.lower, crown.upper, lo, hi)
+    for i in range(1, len(low) - 1):
+        # never looser than the start, and sound: the exact range of every neuron inside (HiGHS's
+        # optimum is exact up to its 1e-7 tolerances)
+        assert np.all(low[i] >= crown.lower[i]) and np.all(up[i] <= crown.upper[i])
+        tol = 1e-6 * (1 + np.abs(exact[i]))
+        assert np.all(low[i] <= exact[i][0] + tol[0]), f"block {i}: lower bound above the exact minimum"
+        assert np.all(up[i] >= exact[i][1] - tol[1]), f"block {i}: upper bound below the exact maximum"
+    X = sample_region(rng, lo, hi, 4000)
+    for i, Z in enumerate(preactivations(net, X)[:-1]):
+        assert np.all(Z >= low[i] - 1e-9) and np.all(Z <= up[i] + 1e-9), f"block {i}"
+    # the splits see through the relaxation: strictly tighter than CROWN somewhere
+    width = lambda L, U: sum(float(np.sum(U[i] - L[i])) for i in range(1, len(L) - 1))  # noqa: E731
+    assert width(low, up) < width(crown.lower, crown.upper) - 1e-3
+    assert sum(info.leaves) > 0 and info.blocks == [1, 2]
+
+
+def test_split_refinement_honours_its_time_box_and_stop():
+    rng, net, lo, hi = _case(3, sizes=(20, 64, 64, 64, 64, 4), half=1.0)
+    crown = compute_bounds(net, lo, hi, "crown")
+    blocks = net.to_affine_relu()
+    t = time.perf_counter()
+    low, up, info = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=1.0)
+    assert time.perf_counter() - t < 2.5
+    calls = []
+    _, _, info2 = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=5.0,
+                                      stop=lambda L, U: calls.append(1) or True)
+    assert info2.stopped and calls == [1] and info2.blocks == [1]
+    # the output block is passed through untouched
+    assert np.array_equal(low[-1], crown.lower[-1]) and np.array_equal(up[-1], crown.upper[-1])
+
+
+@pytest.mark.parametrize("seed", [4, 6])
+@pytest.mark.parametrize("offset", [-0.05, 0.05])
+def test_verify_with_split_refinement_decides_near_the_exact_minimum(seed, offset, monkeypatch):
+    """Unsafe: ``y_k − y_j <= m* + offset``, ``m*`` the exact minimum (a solved MILP): safe iff offset < 0."""
+    import mipprune.verification.verify as V
+
+    monkeypatch.setattr(V, "SPLIT_PROBE_SHARE", 1e-9)   # no first branch and bound: the refinement runs
+    rng, net, lo, hi = _case(seed, sizes=(3, 12, 12, 12, 3), half=0.5)
+    c = (lo + hi) / 2
+    y = net.forward(c[None])[0]
+    k, j = int(np.argmax(y)), int(np.argsort(y)[-2])
+    row = np.zeros(3)
+    row[k], row[j] = 1.0, -1.0
+    crown = compute_bounds(net, lo, hi, "crown")
+    sol = solve_highs(build_milp(net.to_affine_relu(), crown.lower, crown.upper,
+                                 make_region(3, lo, hi)).with_objective(row))
+    assert sol.status is Status.OPTIMAL
+    spec = Spec(lo, hi, ((row[None], np.array([sol.objective + offset])),))
+    r = verify(net, spec, time_limit=30, complete="bab", refine="split")
+    assert r.verdict is (Verdict.VERIFIED if offset < 0 else Verdict.FALSIFIED), r.message
+    if offset < 0:
+        assert "split-refined" in r.message
+    else:
+        assert spec.is_counterexample(net, r.counterexample)
+
+
+def test_auto_split_refines_only_deep_fully_connected_networks():
+    rng = np.random.default_rng(0)
+    deep, shallow = random_net(rng, [30, 20, 20, 20, 3]), random_net(rng, [30, 20, 20, 3])
+    lo, hi = -np.ones(30), np.ones(30)
+    for net, want in ((deep, True), (shallow, False)):
+        b = compute_bounds(net, lo, hi, "crown")
+        assert _wants_split_refine("auto", net.to_affine_relu(), b) is want
+        assert _wants_split_refine("off", net.to_affine_relu(), b) is False
