@@ -204,3 +204,22 @@ def test_a_round_off_sized_positive_margin_bound_does_not_verify():
     offs = np.array([0, 2, 4])
     lb = np.array([-1.0, 1e-13, -0.5, 10 * CROWN_SLACK])
     assert _open(lb, offs) == [0]            # 1e-13 is round-off: still open; 1e-8 proves disjunct 1
+
+
+def test_verify_refuses_a_network_mutated_to_hold_inf_promptly():
+    import time
+
+
+    rng = np.random.default_rng(0)
+    net = Network([Dense(rng.normal(size=(4, 3))), ReLU(), Dense(rng.normal(size=(2, 4)))], input_shape=(3,),
+                  names=["fc1", "relu", "fc2"])
+    net.layers[2].weight[1, 3] = np.inf          # after assembly: only verify's own check can see it
+    spec = Spec(-np.ones(3), np.ones(3), ((np.array([[1.0, -1.0]]), np.zeros(1)),))
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"layer 2 \(Dense 'fc2'\) weight must be finite; got 1 NaN/inf"):
+        verify(net, spec, time_limit=10)
+    assert time.perf_counter() - t0 < 5.0
+    net.layers[2].weight[1, 3] = 0.5
+    net.layers[0].bias[0] = np.nan
+    with pytest.raises(InvalidInputError, match=r"layer 0 \(Dense 'fc1'\) bias must be finite"):
+        verify(net, spec, time_limit=10)

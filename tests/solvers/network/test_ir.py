@@ -80,24 +80,3 @@ def test_non_finite_arrays_are_refused_when_the_network_is_assembled():
     conv.bias = np.array([np.nan])
     with pytest.raises(InvalidInputError, match=r"layer 0 \(Conv2d 'conv2d_0'\) bias must be finite; got 1"):
         Network([conv], input_shape=(1, 3, 3))
-
-
-def test_verify_refuses_a_network_mutated_to_hold_inf_promptly():
-    import time
-
-    from solvers.network.spec import Spec
-    from mipprune.verification.verify import verify
-
-    rng = np.random.default_rng(0)
-    net = Network([Dense(rng.normal(size=(4, 3))), ReLU(), Dense(rng.normal(size=(2, 4)))], input_shape=(3,),
-                  names=["fc1", "relu", "fc2"])
-    net.layers[2].weight[1, 3] = np.inf          # after assembly: only verify's own check can see it
-    spec = Spec(-np.ones(3), np.ones(3), ((np.array([[1.0, -1.0]]), np.zeros(1)),))
-    t0 = time.perf_counter()
-    with pytest.raises(InvalidInputError, match=r"layer 2 \(Dense 'fc2'\) weight must be finite; got 1 NaN/inf"):
-        verify(net, spec, time_limit=10)
-    assert time.perf_counter() - t0 < 5.0
-    net.layers[2].weight[1, 3] = 0.5
-    net.layers[0].bias[0] = np.nan
-    with pytest.raises(InvalidInputError, match=r"layer 0 \(Dense 'fc1'\) bias must be finite"):
-        verify(net, spec, time_limit=10)
