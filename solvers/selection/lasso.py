@@ -563,10 +563,8 @@ class FistaLasso:
         for lo in range(0, cols.size, 256):  # |Q_j|·|β| over the non-zeros, 256 columns at a time (no C×C copy)
             c = cols[lo:lo + 256]
             magnitude += np.abs(self.Q[:, c]) @ np.abs(beta[c])
-        floor = 2.0 * KKT_ROUNDOFF * np.finfo(np.float64).eps * magnitude
-        tol = rtol * lam + (floor[on] if on.any() else 0.0)
-        tol_off = rtol * lam + floor[~on]
-        return bool(np.all(np.abs(r[on] - lam * np.sign(beta[on])) <= tol) and np.all(np.abs(r[~on]) <= lam + tol_off))
+        tol = rtol * lam + 2.0 * KKT_ROUNDOFF * np.finfo(np.float64).eps * magnitude
+        return bool(np.all(np.abs(r[on] - lam * np.sign(beta[on])) <= tol[on]) and np.all(np.abs(r[~on]) <= lam + tol[~on]))
 
     def solve(self, lam: float, time_left: float | None = None) -> np.ndarray | None:
         """β at λ; ``None`` when ``time_left`` (seconds) ran out first."""
