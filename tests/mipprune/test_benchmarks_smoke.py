@@ -41,3 +41,21 @@ def test_bench_exact_runs_and_reports_a_proven_gap(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     exact = [r for r in rows if str(r.get("method", "")).startswith("exact")]
     assert exact and all(r["gap"] is not None and r["gap"] >= 0 for r in exact)
+
+
+def test_bench_exact_network_records_every_group_with_a_valid_bound_per_shift(tmp_path):
+    out = tmp_path / "net.json"
+    bench = _load("bench_exact")
+    assert bench.main(["--network", "teacher", "--budgets", "0.5", "--net-time-limit", "1",
+                       "--shifts", "block", "ascent", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["layer"] for r in rows} == {"2", "4"}         # the teacher–student MLP's two hidden groups
+    for r in rows:
+        assert 0 < r["k"] < r["C"]
+        for shift in ("block", "ascent"):
+            x = r[shift]
+            assert x["bound"] is not None and x["bound"] <= x["error"] * (1 + 1e-9) + 1e-12
+            assert 0 <= x["gap"] <= 1
+    assert set(data["worst_gap"]) == {"block", "ascent"}
+    assert data["worst_gap"]["block"] == max(r["block"]["gap"] for r in rows)
