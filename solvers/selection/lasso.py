@@ -26,7 +26,7 @@ import scipy.linalg
 import scipy.sparse
 
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
-from solvers.selection.linalg import diagonal_blocks, gram_of_rows, one_blas_thread
+from solvers.selection.linalg import gram_of_rows, one_blas_thread
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
 
@@ -90,7 +90,7 @@ def channel_gram(problem: SelectionProblem, weights: np.ndarray | None = None) -
     g, C = problem.groups, problem.n_channels
     q = np.bincount(g, weights=np.einsum("ij,ij->i", W, problem.cross), minlength=C)
     # Q = Eᵀ (G ∘ W Wᵀ) E with E the one-hot column->channel map: a d×d product, then group sums.
-    blocks = diagonal_blocks(problem.gram)
+    blocks = problem.gram_blocks()   # found once per problem (refits and error evaluations use them too)
     if len(blocks) == 1:
         X = gram_of_rows(W)
         X *= problem.gram
@@ -103,7 +103,7 @@ def channel_gram(problem: SelectionProblem, weights: np.ndarray | None = None) -
     # its blocks are computed, each on the outputs its weights use (ResNet-50's stage-3 group: 8 blocks
     # of 1,024 columns instead of one 8,192² product over 3,840 outputs).
     Q = np.zeros((C, C))
-    for a, b in blocks:
+    for a, b, _outs in blocks:
         Wb = W[a:b]
         Wb = Wb[:, np.flatnonzero(np.any(Wb != 0, axis=0))]
         Xb = gram_of_rows(Wb)

@@ -188,7 +188,7 @@ class SelectionProblem:
         return self.check_mask(mask)[self.groups]
 
     # ------------------------------------------------------------------ evaluation
-    def _blocks(self) -> list[tuple[int, int, np.ndarray]]:
+    def gram_blocks(self) -> list[tuple[int, int, np.ndarray | slice]]:
         """``[(start, stop, outputs)]``: the diagonal blocks of the Gram (:func:`_solve_blocks`, found
         once) and the output columns each block's cross statistics use. A channel group's joint problem
         is block-diagonal, one block per consumer: refits and error evaluations work block by block on
@@ -211,7 +211,7 @@ class SelectionProblem:
         """
         cols = self.column_mask(mask)
         W = np.zeros_like(self.cross)
-        for a, b, outs in self._blocks():
+        for a, b, outs in self.gram_blocks():
             idx = a + np.flatnonzero(cols[a:b])
             if not idx.size:
                 continue
@@ -235,7 +235,7 @@ class SelectionProblem:
         """:meth:`error_of` of ``W`` (d×m) on its rows ``rows`` (sorted), taken as zero elsewhere: only
         the kept rows of ``G`` are read (pruned weights), one diagonal block at a time."""
         quad = lin = 0.0
-        for a, b, _outs in self._blocks():
+        for a, b, _outs in self.gram_blocks():
             idx = rows[(rows >= a) & (rows < b)]
             if not idx.size:
                 continue

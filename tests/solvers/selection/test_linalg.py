@@ -67,7 +67,7 @@ def test_refit_and_errors_block_by_block_equal_the_dense_formulas():
         units.append(rng.permutation(np.repeat(np.arange(50), 4)))
     G, B, W = scipy.linalg.block_diag(*Gs), scipy.linalg.block_diag(*Bs), scipy.linalg.block_diag(*Ws)
     p = SelectionProblem(G, B, yy, np.concatenate(units), weights=W)
-    assert len(p._blocks()) == 3
+    assert len(p.gram_blocks()) == 3
     mask = np.zeros(50, dtype=bool)
     mask[rng.choice(50, 20, replace=False)] = True
     cols = mask[p.groups]
