@@ -68,6 +68,10 @@ def test_refit_and_errors_block_by_block_equal_the_dense_formulas():
     G, B, W = scipy.linalg.block_diag(*Gs), scipy.linalg.block_diag(*Bs), scipy.linalg.block_diag(*Ws)
     p = SelectionProblem(G, B, yy, np.concatenate(units), weights=W)
     assert len(p.gram_blocks()) == 3
+    Q, _ = channel_gram(p)     # LASSO's channel Gram, built block by block on the same blocks
+    E = np.zeros((p.groups.size, 50))
+    E[np.arange(p.groups.size), p.groups] = 1.0
+    np.testing.assert_allclose(Q, E.T @ (G * (W @ W.T)) @ E, rtol=1e-9, atol=1e-8)
     mask = np.zeros(50, dtype=bool)
     mask[rng.choice(50, 20, replace=False)] = True
     cols = mask[p.groups]
