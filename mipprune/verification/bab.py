@@ -350,13 +350,18 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     for n_done, grp in enumerate(groups):
         As = torch.stack([root_A[0, np.nonzero(owner_np == k)[0]] for k in grp])
         status = _search_rows(st, spec, [disjuncts[k] for k in grp], check, As, deadline, max_domains, batch, iters,
-                              candidates, res, (lr_alpha, lr_beta))
+                              candidates, res, (lr_alpha, lr_beta), root_scores=[float(per[k]) for k in grp])
         if status != "verified":
             res.status = status
             if status == "timeout":
                 where = f"in disjunct {n_done + 1} of {len(open_d)}" if len(groups) > 1 else \
                     f"with {len(open_d)} disjunct(s) searched together"
                 res.message = f"time limit hit {where} open after the root; " + res.message
+                if np.isfinite(res.info.get("open_lb", -np.inf)):   # how far it got: the frontier against the root
+                    root = min(float(per[k]) for k in grp)
+                    res.info["root_open_lb"] = root
+                    res.message += (f"; the worst open domain's margin bound is {res.info['open_lb']:.4g} "
+                                    f"(root {root:.4g}; > 0 proves it)")
             break
     else:
         res.status, res.message = "verified", f"all {res.domains} domains proven ({len(open_d)} disjunct(s) " \
@@ -377,7 +382,7 @@ def _search_counterexample(check, cand: np.ndarray, last_pgd: float, deadline: f
 
 
 def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, deadline, max_domains, batch, iters,
-                 candidates, res: BabResult, lrs=(0.1, 0.05)) -> str:
+                 candidates, res: BabResult, lrs=(0.1, 0.05), root_scores=None) -> str:
     """Best-first ReLU-split search on ``disjuncts`` (each with the same number ``m`` of rows; a
     domain belongs to one of them, and is safe when one of its disjunct's rows is proven > 0);
     ``root_A`` (G, m, n_slots) the root's α per disjunct. Updates ``res``, returns a status."""
@@ -400,7 +405,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     per_domain = st.n_hidden + 2 * 4 * m * st.n_slots + 200     # int8 splits, float32 α and β, bookkeeping
     max_domains = max(1, min(max_domains, MAX_STORE_BYTES // per_domain))
     push(torch.zeros((G, st.n_hidden), dtype=torch.int8, device=net.device), root_A, torch.zeros_like(root_A),
-         range(G), torch.full((G,), -np.inf))
+         range(G), torch.full((G,), -np.inf) if root_scores is None else torch.tensor(root_scores, dtype=torch.float64))
     batcher = _Batcher(batch)
     exhausted = 0          # domains with nothing left to split but not proven (need an exact solve)
     last_pgd = time.perf_counter()
@@ -421,6 +426,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         A = torch.stack([it[1] for it in items])
         B = torch.stack([it[2] for it in items])
         tags = torch.tensor([it[3] for it in items], dtype=torch.long, device=net.device)
+        parent = torch.tensor([sc for sc, _ in take], dtype=net.dtype, device=net.device)   # the parents' scores
         P = S.shape[0]
         with torch.no_grad():
             lower, upper, splits = st.layers(S)
@@ -439,6 +445,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             exhausted += int((~ok).sum())
             keep = torch.nonzero(ok)[:, 0]
             S, A, B, tags, top_v, top_i = S[keep], A[keep], B[keep], tags[keep], top_v[keep], top_i[keep]
+            parent = parent[keep]
             lower, upper = [t[keep] for t in lower], [t[keep] for t in upper]
             alphas = {j: t[keep] for j, t in alphas.items()}
             betas = {j: t[keep] for j, t in betas.items()}
@@ -494,7 +501,8 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
                     res.message = f"counterexample from an open domain after {res.domains} domains"
                     return "falsified"
             push(children[open_idx], cA[open_idx], cB[open_idx], ctags[open_idx],
-                 lb_all[open_idx].max(dim=1).values)
+                 # a parent's bound holds on its children: order them by the better of the two
+                 torch.maximum(lb_all[open_idx].max(dim=1).values, parent.repeat(2)[open_idx]))
         res.max_queue = max(res.max_queue, len(heap))
         batcher.update(P, time.perf_counter() - ts)
     if exhausted:

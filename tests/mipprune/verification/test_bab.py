@@ -138,3 +138,16 @@ def test_when_branch_and_bound_gives_up_the_milp_finishes_the_query(monkeypatch)
     for complete in ("input", "bab"):
         r = verify(net, spec, time_limit=60, complete=complete)
         assert r.verdict is Verdict.VERIFIED and r.stage == "milp" and r.milp_binaries > 0
+
+
+def test_a_timed_out_search_reports_its_frontier_against_the_root():
+    # the 12-input 4x100 net of the time-limit test: branch and bound cannot close it in a second
+    net, spec = _case(0, 0.15, (12, 100, 100, 100, 100, 3))
+    blocks = net.to_affine_relu()
+    b = compute_bounds(net, spec.lower, spec.upper, "crown")
+    r = relu_bab(net, spec, blocks, b.lower, b.upper, list(range(len(spec.disjuncts))),
+                 deadline=time.perf_counter() + 1.0)
+    assert r.status == "timeout"
+    assert "worst open domain's margin bound" in r.message and "> 0 proves it" in r.message
+    # best first: the frontier's worst domain is never below the root's worst open disjunct, and still <= 0
+    assert r.info["root_open_lb"] - 1e-9 <= r.info["open_lb"] <= 1e-9
