@@ -13,6 +13,9 @@ input box), never below the bound it started from; a row stops once it proves th
 
 Blocks are refined first to last (each refined block tightens the α-CROWN bounds of the later ones,
 re-run after it); the time box is shared among the blocks in proportion to their unstable neurons.
+The last hidden block feeds the output directly: while it is refined, the caller's ``stop`` sees its
+bounds so far every ``check_every`` seconds (the verifier ends there once they prove the query, or
+once a short branch and bound on them does).
 
 Soundness: a leaf's bound holds on its sub-domain for any α ∈ [0, 1], β ≥ 0 (evaluated in float64),
 the parent's bound holds on each child, the leaves of a row partition its box, so the minimum over
@@ -50,6 +53,7 @@ class SplitRefineInfo:
     unstable_after: list = field(default_factory=list)
     width_before: list = field(default_factory=list)
     width_after: list = field(default_factory=list)
+    block_time: list = field(default_factory=list)   # seconds per refined block (its search and α re-run)
     time: float = 0.0
     stopped: bool = False   # ended early by ``stop`` (the bounds proved what the caller needed)
 
@@ -67,9 +71,12 @@ def _truncated(net: TorchNet, i: int) -> TorchNet:
 
 
 def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadline: float | None, iters: int,
-                  per_row: int, max_leaves: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+                  per_row: int, max_leaves: int, check=None, check_every: float = 2.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Best-first split search on every bound of block ``i``'s unstable neurons; returns the new
-    ``(l, u)`` of block ``i`` (1, n_i) (not loosened yet), the number of steps and of leaves bounded."""
+    ``(l, u)`` of block ``i`` (1, n_i) (not loosened yet), the number of steps and of leaves bounded.
+    ``check(l, u)``, when given, is called with the bounds so far (as returned, every ``check_every``
+    seconds); ``True`` ends the search."""
     neti = _truncated(net, i)
     st = _ReluState(neti, lower[:i], upper[:i], lo, hi, intermediate=False, fast32=net.dtype == torch.float64)
     l, u = lower[i][0].clone(), upper[i][0].clone()
@@ -94,11 +101,24 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
     final = torch.zeros(R, dtype=torch.bool, device=net.device)
     steps = bounded = 0
     ar_rows = torch.arange(R, device=net.device)
+    next_check = time.perf_counter() + check_every
+
+    def current(row_lb):
+        row_lb = torch.maximum(row_lb, start)
+        lc, uc = l.clone(), u.clone()
+        lc[idx], uc[idx] = row_lb[:k], -row_lb[k:]
+        return lc[None], uc[None]
+
     while True:
         if deadline is not None and time.perf_counter() >= deadline:
             break
-        # each row's bound: the minimum over its leaves; rows proven stable (bound > 0) are done
+        # each row's bound: the minimum over its leaves (they partition the box at this point);
+        # rows proven stable (bound > 0) are done
         row_lb = torch.full((R,), torch.inf, dtype=lb.dtype, device=lb.device).scatter_reduce(0, row, lb, "amin")
+        if check is not None and time.perf_counter() >= next_check:
+            if check(*current(row_lb)):
+                break
+            next_check = time.perf_counter() + check_every
         open_row = ~crown.proven(row_lb)
         # candidates: non-final leaves of open rows, the ``per_row`` worst of each row
         cand = open_row[row] & ~final
@@ -160,15 +180,14 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
         steps += 1
         bounded += 2 * P
     row_lb = torch.full((R,), torch.inf, dtype=lb.dtype, device=lb.device).scatter_reduce(0, row, lb, "amin")
-    row_lb = torch.maximum(row_lb, start)
-    l, u = l.clone(), u.clone()
-    l[idx], u[idx] = row_lb[:k], -row_lb[k:]
-    return l[None], u[None], steps, bounded
+    lc, uc = current(row_lb)
+    return lc, uc, steps, bounded
 
 
 def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limit: float | None = None,
                         device="cpu", layers=None, iters: int = 8, per_row: int = 2, alpha_iters: int = 30,
-                        max_leaves: int = MAX_LEAVES, stop=None) -> tuple[list, list, SplitRefineInfo]:
+                        max_leaves: int = MAX_LEAVES, stop=None, check_every: float = 2.0
+                        ) -> tuple[list, list, SplitRefineInfo]:
     """Tighten the hidden ReLU blocks' bounds by a split search per neuron bound (see the module docstring).
 
     Parameters
@@ -188,8 +207,9 @@ def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limi
     alpha_iters : int
         Steps of the α-CROWN re-run of the later blocks after each refined block.
     stop : callable, optional
-        ``stop(lower, upper)`` (numpy lists as returned) after each refined block; ``True`` ends the
-        refinement (e.g. once the bounds prove the property).
+        ``stop(lower, upper)`` (numpy lists as returned) after each refined block, and every
+        ``check_every`` seconds during the last hidden block (whose bounds feed the output directly);
+        ``True`` ends the refinement (e.g. once the bounds prove the property).
 
     Returns
     -------
@@ -220,7 +240,20 @@ def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limi
         else:
             rest = sum(weights[j] for j in todo[pos:])
             block_deadline = now + (deadline - now) * weights[i] / rest
-        l, u, steps, bounded = _refine_block(net, i, lw, up, lo, hi, block_deadline, iters, per_row, max_leaves)
+        proved = []
+
+        def check(l, u, i=i):
+            # the last hidden block feeds the output directly: its partial bounds may prove the query
+            l, u = crown._loosen(l, u)
+            tl, tu = list(lw), list(up)
+            tu[i] = torch.minimum(up[i], u)
+            tl[i] = torch.minimum(torch.maximum(lw[i], l), tu[i])
+            proved.append(bool(stop(*_to_numpy(tl, tu, lower, upper))))
+            return proved[-1]
+
+        l, u, steps, bounded = _refine_block(net, i, lw, up, lo, hi, block_deadline, iters, per_row, max_leaves,
+                                             check if stop is not None and i == L - 2 else None,
+                                             check_every)
         l, u = crown._loosen(l, u)
         lw[i] = torch.minimum(torch.maximum(lw[i], l), up[i])
         up[i] = torch.minimum(up[i], u)
@@ -233,11 +266,12 @@ def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limi
         info.unstable_after.append(n_unstable(i))
         info.width_before.append(width)
         info.width_after.append(float((up[i][0] - lw[i][0])[was].sum()))
+        info.block_time.append(time.perf_counter() - now)
         if i + 1 < L - 1 and (deadline is None or time.perf_counter() < deadline):
             # the refined block tightens the α-CROWN bounds of the later ones (intersected: never looser)
             lw, up, _ = crown.optimized_intermediate(net, lo, hi, lw, up, iters=alpha_iters, deadline=deadline,
                                                      first=i + 1)
-        if stop is not None and stop(*_to_numpy(lw, up, lower, upper)):
+        if stop is not None and ((proved and proved[-1]) or stop(*_to_numpy(lw, up, lower, upper))):
             info.stopped = True
             break
     info.time = time.perf_counter() - t0

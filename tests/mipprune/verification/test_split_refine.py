@@ -79,6 +79,34 @@ def test_split_refinement_honours_its_time_box_and_stop():
     assert np.array_equal(low[-1], crown.lower[-1]) and np.array_equal(up[-1], crown.upper[-1])
 
 
+def test_split_refinement_checks_stop_during_the_last_hidden_block_with_sound_partial_bounds():
+    """The last hidden block's bounds feed the output directly: ``stop`` is asked while it is being
+    refined (not only after it), so a query proven half-way ends there; every bound it sees is sound."""
+    rng, net, lo, hi = _case(3, sizes=(20, 64, 64, 64, 64, 4), half=1.0)
+    crown = compute_bounds(net, lo, hi, "crown")
+    blocks = net.to_affine_relu()
+    X = sample_region(rng, lo, hi, 2000)
+    Z = preactivations(net, X)
+    seen = []
+
+    def stop(L, U):
+        seen.append((L, U))
+        return len(seen) == 3
+
+    t = time.perf_counter()
+    low, up, info = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=6.0, layers=[3],
+                                        stop=stop, check_every=0.0)
+    # three calls, all during block 3 (one per search step), then it ended: far from its 6 s
+    assert len(seen) == 3 and info.stopped and info.blocks == [3]
+    assert time.perf_counter() - t < 4.0 and info.block_time[0] < 4.0
+    for L, U in seen + [(low, up)]:
+        for i, z in enumerate(Z[:-1]):
+            assert np.all(z >= L[i] - 1e-9) and np.all(z <= U[i] + 1e-9), f"block {i}"
+        assert np.all(L[3] >= crown.lower[3]) and np.all(U[3] <= crown.upper[3])
+    # the search made progress between the calls: the last bounds seen are tighter than the first
+    assert np.sum(seen[-1][1][3] - seen[-1][0][3]) < np.sum(seen[0][1][3] - seen[0][0][3])
+
+
 @pytest.mark.parametrize("seed", [4, 6])
 @pytest.mark.parametrize("offset", [-0.05, 0.05])
 def test_verify_with_split_refinement_decides_near_the_exact_minimum(seed, offset, monkeypatch):
@@ -101,6 +129,36 @@ def test_verify_with_split_refinement_decides_near_the_exact_minimum(seed, offse
     assert r.verdict is (Verdict.VERIFIED if offset < 0 else Verdict.FALSIFIED), r.message
     if offset < 0:
         assert "split-refined" in r.message
+    else:
+        assert spec.is_counterexample(net, r.counterexample)
+
+
+@pytest.mark.parametrize("offset", [-0.05, 0.05])
+def test_a_branch_and_bound_during_the_refinement_decides_with_sound_verdicts(offset, monkeypatch):
+    """With a short branch and bound tried on the bounds so far at every ``stop`` call, a safe query is
+    verified there (stage "bab", after the first refined block); an unsafe one still comes back
+    falsified with a float64 counterexample (here from the MILP: these branch-and-bound tries search
+    bounds, not points)."""
+    import mipprune.verification.verify as V
+
+    monkeypatch.setattr(V, "SPLIT_PROBE_SHARE", 1e-9)
+    monkeypatch.setattr(V, "SPLIT_BAB_EVERY", 0.0)
+    rng, net, lo, hi = _case(4, sizes=(3, 12, 12, 12, 3), half=0.5)
+    y = net.forward(((lo + hi) / 2)[None])[0]
+    k, j = int(np.argmax(y)), int(np.argsort(y)[-2])
+    row = np.zeros(3)
+    row[k], row[j] = 1.0, -1.0
+    crown = compute_bounds(net, lo, hi, "crown")
+    sol = solve_highs(build_milp(net.to_affine_relu(), crown.lower, crown.upper,
+                                 make_region(3, lo, hi)).with_objective(row))
+    assert sol.status is Status.OPTIMAL
+    spec = Spec(lo, hi, ((row[None], np.array([sol.objective + offset])),))
+    r = verify(net, spec, time_limit=30, complete="bab", refine="split", attack=False)   # no PGD before it
+    assert r.verdict is (Verdict.VERIFIED if offset < 0 else Verdict.FALSIFIED), r.message
+    if offset < 0:
+        assert r.stage == "bab" and "during the refinement" in r.message, r.message
+        # the first try came after block 1: block 2 was never refined
+        assert "block 1:" in r.message and "block 2:" not in r.message, r.message
     else:
         assert spec.is_counterexample(net, r.counterexample)
 
