@@ -349,8 +349,9 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     groups = [open_d] if joint and len(set(n_rows.values())) == 1 else [[k] for k in open_d]
     for n_done, grp in enumerate(groups):
         As = torch.stack([root_A[0, np.nonzero(owner_np == k)[0]] for k in grp])
+        root_scores = [float(per[k]) for k in grp]
         status = _search_rows(st, spec, [disjuncts[k] for k in grp], check, As, deadline, max_domains, batch, iters,
-                              candidates, res, (lr_alpha, lr_beta), root_scores=[float(per[k]) for k in grp])
+                              candidates, res, (lr_alpha, lr_beta), root_scores=root_scores)
         if status != "verified":
             res.status = status
             if status == "timeout":
@@ -358,7 +359,7 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
                     f"with {len(open_d)} disjunct(s) searched together"
                 res.message = f"time limit hit {where} open after the root; " + res.message
                 if np.isfinite(res.info.get("open_lb", -np.inf)):   # how far it got: the frontier against the root
-                    root = min(float(per[k]) for k in grp)
+                    root = min(root_scores)
                     res.info["root_open_lb"] = root
                     res.message += (f"; the worst open domain's margin bound is {res.info['open_lb']:.4g} "
                                     f"(root {root:.4g}; > 0 proves it)")

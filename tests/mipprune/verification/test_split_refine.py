@@ -107,16 +107,12 @@ def test_split_refinement_checks_stop_during_the_last_hidden_block_with_sound_pa
     assert np.sum(seen[-1][1][3] - seen[-1][0][3]) < np.sum(seen[0][1][3] - seen[0][0][3])
 
 
-@pytest.mark.parametrize("seed", [4, 6])
-@pytest.mark.parametrize("offset", [-0.05, 0.05])
-def test_verify_with_split_refinement_decides_near_the_exact_minimum(seed, offset, monkeypatch):
-    """Unsafe: ``y_k − y_j <= m* + offset``, ``m*`` the exact minimum (a solved MILP): safe iff offset < 0."""
-    import mipprune.verification.verify as V
-
-    monkeypatch.setattr(V, "SPLIT_PROBE_SHARE", 1e-9)   # no first branch and bound: the refinement runs
+def _near_exact_minimum(seed: int, offset: float):
+    """A 3-input 3×12 net and the spec "unsafe: ``y_k − y_j <= m* + offset``" on its box, with ``k, j`` the
+    top two outputs at the centre and ``m*`` the exact minimum of ``y_k − y_j`` (a solved MILP): safe iff
+    offset < 0."""
     rng, net, lo, hi = _case(seed, sizes=(3, 12, 12, 12, 3), half=0.5)
-    c = (lo + hi) / 2
-    y = net.forward(c[None])[0]
+    y = net.forward(((lo + hi) / 2)[None])[0]
     k, j = int(np.argmax(y)), int(np.argsort(y)[-2])
     row = np.zeros(3)
     row[k], row[j] = 1.0, -1.0
@@ -124,7 +120,17 @@ def test_verify_with_split_refinement_decides_near_the_exact_minimum(seed, offse
     sol = solve_highs(build_milp(net.to_affine_relu(), crown.lower, crown.upper,
                                  make_region(3, lo, hi)).with_objective(row))
     assert sol.status is Status.OPTIMAL
-    spec = Spec(lo, hi, ((row[None], np.array([sol.objective + offset])),))
+    return net, Spec(lo, hi, ((row[None], np.array([sol.objective + offset])),))
+
+
+@pytest.mark.parametrize("seed", [4, 6])
+@pytest.mark.parametrize("offset", [-0.05, 0.05])
+def test_verify_with_split_refinement_decides_near_the_exact_minimum(seed, offset, monkeypatch):
+    """Unsafe: ``y_k − y_j <= m* + offset``, ``m*`` the exact minimum (a solved MILP): safe iff offset < 0."""
+    import mipprune.verification.verify as V
+
+    monkeypatch.setattr(V, "SPLIT_PROBE_SHARE", 1e-9)   # no first branch and bound: the refinement runs
+    net, spec = _near_exact_minimum(seed, offset)
     r = verify(net, spec, time_limit=30, complete="bab", refine="split")
     assert r.verdict is (Verdict.VERIFIED if offset < 0 else Verdict.FALSIFIED), r.message
     if offset < 0:
@@ -143,16 +149,7 @@ def test_a_branch_and_bound_during_the_refinement_decides_with_sound_verdicts(of
 
     monkeypatch.setattr(V, "SPLIT_PROBE_SHARE", 1e-9)
     monkeypatch.setattr(V, "SPLIT_BAB_EVERY", 0.0)
-    rng, net, lo, hi = _case(4, sizes=(3, 12, 12, 12, 3), half=0.5)
-    y = net.forward(((lo + hi) / 2)[None])[0]
-    k, j = int(np.argmax(y)), int(np.argsort(y)[-2])
-    row = np.zeros(3)
-    row[k], row[j] = 1.0, -1.0
-    crown = compute_bounds(net, lo, hi, "crown")
-    sol = solve_highs(build_milp(net.to_affine_relu(), crown.lower, crown.upper,
-                                 make_region(3, lo, hi)).with_objective(row))
-    assert sol.status is Status.OPTIMAL
-    spec = Spec(lo, hi, ((row[None], np.array([sol.objective + offset])),))
+    net, spec = _near_exact_minimum(4, offset)
     r = verify(net, spec, time_limit=30, complete="bab", refine="split", attack=False)   # no PGD before it
     assert r.verdict is (Verdict.VERIFIED if offset < 0 else Verdict.FALSIFIED), r.message
     if offset < 0:

@@ -209,7 +209,6 @@ def test_a_round_off_sized_positive_margin_bound_does_not_verify():
 def test_verify_refuses_a_network_mutated_to_hold_inf_promptly():
     import time
 
-
     rng = np.random.default_rng(0)
     net = Network([Dense(rng.normal(size=(4, 3))), ReLU(), Dense(rng.normal(size=(2, 4)))], input_shape=(3,),
                   names=["fc1", "relu", "fc2"])
