@@ -440,7 +440,7 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
             return r
         notes.append(f"a first branch and bound ended open ({r.message})")
         bounds, probe = _split_refine(blocks, bounds, region, spec, offs, clock, device, notes, network, seed,
-                                      bab_options)
+                                      bab_options, result)
         if probe is not None:   # a short branch and bound on the partly refined bounds decided it
             return probe if probe.verdict is Verdict.FALSIFIED else result(
                 Verdict.VERIFIED, "bab", probe.message + "; " + "; ".join(notes))
@@ -570,11 +570,12 @@ def _wants_split_refine(refine: str, blocks, bounds: Bounds) -> bool:
 
 
 def _split_refine(blocks, bounds: Bounds, region: Region, spec: Spec, offs, clock: _Clock, device,
-                  notes: list, network=None, seed: int = 0, bab_options: dict | None = None
+                  notes: list, network=None, seed: int = 0, bab_options: dict | None = None, result=None
                   ) -> tuple[Bounds, VerificationResult | None]:
     """Split-refined bounds within ``SPLIT_REFINE_SHARE`` of the time left; stops once they prove every
-    disjunct, or once a short branch and bound on them (``SPLIT_BAB_*``, needs ``network``) decides the
-    query, which is then returned as well (verified, or falsified with a float64 counterexample)."""
+    disjunct, or once a short branch and bound on them (``SPLIT_BAB_*``, needs ``network`` and ``result``,
+    verify's result builder) decides the query, which is then returned as well (verified, or falsified
+    with a float64 counterexample)."""
     from mipprune.verification.bab import relu_bab, torch_threads
     from mipprune.verification.split_refine import split_refine_bounds
 
@@ -588,7 +589,7 @@ def _split_refine(blocks, bounds: Bounds, region: Region, spec: Spec, offs, cloc
         trial.lower, trial.upper = lower, upper
         open_ = _open(_row_margins(blocks, trial, region, spec)[0], offs)
         now = time.perf_counter()
-        if not open_ or network is None or now - last_try[0] < SPLIT_BAB_EVERY:
+        if not open_ or network is None or result is None or now - last_try[0] < SPLIT_BAB_EVERY:
             return not open_
         last_try[0] = now
         deadline = now + SPLIT_BAB_SECONDS if clock.deadline is None else min(now + SPLIT_BAB_SECONDS, clock.deadline)
@@ -611,12 +612,8 @@ def _split_refine(blocks, bounds: Bounds, region: Region, spec: Spec, offs, cloc
     if not decided:
         return new, None
     r = decided[0]
-    detail = (f"ReLU-splitting branch and bound (α/β-CROWN) on {device} during the refinement: {r.message} "
-              f"({r.domains} domains, {r.steps} batches)")
-    if r.status == "falsified":
-        return new, _falsified(network, spec, r.counterexample, clock, "bab", message=detail + "; re-checked in "
-                               "float64", milp_vars=0, milp_binaries=0, milp_nodes=0)
-    return new, VerificationResult(Verdict.VERIFIED, message=detail)
+    return new, _bab_decision(network, spec, r, _bab_detail(_RELU_BAB, device, r, " during the refinement"),
+                              clock, "bab", result)
 
 
 def _wants_refine(refine: str, blocks, bounds: Bounds) -> bool:
@@ -639,6 +636,26 @@ def _refine(blocks, bounds: Bounds, region: Region, clock: _Clock, notes: list, 
     return refined
 
 
+_RELU_BAB = "ReLU-splitting branch and bound (α/β-CROWN)"
+
+
+def _bab_detail(what: str, device, r, when: str = "") -> str:
+    """How a branch and bound ended, in one clause: its own message, domains, batches, root disjuncts."""
+    root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
+    return f"{what} on {device}{when}: {r.message} ({r.domains} domains, {r.steps} batches{root})"
+
+
+def _bab_decision(network, spec, r, detail: str, clock: _Clock, path: str, result) -> VerificationResult | None:
+    """The verdict a branch-and-bound result decides: verified, or falsified by a counterexample that
+    passes the float64 re-check; None when it decided nothing."""
+    if r.status == "falsified" and r.counterexample is not None and spec.is_counterexample(network, r.counterexample):
+        return _falsified(network, spec, r.counterexample, clock, path, message=detail + "; re-checked in float64",
+                          milp_vars=0, milp_binaries=0, milp_nodes=0)
+    if r.status == "verified":
+        return result(Verdict.VERIFIED, path, detail)
+    return None
+
+
 def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,
              share: float | None = None, bab_options: dict | None = None, why: str = "max pools being relaxed"):
     """Branch and bound on the open disjuncts: ``path`` "bab" (ReLU splits) or "input" (input boxes).
@@ -657,18 +674,15 @@ def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device
         else:
             r = relu_bab(network, spec, blocks, bounds.lower, bounds.upper, open_, deadline=deadline,
                          device=device, seed=seed, **(bab_options or {}))
-            what = "ReLU-splitting branch and bound (α/β-CROWN)"
+            what = _RELU_BAB
     if r.status == "timeout" and share is not None and not clock.out():
         r.status = "unknown"
         r.message = f"stopped after its share ({100 * share:.0f} %) of the time, {why}; " + r.message
     clock.add(path, t)
-    root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
-    detail = f"{what} on {device}: {r.message} ({r.domains} domains, {r.steps} batches{root})"
-    if r.status == "falsified" and r.counterexample is not None and spec.is_counterexample(network, r.counterexample):
-        return _falsified(network, spec, r.counterexample, clock, path, message=detail + "; re-checked in float64",
-                          milp_vars=0, milp_binaries=0, milp_nodes=0)
-    if r.status == "verified":
-        return result(Verdict.VERIFIED, path, detail)
+    detail = _bab_detail(what, device, r)
+    decided = _bab_decision(network, spec, r, detail, clock, path, result)
+    if decided is not None:
+        return decided
     if r.status == "timeout":
         return result(Verdict.TIMEOUT, "none", f"time limit hit during {what}; {detail}")
     return result(Verdict.UNKNOWN, "none", detail)
