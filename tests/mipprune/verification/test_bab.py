@@ -151,3 +151,37 @@ def test_a_timed_out_search_reports_its_frontier_against_the_root():
     assert "worst open domain's margin bound" in r.message and "> 0 proves it" in r.message
     # best first: the frontier's worst domain is never below the root's worst open disjunct, and still <= 0
     assert r.info["root_open_lb"] - 1e-9 <= r.info["open_lb"] <= 1e-9
+
+
+def test_pgd_runs_less_often_the_longer_it_finds_nothing(monkeypatch):
+    """The PGD interval of a search starts at PGD_EVERY, stretches after each fruitless PGD, and is
+    capped; the float64 re-check of the candidates still runs every time."""
+    from mipprune.verification import bab
+
+    now = [100.0]
+    monkeypatch.setattr(bab.time, "perf_counter", lambda: now[0])
+    calls = {"check": 0, "pgd": 0}
+
+    class Check:
+        def __call__(self, cand):
+            calls["check"] += 1
+            return None
+
+        def pgd(self, starts, time_limit):
+            calls["pgd"] += 1
+            return None
+
+    clock = bab._PgdClock()
+    times = []
+    for step in range(2000):                       # one batch every 0.1 s for 200 s
+        now[0] = 100.0 + 0.1 * (step + 1)
+        before = calls["pgd"]
+        assert bab._search_counterexample(Check(), np.zeros((1, 2)), clock, None) is None
+        if calls["pgd"] > before:
+            times.append(now[0] - 100.0)
+    assert calls["check"] == 2000
+    gaps = np.diff([0.0] + times)
+    assert gaps[0] == pytest.approx(bab.PGD_EVERY, abs=0.11)
+    assert np.all(np.diff(gaps) >= -0.11)                      # never more often than before
+    assert gaps[-1] <= bab.PGD_EVERY_MAX + 0.11 and gaps.max() > 4 * bab.PGD_EVERY
+    assert 8 <= len(times) < 200 / bab.PGD_EVERY / 2        # fewer than half the fixed schedule's 80
