@@ -43,10 +43,10 @@ __all__ = ["BabResult", "relu_bab", "input_bab", "spec_rows"]
 STEP_SECONDS = 0.5       # target wall time of one batch (adapts the batch size)
 TORCH_THREADS = 1        # intra-op threads during a search (see torch_threads)
 MAX_DOMAINS = 200_000    # cap on stored domains (memory bound)
+MAX_STORE_BYTES = 2 << 30  # … and on their splits + warm-start α/β together (2 GiB)
 PGD_EVERY = 2.5          # first interval between PGD runs in a search (s; see _PgdClock) …
 PGD_BACKOFF = 1.5        # … stretched by this after each PGD that found nothing …
 PGD_EVERY_MAX = 30.0     # … up to this
-MAX_STORE_BYTES = 2 << 30  # … and on their splits + warm-start α/β together (2 GiB)
 
 
 @contextlib.contextmanager
