@@ -70,6 +70,15 @@ def _truncated(net: TorchNet, i: int) -> TorchNet:
                     net.sparse[:i + 1])
 
 
+def _tightened(lo: torch.Tensor, hi: torch.Tensor, l: torch.Tensor, u: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds ``(lo, hi)`` intersected with a search's ``(l, u)`` loosened against round-off: never
+    looser than either, the lower never above the upper."""
+    l, u = crown._loosen(l, u)
+    hi = torch.minimum(hi, u)
+    return torch.minimum(torch.maximum(lo, l), hi), hi
+
+
 def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadline: float | None, iters: int,
                   per_row: int, max_leaves: int, check=None, check_every: float = 2.0
                   ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -244,20 +253,15 @@ def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limi
 
         def check(l, u, i=i):
             # the last hidden block feeds the output directly: its partial bounds may prove the query
-            l, u = crown._loosen(l, u)
             tl, tu = list(lw), list(up)
-            tu[i] = torch.minimum(up[i], u)
-            tl[i] = torch.minimum(torch.maximum(lw[i], l), tu[i])
+            tl[i], tu[i] = _tightened(lw[i], up[i], l, u)
             proved.append(bool(stop(*_to_numpy(tl, tu, lower, upper))))
             return proved[-1]
 
         l, u, steps, bounded = _refine_block(net, i, lw, up, lo, hi, block_deadline, iters, per_row, max_leaves,
                                              check if stop is not None and i == L - 2 else None,
                                              check_every)
-        l, u = crown._loosen(l, u)
-        lw[i] = torch.minimum(torch.maximum(lw[i], l), up[i])
-        up[i] = torch.minimum(up[i], u)
-        lw[i] = torch.minimum(lw[i], up[i])
+        lw[i], up[i] = _tightened(lw[i], up[i], l, u)
         info.blocks.append(i)
         info.rows.append(2 * k)
         info.steps.append(steps)

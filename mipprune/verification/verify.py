@@ -595,8 +595,7 @@ def _split_refine(blocks, bounds: Bounds, region: Region, spec: Spec, offs, cloc
         deadline = now + SPLIT_BAB_SECONDS if clock.deadline is None else min(now + SPLIT_BAB_SECONDS, clock.deadline)
         r = relu_bab(network, spec, blocks, lower, upper, open_, deadline=deadline, device=device, seed=seed,
                      **(bab_options or {}))
-        if r.status == "verified" or (r.status == "falsified" and r.counterexample is not None
-                                      and spec.is_counterexample(network, r.counterexample)):
+        if _bab_decides(network, spec, r):
             decided.append(r)
             return True
         return False
@@ -645,15 +644,21 @@ def _bab_detail(what: str, device, r, when: str = "") -> str:
     return f"{what} on {device}{when}: {r.message} ({r.domains} domains, {r.steps} batches{root})"
 
 
+def _bab_decides(network, spec, r) -> bool:
+    """Whether a branch-and-bound result decides the query: verified, or falsified by a counterexample
+    that passes the float64 re-check."""
+    return r.status == "verified" or (r.status == "falsified" and r.counterexample is not None
+                                      and spec.is_counterexample(network, r.counterexample))
+
+
 def _bab_decision(network, spec, r, detail: str, clock: _Clock, path: str, result) -> VerificationResult | None:
-    """The verdict a branch-and-bound result decides: verified, or falsified by a counterexample that
-    passes the float64 re-check; None when it decided nothing."""
-    if r.status == "falsified" and r.counterexample is not None and spec.is_counterexample(network, r.counterexample):
+    """The verdict a branch-and-bound result decides (:func:`_bab_decides`); None when it decided nothing."""
+    if not _bab_decides(network, spec, r):
+        return None
+    if r.status == "falsified":
         return _falsified(network, spec, r.counterexample, clock, path, message=detail + "; re-checked in float64",
                           milp_vars=0, milp_binaries=0, milp_nodes=0)
-    if r.status == "verified":
-        return result(Verdict.VERIFIED, path, detail)
-    return None
+    return result(Verdict.VERIFIED, path, detail)
 
 
 def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,
