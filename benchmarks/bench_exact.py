@@ -32,7 +32,7 @@ and 1.1·d at C = 512, while real calibration (images × positions) usually has 
 ``--study --sdp --sdp-solver CLARABEL`` solves the SDP-optimal perspective by interior point (C <= 12 with
 ``--m 8``); SCS does not converge on it, and a value outside [0, best] is reported as a failed solve.
 
-    python benchmarks/bench_exact.py [--channels 64 128 256 512 1024] [--time-limit 300] [--threads 1]
+    python benchmarks/bench_exact.py [--channels 64 128 256 512 1024] [--time-limit 300] [--threads 1] [--workers 1 2]
                                      [--shifts block scalar] [--backends bnb highs scip]
                                      [--recipe conv|factor] [--seeds 0] [--n N | --rows-per-column R]
                                      [--m M] [--cols 9] [--out PATH]
@@ -455,6 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=None,
                     help="cap (s) on every exact solve; default: the target's limit (60 s / 300 s)")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads (1 keeps a shared machine fair)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1],
+                    help="exact's branch-and-bound worker processes (one BLAS thread each); one run per value, "
+                         "e.g. --workers 1 2")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "bench_exact.json")
     args = ap.parse_args(argv)
     args.out_set = argv is not None and "--out" in argv or "--out" in sys.argv
@@ -494,12 +497,14 @@ def main(argv=None) -> int:
                 for backend in args.backends:
                     for shift in args.shifts:
                         for bound in args.bounds:
-                            from solvers.selection.exact import select_exact
+                            for workers in args.workers:
+                                from solvers.selection.exact import select_exact
 
-                            t0 = time.perf_counter()
-                            res = select_exact(problem, k=k, backend=backend, time_limit=limit, shift=shift,
-                                               bound=bound)
-                            results[f"exact-{backend}-{shift}-{bound}"] = (res, time.perf_counter() - t0)
+                                t0 = time.perf_counter()
+                                res = select_exact(problem, k=k, backend=backend, time_limit=limit, shift=shift,
+                                                   bound=bound, workers=workers)
+                                name = f"exact-{backend}-{shift}-{bound}" + (f"-{workers}w" if workers > 1 else "")
+                                results[name] = (res, time.perf_counter() - t0)
                 for method in args.heuristics:
                     t0 = time.perf_counter()
                     res = select_channels(problem, k=k, method=method, seed=seed)
@@ -510,7 +515,8 @@ def main(argv=None) -> int:
                        "seed": seed, "method": name, "error": res.objective, "wall_s": wall,
                        "ratio_to_exact": res.objective / ref if ref > 0 else float("nan"),
                        "status": str(res.status), "bound": res.bound, "gap": res.gap,
-                       "iterations": res.iterations, "threads": args.threads, "time_limit": limit}
+                       "iterations": res.iterations, "threads": args.threads, "time_limit": limit,
+                       "workers": int(name.rsplit("-", 1)[1][:-1]) if name.endswith("w") else 1}
                 if name.startswith("exact"):
                     row.update(target_gap=target_gap, target_time_s=target_limit,
                                target_met=bool(res.gap is not None and res.gap <= target_gap

@@ -138,6 +138,34 @@ def test_time_limit_gives_time_limit_status_with_a_valid_incumbent(backend):
     assert res.gap > 1e-4
 
 
+def test_parallel_branch_and_bound_finds_the_brute_force_optimum():
+    """Two worker processes bound the nodes; the incumbents they find and their prunings come back to
+    the main process: the same certified optimum as brute force, on a cardinality and a budget problem."""
+    (p, k), (pb, budget) = BANK[BANK_IDS.index("correlated_C12_k2")], BUDGET_BANK[0]   # 15 and 29 nodes
+    _, opt = brute_force(p, k)
+    res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False, warm_start=False, workers=2)
+    assert res.status is Status.OPTIMAL and res.iterations > 1
+    assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
+    assert res.info["incumbents"]["bnb"] >= opt - 1e-12      # the workers' sets are merged (no warm start)
+    _, opt_b = brute_force(pb, budget=budget)
+    res_b = select_exact(pb, budget=budget, rel_gap=TIGHT, lasso=False, workers=2)
+    assert res_b.status is Status.OPTIMAL and pb.costs[res_b.mask].sum() <= budget + 1e-12
+    assert res_b.objective == pytest.approx(opt_b, rel=1e-9, abs=1e-13) and res_b.bound <= opt_b + 1e-9
+
+
+def test_parallel_branch_and_bound_keeps_the_time_limit_and_a_valid_bound():
+    p = make_problem(96, 3, 8, 800, seed=1)      # not certified within 60 s
+    limit = 3.0
+    t0 = time.perf_counter()
+    res = select_exact(p, k=48, time_limit=limit, workers=2)
+    wall = time.perf_counter() - t0
+    assert wall <= limit + 1.0
+    assert res.status is Status.TIME_LIMIT and res.k == 48
+    assert res.bound is not None and 0 < res.bound <= res.objective and res.gap > 1e-4
+    single = select_exact(p, k=48, time_limit=limit)
+    assert res.bound <= single.objective        # a bound on the optimum: below any set's error
+
+
 def test_infeasible_budget_and_bad_arguments():
     p, _ = BUDGET_BANK[0]
     with pytest.raises(InfeasibleBudgetError, match="budget must allow at least one channel"):
@@ -148,6 +176,8 @@ def test_infeasible_budget_and_bad_arguments():
         select_exact(p, k=2, rel_gap=2.0)
     with pytest.raises(InvalidInputError, match="time_limit must be > 0"):
         select_exact(p, k=2, time_limit=0)
+    with pytest.raises(InvalidInputError, match="workers must be an integer >= 1"):
+        select_exact(p, k=2, workers=0)
 
 
 def test_scip_missing_raises_solver_not_available(monkeypatch):
