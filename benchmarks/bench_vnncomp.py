@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--complete", default="auto", choices=["auto", "milp", "bab", "input"],
                     help="complete method after the cheap stages (verify's complete=)")
     ap.add_argument("--device", default="cpu", help="bound engine device for branch and bound")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of each instance's searches (verify's threads=; with --jobs 1, the idle cores)")
     ap.add_argument("--refine", default="auto", choices=["auto", "split", "after-lp", "instead-of-lp", "off"],
                     help="intermediate-bound refinement before ReLU branch and bound (verify's refine=)")
     ap.add_argument("--family", choices=["vnncomp", "control"], default="vnncomp",
@@ -170,7 +172,7 @@ def main() -> None:
     gt_file = instances_path(args.bench_dir).parent / "ground_truth.csv"
     gt = read_ground_truth(gt_file) if gt_file.is_file() else {}
     machine = _machine()
-    main_opts = {"complete": args.complete, "device": args.device, "refine": args.refine}
+    main_opts = {"complete": args.complete, "device": args.device, "refine": args.refine, "threads": args.threads}
     if args.bab_options:
         main_opts["bab_options"] = json.loads(args.bab_options)
     rows, wall = _run(args, console, f"mipprune (bounds → attack → LP → {args.complete}: MILP or BaB)", main_opts)

@@ -29,6 +29,8 @@ def verify_command(
     backend: str = typer.Option("highs", "--backend", help="MILP backend: highs or pyomo-<solver>."),
     seed: int = typer.Option(0, "--seed", help="Seed of the attack's random restarts."),
     device: str = typer.Option("cpu", "--device", help="Bound engine of branch and bound: cpu or cuda[:N]."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads of the searches (branch and bound); "
+                                "use the machine's idle cores for a single query."),
 ) -> None:
     """Verify PROPERTY on MODEL: sat (counterexample found), unsat (proven), timeout or unknown.
 
@@ -44,7 +46,8 @@ def verify_command(
     try:
         if not timeout > 0:
             raise InvalidInputError(f"--timeout must be > 0 seconds; got {timeout}")
-        res, load_s = verify_files(model, prop, time_limit=timeout, backend=backend, seed=seed, device=device)
+        res, load_s = verify_files(model, prop, time_limit=timeout, backend=backend, seed=seed, device=device,
+                                   threads=threads)
     except BaseException as exc:   # the harness still gets its result file, then the error propagates
         if result is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             _write_failure(result, "error", f"{type(exc).__name__}: {exc}")
@@ -89,6 +92,8 @@ def verify_suite_command(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per instance, replacing the "
                                             "instances file's limits (as in verify)."),
     device: str = typer.Option("cpu", "--device", help="Bound engine of branch and bound: cpu or cuda[:N]."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads of each instance's searches (with --jobs 1: "
+                                "the machine's idle cores)."),
     backend: str = typer.Option("highs", "--backend", help="MILP backend: highs or pyomo-<solver>."),
     out: Path = typer.Option(Path("verify_suite.csv"), "--out", help="CSV with one row per instance."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON."),
@@ -124,7 +129,9 @@ def verify_suite_command(
 
         rows = run_suite(bench_dir, instances=instances, jobs=jobs, filter=filter_, timeout_scale=timeout_scale,
                          max_timeout=max_timeout, timeout=timeout, backend=backend, out_csv=out,
-                         on_start=on_start, options=None if device == "cpu" else {"device": device},
+                         on_start=on_start,
+                         options={**({} if device == "cpu" else {"device": device}),
+                                  **({} if threads == 1 else {"threads": threads})} or None,
                          on_result=on_result)
     summary = summarize(rows, gt)
     console.print(summary_table(summary, title=f"{Path(bench_dir).name}: {len(rows)} instances"))

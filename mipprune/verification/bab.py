@@ -26,6 +26,7 @@ memory stays bounded (hitting the cap ends the search as ``unknown``, with the r
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import itertools
 import time
@@ -49,13 +50,19 @@ PGD_BACKOFF = 1.5        # … stretched by this after each PGD that found nothi
 PGD_EVERY_MAX = 30.0     # … up to this
 
 
+# The intra-op threads of the searches in the current verify() call (verify(threads=...) sets it).
+SEARCH_THREADS: contextvars.ContextVar[int] = contextvars.ContextVar("search_threads", default=TORCH_THREADS)
+
+
 @contextlib.contextmanager
-def torch_threads(n: int = TORCH_THREADS):
-    """Run with ``n`` torch intra-op threads, then restore. Small batched products dominate here:
-    on the shared 2-core machine two OpenMP threads under load ran a 6x50 training loop 80x slower
-    than one (41.6 s vs 0.5 s, measured); parallelism belongs to a pool over instances."""
+def torch_threads(n: int | None = None):
+    """Run with ``n`` torch intra-op threads (default: ``SEARCH_THREADS``, one unless ``verify(threads=…)``
+    says otherwise), then restore. One by default: on the shared 2-core machine two OpenMP threads under
+    load ran a 6x50 training loop 80x slower than one (41.6 s vs 0.5 s, measured), and a pool over instances
+    uses the cores better; a single query on an otherwise idle machine gains from more (OVAL21 deep
+    img1052, 60 s on 2 quiet cores: 12,577 domains with two threads against 7,801 with one)."""
     old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(SEARCH_THREADS.get() if n is None else n)
     try:
         yield
     finally:

@@ -175,7 +175,8 @@ def _solve(model: MilpModel, backend: str, time_limit: float | None) -> MilpSolu
 
 def verify(network: Network, spec: Spec, *, time_limit: float | None = None, device="cpu", backend: str = "highs",
            bounds_method: str = "auto", attack: bool = True, seed: int = 0,
-           complete: str = "auto", refine: str = "auto", bab_options: dict | None = None) -> VerificationResult:
+           complete: str = "auto", refine: str = "auto", bab_options: dict | None = None,
+           threads: int = 1) -> VerificationResult:
     """Prove that no input in ``spec``'s region reaches its unsafe outputs, or find one that does.
 
     Parameters
@@ -221,6 +222,11 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     bab_options : dict, optional
         Keyword options of ReLU branch and bound (:func:`mipprune.verification.bab.relu_bab`: e.g.
         ``iters``, ``candidates``, ``intermediate``); for studies, the defaults are the measured best.
+    threads : int
+        Torch intra-op threads of the searches (branch and bound, split refinement); default 1, right
+        when several queries share the machine (a pool over instances). A single query on an otherwise
+        idle machine gains from its cores: OVAL21 deep img1052, 60 s, 2 quiet cores: 12,577 domains with
+        ``threads=2`` against 7,801 with one. The cheap stages keep one BLAS thread either way.
 
     Returns
     -------
@@ -238,9 +244,17 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     bad = sorted(set(bab_options or {}) - set(BAB_OPTIONS))
     if bad:
         raise InvalidInputError(f"bab_options keys must be among {list(BAB_OPTIONS)}; got {bad}")
-    with _single_threaded_blas():
-        return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete,
-                       refine, bab_options or {})
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidInputError(f"threads must be an integer >= 1; got {threads!r}")
+    from mipprune.verification.bab import SEARCH_THREADS
+
+    token = SEARCH_THREADS.set(threads)
+    try:
+        with _single_threaded_blas():
+            return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete,
+                           refine, bab_options or {})
+    finally:
+        SEARCH_THREADS.reset(token)
 
 
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")

@@ -172,3 +172,29 @@ def test_stored_domains_are_capped_by_their_bytes(monkeypatch):
     monkeypatch.setattr(bab, "MAX_STORE_BYTES", 1)
     r = relu_bab(net, spec, blocks, b.lower, b.upper, list(range(len(spec.disjuncts))), deadline=None, batch=4)
     assert r.status == "unknown" and "domain limit of 1 reached" in r.message
+
+
+def test_verify_threads_sets_the_searches_torch_threads_and_restores_them(monkeypatch):
+    """``verify(threads=2)``: branch and bound runs on two intra-op threads (one by default), the
+    caller's setting is back afterwards, and a bad count is refused in the user's terms."""
+    import torch
+
+    from mipprune.verification import bab
+
+    seen: list[int] = []
+    real = bab.relu_bab
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bab, "relu_bab", recording)
+    net, spec = _case(4, 0.6, (3, 5, 4, 4, 3))         # decided by branch and bound (its root)
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        seen.clear()
+        r = verify(net, spec, time_limit=20, complete="bab", attack=False, threads=threads)
+        assert seen and set(seen) == {threads}, (threads, seen, r.message)
+        assert torch.get_num_threads() == before
+    with pytest.raises(InvalidInputError, match="threads must be an integer >= 1"):
+        verify(net, spec, threads=0)
