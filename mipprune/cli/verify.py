@@ -105,6 +105,8 @@ def verify_suite_command(
     from mipprune.verification.suite import instances_path, read_ground_truth, run_suite, summarize, summary_table
 
     console = make_console()
+    if threads < 1:       # fail once, up front, rather than in every instance
+        raise InvalidInputError(f"threads must be an integer >= 1; got {threads}")
     if device != "cpu":   # fail once, up front, rather than in every instance
         from mipprune.verification.crown import resolve_device
 

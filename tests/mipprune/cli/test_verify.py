@@ -238,3 +238,20 @@ def test_verify_suite_takes_timeout_like_verify(tiny_bench, tmp_path, capsys):
         run_suite(tiny_bench, timeout=0)
     code, _, err = run_cli(["verify-suite", str(tiny_bench), "--device", "tpu", "--out", str(out_csv)], capsys)
     assert code == 2 and "device must be" in err
+
+
+def test_threads_option_reaches_verify_and_a_bad_count_is_an_error(tiny_bench, tmp_path, capsys):
+    res = tmp_path / "out.txt"
+    args = ["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
+            "--timeout", "20", "--result", str(res)]
+    code, out, err = run_cli(args + ["--threads", "2"], capsys)
+    assert code == 0 and read_result(res) == ("unsat", None, None), err
+    code, _, err = run_cli(args + ["--threads", "0"], capsys)
+    assert code == 2 and "threads must be an integer >= 1" in err
+    assert read_result(res)[0] == "error" and "threads must be" in res.read_text()
+    out_csv = tmp_path / "rows.csv"
+    code, _, err = run_cli(["verify-suite", str(tiny_bench), "--threads", "0", "--out", str(out_csv)], capsys)
+    assert code == 2 and "threads must be an integer >= 1" in err and not out_csv.exists()   # up front
+    code, _, err = run_cli(["verify-suite", str(tiny_bench), "--threads", "2", "--out", str(out_csv)], capsys)
+    rows = list(csv.DictReader(out_csv.read_text().splitlines()))
+    assert code == 0 and {r["verdict"] for r in rows} <= {"sat", "unsat"} and len(rows) == 2, err
