@@ -516,7 +516,7 @@ def main(argv=None) -> int:
                        "ratio_to_exact": res.objective / ref if ref > 0 else float("nan"),
                        "status": str(res.status), "bound": res.bound, "gap": res.gap,
                        "iterations": res.iterations, "threads": args.threads, "time_limit": limit,
-                       "workers": int(name.rsplit("-", 1)[1][:-1]) if name.endswith("w") else 1}
+                       "workers": res.info.get("workers", 1)}
                 if name.startswith("exact"):
                     row.update(target_gap=target_gap, target_time_s=target_limit,
                                target_met=bool(res.gap is not None and res.gap <= target_gap

@@ -105,8 +105,9 @@ def verify_suite_command(
     from mipprune.verification.suite import instances_path, read_ground_truth, run_suite, summarize, summary_table
 
     console = make_console()
-    if threads < 1:       # fail once, up front, rather than in every instance
-        raise InvalidInputError(f"threads must be an integer >= 1; got {threads}")
+    from mipprune.verification.verify import check_threads
+
+    check_threads(threads)   # fail once, up front, rather than in every instance
     if device != "cpu":   # fail once, up front, rather than in every instance
         from mipprune.verification.crown import resolve_device
 
@@ -131,9 +132,7 @@ def verify_suite_command(
 
         rows = run_suite(bench_dir, instances=instances, jobs=jobs, filter=filter_, timeout_scale=timeout_scale,
                          max_timeout=max_timeout, timeout=timeout, backend=backend, out_csv=out,
-                         on_start=on_start,
-                         options={**({} if device == "cpu" else {"device": device}),
-                                  **({} if threads == 1 else {"threads": threads})} or None,
+                         on_start=on_start, options={"device": device, "threads": threads},
                          on_result=on_result)
     summary = summarize(rows, gt)
     console.print(summary_table(summary, title=f"{Path(bench_dir).name}: {len(rows)} instances"))

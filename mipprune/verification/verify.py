@@ -244,11 +244,9 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     bad = sorted(set(bab_options or {}) - set(BAB_OPTIONS))
     if bad:
         raise InvalidInputError(f"bab_options keys must be among {list(BAB_OPTIONS)}; got {bad}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InvalidInputError(f"threads must be an integer >= 1; got {threads!r}")
     from mipprune.verification.bab import SEARCH_THREADS
 
-    token = SEARCH_THREADS.set(threads)
+    token = SEARCH_THREADS.set(check_threads(threads))
     try:
         with _single_threaded_blas():
             return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete,
@@ -285,6 +283,13 @@ SPLIT_PROBE_SHARE = 0.05      # before it, plain branch and bound gets this shar
 # still −1.08, 30 s before the refinement would have ended; failed tries cost at most 3/13 of its time)
 SPLIT_BAB_SECONDS = 3.0
 SPLIT_BAB_EVERY = 10.0
+
+
+def check_threads(threads) -> int:
+    """The searches' torch thread count (``verify(threads=…)``, ``--threads``): an integer >= 1."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidInputError(f"threads must be an integer >= 1; got {threads!r}")
+    return threads
 
 
 def _check_device(device) -> str:

@@ -870,7 +870,6 @@ def _worker_init(S: _Search) -> None:
 
     _WORKER["search"] = S
     _WORKER["blas"] = one_blas_thread()      # (applied on construction; kept for the process's life)
-    _WORKER["blas"].__enter__()
 
 
 def _worker_expand(node: _Node, best_err: float, seconds_left: float | None, max_iter: int):
@@ -1302,7 +1301,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         process). Each is spawned with one BLAS thread and its own copy of the whitened statistics
         (``r² + r·m`` floats, r whitened columns), so the memory grows by that much per worker; the warm
         start and the root stay in this process. A script that calls it with ``workers > 1`` needs the
-        usual ``if __name__ == "__main__":`` guard of Python's process pools.
+        usual ``if __name__ == "__main__":`` guard of Python's process pools. ``info["workers"]`` says how
+        many the tree used (absent when no tree ran: enumeration, or nothing to select).
 
     Returns
     -------
@@ -1478,6 +1478,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     else:                       # stopped by round-off, not by the clock: a valid set, gap not closed
         status = Status.FEASIBLE
     info["stalled"] = stalled
+    info["workers"] = workers if backend == "bnb" else 1
     info.update(incumbents=dict(S.sources), best_from=S.best_source, solves=rel.solves, bound=bound_kind,
                 node_shifts=S.node_shifts)
     return result_from_mask(problem, S.best_mask, method="exact", start=start, backend=backend,
