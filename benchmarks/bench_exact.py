@@ -33,7 +33,7 @@ and 1.1·d at C = 512, while real calibration (images × positions) usually has 
 ``--m 8``); SCS does not converge on it, and a value outside [0, best] is reported as a failed solve.
 
     python benchmarks/bench_exact.py [--channels 64 128 256 512 1024] [--time-limit 300] [--threads 1] [--workers 1 2]
-                                     [--shifts block scalar] [--backends bnb highs scip]
+                                     [--restart on off] [--shifts block scalar] [--backends bnb highs scip]
                                      [--recipe conv|factor] [--seeds 0] [--n N | --rows-per-column R]
                                      [--m M] [--cols 9] [--out PATH]
     python benchmarks/bench_exact.py --study [--channels 8 12] [--m 8] [--rows-per-column 2.2] [--sdp]
@@ -49,6 +49,7 @@ and solves every group's recorded problem once per shift: the per-group proven g
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -418,6 +419,12 @@ def synthetic_layer(C: int, cols: int, m: int, n: int, seed: int) -> SelectionPr
     return SelectionProblem.from_data(Z, Y, groups, weights=W)
 
 
+def _restart_text(restarts) -> str:
+    """``"73+0 → 183, 0.006551"`` per root restart (channels fixed in + out, channels left, restarted root bound)."""
+    return "; ".join(f"{r['fixed_in']}+{r['fixed_out']} → {r['channels']}, "
+                     + ("-" if r["root_bound"] is None else f"{r['root_bound']:.6f}") for r in restarts or [])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256], choices=sorted(SETTINGS) + [8, 12, 16, 32])
@@ -458,6 +465,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1],
                     help="exact's branch-and-bound worker processes (one BLAS thread each); one run per value, "
                          "e.g. --workers 1 2")
+    ap.add_argument("--restart", nargs="+", default=["on"], choices=["on", "off"],
+                    help="exact's root restart (the free channels' problem after the root's fixings); one run per "
+                         "value, e.g. --restart on off")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "bench_exact.json")
     args = ap.parse_args(argv)
     args.out_set = argv is not None and "--out" in argv or "--out" in sys.argv
@@ -497,13 +507,14 @@ def main(argv=None) -> int:
                 for backend in args.backends:
                     for shift in args.shifts:
                         for bound in args.bounds:
-                            for workers in args.workers:
+                            for workers, restart in itertools.product(args.workers, args.restart):
                                 from solvers.selection.exact import select_exact
 
                                 t0 = time.perf_counter()
                                 res = select_exact(problem, k=k, backend=backend, time_limit=limit, shift=shift,
-                                                   bound=bound, workers=workers)
-                                name = f"exact-{backend}-{shift}-{bound}" + (f"-{workers}w" if workers > 1 else "")
+                                                   bound=bound, workers=workers, restart=restart == "on")
+                                name = (f"exact-{backend}-{shift}-{bound}" + (f"-{workers}w" if workers > 1 else "")
+                                        + ("-norestart" if restart == "off" else ""))
                                 results[name] = (res, time.perf_counter() - t0)
                 for method in args.heuristics:
                     t0 = time.perf_counter()
@@ -528,14 +539,14 @@ def main(argv=None) -> int:
                                sizes_bound_first=res.info.get("sizes_bound_first"),
                                sizes_bound_second=res.info.get("sizes_bound_second"),
                                time_warm=res.info.get("time_warm"), time_root=res.info.get("time_root"),
-                               incumbents=res.info.get("incumbents"))
+                               incumbents=res.info.get("incumbents"), restarts=res.info.get("restarts"))
                 rows.append(row)
 
     n_text = f"n={args.n}" if args.rows_per_column is None else f"n={args.rows_per_column:g}·d"
     table = Table(title=f"Exact vs heuristic channel selection ({args.recipe} recipe), k = C/2, m={args.m}, {n_text}, "
                         f"{args.threads} BLAS thread(s); ratio = error / exact error of the same run")
     for col in ("C", "d", "n", "seed", "method", "error", "ratio", "time s", "status", "root (scalar)", "root (used)",
-                "bound", "gap", "nodes", "target"):
+                "restart: in+out → left, root", "bound", "gap", "nodes", "target"):
         table.add_column(col, justify="right")
     for r in rows:
         exact = r["method"].startswith("exact")
@@ -548,9 +559,10 @@ def main(argv=None) -> int:
                       f"{r['ratio_to_exact']:.4f}", f"{r['wall_s']:.2f}", r["status"],
                       "" if r.get("root_bound_scalar") is None else f"{r['root_bound_scalar']:.6f}",
                       "" if r.get("root_bound") is None else f"{r['root_bound']:.6f}",
+                      _restart_text(r.get("restarts")),
                       "" if r["bound"] is None else f"{r['bound']:.6f}",
                       "" if r["gap"] is None else f"{r['gap']:.3%}", str(r["iterations"]) if exact else "", target)
-    Console(width=190).print(table)
+    Console(width=220).print(table)
     # swap never worse than backward, and at least as good as exact's incumbent (same problem)
     checks = []
     for key in sorted({(r["C"], r["seed"]) for r in rows}):

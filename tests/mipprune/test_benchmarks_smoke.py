@@ -37,10 +37,13 @@ def test_bench_selection_synthetic_section_writes_rows_for_every_method(tmp_path
 def test_bench_exact_runs_and_reports_a_proven_gap(tmp_path):
     out = tmp_path / "exact.json"
     bench = _load("bench_exact")
-    assert bench.main(["--channels", "64", "--cols", "1", "--n", "800", "--m", "4", "--time-limit", "5", "--out", str(out)]) == 0
+    assert bench.main(["--channels", "64", "--cols", "1", "--n", "800", "--m", "4", "--time-limit", "5",
+                       "--restart", "on", "off", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    exact = [r for r in rows if str(r.get("method", "")).startswith("exact")]
-    assert exact and all(r["gap"] is not None and r["gap"] >= 0 for r in exact)
+    exact = {r["method"]: r for r in rows if str(r.get("method", "")).startswith("exact")}
+    assert set(exact) == {"exact-bnb-block-conditional", "exact-bnb-block-conditional-norestart"}
+    assert all(r["gap"] is not None and r["gap"] >= 0 for r in exact.values())
+    assert exact["exact-bnb-block-conditional-norestart"]["restarts"] is None
 
 
 def test_bench_exact_network_records_every_group_with_a_valid_bound_per_shift(tmp_path):
