@@ -40,7 +40,7 @@ and 1.1·d at C = 512, while real calibration (images × positions) usually has 
                                      [--sdp-max 12] [--sdp-solver SCS|CLARABEL] [--study-exact 30]
     python benchmarks/bench_exact.py --scale [--scale-channels 2048 11008] [--time-limit 60] [--m 256]
     python benchmarks/bench_exact.py --network digits teacher [--budgets 0.5 0.25 0.1] [--net-time-limit 10]
-                                     [--shifts block ascent]
+                                     [--shifts block ascent] [--restart on off]
 
 ``--network`` prunes whole networks (the digits CNN `mipprune prune` trains by default; bench_selection's
 teacher–student MLP) to FLOPs budgets with ``ChannelSelector("exact")`` at ``--net-time-limit`` s per group,
@@ -352,6 +352,10 @@ def run_network(args) -> int:
             return res
 
     first, rest = args.shifts[0], args.shifts[1:]
+    # (the pipeline's own solves use the first shift with the root restart on; "--restart off" adds each shift
+    # without it, as "<shift>-norestart", on the same recorded problems)
+    variants = [(s, s, True) for s in rest] + [(f"{s}-norestart", s, False) for s in args.shifts if "off" in args.restart]
+    names = [first] + [name for name, _, _ in variants]
     with threadpool_limits(limits=args.threads):
         for net in args.network:
             model, calib, _ = _network(net, args.seeds[0])
@@ -368,17 +372,18 @@ def run_network(args) -> int:
                            "d": problem.n_columns, "m": problem.n_outputs, "k": k, "fit_s": fit_s,
                            "load_avg": os.getloadavg()[0]}
                     runs = {first: (res, res.solve_time)}
-                    for shift in rest:
+                    for name, shift, restart in variants:
                         t1 = time.perf_counter()
-                        runs[shift] = (select_exact(problem, k=k, time_limit=args.net_time_limit, shift=shift),
-                                       time.perf_counter() - t1)
+                        runs[name] = (select_exact(problem, k=k, time_limit=args.net_time_limit, shift=shift,
+                                                   restart=restart), time.perf_counter() - t1)
                     for shift, (r, wall) in runs.items():
                         row[shift] = {"error": r.objective, "bound": r.bound, "gap": r.gap, "time_s": wall,
                                       "status": str(r.status.value), "nodes": r.iterations,
                                       "root_bound": r.info.get("root_bound"),
                                       "root_bound_scalar": r.info.get("root_bound_scalar"),
                                       "shift_used": r.info.get("shift_used"),
-                                      "sizes_iterations": r.info.get("sizes_iterations")}
+                                      "sizes_iterations": r.info.get("sizes_iterations"),
+                                      "restarts": r.info.get("restarts")}
                     rows.append(row)
                     print(f"{net} FLOPs {budget:.0%} {layer}: " + "  ".join(
                         f"{s} gap {row[s]['gap']:.2%} ({row[s]['time_s']:.1f} s)" for s in runs), flush=True)
@@ -386,19 +391,19 @@ def run_network(args) -> int:
                         f"per group with each shift on the same problems ({args.threads} BLAS thread(s))")
     for col in ["network", "FLOPs", "group", "C", "d", "m", "k"]:
         table.add_column(col, justify="right")
-    for s in args.shifts:
+    for s in names:
         for col in (f"{s} root/err", f"{s} gap", f"{s} s"):
             table.add_column(col, justify="right")
     for r in rows:
         cells = [r["network"], f"{r['budget']:.0%}", r["layer"], str(r["C"]), str(r["d"]), str(r["m"]), str(r["k"])]
-        for s in args.shifts:
+        for s in names:
             x = r[s]
             rb = x["root_bound"]
             cells += ["-" if rb is None or not x["error"] else f"{rb / x['error']:.3f}",
                       "-" if x["gap"] is None else f"{x['gap']:.2%}", f"{x['time_s']:.1f}"]
         table.add_row(*cells)
     Console(width=190).print(table)
-    worst = {s: max((r[s]["gap"] or 0.0) for r in rows) for s in args.shifts} if rows else {}
+    worst = {s: max((r[s]["gap"] or 0.0) for r in rows) for s in names} if rows else {}
     for s, v in worst.items():
         print(f"worst group gap with shift={s}: {v:.2%} (target <= 10% at {args.net_time_limit:g} s per group)")
     out = args.out if args.out_set else args.out.with_name("bench_exact_network.json")

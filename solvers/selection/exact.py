@@ -115,10 +115,15 @@ ROOT_ITERATIONS = 50
 ROOT_ITERATIONS_AFTER_SIZES = 1
 # Root restarts (backend "bnb"): when the root's reduced-cost fixings settle at least this share of the whitened
 # columns, the free channels' problem is solved afresh (:mod:`solvers.selection.restart`), if at least
-# RESTART_MIN_SECONDS are left. Measured on bench_exact's C = 256 3×3 layer, one process, 300 s: the root fixed
-# 73 of 256 channels in (29 %); the restarted tree ended at a 1.55 % gap against 1.94 %.
+# RESTART_MIN_SECONDS are left. Measured on bench_exact's 3×3 layers at 300 s: C = 256, the root fixed 73 of 256
+# channels in; gap 1.57 % against 1.94 % in one process, 0.55 % against 1.41 % with two workers. C = 512 (with
+# the shares below): 4.81 % against 5.76 %.
 RESTART_MIN_SHARE = 0.1
 RESTART_MIN_SECONDS = 1.0
+# ... and only from this many whitened columns on: a restart solves a second root (interior-point sizes), which
+# a short tree does not pay back. C = 128 3×3 (1,152 columns): proven optimal in 77 s with the restart against
+# 63 s without (one process; 64 s against 35 s with two workers); C = 256 3×3 (2,304) gains as above.
+RESTART_MIN_COLUMNS = 1500
 # Assumed speed of one dense factorization (flop/s, one core) when deciding whether an uninterruptible
 # O(r³) step still fits in the time limit.
 FLOP_RATE = 1e10
@@ -150,6 +155,10 @@ SIZES_SHARE = 0.5
 # the root bound is what the time buys).
 BLOCK_LARGE_COLUMNS = 3000
 BLOCK_SHARE_LARGE = 0.6
+# ... with root restarts on, the first root gets less (its job is the fixings: the restarted problem sizes its own
+# shifts from scratch) and a restarted problem more (past its root its tree gains little at this size).
+BLOCK_SHARE_LARGE_BEFORE_RESTART = 0.4
+BLOCK_SHARE_LARGE_RESTARTED = 0.8
 # ... and the scalar shifts' root Frank–Wolfe there gets this many steps (C = 512 3×3: each ~4–6 s under load).
 SCALAR_ROOT_ITERATIONS_LARGE = 5
 # Frank–Wolfe steps per block-shift ascent step (warm-started from the previous relaxed point).
@@ -1259,9 +1268,10 @@ def _newton_blocks(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, i
 # ===================================================================================== root restarts
 def _restart(S: _Search, w: Whitened, L: float | None, a: np.ndarray | None):
     """The root's reduced-cost fixings from its minorant ``(L, a)`` and, when they settle at least
-    ``RESTART_MIN_SHARE`` of the whitened columns and time is left, the free channels' problem to solve
+    ``RESTART_MIN_SHARE`` of the whitened columns (of at least ``RESTART_MIN_COLUMNS``) and time is left, the
+    free channels' problem to solve
     instead (:mod:`solvers.selection.restart`) with its ``k`` and budget. None: no restart."""
-    if a is None or S.best_mask is None:
+    if a is None or S.best_mask is None or w.col_group.size < RESTART_MIN_COLUMNS:
         return None
     if S.deadline is not None and S.deadline - time.perf_counter() < RESTART_MIN_SECONDS:
         return None
@@ -1299,7 +1309,7 @@ def _solve_restart(problem: SelectionProblem, S: _Search, restart, info: dict, f
         initial = best[reduced.free]          # the incumbent is a set of the reduced problem: no new warm start
         options["warm_start"] = False
     inner = select_exact(reduced.problem, k=r, budget=cap, backend="bnb", time_limit=left, rel_gap=rel_gap,
-                         initial=initial, **options)
+                         initial=initial, _restarted=True, **options)
     c, scale = S.c, reduced.problem.target_sq / S.c     # (reduced relative errors × scale = original ones)
     mask = reduced.lift(inner.mask)
     objective = problem.error(mask)
@@ -1341,7 +1351,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                  rel_gap: float = DEFAULT_GAP, warm_start: bool = True, lasso: bool = True,
                  fw_iterations: int = 1, shift: str = "block", shift_iterations: int = 60,
                  bound: str = "conditional", workers: int = 1, restart: bool = True,
-                 initial: np.ndarray | None = None) -> SelectionResult:
+                 initial: np.ndarray | None = None, _restarted: bool = False) -> SelectionResult:
     """Optimal channel set under ``|S| <= k`` and/or ``Σ cost <= budget``, with a certified gap.
 
     Parameters
@@ -1392,7 +1402,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         many the tree used (absent when no tree ran: enumeration, or nothing to select).
     restart : bool
         ``backend="bnb"``: when the root's reduced-cost fixing settles at least ``RESTART_MIN_SHARE`` of the
-        whitened columns, solve the free channels' own problem instead (:mod:`solvers.selection.restart`:
+        whitened columns (problems of at least ``RESTART_MIN_COLUMNS`` = 1,500 of them), solve the free channels' own problem instead (:mod:`solvers.selection.restart`:
         smaller factorizations, shifts re-optimized for it), recursively. ``info["restarts"]`` lists each
         restart (channels fixed in and out, channels left and ``k``, its root bound in the original units,
         ``time`` when it started and ``time_root`` its own warm start + root seconds).
@@ -1400,6 +1410,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         A set to start from (e.g. a heuristic's answer): the first incumbent when feasible, before the warm
         start (``info["incumbents"]["initial"]``). A restart passes the root's incumbent this way and skips the
         warm start of the restarted problem (the incumbent is already a swap local optimum there).
+    _restarted : bool
+        Internal: set on a restart's own call (its time shares differ, see ``BLOCK_SHARE_LARGE_RESTARTED``).
 
     Returns
     -------
@@ -1522,7 +1534,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         t_opt = time.perf_counter()
         share = BLOCK_SHARE + (SHIFT_SHARE - SHIFT_SHARE_BLOCK if shift == "block" else 0.0)
         if shift == "block" and w.M.shape[0] > BLOCK_LARGE_COLUMNS:
-            share = max(share, BLOCK_SHARE_LARGE)
+            share = max(share, BLOCK_SHARE_LARGE_RESTARTED if _restarted
+                        else BLOCK_SHARE_LARGE_BEFORE_RESTART if restart and backend == "bnb" else BLOCK_SHARE_LARGE)
         stop = None if deadline is None else min(deadline, t_opt + share * float(time_limit))
         U = d = None
         z_start, sizes_lb = root_z, -math.inf

@@ -50,7 +50,7 @@ def test_bench_exact_network_records_every_group_with_a_valid_bound_per_shift(tm
     out = tmp_path / "net.json"
     bench = _load("bench_exact")
     assert bench.main(["--network", "teacher", "--budgets", "0.5", "--net-time-limit", "1",
-                       "--shifts", "block", "ascent", "--out", str(out)]) == 0
+                       "--shifts", "block", "ascent", "--restart", "on", "off", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert {r["layer"] for r in rows} == {"2", "4"}         # the teacher–student MLP's two hidden groups
@@ -60,5 +60,6 @@ def test_bench_exact_network_records_every_group_with_a_valid_bound_per_shift(tm
             x = r[shift]
             assert x["bound"] is not None and x["bound"] <= x["error"] * (1 + 1e-9) + 1e-12
             assert 0 <= x["gap"] <= 1
-    assert set(data["worst_gap"]) == {"block", "ascent"}
+        assert r["block-norestart"]["restarts"] is None and r["block-norestart"]["bound"] <= r["block"]["error"] * (1 + 1e-9) + 1e-12
+    assert set(data["worst_gap"]) == {"block", "ascent", "block-norestart", "ascent-norestart"}
     assert data["worst_gap"]["block"] == max(r["block"]["gap"] for r in rows)

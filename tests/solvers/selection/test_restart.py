@@ -18,10 +18,12 @@ TIGHT = 1e-7
 
 @pytest.fixture(autouse=True)
 def _no_enumeration(monkeypatch):
-    """Keep the small problems on the branch and bound (and its restarts), off enumeration."""
+    """Keep the small problems on the branch and bound, off enumeration, and let them restart (by default only
+    problems of ``RESTART_MIN_COLUMNS`` whitened columns do)."""
     import solvers.selection.exact as ex
 
     monkeypatch.setattr(ex, "ENUMERATE_MAX", 0)
+    monkeypatch.setattr(ex, "RESTART_MIN_COLUMNS", 0)
 
 
 def test_reduced_problem_gives_every_set_its_original_error():
@@ -54,7 +56,7 @@ def test_nothing_free_or_everything_explained_gives_no_reduced_problem():
 
 
 @pytest.mark.parametrize("case", ["dense_C12_k6"])
-def test_a_restarted_search_certifies_the_brute_force_optimum(case):
+def test_a_restarted_search_certifies_the_brute_force_optimum(case, monkeypatch):
     p, k = BANK[BANK_IDS.index(case)]
     _, opt = brute_force(p, k)
     res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False)
@@ -65,6 +67,10 @@ def test_a_restarted_search_certifies_the_brute_force_optimum(case):
     assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
     plain = select_exact(p, k=k, rel_gap=TIGHT, lasso=False, restart=False)
     assert "restarts" not in plain.info and plain.objective == pytest.approx(res.objective, rel=1e-12)
+    import solvers.selection.exact as ex
+
+    monkeypatch.setattr(ex, "RESTART_MIN_COLUMNS", 1500)       # the default: a small problem does not restart
+    assert "restarts" not in select_exact(p, k=k, rel_gap=TIGHT, lasso=False).info
 
 
 def test_restarts_nest_under_a_budget_and_keep_it():
