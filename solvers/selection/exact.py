@@ -1311,14 +1311,12 @@ def _solve_restart(problem: SelectionProblem, S: _Search, restart, info: dict, f
     inner = select_exact(reduced.problem, k=r, budget=cap, backend="bnb", time_limit=left, rel_gap=rel_gap,
                          initial=initial, _restarted=True, **options)
     c, scale = S.c, reduced.problem.target_sq / S.c     # (reduced relative errors × scale = original ones)
-    mask = reduced.lift(inner.mask)
-    objective = problem.error(mask)
-    best_from = inner.info.get("best_from", "")
+    mask, best_from = reduced.lift(inner.mask), inner.info.get("best_from", "")
     if best_from == "initial":                          # (the root's incumbent, passed down)
         best_from = S.best_source
-    root_err = math.inf if best is None else problem.error(best)
-    if root_err < objective:
-        mask, objective, best_from = best, root_err, S.best_source
+    if best is not None and S.best_err / c < inner.objective * scale:
+        mask, best_from = best, S.best_source
+    objective = problem.error(mask)           # (two refits of the original in all, as without a restart)
     # every set is either in the reduced problem or in a subtree the root's fixings pruned
     lb = max(min(inner.bound * scale * c, S.pruned_min), floor)
     bound = max(min(lb / c, objective) - BOUND_SAFETY, 0.0)
