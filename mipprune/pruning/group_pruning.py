@@ -38,6 +38,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -357,7 +358,7 @@ def _without_weights(res: SelectionResult) -> SelectionResult:
 
 
 def _select(problem: SelectionProblem, k: int, method: str, backend, time_limit, seed, gap, *, model: nn.Module,
-            group: ChannelGroup, data) -> SelectionResult:
+            group: ChannelGroup, data, options=None) -> SelectionResult:
     """A solver method on the joint problem, or a criterion's top-k units refitted on it."""
     from mipprune.pruning.criteria import CRITERIA, group_scores
     from solvers.selection.baselines import select_by_scores
@@ -368,14 +369,16 @@ def _select(problem: SelectionProblem, k: int, method: str, backend, time_limit,
         scores = group_scores(method, model, group, data, k=k)
         return select_by_scores(problem, scores, k, method=method, start=start, info={"scores": scores})
     kw = {"gap": gap} if gap is not None else {}
-    return select_channels(problem, k=k, method=method, backend=backend, time_limit=time_limit, seed=seed, **kw)
+    return select_channels(problem, k=k, method=method, backend=backend, time_limit=time_limit, seed=seed,
+                           options=options, **kw)
 
 
 def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, targets: Mapping[str, int], *,
                     method: str = "lasso", sequential: bool = True, backend: str | None = None,
                     time_limit: float | None = None, gap: float | None = None, positions: int = 10,
                     max_samples: int | None = None, seed: int = 0, graph: ChannelGraph | None = None,
-                    max_memory: int | None = DEFAULT_MAX_MEMORY, on_step=None, streamed: bool = True
+                    max_memory: int | None = DEFAULT_MAX_MEMORY, on_step=None, streamed: bool = True,
+                    options: Mapping[str, Any] | None = None
                     ) -> GroupPruning:
     """Prune every group named in ``targets`` ({group name: units to keep}) of ``model`` (not modified).
 
@@ -386,7 +389,8 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
     why (``None``: no cap). With ``sequential=False`` all groups' statistics live at once and the cap
     applies to their sum. ``streamed``: the sequential driver's captures run from cached activations of
     the pruned model up to their last consumer, with the dense targets recorded once (module docstring;
-    ``False``: a full forward of both models per group).
+    ``False``: a full forward of both models per group). ``options``: the method's own keyword arguments
+    (:func:`solvers.select_channels`'s ``options``).
     """
     if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, np.integer))
                                    or max_memory < 1):
@@ -444,7 +448,7 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
             step(f"selecting {g.name} ({method})")
             problem = group_problem(g, stats)
             res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap, model=model, group=g,
-                          data=data)
+                          data=data, options=options)
             results[g.name], masks[g.name] = _without_weights(res), res.mask.copy()
             _, errors = refit_consumers(g, res.mask, stats)
             rows[g.name] = {"consumer_errors": errors, "capture_time": capture_time,
@@ -516,7 +520,7 @@ def prune_by_groups(model: nn.Module, data: Iterable, example: torch.Tensor, tar
             capture_time = time.perf_counter() - t0
         t1 = time.perf_counter()
         res = _select(problem, targets[g.name], method, backend, time_limit, seed, gap, model=current, group=g,
-                      data=data)
+                      data=data, options=options)
         no_refit, n_columns = problem.error(res.mask, refit=False), problem.n_columns
         del problem  # before the refit: the lean plan recaptures its consumers one at a time
         res = results[g.name] = _without_weights(res)  # (the joint weights, before the consumers' refit)

@@ -158,7 +158,8 @@ def fit_graph(selector, model: nn.Module, dense: nn.Module, data, example: torch
                                   sequential=selector.sequential, backend=selector.backend,
                                   time_limit=selector.time_limit, gap=selector.gap, positions=selector.positions,
                                   max_samples=selector.max_samples, seed=selector.seed, graph=graph,
-                                  max_memory=getattr(selector, "max_memory", DEFAULT_MAX_MEMORY), on_step=step)
+                                  max_memory=getattr(selector, "max_memory", DEFAULT_MAX_MEMORY), on_step=step,
+                                  options=getattr(selector, "method_options", None))
         bar.update(task, total=2 * len(todo), completed=2 * len(todo))
     if budget is not None:
         achieved = measure_cost(out.model, example, budget["metric"])

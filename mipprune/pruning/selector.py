@@ -28,6 +28,7 @@ import hashlib
 import math
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,6 +161,10 @@ class ChannelSelector:
     gap : float, optional
         ``"exact"``: relative optimality gap at which a layer's selection stops as ``OPTIMAL``
         (``None``: the solver's default 1e-4). Each layer's proven gap is in :meth:`report`.
+    method_options : dict, optional
+        Keyword arguments of the solver method, passed to every group's selection
+        (:func:`solvers.select_channels`'s ``options``), e.g. ``{"workers": 2}`` or ``{"restart": False}`` for
+        ``"exact"``. Checked here against what the method takes; criteria and ``"tecu"`` take none.
     device : str, optional
         Device of the forward passes during calibration (``None``: the model's).
     progress : bool
@@ -211,7 +216,8 @@ class ChannelSelector:
                  time_limit: float | None = None, max_samples: int | None = None, sequential: bool = True,
                  max_iter: int = 3, objective: str = "output", exact_max_channels: int = 64,
                  gap: float | None = None, device: str | torch.device | None = None, progress: bool = False,
-                 groups: str = "auto", max_memory: int | None = 4 * 2**30, allocation: str = "global"):
+                 groups: str = "auto", max_memory: int | None = 4 * 2**30, allocation: str = "global",
+                 method_options: Mapping[str, Any] | None = None):
         known = _known_methods()
         if not isinstance(method, str) or method not in known:
             raise InvalidInputError(f"method must be one of {known}; got {method!r}")
@@ -256,9 +262,18 @@ class ChannelSelector:
         if isinstance(exact_max_channels, bool) or not isinstance(exact_max_channels, (int, np.integer)) \
                 or exact_max_channels < 0:
             raise InvalidInputError(f"exact_max_channels must be an integer >= 0; got {exact_max_channels!r}")
-        from solvers.selection.select import check_gap
+        from solvers.selection.select import check_gap, check_options
 
         self.gap = check_gap(gap, method)
+        from solvers.selection.select import METHODS
+
+        if method_options is not None:
+            if method in METHODS:
+                method_options = check_options(method_options, method)
+            elif method_options:
+                raise InvalidInputError(f"method_options are keyword arguments of a solver method ({', '.join(METHODS)}); "
+                                        f"method {method!r} takes none")
+        self.method_options = dict(method_options or {})
         self.method = method
         self.sparsity = sparsity
         self.k = k
@@ -338,7 +353,8 @@ class ChannelSelector:
             return select_by_scores(problem, scores, k, method=self.method, start=start,
                                     info={"scores": scores})
         return select_channels(problem, k=k, method=self.method, backend=self.backend,
-                               time_limit=self.time_limit, seed=self.seed, gap=self.gap)
+                               time_limit=self.time_limit, seed=self.seed, gap=self.gap,
+                               options=self.method_options)
 
     def fit(self, model: nn.Module, data: Iterable) -> "ChannelSelector":
         """Calibrate on ``data`` and choose the channels to keep; ``model`` is not modified.

@@ -443,7 +443,8 @@ def _select(selector, site: Site, stats: _SiteStats, k: int, prepared: nn.Module
 
     if selector.method not in TRANSFORMER_CRITERIA:
         res = select_channels(problem, k=k, method=selector.method, backend=selector.backend,
-                              time_limit=selector.time_limit, seed=selector.seed, gap=selector.gap)
+                              time_limit=selector.time_limit, seed=selector.seed, gap=selector.gap,
+                              options=getattr(selector, "method_options", None))
         return res, problem, None
     from mipprune.pruning.transformer_criteria import flap_bias, unit_scores
 

@@ -1447,6 +1447,12 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         raise InvalidInputError(f"bound must be one of {list(BOUNDS)}; got {bound!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InvalidInputError(f"workers must be an integer >= 1; got {workers!r}")
+    for name, flag in (("warm_start", warm_start), ("lasso", lasso), ("restart", restart)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InvalidInputError(f"{name} must be True or False; got {flag!r}")
+    for name, n in (("fw_iterations", fw_iterations), ("shift_iterations", shift_iterations)):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise InvalidInputError(f"{name} must be an integer >= 0; got {n!r}")
     # (the final refits of the chosen set cannot be interrupted: their time is kept back)
     deadline = None if time_limit is None else start + float(time_limit) - 2.0 * refit_seconds(problem, k)
     bound_kind = bound

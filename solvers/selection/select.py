@@ -6,7 +6,8 @@ returning a :class:`~solvers.result.SelectionResult`. Validation common to all m
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import inspect
+from typing import Any, Callable, Mapping
 
 from solvers.errors import InvalidInputError
 from solvers.selection.problem import SelectionProblem
@@ -38,7 +39,8 @@ def _resolve(method: str) -> Callable[..., SelectionResult]:
 
 def select_channels(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
                     method: str = "lasso", backend: str | None = None, time_limit: float | None = None,
-                    seed: int = 0, gap: float | None = None) -> SelectionResult:
+                    seed: int = 0, gap: float | None = None,
+                    options: Mapping[str, Any] | None = None) -> SelectionResult:
     """Choose the channels of ``problem`` to keep.
 
     Parameters
@@ -59,6 +61,10 @@ def select_channels(problem: SelectionProblem, *, k: int | None = None, budget: 
     gap : float, optional
         Methods that certify (``GAP_METHODS``): stop once the proven relative gap
         ``(objective − bound)/objective`` is ``<= gap`` and report ``Status.OPTIMAL`` (default 1e-4).
+    options : dict, optional
+        The method's own keyword arguments, passed through (e.g. for ``"exact"``:
+        ``{"workers": 2, "restart": False, "initial": mask}``; see the method's function). A name the
+        method does not take is an ``InvalidInputError`` that lists the ones it does.
     """
     if not isinstance(problem, SelectionProblem):
         raise InvalidInputError(f"problem must be a SelectionProblem; got {type(problem).__name__}")
@@ -76,7 +82,36 @@ def select_channels(problem: SelectionProblem, *, k: int | None = None, budget: 
         raise InvalidInputError(f"time_limit must be > 0 seconds; got {time_limit}")
     gap = check_gap(gap, method)
     extra = {} if gap is None else {"rel_gap": gap}
+    extra.update(check_options(options, method))
     return fn(problem, k=k, budget=budget, backend=backend, time_limit=time_limit, seed=seed, **extra)
+
+
+# Arguments select_channels sets itself: not method options.
+_COMMON = {"problem", "k", "budget", "backend", "time_limit", "seed", "rel_gap"}
+
+
+def method_options(method: str) -> list[str]:
+    """The keyword arguments ``method`` takes beyond the common ones (what ``options=`` may hold)."""
+    params = inspect.signature(_resolve(method)).parameters.values()
+    return [p.name for p in params if p.name not in _COMMON and not p.name.startswith("_")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def check_options(options: Mapping[str, Any] | None, method: str) -> dict[str, Any]:
+    """``options`` as a dict after checking every name against what ``method`` takes (the values are the
+    method's to check)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
+        raise InvalidInputError(f"options must be a dict of keyword arguments of method {method!r}; got {options!r}")
+    known = method_options(method)
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        taken = ", ".join(known) if known else "none"
+        raise InvalidInputError(f"method {method!r} takes no option {unknown[0]!r}; its options are: {taken}"
+                                + (" (k, budget, backend, time_limit, seed and gap are arguments of their own)"
+                                   if unknown[0] in _COMMON or unknown[0] == "gap" else ""))
+    return dict(options)
 
 
 def check_gap(gap: float | None, method: str) -> float | None:

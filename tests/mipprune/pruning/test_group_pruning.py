@@ -362,3 +362,16 @@ def test_curve_calibration_takes_the_first_batches_with_rows_kept():
     assert [float(b[0, 0, 0, 0]) for b in sub] == [0.0, 1.0] and len(list(sub)) == 2  # re-iterable
     same, p2, u2, t2 = curve_calibration(batches, 10, images=200)
     assert same is batches and (p2, u2, t2) == (10, 200, 200)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_method_options_reach_every_groups_joint_selection(sequential):
+    model = BLOCKS["basic"]().eval()
+    data = _data(3)
+    graph = build_channel_graph(model, data[0])
+    targets = group_targets(graph.prunable, sparsity=0.5)
+    out = prune_by_groups(model, data, data[0], targets, method="exact", sequential=sequential, time_limit=5,
+                          options={"warm_start": False, "lasso": False})
+    assert out.results
+    for res in out.results.values():   # without the warm start, no heuristic incumbent is recorded
+        assert not {"greedy", "backward", "swap", "lasso"} & set(res.info.get("incumbents", {}))

@@ -225,3 +225,20 @@ def test_exact_gets_a_default_time_limit_and_others_none():
     assert ChannelSelector("exact", sparsity=0.5).time_limit == EXACT_DEFAULT_TIME_LIMIT == 60.0
     assert ChannelSelector("exact", sparsity=0.5, time_limit=3).time_limit == 3
     assert ChannelSelector("lasso", sparsity=0.5).time_limit is None
+
+
+def test_method_options_reach_every_groups_exact_selection_and_are_checked_up_front(setup):
+    model, _, calib = setup
+    sel = ChannelSelector("exact", k={"3": 6, "8": 8}, time_limit=5,
+                          method_options={"warm_start": False, "lasso": False}).fit(model, calib)
+    for name in ("3", "8"):
+        incumbents = sel.results_[name].info.get("incumbents", {})
+        # (without the warm start no greedy / backward / swap incumbent is recorded)
+        assert not {"greedy", "backward", "swap", "lasso"} & set(incumbents), incumbents
+    default = ChannelSelector("exact", k={"3": 6}, time_limit=5).fit(model, calib)
+    assert {"greedy", "backward"} & set(default.results_["3"].info["incumbents"])
+    with pytest.raises(InvalidInputError, match=r"method 'exact' takes no option 'threads'"):
+        ChannelSelector("exact", sparsity=0.5, method_options={"threads": 2})
+    with pytest.raises(InvalidInputError, match=r"method_options are keyword arguments of a solver method .*'l1' takes none"):
+        ChannelSelector("l1", sparsity=0.5, method_options={"workers": 2})
+    assert ChannelSelector("l1", sparsity=0.5, method_options={}).method_options == {}

@@ -190,3 +190,25 @@ def test_a_requested_gap_reaches_the_exact_solver_and_is_checked():
     for bad in (0, 1.5, True):
         with pytest.raises(InvalidInputError, match=rf"gap must be in \(0, 1\); got {bad}"):
             solvers.select_channels(problem, k=k, method="exact", gap=bad)
+
+
+def test_method_options_reach_the_method_and_unknown_ones_are_named():
+    problem, k = BANK[0]
+    # an initial set reaches select_exact: it is the first incumbent it records
+    start = np.zeros(problem.n_channels, bool)
+    start[:k] = True
+    res = solvers.select_channels(problem, k=k, method="exact", options={"initial": start, "warm_start": False})
+    assert res.info["incumbents"]["initial"] == pytest.approx(problem.error(start))
+    assert res.status == solvers.Status.OPTIMAL
+    assert res.objective == pytest.approx(brute_force(problem, k)[1], abs=1e-9)
+    with pytest.raises(InvalidInputError, match=r"method 'exact' takes no option 'worker'; its options are: .*workers"):
+        solvers.select_channels(problem, k=k, method="exact", options={"worker": 2})
+    with pytest.raises(InvalidInputError, match=r"method 'greedy' takes no option 'restart'; its options are: none"):
+        solvers.select_channels(problem, k=k, method="greedy", options={"restart": False})
+    with pytest.raises(InvalidInputError, match=r"takes no option 'time_limit'.*arguments of their own"):
+        solvers.select_channels(problem, k=k, method="exact", options={"time_limit": 3})
+    with pytest.raises(InvalidInputError, match="options must be a dict"):
+        solvers.select_channels(problem, k=k, method="exact", options=[("restart", False)])
+    # the method checks the values
+    with pytest.raises(InvalidInputError, match="restart must be True or False; got 'no'"):
+        solvers.select_channels(problem, k=k, method="exact", options={"restart": "no"})
