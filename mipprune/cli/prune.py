@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -57,6 +57,29 @@ def _infer_input_shape(model, x_images) -> tuple[int, ...]:
         errors.append(f"{shape}: output shape {tuple(getattr(out, 'shape', ()))}")
     raise InvalidInputError("--model must take digits inputs of shape (N, 1, 8, 8) or (N, 64) and return "
                             f"(N, 10) logits; got {'; '.join(errors)}")
+
+
+def parse_method_options(items: list[str] | None) -> dict:
+    """``--option NAME=VALUE`` items as a dict: ``true``/``false`` become booleans, integers and floats numbers,
+    anything else stays a string (the method checks the names and the values)."""
+    options: dict = {}
+    for item in items or []:
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or not name or not raw:
+            raise InvalidInputError(f"--option must be NAME=VALUE (e.g. --option workers=2); got {item!r}")
+        if raw.lower() in ("true", "false"):
+            value: object = raw.lower() == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        options[name] = value
+    return options
 
 
 def _fmt_int(n: int) -> str:
@@ -118,6 +141,9 @@ def prune_command(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sequence of --text."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for --text with --model FILE "
                                              "(a pickled causal LM); without it the text is read as UTF-8 bytes."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="A keyword argument of the selection method, "
+                                               "NAME=VALUE, repeatable (e.g. --method exact --option workers=2 "
+                                               "--option restart=false); a name the method does not take is refused."),
 ) -> None:
     """Prune a digits classifier: select the channels to keep per layer, refit, and report accuracy,
     parameters and FLOPs before and after (with and without least-squares reconstruction)."""
@@ -148,7 +174,7 @@ def prune_command(
                                budget_backend=budget_backend, budget_time_limit=budget_time_limit,
                                positions=positions, seed=seed, time_limit=time_limit, sequential=sequential,
                                max_iter=max_iter, gap=gap, device=dev, progress=True, groups=groups,
-                               max_memory=int(max_memory * 2**30))
+                               max_memory=int(max_memory * 2**30), method_options=parse_method_options(option))
     target = (f"sparsity={sparsity}" if sparsity is not None else
               f"flops={flops}" if flops is not None else f"params={params}")
 
@@ -184,7 +210,8 @@ def prune_command(
         if json_path is not None:
             record["config"] = {"method": method, "sparsity": sparsity, "flops_target": flops, "params_target": params,
                                 "groups": groups, "seed": seed, "positions": positions, "sequential": sequential,
-                                "device": str(dev), "max_memory_gib": max_memory}
+                                "device": str(dev), "max_memory_gib": max_memory,
+                                "method_options": selector.method_options}
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(record, indent=2, default=str))
             console.print(f"results written to {json_path}")
@@ -279,7 +306,7 @@ def prune_command(
                        "device": str(dev),
                        "seed": seed, "positions": positions, "epochs": epochs if model is None else None,
                        "backend": backend, "time_limit": time_limit, "gap": gap, "sequential": sequential,
-                       "input_shape": list(input_shape), "calibration_samples": len(x_train),
+                       "method_options": selector.method_options, "input_shape": list(input_shape), "calibration_samples": len(x_train),
                        "test_samples": len(x_test)},
             "layers": selector.report_rows(),
             "accuracy": {"dense": acc_dense, "pruned_no_reconstruction": acc_masked,

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from solvers.errors import InvalidInputError
 from tests.mipprune.conftest import run_cli
 from mipprune.data import load_digits_data, make_loader
 from mipprune.models import mlp
@@ -130,3 +131,23 @@ def test_prune_exact_with_gap_and_cpsat_budget_reports_proven_gaps(tmp_path, cap
 def test_gap_is_only_for_exact(capsys):
     code, out, err = run_cli(["prune", "--epochs", "1", "--method", "lasso", "--gap", "0.01"], capsys)
     assert code == 2 and "method must be one of ['exact'] to request a gap; got 'lasso'" in (out + err)
+
+
+def test_method_options_are_parsed_and_reach_the_selection(tmp_path, capsys):
+    from mipprune.cli.prune import parse_method_options
+
+    assert parse_method_options(["workers=2", "restart=False", "shift=scalar", "rel=0.5"]) == {
+        "workers": 2, "restart": False, "shift": "scalar", "rel": 0.5}
+    assert parse_method_options(None) == {}
+    for bad in ("workers", "=2", "workers="):
+        with pytest.raises(InvalidInputError, match="--option must be NAME=VALUE"):
+            parse_method_options([bad])
+    # a name the method does not take is refused before any training
+    code, out, err = run_cli(["prune", "--epochs", "1", "--method", "exact", "--option", "worker=2"], capsys)
+    assert code == 2 and "method 'exact' takes no option 'worker'" in (out + err)
+    js = tmp_path / "opts.json"
+    code, out, err = run_cli(["prune", "--epochs", "1", "--method", "exact", "--time-limit", "3", "--positions", "2",
+                              "--option", "warm_start=false", "--option", "lasso=false", "--json", str(js)], capsys)
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    assert rec["config"]["method_options"] == {"warm_start": False, "lasso": False}
