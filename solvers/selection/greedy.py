@@ -116,19 +116,22 @@ def _explained(M: np.ndarray, B: np.ndarray) -> float:
     return float(np.sum(B * X))
 
 
-def whiten(problem: SelectionProblem) -> Whitened:
+def whiten(problem: SelectionProblem, *, transforms: bool = False):
     """Orthonormalize each channel's columns (in the ``ZᵀZ`` inner product); refit errors are unchanged.
 
     For channel ``g`` with ``G_gg = U Λ Uᵀ``, the whitened columns are ``Z_g U Λ^{-1/2}`` (directions
     with ``λ <= WHITEN_RTOL · λ_max`` dropped: they carry no energy). The block-diagonal transform is
     applied block by block, in place on one copy of ``G``: O(d²·max r_g) time, one d×d of memory.
+
+    With ``transforms=True`` returns ``(w, T)``: ``T[g]`` (q_g × r_g) maps channel ``g``'s whitened
+    coordinates to its original columns (in the problem's column order within the channel).
     """
     G, Bx, groups, C = problem.gram, problem.cross, problem.groups, problem.n_channels
     order = np.argsort(groups, kind="stable")                    # columns grouped by channel
     bounds = np.searchsorted(groups[order], np.arange(C + 1))
     M = G[np.ix_(order, order)] if np.any(order != np.arange(order.size)) else G.copy()
     B = Bx[order].copy()
-    col_group, starts, keep_cols = [], [0], []
+    col_group, starts, keep_cols, Ts = [], [0], [], []
     for g in range(C):
         sl = slice(int(bounds[g]), int(bounds[g + 1]))
         q = sl.stop - sl.start
@@ -147,6 +150,8 @@ def whiten(problem: SelectionProblem) -> Whitened:
             M[sl, :] = T.T @ M[sl, :]
             B[sl] = T.T @ B[sl]
         keep_cols.append(np.arange(sl.start, sl.stop)[keep])
+        if transforms:
+            Ts.append(T[:, keep])
         col_group += [g] * int(keep.sum())
         starts.append(starts[-1] + int(keep.sum()))
     kept = np.concatenate(keep_cols) if keep_cols else np.zeros(0, np.int64)
@@ -157,8 +162,9 @@ def whiten(problem: SelectionProblem) -> Whitened:
     for g in range(C):  # exact identity blocks (they are, up to round-off)
         s = slice(starts[g], starts[g + 1])
         M[s, s] = np.eye(starts[g + 1] - starts[g])
-    return Whitened(M=M, B=B, target_sq=problem.target_sq, col_group=np.asarray(col_group, np.int64),
-                    starts=np.asarray(starts, np.int64))
+    w = Whitened(M=M, B=B, target_sq=problem.target_sq, col_group=np.asarray(col_group, np.int64),
+                 starts=np.asarray(starts, np.int64))
+    return (w, Ts) if transforms else w
 
 
 # ------------------------------------------------------------------------------------ forward

@@ -79,6 +79,8 @@ def test_restarts_nest_under_a_budget_and_keep_it():
     res = select_exact(p, budget=budget, rel_gap=TIGHT, lasso=False)
     assert len(res.info["restarts"]) >= 2           # the restarted problem's root fixed more: it restarted too
     assert all(r["k"] is None for r in res.info["restarts"])
+    # (every restart's root bound in the original problem's units: the nested ones too)
+    assert all(r["root_bound"] <= opt + 1e-9 for r in res.info["restarts"])
     assert p.costs[res.mask].sum() <= budget + 1e-12
     assert res.status is Status.OPTIMAL and res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13)
     assert res.bound <= opt + 1e-9
@@ -89,15 +91,15 @@ def test_a_restart_keeps_the_time_limit_and_a_valid_bound(monkeypatch):
 
     import solvers.selection.exact as ex
 
-    monkeypatch.setattr(ex, "RESTART_MIN_SHARE", 0.0)    # (its root fixes 4 of 48 channels: restart on any)
-    p = make_problem(48, 3, 8, 400, seed=1)       # root ~1.5 s, then far from optimal
+    monkeypatch.setattr(ex, "RESTART_MIN_SHARE", 0.0)    # (restart on any fixing)
+    p = make_problem(80, 4, 8, 1000, seed=1)      # 6 s: one restart, then ~7 % from optimal
     limit = 6.0
     t0 = time.perf_counter()
-    res = select_exact(p, k=24, time_limit=limit)
+    res = select_exact(p, k=40, time_limit=limit)
     assert time.perf_counter() - t0 <= limit + 1.0
-    assert res.info["restarts"] and res.status is Status.TIME_LIMIT and res.k == 24
+    assert res.info["restarts"] and res.status is Status.TIME_LIMIT and res.k == 40
     assert 0 < res.bound <= res.objective and res.gap > 1e-4
-    plain = select_exact(p, k=24, time_limit=limit, restart=False)
+    plain = select_exact(p, k=40, time_limit=limit, restart=False)
     assert "restarts" not in plain.info
     assert res.bound <= plain.objective and plain.bound <= res.objective
 
@@ -115,3 +117,50 @@ def test_an_initial_set_is_the_first_incumbent_and_a_bad_one_is_refused():
     assert "initial" not in res2.info["incumbents"] and res2.k <= k
     with pytest.raises(InvalidInputError, match="mask must have shape"):
         select_exact(p, k=k, initial=np.ones(3, bool))
+
+
+@pytest.mark.parametrize("case", ["dense_C12_k6", "correlated_C14_seed1", "correlated_C14_seed3"])
+def test_a_cheap_restart_keeps_the_roots_shifts_and_certifies_the_brute_force_optimum(case, monkeypatch):
+    """Below RESTART_MIN_COLUMNS the restarted problem inherits the root's shift blocks (valid for the Schur
+    complement): its root bound is then the parent's with the fixed-in channels at z = 1, never above the optimum,
+    and the search still ends at the brute-force optimum."""
+    import solvers.selection.exact as ex
+
+    if case in BANK_IDS:
+        p, k = BANK[BANK_IDS.index(case)]
+    else:     # (these restart twice or three times: the restarted problems' roots fix more)
+        p, k = make_problem(14, 3, 4, 300, seed=int(case[-1]), correlation=0.8), 7
+    _, opt = brute_force(p, k)
+    monkeypatch.setattr(ex, "RESTART_MIN_COLUMNS", 10**6)
+    monkeypatch.setattr(ex, "RESTART_INHERIT_MIN_COLUMNS", 0)
+    monkeypatch.setattr(ex, "RESTART_MIN_SHARE", 0.0)
+    res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False)
+    restarts = res.info["restarts"]
+    assert restarts and all(r["shifts"] == "inherited" for r in restarts)
+    assert all(r["root_bound"] <= opt + 1e-9 for r in restarts)
+    assert res.status is Status.OPTIMAL and res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13)
+    assert res.bound <= opt + 1e-9
+
+
+def test_an_inherited_shift_is_valid_for_the_schur_complement():
+    """The parent's blocks restricted to the free channels keep M' − D_N ⪰ 0 in the restarted whitening (checked
+    by the eigenvalues), and a shift that is not valid is refused."""
+    import solvers.selection.exact as ex
+    from solvers.selection.perspective import blocks
+
+    p = make_problem(10, 3, 4, 200, seed=5, correlation=0.8)
+    w = whiten(p)
+    t = ex.choose_shift(w)
+    D = [np.diag(np.full(w.cols(g).stop - w.cols(g).start, t[g])) for g in range(w.n_channels)]
+    fin = np.zeros(10, bool)
+    fin[[0, 4, 7]] = True
+    red = reduce_problem(w, p.costs, fin, np.zeros(10, bool))
+    wr, T = whiten(red.problem, transforms=True)
+    got = ex._inherited_shift(wr, T, [D[g] for g in red.free])
+    assert got is not None
+    U, d = got
+    A = wr.M - ex._blocks_matrix(wr, blocks(wr, U, d))
+    assert np.linalg.eigvalsh(A)[0] >= 0.0
+    assert np.min(d) > 0
+    too_big = [5.0 * Dg for Dg in D]
+    assert ex._inherited_shift(wr, T, [too_big[g] for g in red.free]) is None
