@@ -120,13 +120,15 @@ ROOT_ITERATIONS_AFTER_SIZES = 1
 # the shares below): 4.81 % against 5.76 %.
 RESTART_MIN_SHARE = 0.1
 RESTART_MIN_SECONDS = 1.0
-# ... and only from this many whitened columns on: a restart solves a second root (interior-point sizes), which
-# a short tree does not pay back. C = 128 3×3 (1,152 columns): proven optimal in 77 s with the restart against
-# 63 s without (one process; 64 s against 35 s with two workers); C = 256 3×3 (2,304) gains as above.
-RESTART_MIN_COLUMNS = 1500
+# ... and only from this many whitened columns on does the restarted problem search shifts of its own (interior-point
+# sizes), where its tree gains little past its root: C = 512 3×3 (4,608 columns, 2 workers), 4.81 % against 5.76 %
+# without a restart. Below, that second search costs more than it buys: C = 128 3×3 (1,152 columns) was proven
+# optimal in 77 s with it against 63 s without (one process), and C = 256 3×3 (2,304) ended at 1.57 % / 0.55 %
+# (one process / 2 workers) with it against 0.92 % / optimal in 215 s with the cheap restart below.
+RESTART_MIN_COLUMNS = 3000
 # ... below it, from this many columns on, a cheap restart instead: the restarted problem keeps the root's shifts
-# (valid for the Schur complement, see :func:`_inherited_shift`) and searches none of its own, so only the tree's
-# smaller factorizations remain. C = 128 3×3: optimal in 53 s against 70 s without a restart (one process, same
+# (valid for the Schur complement, see :func:`_inherited_shift`) and searches none of its own, so the tree gets the
+# time and factors fewer columns. C = 128 3×3: optimal in 53 s against 70 s without a restart (one process, same
 # run; 40 s against 44 s with two workers); C = 64 3×3 (576 columns): 8.8 s against 9.5 s.
 RESTART_INHERIT_MIN_COLUMNS = 500
 # Assumed speed of one dense factorization (flop/s, one core) when deciding whether an uninterruptible
@@ -1366,7 +1368,7 @@ def _solve_restart(problem: SelectionProblem, S: _Search, restart, info: dict, f
         initial = best[reduced.free]          # the incumbent is a set of the reduced problem: no new warm start
         options["warm_start"] = False
     inner = select_exact(reduced.problem, k=r, budget=cap, backend="bnb", time_limit=left, rel_gap=rel_gap,
-                         initial=initial, _restarted=True, _shift_blocks=inherit, **options)
+                         initial=initial, _restarted=True, _inherit=inherit, **options)
     c, scale = S.c, reduced.problem.target_sq / S.c     # (reduced relative errors × scale = original ones)
     mask, best_from = reduced.lift(inner.mask), inner.info.get("best_from", "")
     if best_from == "initial":                          # (the root's incumbent, passed down)
@@ -1411,7 +1413,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                  fw_iterations: int = 1, shift: str = "block", shift_iterations: int = 60,
                  bound: str = "conditional", workers: int = 1, restart: bool = True,
                  initial: np.ndarray | None = None, _restarted: bool = False,
-                 _shift_blocks: list | None = None) -> SelectionResult:
+                 _inherit: list | None = None) -> SelectionResult:
     """Optimal channel set under ``|S| <= k`` and/or ``Σ cost <= budget``, with a certified gap.
 
     Parameters
@@ -1463,7 +1465,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     restart : bool
         ``backend="bnb"``: when the root's reduced-cost fixing settles at least ``RESTART_MIN_SHARE`` of the
         whitened columns, solve the free channels' own problem instead (:mod:`solvers.selection.restart`:
-        smaller factorizations), recursively. From ``RESTART_MIN_COLUMNS`` = 1,500 whitened columns on its
+        smaller factorizations), recursively. From ``RESTART_MIN_COLUMNS`` = 3,000 whitened columns on its
         shifts are searched afresh; from ``RESTART_INHERIT_MIN_COLUMNS`` = 500 to there it keeps the root's
         (a cheap restart: no second shift search). ``info["restarts"]`` lists each restart (channels fixed in
         and out, channels left and ``k``, its root bound in the original units, ``shifts`` "searched" or
@@ -1474,9 +1476,11 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         warm start of the restarted problem (the incumbent is already a swap local optimum there).
     _restarted : bool
         Internal: set on a restart's own call (its time shares differ, see ``BLOCK_SHARE_LARGE_RESTARTED``).
-    _shift_blocks : list of arrays, optional
+    _inherit : list of arrays, optional
         Internal: a cheap restart's shift blocks ``D_g`` in the problem's columns (the parent root's, valid for
-        the Schur complement): used as they are, no shift search (``info["shift_used"] = "inherited"``).
+        the Schur complement), used as they are with no shift search (``info["shift_used"] = "inherited"``).
+        (Its root starts from z = 0.5, not from the parent root's relaxed point: at C = 256 3×3 that start took
+        its root 6.5 s instead of 2.9 s and the tree then bounded 749 nodes instead of 1,226–1,413 in 300 s.)
 
     Returns
     -------
@@ -1524,7 +1528,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     deadline = None if time_limit is None else start + float(time_limit) - 2.0 * refit_seconds(problem, k)
     bound_kind = bound
 
-    if _shift_blocks is not None:
+    if _inherit is not None:
         w, whitening = whiten(problem, transforms=True)
     else:
         w = whiten(problem)
@@ -1571,8 +1575,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                         status=Status.OPTIMAL if proven else Status.FEASIBLE, info=info)
             info["enumeration_timed_out"] = True
     inherited = None
-    if _shift_blocks is not None and _affordable(w.M.shape[0], 4.0, deadline):
-        inherited = _inherited_shift(w, whitening, _shift_blocks)
+    if _inherit is not None and _affordable(w.M.shape[0], 4.0, deadline):
+        inherited = _inherited_shift(w, whitening, _inherit)
     if inherited is not None:
         # (a cheap restart: the parent root's shifts, valid for the Schur complement; no shift search)
         t = np.zeros(C)

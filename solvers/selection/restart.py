@@ -17,8 +17,9 @@ collinearities with ``F`` are gone — instead of being inherited from ``M`` and
 the root bound rose from 3.42 % to 2.94 % below the incumbent, and the final gap fell from 1.94 % to 1.57 %
 (with two worker processes: from 1.41 % to 0.55 %).
 
-Below 1,500 whitened columns the second shift search costs more than the smaller tree saves (C = 128 3×3:
-31–34 s), so there a restart keeps the root's shift blocks instead (``exact._inherited_shift``): for any
+Below 3,000 whitened columns the second shift search costs more than it buys (C = 128 3×3: 31–34 s; at C = 256
+its 40 s of tree time were worth more than its stronger root), so there a restart keeps the root's shift blocks
+instead (``exact._inherited_shift``; C = 256 is then proven optimal in 215 s with two workers): for any
 block-diagonal ``D`` with ``M − D ⪰ 0``, minimizing ``xᵀ(M − D)x`` over the fixed-in part of ``x`` gives
 ``M' ⪰ D_N``, so the parent's blocks of the free channels are a valid shift of the reduced problem.
 """

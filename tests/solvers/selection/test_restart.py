@@ -69,7 +69,7 @@ def test_a_restarted_search_certifies_the_brute_force_optimum(case, monkeypatch)
     assert "restarts" not in plain.info and plain.objective == pytest.approx(res.objective, rel=1e-12)
     import solvers.selection.exact as ex
 
-    monkeypatch.setattr(ex, "RESTART_MIN_COLUMNS", 1500)       # the default: a small problem does not restart
+    monkeypatch.setattr(ex, "RESTART_MIN_COLUMNS", 3000)   # the default: under RESTART_INHERIT_MIN_COLUMNS, no restart
     assert "restarts" not in select_exact(p, k=k, rel_gap=TIGHT, lasso=False).info
 
 
