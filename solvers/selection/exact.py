@@ -75,8 +75,8 @@ from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import Whitened, backward_mask, forward_mask, refit_seconds, whiten
-from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks, eig_blocks,
-                                          inverse_basis, optimize_shift, rotate, saddle_sizes)
+from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _blocks_to_matrix, _inv_spd, blocks,
+                                          eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.restart import reduce_problem
 from solvers.selection.swap import improve_by_swaps
@@ -1294,7 +1294,7 @@ def _inherited_shift(w: Whitened, whitening: list[np.ndarray], D: list[np.ndarra
     U, d = eig_blocks(Dw)
     d = np.maximum(d, 0.0)
     for scale in (1.0, 0.99, 0.9):
-        A = w.M - _blocks_matrix(w, blocks(w, U, scale * d))
+        A = w.M - _blocks_to_matrix(w, blocks(w, U, scale * d))
         A[np.diag_indices_from(A)] -= Q_MARGIN
         try:
             scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
@@ -1302,14 +1302,6 @@ def _inherited_shift(w: Whitened, whitening: list[np.ndarray], D: list[np.ndarra
         except np.linalg.LinAlgError:
             continue
     return None
-
-
-def _blocks_matrix(w: Whitened, D: list[np.ndarray]) -> np.ndarray:
-    out = np.zeros_like(w.M)
-    for g, Dg in enumerate(D):
-        sl = w.cols(g)
-        out[sl, sl] = Dg
-    return out
 
 
 def _restart(S: _Search, w: Whitened, L: float | None, a: np.ndarray | None, shift_blocks=None):

@@ -239,6 +239,7 @@ def test_method_options_reach_every_groups_exact_selection_and_are_checked_up_fr
     assert {"greedy", "backward"} & set(default.results_["3"].info["incumbents"])
     with pytest.raises(InvalidInputError, match=r"method 'exact' takes no option 'threads'"):
         ChannelSelector("exact", sparsity=0.5, method_options={"threads": 2})
-    with pytest.raises(InvalidInputError, match=r"method_options are keyword arguments of a solver method .*'l1' takes none"):
+    with pytest.raises(InvalidInputError, match=r"method_options are keyword arguments of a solver method .*'l1' "
+                                                r"takes none"):
         ChannelSelector("l1", sparsity=0.5, method_options={"workers": 2})
     assert ChannelSelector("l1", sparsity=0.5, method_options={}).method_options == {}
