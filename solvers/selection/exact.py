@@ -1293,8 +1293,9 @@ def _inherited_shift(w: Whitened, whitening: list[np.ndarray], D: list[np.ndarra
     Dw = [T.T @ Dg @ T if T.size else np.zeros((0, 0)) for T, Dg in zip(whitening, D)]
     U, d = eig_blocks(Dw)
     d = np.maximum(d, 0.0)
+    shift = _blocks_to_matrix(w, blocks(w, U, d))
     for scale in (1.0, 0.99, 0.9):
-        A = w.M - _blocks_to_matrix(w, blocks(w, U, scale * d))
+        A = w.M - scale * shift
         A[np.diag_indices_from(A)] -= Q_MARGIN
         try:
             scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
@@ -1346,6 +1347,17 @@ def _restart(S: _Search, w: Whitened, L: float | None, a: np.ndarray | None, shi
     return reduced, r, cap, int(fout.sum()), inherit
 
 
+def _certificate(objective: float, lower: float, rel_gap: float, timed_out: bool) -> tuple[float, Status]:
+    """The reported bound (``lower`` less the round-off allowance, capped by ``objective``; relative errors) and the
+    status: OPTIMAL within ``rel_gap``, else TIME_LIMIT when the clock stopped the search, else FEASIBLE (stopped
+    by round-off: a valid set, gap not closed)."""
+    bound = max(min(lower, objective) - BOUND_SAFETY, 0.0)
+    gap = max(0.0, objective - bound) / max(objective, 1e-12)
+    if gap <= rel_gap or objective - bound <= 1e-11:
+        return bound, Status.OPTIMAL
+    return bound, Status.TIME_LIMIT if timed_out else Status.FEASIBLE
+
+
 def _solve_restart(problem: SelectionProblem, S: _Search, restart, info: dict, floor: float, *,
                    start: float, backend: str, rel_gap: float, **options) -> SelectionResult:
     """Solve the reduced problem of :func:`_restart` with :func:`select_exact` and report it in the original
@@ -1370,14 +1382,7 @@ def _solve_restart(problem: SelectionProblem, S: _Search, restart, info: dict, f
     objective = problem.error(mask)           # (two refits of the original in all, as without a restart)
     # every set is either in the reduced problem or in a subtree the root's fixings pruned
     lb = max(min(inner.bound * scale * c, S.pruned_min), floor)
-    bound = max(min(lb / c, objective) - BOUND_SAFETY, 0.0)
-    gap = max(0.0, objective - bound) / max(objective, 1e-12)
-    if gap <= rel_gap or objective - bound <= 1e-11:
-        status = Status.OPTIMAL
-    elif inner.status is Status.TIME_LIMIT or S.timed_out():
-        status = Status.TIME_LIMIT
-    else:
-        status = Status.FEASIBLE
+    bound, status = _certificate(objective, lb / c, rel_gap, inner.status is Status.TIME_LIMIT or S.timed_out())
     root_red = inner.info.get("root_bound")
     here = {"fixed_in": int(reduced.fixed_in.sum()), "fixed_out": n_out, "channels": reduced.problem.n_channels,
             "k": r, "root_bound": None if root_red is None else float(root_red * scale),
@@ -1667,14 +1672,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         lb, iters = _scip_oa(S, root_cuts, safe_floor)
     lb = max(lb, floor)
     objective = problem.error(S.best_mask)        # the reported objective: the library's own refit
-    bound = max(min(lb / c, objective) - BOUND_SAFETY, 0.0)
-    gap = max(0.0, objective - bound) / max(objective, 1e-12)
-    if gap <= rel_gap or objective - bound <= 1e-11:
-        status = Status.OPTIMAL
-    elif S.timed_out():
-        status = Status.TIME_LIMIT
-    else:                       # stopped by round-off, not by the clock: a valid set, gap not closed
-        status = Status.FEASIBLE
+    bound, status = _certificate(objective, lb / c, rel_gap, S.timed_out())
     info["stalled"] = stalled
     info["workers"] = workers if backend == "bnb" else 1
     info.update(incumbents=dict(S.sources), best_from=S.best_source, solves=rel.solves, bound=bound_kind,
