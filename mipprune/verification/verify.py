@@ -55,6 +55,7 @@ import time
 import numpy as np
 
 from solvers.backends import require_backend
+from solvers.deadline import call_with_deadline
 from mipprune.verification.bounds import Bounds, _compute, linear_lower_bound, lp_linear_lower_bound
 from solvers.network.spec import Region, make_region
 from solvers.errors import InvalidInputError
@@ -78,6 +79,7 @@ HIGHS_VERIFY_OPTIONS = {
 }
 
 MILP_CUTOFF = 1e-6
+MILP_GRACE = 0.25   # s past its time limit before a MILP solve's process is stopped (solvers.deadline)
 
 # share of the remaining budget the stages may use before the MILP
 ATTACK_SHARE, LP_SHARE = 0.05, 0.3
@@ -169,7 +171,16 @@ def _solve(model: MilpModel, backend: str, time_limit: float | None) -> MilpSolu
     if backend == "highs":
         # cutoff slightly above 0: HiGHS prunes nodes whose bound passes the cutoff up to its own
         # tolerances, so a margin of exactly 0 must not sit on the pruning line
-        return solve_highs(model, time_limit=time_limit, cutoff=MILP_CUTOFF, target=0.0, options=HIGHS_VERIFY_OPTIONS)
+        kw = dict(time_limit=time_limit, cutoff=MILP_CUTOFF, target=0.0, options=HIGHS_VERIFY_OPTIONS)
+        if time_limit is None:
+            return solve_highs(model, **kw)
+        # in a child process, stopped at the deadline: HiGHS checks its clock only between phases
+        t = time.perf_counter()
+        done, sol = call_with_deadline(solve_highs, (model,), kw, deadline=t + time_limit, grace=MILP_GRACE)
+        if done:
+            return sol
+        return MilpSolution(Status.TIME_LIMIT, None, None, None, 0, time.perf_counter() - t,
+                            "stopped at the deadline (HiGHS was past its time limit)")
     return solve_pyomo(model, backend[len("pyomo-"):], time_limit=time_limit)
 
 
@@ -257,7 +268,7 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
 
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")
 BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "candidates", "lr_alpha", "lr_beta",
-               "joint", "fast32")
+               "joint", "fast32", "max_store_bytes")
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
 BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
@@ -340,8 +351,9 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
         return VerificationResult(verdict, time=time.perf_counter() - clock.t0, stage=stage,
                                   stage_times=dict(clock.stages), message=message, **stats)
 
-    def timeout(where: str) -> VerificationResult:
-        return result(Verdict.TIMEOUT, "none", f"time limit of {time_limit} s hit during {where}")
+    def timeout(where: str) -> VerificationResult:   # with the path that led there (why BaB handed over, …)
+        return result(Verdict.TIMEOUT, "none", f"time limit of {time_limit} s hit during {where}"
+                      + "".join(f"; {n}" for n in notes))
 
     from mipprune.verification.attack import pgd_attack, project_region
 

@@ -172,6 +172,66 @@ def test_stored_domains_are_capped_by_their_bytes(monkeypatch):
     monkeypatch.setattr(bab, "MAX_STORE_BYTES", 1)
     r = relu_bab(net, spec, blocks, b.lower, b.upper, list(range(len(spec.disjuncts))), deadline=None, batch=4)
     assert r.status == "unknown" and "domain limit of 1 reached" in r.message
+    monkeypatch.undo()   # the caller's cap, given per search
+    r = relu_bab(net, spec, blocks, b.lower, b.upper, list(range(len(spec.disjuncts))), deadline=None, batch=4,
+                 max_store_bytes=1)
+    assert r.status == "unknown" and "domain limit of 1 reached" in r.message
+
+
+def test_store_limits_are_the_devices_unless_given():
+    import torch
+
+    from mipprune.verification import bab
+
+    cpu = torch.device("cpu")
+    assert bab.store_limits(cpu, None, None) == (bab.MAX_DOMAINS, bab.MAX_STORE_BYTES)
+    assert bab.store_limits(cpu, 7, 1e6) == (7, 1_000_000)
+
+
+def test_a_search_that_runs_the_device_out_of_memory_ends_unknown_and_the_milp_finishes(monkeypatch):
+    """Out of device memory mid-search: ``unknown`` with the reason (not an error), and verify()
+    hands the rest of the time to the MILP."""
+    import torch
+
+    from mipprune.verification import bab
+    from tests.mipprune.verification.test_verify import _needs_milp_case
+
+    def oom(*args, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bab, "_search_rows", oom)
+    monkeypatch.setattr(bab, "_input_search", oom)
+    net, spec = _case(0, 0.1, (6, 40, 40, 40, 3))
+    blocks = net.to_affine_relu()
+    b = compute_bounds(net, spec.lower, spec.upper, "interval")
+    r = relu_bab(net, spec, blocks, b.lower, b.upper, list(range(len(spec.disjuncts))), deadline=None, root_iters=0)
+    assert r.status == "unknown" and "device memory full" in r.message
+    r = bab.input_bab(net, spec, blocks, list(range(len(spec.disjuncts))), deadline=None)
+    assert r.status == "unknown" and "device memory full" in r.message
+    net, spec = _needs_milp_case()
+    r = verify(net, spec, time_limit=60, complete="bab")
+    assert r.verdict.value == "verified" and r.stage == "milp", r.message
+
+
+def test_a_time_out_records_why_branch_and_bound_handed_over(monkeypatch):
+    """BaB stops at its domain cap, the MILP then runs out of time: the time-out's message says both."""
+    from mipprune.verification import verify as verify_mod
+
+    from solvers.milp import MilpSolution
+    from solvers.result import Status
+
+    monkeypatch.setattr(verify_mod, "_solve", lambda model, backend, tl: MilpSolution(Status.TIME_LIMIT, None, None,
+                                                                                       None, 0, 0.0))
+    from tests.mipprune.verification.test_verify import _needs_milp_case
+
+    from mipprune.verification import bab
+
+    monkeypatch.setattr(bab, "relu_bab", lambda *a, **k: bab.BabResult("unknown", message="domain limit of 7 "
+                                                                        "reached (memory bound)"))
+    net, spec = _needs_milp_case()
+    r = verify(net, spec, time_limit=30, complete="bab", attack=False)
+    assert r.verdict.value == "timeout", r.message
+    assert "during the MILP" in r.message and "domain limit of 7 reached" in r.message, r.message
 
 
 def test_verify_threads_sets_the_searches_torch_threads_and_restores_them(monkeypatch):

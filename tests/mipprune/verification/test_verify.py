@@ -1,6 +1,8 @@
 """verify(): verdicts cross-checked by brute force on tiny networks; honest timeouts; clear errors."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,26 @@ def test_tiny_time_limit_is_timeout_never_verified():
     r = verify(net, spec, time_limit=1e-4)
     assert r.verdict is Verdict.TIMEOUT
     assert r.counterexample is None and "time limit" in r.message
+
+
+def test_a_milp_solve_that_overruns_its_limit_is_stopped_at_the_deadline(monkeypatch):
+    """HiGHS checks its clock only between phases (root cut separation overran 5.6 s on an OVAL21
+    wide net): verify() stops the solve's process at the deadline and keeps its limit to within 1 s."""
+    from mipprune.verification import verify as verify_mod
+    from solvers.deadline import can_isolate
+
+    if not can_isolate():
+        pytest.skip("no fork on this platform: HiGHS's own time limit applies")
+
+    def deaf(model, **kw):   # a solver that ignores its time limit
+        time.sleep(60)
+
+    monkeypatch.setattr(verify_mod, "solve_highs", deaf)
+    net, spec = _needs_milp_case()
+    t = time.perf_counter()
+    r = verify(net, spec, time_limit=2.0, complete="milp")
+    assert time.perf_counter() - t < 3.0
+    assert r.verdict is Verdict.TIMEOUT and "during the MILP" in r.message, r.message
 
 
 @pytest.mark.parametrize("seed,radius", [(12, 1.0), (16, 0.05), (16, 1.0), (24, 0.5)])

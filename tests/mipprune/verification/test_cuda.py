@@ -1,0 +1,81 @@
+"""The bound engine and both branch-and-bound searches on CUDA (float32 with the round-off margin):
+the same verdicts as brute force and as the float64 CPU run, every counterexample re-checked in
+float64, the path taken recorded with its device. Opt-in: ``--run-gpu``."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import mipprune
+from mipprune.verification.bab import input_bab, relu_bab
+from mipprune.verification.bounds import compute_bounds
+from solvers.network.spec import Spec
+from solvers.result import Verdict
+from tests.mipprune.verification.test_bab import CASES, brute_force_case, control_network
+from tests.mipprune.verification.test_residual_pooling import E2E, NETS, _robustness, conv_res_pool_net
+
+# MIPPRUNE_TEST_DEVICE=cpu runs this file on the CPU (a dry run of the GPU tests on a machine without one)
+DEVICE = os.environ.get("MIPPRUNE_TEST_DEVICE", "cuda")
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("seed,eps", CASES)
+def test_relu_and_input_bab_on_the_device_agree_with_brute_force(seed, eps):
+    net, spec, truth, blocks, b, disj = brute_force_case(seed, eps)
+    for r in (relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 30, device=DEVICE),
+              input_bab(net, spec, blocks, disj, deadline=time.perf_counter() + 30, device=DEVICE)):
+        if truth > 0:
+            assert r.status == "verified", r.message
+        else:
+            assert r.status == "falsified", r.message
+            assert spec.is_counterexample(net, r.counterexample)
+
+
+@pytest.mark.parametrize("name,seed,eps,expected", E2E)
+def test_verify_on_the_device_decides_residual_and_pooling_networks_like_the_milp(name, seed, eps, expected):
+    rng = np.random.default_rng(seed)
+    net = NETS[name](rng)
+    spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+    for path in ["bab"] + (["input"] if net.n_inputs <= 16 else []):
+        r = mipprune.verify(net, spec, time_limit=30, complete=path, bounds_method="crown", attack=False,
+                            device=DEVICE)
+        assert r.verdict == expected, (path, r.message)
+        if r.stage in ("bab", "input"):
+            assert f"on {DEVICE}" in r.message, r.message
+        if expected == Verdict.FALSIFIED:
+            assert spec.is_counterexample(net, r.counterexample)
+
+
+def test_relu_bab_on_the_device_splits_a_pooling_net():
+    rng = np.random.default_rng(0)
+    net = conv_res_pool_net(rng)
+    spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), 0.2)
+    b = compute_bounds(net, spec.lower, spec.upper, "crown")
+    r = relu_bab(net, spec, net.to_affine_relu(), b.lower, b.upper, list(range(len(spec.disjuncts))),
+                 deadline=time.perf_counter() + 30, root_iters=0, device=DEVICE)
+    assert r.status == "verified" and r.domains > 1 and r.info["root_open"] > 0, r.message
+
+
+def test_the_small_input_family_on_the_device():
+    """Input splitting of the 5-input 6x50 control net on the device: falsified where a sampled point
+    beats the threshold, never wrong elsewhere."""
+    net = control_network(0)
+    rng = np.random.default_rng(1)
+    c = rng.uniform(-0.5, 0.5, 5)
+    lo, hi = c - 0.1, c + 0.1
+    ys = net.forward(rng.uniform(lo, hi, (4000, 5)))[:, 0]
+    for thr, sat in ((ys.max() + 0.1, False), (ys.max() - 1e-3, True)):
+        spec = Spec(lo, hi, ((np.array([[-1.0]]), np.array([-thr])),))
+        r = mipprune.verify(net, spec, time_limit=20, complete="input", device=DEVICE)
+        if sat:
+            assert r.verdict is Verdict.FALSIFIED and spec.is_counterexample(net, r.counterexample)
+        else:
+            assert r.verdict in (Verdict.VERIFIED, Verdict.FALSIFIED), r.message
+            if r.verdict is Verdict.FALSIFIED:
+                assert spec.is_counterexample(net, r.counterexample)
