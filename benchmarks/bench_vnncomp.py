@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--complete", default="auto", choices=["auto", "milp", "bab", "input"],
                     help="complete method after the cheap stages (verify's complete=)")
     ap.add_argument("--device", default="cpu", help="bound engine device for branch and bound")
+    ap.add_argument("--precision", default="auto", choices=["auto", "float64", "float32"],
+                    help="bound engine dtype (verify's precision=): auto is float64 on cpu, float32 on cuda")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of each instance's searches (verify's threads=; with --jobs 1, the idle cores)")
     ap.add_argument("--refine", default="auto", choices=["auto", "split", "after-lp", "instead-of-lp", "off"],
@@ -172,7 +174,8 @@ def main() -> None:
     gt_file = instances_path(args.bench_dir).parent / "ground_truth.csv"
     gt = read_ground_truth(gt_file) if gt_file.is_file() else {}
     machine = _machine()
-    main_opts = {"complete": args.complete, "device": args.device, "refine": args.refine, "threads": args.threads}
+    main_opts = {"complete": args.complete, "device": args.device, "refine": args.refine, "threads": args.threads,
+                 "precision": args.precision}
     if args.bab_options:
         main_opts["bab_options"] = json.loads(args.bab_options)
     rows, wall = _run(args, console, f"mipprune (bounds → attack → LP → {args.complete}: MILP or BaB)", main_opts)

@@ -9,6 +9,9 @@
 #   mnist_full  all 90 MNIST-FC instances at the competition's limits (at most CAP_S), 12 at once,
 #               the slow ones first; with `oval_open` beside it (4 at once) when both are given
 #   oval_open   the 4 OVAL21 time-outs α,β-CROWN solved in under 200 s, cap CAP_S
+#   fp64        float32 against float64 bound engines on the GPU (what a proof costs there): three OVAL21
+#               instances that need thousands of domains, one at a time, each in both precisions, cap 60 s
+#               (or CAP_S if lower)
 #   one_by_one  the 4 OVAL21 time-outs above and the 5 MNIST ones with an unsat consensus, ONE AT A TIME
 #               (the whole GPU each: processes sharing a GPU time-slice it), each capped at CAP_S, while
 #               time lasts
@@ -19,7 +22,8 @@
 #   BENCH_ROOT holds vnncomp2022_mnist_fc/ and vnncomp2022_oval21/ (e.g. ../shared/benchmarks)
 #   BUDGET_S   wall-clock budget of the whole script (default 520)
 #   CAP_S      time limit per hard instance (default 180; the competition's are 300 / 720 s)
-#   DEVICE=cpu runs it on the CPU (a dry run on a machine without a GPU); PYTHON= the interpreter.
+#   DEVICE=cpu runs it on the CPU (a dry run on a machine without a GPU); PYTHON= the interpreter;
+#   PRECISION=float64 runs the bound engine in float64 on the GPU (default auto: float32 there).
 set -u
 OUT=${1:?usage: gpu_check.sh OUT BENCH_ROOT [BUDGET_S] [CAP_S] [STEP ...]}
 BENCH=$(cd "${2:?BENCH_ROOT}" && pwd)
@@ -29,6 +33,7 @@ shift $(($# < 4 ? $# : 4))
 STEPS=${*:-tests bridge open solved}
 PY=${PYTHON:-python3}
 DEV=${DEVICE:-cuda}
+PREC=${PRECISION:-auto}   # PRECISION=float64: the bound engine in float64 on the GPU (a proof, not a margin)
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 W="$OUT/work"
@@ -55,7 +60,7 @@ vnncomp() {   # vnncomp FOLDER CSV NAME JOBS CAP [BAB_OPTIONS]: bench_vnncomp.py
     local n t; n=$(wc -l < "$BENCH/$1/$2")
     t=$(( ($5 + 30) * ((n + $4 - 1) / $4) + 60 ))
     timeout $(( t < $(left) ? t : $(left) )) $PY benchmarks/bench_vnncomp.py --bench-dir "$BENCH/$1" \
-        --instances "$2" --device "$DEV" --jobs "$4" --max-timeout "$5" ${6:+--bab-options "$6"} \
+        --instances "$2" --device "$DEV" --precision "$PREC" --jobs "$4" --max-timeout "$5" ${6:+--bab-options "$6"} \
         --out "$W/${3}_$DEV.json" > "$W/${3}_$DEV.log" 2>&1
     echo "$3 rc=$?"
 }
@@ -108,6 +113,17 @@ if has mnist_full || has oval_open; then
     fi
     wait
     for f in "$W"/mnist_full_"$DEV".log "$W"/oval_open4_"$DEV".log; do [ -f "$f" ] && tail -n 30 "$f"; done
+fi
+
+if has fp64; then
+    c64=$((CAP < 60 ? CAP : 60))
+    log "VNN-COMP on $DEV: float32 against float64, one instance at a time, cap $c64 s"
+    subset vnncomp2022_oval21 'img(3568|8517|4168)-' gpu_fp64.csv
+    for prec in float32 float64; do
+        [ "$(left)" -gt 150 ] || { log "stopped: $(left) s left"; break; }
+        PREC=$prec vnncomp vnncomp2022_oval21 gpu_fp64.csv "fp64_$prec" 1 "$c64"
+        grep -E "^\s+\[" "$W/fp64_${prec}_$DEV.log"
+    done
 fi
 
 if has one_by_one; then

@@ -31,6 +31,8 @@ def verify_command(
     device: str = typer.Option("cpu", "--device", help="Bound engine of branch and bound: cpu or cuda[:N]."),
     threads: int = typer.Option(1, "--threads", help="Torch threads of the searches (branch and bound); "
                                 "use the machine's idle cores for a single query."),
+    precision: str = typer.Option("auto", "--precision", help="Bound engine dtype: auto (float64 on cpu, "
+                                  "float32 on cuda), float64 or float32."),
 ) -> None:
     """Verify PROPERTY on MODEL: sat (counterexample found), unsat (proven), timeout or unknown.
 
@@ -47,7 +49,7 @@ def verify_command(
         if not timeout > 0:
             raise InvalidInputError(f"--timeout must be > 0 seconds; got {timeout}")
         res, load_s = verify_files(model, prop, time_limit=timeout, backend=backend, seed=seed, device=device,
-                                   threads=threads)
+                                   threads=threads, precision=precision)
     except BaseException as exc:   # the harness still gets its result file, then the error propagates
         if result is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             _write_failure(result, "error", f"{type(exc).__name__}: {exc}")
@@ -94,6 +96,8 @@ def verify_suite_command(
     device: str = typer.Option("cpu", "--device", help="Bound engine of branch and bound: cpu or cuda[:N]."),
     threads: int = typer.Option(1, "--threads", help="Torch threads of each instance's searches (with --jobs 1: "
                                 "the machine's idle cores)."),
+    precision: str = typer.Option("auto", "--precision", help="Bound engine dtype: auto (float64 on cpu, "
+                                  "float32 on cuda), float64 or float32."),
     backend: str = typer.Option("highs", "--backend", help="MILP backend: highs or pyomo-<solver>."),
     out: Path = typer.Option(Path("verify_suite.csv"), "--out", help="CSV with one row per instance."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON."),
@@ -108,6 +112,9 @@ def verify_suite_command(
     from mipprune.verification.verify import check_threads
 
     check_threads(threads)   # fail once, up front, rather than in every instance
+    from mipprune.verification.crown import resolve_precision
+
+    resolve_precision(precision)
     if device != "cpu":   # fail once, up front, rather than in every instance
         from mipprune.verification.crown import resolve_device
 
@@ -132,7 +139,7 @@ def verify_suite_command(
 
         rows = run_suite(bench_dir, instances=instances, jobs=jobs, filter=filter_, timeout_scale=timeout_scale,
                          max_timeout=max_timeout, timeout=timeout, backend=backend, out_csv=out,
-                         on_start=on_start, options={"device": device, "threads": threads},
+                         on_start=on_start, options={"device": device, "threads": threads, "precision": precision},
                          on_result=on_result)
     summary = summarize(rows, gt)
     console.print(summary_table(summary, title=f"{Path(bench_dir).name}: {len(rows)} instances"))

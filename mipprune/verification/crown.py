@@ -25,12 +25,15 @@ decided, where the relaxation is exact). Every function is batched over
   (cheap when the input has few coordinates: the input-splitting path).
 * :func:`crown_intermediate` — intermediate bounds by full backward CROWN (root of ReLU BaB).
 
-Round-off. On CPU everything runs in float64; bounds are then loosened by ``slack(dtype)``
-(``1e-9`` relative + absolute in float64, ``1e-4`` in float32 on GPU) before any decision, so a bound
-that is positive only by round-off never counts as "verified" (:func:`proven`). Counterexamples are
+Round-off. On CPU everything runs in float64, on CUDA in float32 unless ``PRECISION`` (set by
+``verify(precision=…)``) says otherwise; bounds are then loosened by ``slack(dtype)`` (``1e-9``
+relative + absolute in float64, ``1e-4`` in float32) before any decision, so a bound that is positive
+only by round-off never counts as "verified" (:func:`proven`). Counterexamples are
 never taken from this module without the float64 forward re-check of the caller.
 """
 from __future__ import annotations
+
+import contextvars
 
 from dataclasses import dataclass
 
@@ -39,9 +42,22 @@ import torch
 
 from solvers.errors import InvalidInputError, SolverNotAvailableError
 
-__all__ = ["TorchNet", "resolve_device", "slack", "proven", "interval_bounds", "forward_bounds",
+__all__ = ["TorchNet", "resolve_device", "resolve_precision", "PRECISION", "slack", "proven", "interval_bounds", "forward_bounds",
            "crown_intermediate", "backward_bound", "optimize_bound", "concretize", "relaxation",
            "pool_relaxation", "act_bounds"]
+
+
+# The bound engine's dtype where the caller gives none (verify(precision=...) sets it for one query):
+# None = float64 on the CPU, float32 on CUDA.
+PRECISION: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("precision", default=None)
+PRECISIONS = {"auto": None, "float64": torch.float64, "float32": torch.float32}
+
+
+def resolve_precision(precision) -> torch.dtype | None:
+    """``"auto"`` (float64 on the CPU, float32 on CUDA), ``"float64"`` or ``"float32"``."""
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
+    return PRECISIONS[precision]
 
 
 def resolve_device(device) -> torch.device:
@@ -161,7 +177,7 @@ class TorchNet:
     @classmethod
     def from_blocks(cls, blocks, device="cpu", dtype: torch.dtype | None = None) -> "TorchNet":
         dev = resolve_device(device)
-        dt = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
+        dt = dtype or PRECISION.get() or (torch.float64 if dev.type == "cpu" else torch.float32)
         dense = lambda M: torch.as_tensor(np.asarray(M.toarray()), dtype=dt, device=dev)  # noqa: E731
         W = [dense(blk.weight) for blk in blocks]
         b = [torch.as_tensor(np.asarray(blk.bias), dtype=dt, device=dev) for blk in blocks]

@@ -187,7 +187,7 @@ def _solve(model: MilpModel, backend: str, time_limit: float | None) -> MilpSolu
 def verify(network: Network, spec: Spec, *, time_limit: float | None = None, device="cpu", backend: str = "highs",
            bounds_method: str = "auto", attack: bool = True, seed: int = 0,
            complete: str = "auto", refine: str = "auto", bab_options: dict | None = None,
-           threads: int = 1) -> VerificationResult:
+           threads: int = 1, precision: str = "auto") -> VerificationResult:
     """Prove that no input in ``spec``'s region reaches its unsafe outputs, or find one that does.
 
     Parameters
@@ -211,7 +211,8 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         Seed of the attack's random restarts.
     device : str
         Where the torch bound engine of branch and bound runs: ``"cpu"`` (float64) or ``"cuda"`` /
-        ``"cuda:N"`` (float32 with a round-off margin). The cheap stages always run on the CPU.
+        ``"cuda:N"`` (float32 with a round-off margin, unless ``precision="float64"``). The cheap
+        stages always run on the CPU.
     complete : {"auto", "milp", "bab", "input"}
         The complete method after the cheap stages. ``"auto"``: input splitting when the network
         has at most ``INPUT_SPLIT_MAX_INPUTS`` inputs (box regions), one MILP for networks with at
@@ -238,6 +239,10 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         when several queries share the machine (a pool over instances). A single query on an otherwise
         idle machine gains from its cores: OVAL21 deep img1052, 60 s, 2 quiet cores: 12,577 domains with
         ``threads=2`` against 7,801 with one. The cheap stages keep one BLAS thread either way.
+    precision : {"auto", "float64", "float32"}
+        dtype of the torch bound engine: ``"auto"`` is float64 on the CPU and float32 (with the
+        round-off margin) on CUDA; ``"float64"`` on CUDA makes a GPU "verified" a float64 proof, like
+        the CPU's (GPUs with full-rate fp64, e.g. A100/H100/H200, pay about 2× the memory traffic).
 
     Returns
     -------
@@ -256,13 +261,17 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     if bad:
         raise InvalidInputError(f"bab_options keys must be among {list(BAB_OPTIONS)}; got {bad}")
     from mipprune.verification.bab import SEARCH_THREADS
+    from mipprune.verification.crown import PRECISION, resolve_precision
 
+    dtype = resolve_precision(precision)
     token = SEARCH_THREADS.set(check_threads(threads))
+    token_dtype = PRECISION.set(dtype)
     try:
         with _single_threaded_blas():
             return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete,
                            refine, bab_options or {})
     finally:
+        PRECISION.reset(token_dtype)
         SEARCH_THREADS.reset(token)
 
 

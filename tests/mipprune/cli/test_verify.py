@@ -255,3 +255,16 @@ def test_threads_option_reaches_verify_and_a_bad_count_is_an_error(tiny_bench, t
     code, _, err = run_cli(["verify-suite", str(tiny_bench), "--threads", "2", "--out", str(out_csv)], capsys)
     rows = list(csv.DictReader(out_csv.read_text().splitlines()))
     assert code == 0 and {r["verdict"] for r in rows} <= {"sat", "unsat"} and len(rows) == 2, err
+
+
+def test_precision_option_reaches_verify_and_a_bad_name_is_an_error(tiny_bench, tmp_path, capsys):
+    res = tmp_path / "out.txt"
+    args = ["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
+            "--timeout", "20", "--result", str(res)]
+    code, out, err = run_cli(args + ["--precision", "float32"], capsys)
+    assert code == 0 and read_result(res) == ("unsat", None, None), err
+    code, _, err = run_cli(args + ["--precision", "half"], capsys)
+    assert code == 2 and "precision must be one of" in err
+    out_csv = tmp_path / "rows.csv"
+    code, _, err = run_cli(["verify-suite", str(tiny_bench), "--precision", "half", "--out", str(out_csv)], capsys)
+    assert code == 2 and "precision must be one of" in err and not out_csv.exists()   # up front

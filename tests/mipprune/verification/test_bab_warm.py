@@ -258,3 +258,34 @@ def test_verify_threads_sets_the_searches_torch_threads_and_restores_them(monkey
         assert torch.get_num_threads() == before
     with pytest.raises(InvalidInputError, match="threads must be an integer >= 1"):
         verify(net, spec, threads=0)
+
+
+def test_precision_float32_decides_like_the_milp_and_is_scoped_to_the_call():
+    """verify(precision="float32") runs the bound engine in float32 (with its round-off margin) even on
+    the CPU: the verdicts every complete path agrees on; the setting ends with the call."""
+    from tests.mipprune.verification.test_residual_pooling import E2E, NETS, _robustness
+
+    seen = []
+    real = crown.TorchNet.from_blocks.__func__
+
+    def spy(cls, *a, **k):
+        net_ = real(cls, *a, **k)
+        seen.append(net_.dtype)
+        return net_
+
+    for name, seed, eps, expected in E2E:
+        rng = np.random.default_rng(seed)
+        net = NETS[name](rng)
+        spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(crown.TorchNet, "from_blocks", classmethod(spy))
+            r = verify(net, spec, time_limit=30, complete="bab", bounds_method="crown", attack=False,
+                       precision="float32")
+        assert r.verdict == expected, (name, r.message)
+        if expected.value == "falsified":
+            assert spec.is_counterexample(net, r.counterexample)
+    assert seen and set(seen) == {torch.float32}
+    assert crown.PRECISION.get() is None
+    assert crown.TorchNet.from_blocks(net.to_affine_relu()).dtype == torch.float64
+    with pytest.raises(InvalidInputError, match="precision must be one of"):
+        verify(net, spec, precision="half")

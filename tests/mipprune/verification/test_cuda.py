@@ -52,6 +52,17 @@ def test_verify_on_the_device_decides_residual_and_pooling_networks_like_the_mil
             assert spec.is_counterexample(net, r.counterexample)
 
 
+@pytest.mark.parametrize("name,seed,eps,expected", E2E[:3])
+def test_verify_on_the_device_in_float64(name, seed, eps, expected):
+    """precision="float64": the GPU's bounds in float64 (a proof, like the CPU's), the same verdicts."""
+    rng = np.random.default_rng(seed)
+    net = NETS[name](rng)
+    spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+    r = mipprune.verify(net, spec, time_limit=30, complete="bab", bounds_method="crown", attack=False,
+                        device=DEVICE, precision="float64")
+    assert r.verdict == expected, r.message
+
+
 def test_relu_bab_on_the_device_splits_a_pooling_net():
     rng = np.random.default_rng(0)
     net = conv_res_pool_net(rng)
