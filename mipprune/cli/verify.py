@@ -109,13 +109,12 @@ def verify_suite_command(
     from mipprune.verification.suite import instances_path, read_ground_truth, run_suite, summarize, summary_table
 
     console = make_console()
+    from mipprune.verification.crown import resolve_precision
     from mipprune.verification.verify import check_threads
 
     check_threads(threads)   # fail once, up front, rather than in every instance
-    from mipprune.verification.crown import resolve_precision
-
     resolve_precision(precision)
-    if device != "cpu":   # fail once, up front, rather than in every instance
+    if device != "cpu":
         from mipprune.verification.crown import resolve_device
 
         resolve_device(device)

@@ -34,7 +34,6 @@ never taken from this module without the float64 forward re-check of the caller.
 from __future__ import annotations
 
 import contextvars
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +41,8 @@ import torch
 
 from solvers.errors import InvalidInputError, SolverNotAvailableError
 
-__all__ = ["TorchNet", "resolve_device", "resolve_precision", "PRECISION", "slack", "proven", "interval_bounds", "forward_bounds",
-           "crown_intermediate", "backward_bound", "optimize_bound", "concretize", "relaxation",
+__all__ = ["TorchNet", "resolve_device", "resolve_precision", "PRECISION", "slack", "proven", "interval_bounds",
+           "forward_bounds", "crown_intermediate", "backward_bound", "optimize_bound", "concretize", "relaxation",
            "pool_relaxation", "act_bounds"]
 
 
