@@ -3,15 +3,16 @@
 For solvers that look at their own clock only between phases: HiGHS's root cut separation on an OVAL21
 wide net's MILP (9,181 columns, 255,000 nonzeros) ran 5.6 s past a 3 s ``time_limit``, its interrupt
 callbacks included, and that broke ``verify``'s promise to keep the time limit to within a second. A
-child process can be stopped exactly. The child is forked (Linux; a few ms, nothing to re-import, and
+child process can be stopped exactly. The child is forked (Linux only; a few ms, nothing to re-import, and
 unlike ``spawn``/``forkserver`` it never re-runs the caller's unguarded ``__main__`` script); it runs
 only the solver, never torch or CUDA, which is what keeps a fork of a multi-threaded process safe.
-Where fork is unavailable, or the caller is itself a daemonic process (``multiprocessing.Pool``
+Elsewhere, or where the caller is itself a daemonic process (``multiprocessing.Pool``
 workers cannot have children), the function runs in-process and only its own time limit applies.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 import time
 import warnings
 from typing import Any, Callable
@@ -23,7 +24,8 @@ __all__ = ["call_with_deadline", "can_isolate"]
 
 def can_isolate() -> bool:
     """Whether :func:`call_with_deadline` can run the function in a child process here."""
-    return "fork" in mp.get_all_start_methods() and not mp.current_process().daemon
+    # Linux only: on macOS a forked child of a process that used the system frameworks may crash
+    return sys.platform.startswith("linux") and not mp.current_process().daemon
 
 
 def _child(conn, fn, args, kwargs) -> None:
