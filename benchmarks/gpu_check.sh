@@ -24,6 +24,12 @@
 #   CAP_S      time limit per hard instance (default 180; the competition's are 300 / 720 s)
 #   DEVICE=cpu runs it on the CPU (a dry run on a machine without a GPU); PYTHON= the interpreter;
 #   PRECISION=float64 runs the bound engine in float64 on the GPU (default auto: float32 there).
+#
+# On a machine whose Python has torch but not this project's solvers (session 12's H200 image), bring
+# wheels of highspy, cvxpy, clarabel, osqp, qdldl and immutabledict for its Python (pip download
+# --only-binary=:all: --python-version 3.12 …; 12 MB), install them with `pip install --no-deps --target
+# /tmp/site`, set PYTHONPATH=/tmp/site:$PWD, and copy the two benchmark folders into the checkout
+# (e.g. an ignored .shared_bench/) when ../shared does not travel with it.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT BENCH_ROOT [BUDGET_S] [CAP_S] [STEP ...]}
 BENCH=$(cd "${2:?BENCH_ROOT}" && pwd)
