@@ -240,31 +240,21 @@ def test_verify_suite_takes_timeout_like_verify(tiny_bench, tmp_path, capsys):
     assert code == 2 and "device must be" in err
 
 
-def test_threads_option_reaches_verify_and_a_bad_count_is_an_error(tiny_bench, tmp_path, capsys):
+@pytest.mark.parametrize("option,good,bad,message", [("--threads", "2", "0", "threads must be an integer >= 1"),
+                                                     ("--precision", "float32", "half", "precision must be one of")])
+def test_search_options_reach_verify_and_bad_values_are_errors(tiny_bench, tmp_path, capsys, option, good, bad,
+                                                                message):
     res = tmp_path / "out.txt"
     args = ["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
             "--timeout", "20", "--result", str(res)]
-    code, out, err = run_cli(args + ["--threads", "2"], capsys)
+    code, out, err = run_cli(args + [option, good], capsys)
     assert code == 0 and read_result(res) == ("unsat", None, None), err
-    code, _, err = run_cli(args + ["--threads", "0"], capsys)
-    assert code == 2 and "threads must be an integer >= 1" in err
-    assert read_result(res)[0] == "error" and "threads must be" in res.read_text()
+    code, _, err = run_cli(args + [option, bad], capsys)
+    assert code == 2 and message in err
+    assert read_result(res)[0] == "error" and message in res.read_text()
     out_csv = tmp_path / "rows.csv"
-    code, _, err = run_cli(["verify-suite", str(tiny_bench), "--threads", "0", "--out", str(out_csv)], capsys)
-    assert code == 2 and "threads must be an integer >= 1" in err and not out_csv.exists()   # up front
-    code, _, err = run_cli(["verify-suite", str(tiny_bench), "--threads", "2", "--out", str(out_csv)], capsys)
+    code, _, err = run_cli(["verify-suite", str(tiny_bench), option, bad, "--out", str(out_csv)], capsys)
+    assert code == 2 and message in err and not out_csv.exists()   # up front
+    code, _, err = run_cli(["verify-suite", str(tiny_bench), option, good, "--out", str(out_csv)], capsys)
     rows = list(csv.DictReader(out_csv.read_text().splitlines()))
     assert code == 0 and {r["verdict"] for r in rows} <= {"sat", "unsat"} and len(rows) == 2, err
-
-
-def test_precision_option_reaches_verify_and_a_bad_name_is_an_error(tiny_bench, tmp_path, capsys):
-    res = tmp_path / "out.txt"
-    args = ["verify", str(tiny_bench / "onnx" / "tiny.onnx"), str(tiny_bench / "vnnlib" / "robust.vnnlib"),
-            "--timeout", "20", "--result", str(res)]
-    code, out, err = run_cli(args + ["--precision", "float32"], capsys)
-    assert code == 0 and read_result(res) == ("unsat", None, None), err
-    code, _, err = run_cli(args + ["--precision", "half"], capsys)
-    assert code == 2 and "precision must be one of" in err
-    out_csv = tmp_path / "rows.csv"
-    code, _, err = run_cli(["verify-suite", str(tiny_bench), "--precision", "half", "--out", str(out_csv)], capsys)
-    assert code == 2 and "precision must be one of" in err and not out_csv.exists()   # up front
