@@ -262,11 +262,9 @@ class ChannelSelector:
         if isinstance(exact_max_channels, bool) or not isinstance(exact_max_channels, (int, np.integer)) \
                 or exact_max_channels < 0:
             raise InvalidInputError(f"exact_max_channels must be an integer >= 0; got {exact_max_channels!r}")
-        from solvers.selection.select import check_gap, check_options
+        from solvers.selection.select import METHODS, check_gap, check_options
 
         self.gap = check_gap(gap, method)
-        from solvers.selection.select import METHODS
-
         if method_options is not None:
             if method in METHODS:
                 method_options = check_options(method_options, method)

@@ -263,7 +263,7 @@ def test_verify_threads_sets_the_searches_torch_threads_and_restores_them(monkey
 def test_precision_float32_decides_like_the_milp_and_is_scoped_to_the_call():
     """verify(precision="float32") runs the bound engine in float32 (with its round-off margin) even on
     the CPU: the verdicts every complete path agrees on; the setting ends with the call."""
-    from tests.mipprune.verification.test_residual_pooling import E2E, NETS, _robustness
+    from tests.mipprune.verification.test_residual_pooling import E2E, e2e_case
 
     seen = []
     real = crown.TorchNet.from_blocks.__func__
@@ -274,9 +274,7 @@ def test_precision_float32_decides_like_the_milp_and_is_scoped_to_the_call():
         return net_
 
     for name, seed, eps, expected in E2E:
-        rng = np.random.default_rng(seed)
-        net = NETS[name](rng)
-        spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+        net, spec = e2e_case(name, seed, eps)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(crown.TorchNet, "from_blocks", classmethod(spy))
             r = verify(net, spec, time_limit=30, complete="bab", bounds_method="crown", attack=False,

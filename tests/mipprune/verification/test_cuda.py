@@ -16,7 +16,7 @@ from mipprune.verification.bounds import compute_bounds
 from solvers.network.spec import Spec
 from solvers.result import Verdict
 from tests.mipprune.verification.test_bab import CASES, brute_force_case, control_network
-from tests.mipprune.verification.test_residual_pooling import E2E, NETS, _robustness, conv_res_pool_net
+from tests.mipprune.verification.test_residual_pooling import E2E, _robustness, conv_res_pool_net, e2e_case
 
 # MIPPRUNE_TEST_DEVICE=cpu runs this file on the CPU (a dry run of the GPU tests on a machine without one)
 DEVICE = os.environ.get("MIPPRUNE_TEST_DEVICE", "cuda")
@@ -37,30 +37,19 @@ def test_relu_and_input_bab_on_the_device_agree_with_brute_force(seed, eps):
             assert spec.is_counterexample(net, r.counterexample)
 
 
+@pytest.mark.parametrize("precision", ["auto", "float64"])   # float64: a proof on the GPU, like the CPU's
 @pytest.mark.parametrize("name,seed,eps,expected", E2E)
-def test_verify_on_the_device_decides_residual_and_pooling_networks_like_the_milp(name, seed, eps, expected):
-    rng = np.random.default_rng(seed)
-    net = NETS[name](rng)
-    spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+def test_verify_on_the_device_decides_residual_and_pooling_networks_like_the_milp(name, seed, eps, expected,
+                                                                                  precision):
+    net, spec = e2e_case(name, seed, eps)
     for path in ["bab"] + (["input"] if net.n_inputs <= 16 else []):
         r = mipprune.verify(net, spec, time_limit=30, complete=path, bounds_method="crown", attack=False,
-                            device=DEVICE)
+                            device=DEVICE, precision=precision)
         assert r.verdict == expected, (path, r.message)
         if r.stage in ("bab", "input"):
             assert f"on {DEVICE}" in r.message, r.message
         if expected == Verdict.FALSIFIED:
             assert spec.is_counterexample(net, r.counterexample)
-
-
-@pytest.mark.parametrize("name,seed,eps,expected", E2E[:3])
-def test_verify_on_the_device_in_float64(name, seed, eps, expected):
-    """precision="float64": the GPU's bounds in float64 (a proof, like the CPU's), the same verdicts."""
-    rng = np.random.default_rng(seed)
-    net = NETS[name](rng)
-    spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
-    r = mipprune.verify(net, spec, time_limit=30, complete="bab", bounds_method="crown", attack=False,
-                        device=DEVICE, precision="float64")
-    assert r.verdict == expected, r.message
 
 
 def test_relu_bab_on_the_device_splits_a_pooling_net():

@@ -258,11 +258,16 @@ E2E = [("dense_res", 0, 0.4, Verdict.VERIFIED), ("pool_first", 0, 0.2, Verdict.V
        ("conv_res_pool", 2, 0.05, Verdict.FALSIFIED)]
 
 
-@pytest.mark.parametrize("name,seed,eps,expected", E2E)
-def test_every_complete_path_decides_residual_and_pooling_networks_alike(name, seed, eps, expected):
+def e2e_case(name, seed, eps):
+    """The network and robustness property of an ``E2E`` row."""
     rng = np.random.default_rng(seed)
     net = NETS[name](rng)
-    spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+    return net, _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+
+
+@pytest.mark.parametrize("name,seed,eps,expected", E2E)
+def test_every_complete_path_decides_residual_and_pooling_networks_alike(name, seed, eps, expected):
+    net, spec = e2e_case(name, seed, eps)
     paths = ["milp", "bab"] + (["input"] if net.n_inputs <= 16 else [])
     stages = set()
     for path in paths:
