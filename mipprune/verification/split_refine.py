@@ -37,6 +37,55 @@ from mipprune.verification.crown import TorchNet
 __all__ = ["split_refine_bounds", "SplitRefineInfo"]
 
 MAX_LEAVES = 200_000   # all rows' leaves together (memory bound: int8 splits + float32 α/β per leaf)
+ITERS = 2              # α/β Adam steps per child: few and cheap beat many (more leaves; session 13)
+FOCUS = "last"         # blocks whose rows are weighed by the property (with ``objective``)
+MAX_QUOTA = 64         # most leaves of one row split in one step (weighted rows)
+WEIGHT_FLOOR = 0.02    # a row's weight is at least this share of the heaviest's (every row advances)
+
+
+def _floored(w: torch.Tensor) -> torch.Tensor:
+    """Row weights (float64) with the floor applied; all equal when none is positive."""
+    w = w.to(torch.float64).clamp(min=0)
+    top = float(w.max()) if w.numel() else 0.0
+    return torch.ones_like(w) if top <= 0 else torch.clamp(w, min=WEIGHT_FLOOR * top)
+
+
+def _quotas(credit: torch.Tensor, weight: torch.Tensor, live: torch.Tensor, per_row: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's leaves per row (R,) long, and the credit carried over: the live rows share
+    ``per_row`` leaves per live row in proportion to ``weight``; each row's fractional share accrues as
+    credit, so over many steps a row's leaves follow its weight however small (a dead row's credit is
+    dropped). At most :data:`MAX_QUOTA` per row and step."""
+    w = torch.where(live, weight, torch.zeros_like(weight))
+    credit = torch.where(live, credit + per_row * int(live.sum()) * w / w.sum().clamp(min=1e-300),
+                         torch.zeros_like(credit))
+    quota = credit.floor().clamp(max=MAX_QUOTA)
+    return quota.long(), (credit - quota).clamp(max=MAX_QUOTA)
+
+
+def _spec_weights(net: TorchNet, i: int, lower: list, upper: list, C: torch.Tensor, c0: torch.Tensor, lo, hi):
+    """``weigh(l, u, idx)`` for block ``i``: how much each bound row of the unstable neurons ``idx`` matters
+    to the property's margins ``C z_L + c0``. The CROWN bound of the margins loses ``−ν_j^− · t_j`` to
+    neuron ``j``'s upper relaxation (``ν_j`` its back-substituted coefficient, summed over the margins not
+    yet proven, ``t_j = −u_j l_j / (u_j − l_j)`` the triangle's intercept); raising ``l_j`` shrinks ``t_j``
+    at the rate ``u_j² / (u_j − l_j)²``, lowering ``u_j`` at ``l_j² / (u_j − l_j)²``: a row's weight is
+    that rate times ``ν_j^−`` (first order; the block's effect on later blocks' bounds is not counted)."""
+    def weigh(l, u, idx):
+        tl, tu = list(lower), list(upper)
+        tl[i], tu[i] = torch.minimum(l, u), u
+        nus: dict = {}
+        with torch.no_grad():
+            lb, _, _ = crown.backward_bound(net, tl, tu, C[None], c0[None], lo, hi, record=nus, want_x=False)
+        open_ = (lb[0] <= 0).to(C.dtype)
+        if not bool(open_.any()):
+            open_ = torch.ones_like(open_)
+        nu = (nus[i][0].clamp(max=0).neg() * open_[:, None]).sum(0)[idx]
+        li, ui = l[0, idx], u[0, idx]
+        den = (ui - li).clamp(min=1e-12) ** 2
+        unstable = (li < 0) & (ui > 0)
+        w = torch.cat([nu * ui.clamp(min=0) ** 2 / den, nu * li.clamp(max=0) ** 2 / den])
+        return torch.where(torch.cat([unstable, unstable]), w, torch.zeros_like(w))
+    return weigh
 
 
 @dataclass
@@ -80,12 +129,16 @@ def _tightened(lo: torch.Tensor, hi: torch.Tensor, l: torch.Tensor, u: torch.Ten
 
 
 def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadline: float | None, iters: int,
-                  per_row: int, max_leaves: int, check=None, check_every: float = 2.0
+                  per_row: int, max_leaves: int, check=None, check_every: float = 2.0, weigh=None
                   ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Best-first split search on every bound of block ``i``'s unstable neurons; returns the new
     ``(l, u)`` of block ``i`` (1, n_i) (not loosened yet), the number of steps and of leaves bounded.
     ``check(l, u)``, when given, is called with the bounds so far (as returned, every ``check_every``
-    seconds); ``True`` ends the search."""
+    seconds); ``True`` ends the search. ``weigh(l, u, idx)``, when given, returns each row's weight (2k,)
+    (rows ``min z_idx`` then ``min −z_idx``), re-read every ``check_every`` seconds: each step splits
+    ``per_row`` leaves per open row on average, shared among the rows in proportion to their weights
+    (a credit per row, so that a light row still advances now and then); without it every open row
+    gets ``per_row``."""
     neti = _truncated(net, i)
     st = _ReluState(neti, lower[:i], upper[:i], lo, hi, intermediate=False, fast32=net.dtype == torch.float64)
     l, u = lower[i][0].clone(), upper[i][0].clone()
@@ -111,6 +164,8 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
     steps = bounded = 0
     ar_rows = torch.arange(R, device=net.device)
     next_check = time.perf_counter() + check_every
+    credit = torch.zeros(R, dtype=torch.float64, device=net.device)
+    weight = None if weigh is None else _floored(weigh(l[None], u[None], idx))
 
     def current(row_lb):
         row_lb = torch.maximum(row_lb, start)
@@ -124,9 +179,11 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
         # each row's bound: the minimum over its leaves (they partition the box at this point);
         # rows proven stable (bound > 0) are done
         row_lb = torch.full((R,), torch.inf, dtype=lb.dtype, device=lb.device).scatter_reduce(0, row, lb, "amin")
-        if check is not None and time.perf_counter() >= next_check:
-            if check(*current(row_lb)):
+        if (check is not None or weight is not None) and time.perf_counter() >= next_check:
+            if check is not None and check(*current(row_lb)):
                 break
+            if weigh is not None:
+                weight = _floored(weigh(*current(row_lb), idx))
             next_check = time.perf_counter() + check_every
         open_row = ~crown.proven(row_lb)
         # candidates: non-final leaves of open rows, the ``per_row`` worst of each row
@@ -142,8 +199,15 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
         # a row whose worst leaf is final cannot improve: skip it (its bound is that leaf's)
         worst_final = final & (lb <= row_lb[row])
         stuck = torch.zeros(R, dtype=torch.bool, device=net.device).scatter_(0, row[worst_final], True)
-        pick = order[(rank < per_row) & ~stuck[r_sorted]]
+        if weight is None:
+            quota = torch.full((R,), per_row, dtype=torch.long, device=net.device)
+        else:
+            live = open_row & ~stuck & torch.zeros(R, dtype=torch.bool, device=net.device).scatter_(0, row[cand], True)
+            quota, credit = _quotas(credit, weight, live, per_row)
+        pick = order[(rank < quota[r_sorted]) & ~stuck[r_sorted]]
         if not pick.numel():
+            if weight is not None and bool(credit.gt(0).any()):
+                continue   # every live row is still gathering credit
             break
         keep = torch.ones(lb.numel(), dtype=torch.bool, device=net.device)
         keep[pick] = False
@@ -194,9 +258,9 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
 
 
 def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limit: float | None = None,
-                        device="cpu", layers=None, iters: int = 8, per_row: int = 2, alpha_iters: int = 30,
-                        max_leaves: int = MAX_LEAVES, stop=None, check_every: float = 2.0
-                        ) -> tuple[list, list, SplitRefineInfo]:
+                        device="cpu", layers=None, iters: int | None = None, per_row: int = 2, alpha_iters: int = 30,
+                        max_leaves: int = MAX_LEAVES, stop=None, check_every: float = 2.0,
+                        objective=None, focus: str | None = None) -> tuple[list, list, SplitRefineInfo]:
     """Tighten the hidden ReLU blocks' bounds by a split search per neuron bound (see the module docstring).
 
     Parameters
@@ -211,14 +275,22 @@ def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limi
         ``None``: 10 s per block.
     layers : iterable of int, optional
         Blocks to refine (default: every hidden ReLU block but the first, which is exact already).
-    iters : int
-        α/β Adam steps per child; ``per_row``: leaves split per row and step.
+    iters : int, optional
+        α/β Adam steps per child (default :data:`ITERS`); ``per_row``: leaves split per row and step
+        (on average, with ``objective``).
     alpha_iters : int
         Steps of the α-CROWN re-run of the later blocks after each refined block.
     stop : callable, optional
         ``stop(lower, upper)`` (numpy lists as returned) after each refined block, and every
         ``check_every`` seconds during the last hidden block (whose bounds feed the output directly);
         ``True`` ends the refinement (e.g. once the bounds prove the property).
+    objective : (C (m, n_out), c0 (m,)), optional
+        The property's margins ``C y + c0``: with it, the rows of the blocks in ``focus`` get split
+        leaves in proportion to how much their bound matters to the margins (see :func:`_spec_weights`)
+        instead of all alike.
+    focus : {"last", "all", "off"}, optional
+        Which blocks weigh their rows by ``objective`` (default :data:`FOCUS`): the last hidden block
+        (it feeds the output, so the margins' coefficients measure it directly), every block, or none.
 
     Returns
     -------
@@ -237,6 +309,13 @@ def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limi
     deadline = None if time_limit is None else t0 + float(time_limit)
     n_unstable = lambda i: int(((lw[i][0] < 0) & (up[i][0] > 0)).sum())  # noqa: E731
     weights = {i: max(n_unstable(i), 1) for i in todo}
+    focus = FOCUS if focus is None else focus
+    iters = ITERS if iters is None else int(iters)
+    if focus not in ("last", "all", "off"):
+        raise ValueError(f"focus must be 'last', 'all' or 'off', not {focus!r}")
+    if objective is not None:
+        Cobj = torch.as_tensor(np.asarray(objective[0], dtype=np.float64), dtype=net.dtype, device=net.device)
+        c0obj = torch.as_tensor(np.asarray(objective[1], dtype=np.float64), dtype=net.dtype, device=net.device)
     for pos, i in enumerate(todo):
         now = time.perf_counter()
         if deadline is not None and now >= deadline:
@@ -258,9 +337,12 @@ def split_refine_bounds(blocks, lower, upper, box_lower, box_upper, *, time_limi
             proved.append(bool(stop(*_to_numpy(tl, tu, lower, upper))))
             return proved[-1]
 
+        weigh = None
+        if objective is not None and (focus == "all" or (focus == "last" and i == L - 2)):
+            weigh = _spec_weights(net, i, lw, up, Cobj, c0obj, lo, hi)
         l, u, steps, bounded = _refine_block(net, i, lw, up, lo, hi, block_deadline, iters, per_row, max_leaves,
                                              check if stop is not None and i == L - 2 else None,
-                                             check_every)
+                                             check_every, weigh)
         lw[i], up[i] = _tightened(lw[i], up[i], l, u)
         info.blocks.append(i)
         info.rows.append(2 * k)

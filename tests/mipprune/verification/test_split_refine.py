@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mipprune.verification.bounds import compute_bounds
+from mipprune.verification import split_refine
 from mipprune.verification.split_refine import split_refine_bounds
 from mipprune.verification.verify import _wants_split_refine, verify
 from solvers.network.spec import Spec, make_region
@@ -41,12 +42,15 @@ def exact_ranges(blocks, lower, upper, lo, hi):
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_split_refined_bounds_contain_the_exact_ranges_and_tighten_crown(seed):
+@pytest.mark.parametrize("seed,focus", [(0, "off"), (1, "off"), (0, "last"), (1, "all")])
+def test_split_refined_bounds_contain_the_exact_ranges_and_tighten_crown(seed, focus):
     rng, net, lo, hi = _case(seed, sizes=(4, 8, 8, 8, 3))
     crown = compute_bounds(net, lo, hi, "crown")
     blocks = net.to_affine_relu()
-    low, up, info = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=2.0)
+    # rows weighed by a property (focus "last"/"all") or all alike: sound either way
+    objective = (rng.normal(size=(2, 3)), np.zeros(2))
+    low, up, info = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=2.0,
+                                        objective=objective, focus=focus)
     exact = exact_ranges(blocks, crown.lower, crown.upper, lo, hi)
     for i in range(1, len(low) - 1):
         # never looser than the start, and sound: the exact range of every neuron inside (HiGHS's
@@ -168,3 +172,53 @@ def test_auto_split_refines_only_deep_fully_connected_networks():
         b = compute_bounds(net, lo, hi, "crown")
         assert _wants_split_refine("auto", net.to_affine_relu(), b) is want
         assert _wants_split_refine("off", net.to_affine_relu(), b) is False
+
+
+def test_weighted_rows_share_the_leaves_in_proportion_and_light_rows_still_advance():
+    torch = pytest.importorskip("torch")
+    weight = split_refine._floored(torch.tensor([8.0, 1.0, 0.0, 1e-9, 3.0]))
+    assert float(weight[2]) == pytest.approx(split_refine.WEIGHT_FLOOR * 8.0)   # floored, never zero
+    live = torch.tensor([True, True, True, True, False])
+    credit = torch.zeros(5, dtype=torch.float64)
+    got = torch.zeros(5, dtype=torch.long)
+    steps = 200
+    for _ in range(steps):
+        quota, credit = split_refine._quotas(credit, weight, live, per_row=2)
+        got += quota
+        assert int(quota[4]) == 0 and float(credit[4]) == 0.0      # a dead row gets nothing
+    # the live rows split 2 leaves per live row and step between them, in proportion to the weights
+    assert int(got.sum()) == pytest.approx(2 * 4 * steps, abs=4)
+    share = got[:4].double() / got[:4].sum()
+    expect = weight[:4] / weight[:4].sum()
+    assert torch.allclose(share, expect, atol=0.01)
+    assert int(got[2]) > 0 and int(got[3]) > 0                   # the floored rows advance too
+    assert torch.equal(split_refine._floored(torch.zeros(3)), torch.ones(3, dtype=torch.float64))
+
+
+def test_spec_weights_follow_the_property_and_the_triangle():
+    """A last-block neuron the property does not read weighs nothing (before the floor); for a read one,
+    raising ``l`` weighs ``u²/(u−l)²`` and lowering ``u`` weighs ``l²/(u−l)²`` (times the coefficient)."""
+    torch = pytest.importorskip("torch")
+    from mipprune.verification.crown import TorchNet
+    rng, net, lo, hi = _case(4, sizes=(3, 6, 4, 2))
+    blocks = net.to_affine_relu()
+    tn = TorchNet.from_blocks(blocks)
+    tn.W[2][:, 1] = 0.0                      # the output reads nothing of last-block neuron 1
+    tlo, thi = tn.box(lo, hi)
+    crown = compute_bounds(net, lo, hi, "crown")
+    lw = [tn.tensor(a)[None] for a in crown.lower[:2]]
+    up = [tn.tensor(a)[None] for a in crown.upper[:2]]
+    l = torch.tensor([[-1.0, -2.0, -0.5, -3.0]], dtype=tn.dtype)
+    u = torch.tensor([[3.0, 2.0, 0.5, 1.0]], dtype=tn.dtype)
+    C = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=tn.dtype)   # both signs: every read neuron counts
+    weigh = split_refine._spec_weights(tn, 1, lw, up, C, torch.zeros(2, dtype=tn.dtype), tlo, thi)
+    idx = torch.arange(4)
+    w = weigh(l, u, idx)
+    assert w.shape == (8,) and bool((w >= 0).all())
+    assert float(w[1]) == 0.0 and float(w[4 + 1]) == 0.0
+    # the coefficient ν⁻ of each neuron, recovered from the lower row's weight, gives the upper row's
+    for j in range(4):
+        if float(w[j]) > 0:
+            nu = float(w[j]) * float(u[0, j] - l[0, j]) ** 2 / float(u[0, j]) ** 2
+            assert float(w[4 + j]) == pytest.approx(nu * float(l[0, j]) ** 2 / float(u[0, j] - l[0, j]) ** 2)
+    assert sum(float(w[j]) > 0 for j in (0, 2, 3)) == 3
