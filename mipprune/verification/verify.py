@@ -303,6 +303,9 @@ SPLIT_PROBE_SHARE = 0.05      # before it, plain branch and bound gets this shar
 # still −1.08, 30 s before the refinement would have ended); each failed try doubles the wait before the
 # next (SPLIT_BAB_BACKOFF): at a fixed 10 s they took a quarter of the last block's time, and MNIST 256x6
 # prop_12 ε 0.05 is proven with a try every 25 s and none, not with one every 10 s (session 13)
+# on other nets (``refine="split"`` on convs) a block's search ends once it stalls (< 0.5 % of its width per
+# 10 s): OVAL21 deep img1052 spent 40 % of its refinement on a conv block whose width moved 28 → 28
+SPLIT_STALL = 0.005
 SPLIT_BAB_SECONDS = 3.0
 SPLIT_BAB_EVERY = 10.0
 SPLIT_BAB_BACKOFF = 2.0
@@ -606,10 +609,14 @@ def _wants_split_refine(refine: str, blocks, bounds: Bounds) -> bool:
         return True
     if refine != "auto" or not SPLIT_REFINE_AUTO or len(blocks) - 1 < SPLIT_REFINE_MIN_HIDDEN:
         return False
+    return _fully_connected(blocks) and sum(bounds.n_unstable()) > 0
+
+
+def _fully_connected(blocks) -> bool:
+    """No pools or skips, and every weight matrix at least ``SPLIT_REFINE_MIN_DENSITY`` dense (convs are sparse)."""
     if any(b.pool is not None or b.skips for b in blocks):
         return False
-    dense = all(b.weight.nnz >= SPLIT_REFINE_MIN_DENSITY * b.weight.shape[0] * b.weight.shape[1] for b in blocks)
-    return dense and sum(bounds.n_unstable()) > 0
+    return all(b.weight.nnz >= SPLIT_REFINE_MIN_DENSITY * b.weight.shape[0] * b.weight.shape[1] for b in blocks)
 
 
 def _split_refine(blocks, bounds: Bounds, region: Region, spec: Spec, offs, clock: _Clock, device,
@@ -651,7 +658,7 @@ def _split_refine(blocks, bounds: Bounds, region: Region, spec: Spec, offs, cloc
         new.lower, new.upper, info = split_refine_bounds(
             blocks, bounds.lower, bounds.upper, region.lower, region.upper,
             time_limit=SPLIT_REFINE_SECONDS if share is None else share, device=device, stop=proves,
-            objective=_rows(spec))
+            objective=_rows(spec), stall=None if _fully_connected(blocks) else SPLIT_STALL)
     new.method = "split-refined"
     clock.add("refine", t)
     notes.append(info.summary())

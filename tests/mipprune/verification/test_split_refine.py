@@ -3,6 +3,7 @@ sampling and against the exact (MILP) ranges, never looser than where they start
 α-CROWN, time-boxed, and the verifier's verdicts unchanged when it runs."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -222,3 +223,30 @@ def test_spec_weights_follow_the_property_and_the_triangle():
             nu = float(w[j]) * float(u[0, j] - l[0, j]) ** 2 / float(u[0, j]) ** 2
             assert float(w[4 + j]) == pytest.approx(nu * float(l[0, j]) ** 2 / float(u[0, j] - l[0, j]) ** 2)
     assert sum(float(w[j]) > 0 for j in (0, 2, 3)) == 3
+
+
+def test_a_stalled_block_hands_its_time_to_the_later_blocks(monkeypatch):
+    """With ``stall`` a block's search ends once its intervals stop shrinking fast enough: an impossible rate
+    (its whole width per window) ends every block after one window, well inside the time box, and the
+    bounds stay sound; the verifier asks for it only off fully connected nets."""
+    from mipprune.verification import verify as V
+
+    rng, net, lo, hi = _case(3, sizes=(20, 64, 64, 64, 4), half=1.0)
+    crown = compute_bounds(net, lo, hi, "crown")
+    blocks = net.to_affine_relu()
+    monkeypatch.setattr(split_refine, "STALL_WINDOW", 0.3)
+    t = time.perf_counter()
+    low, up, info = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=20.0, stall=1.0)
+    took = time.perf_counter() - t
+    assert info.blocks == [1, 2] and took < 8.0, f"{took:.1f} s: the stall rule did not end the blocks"
+    assert all(t_b < 4.0 for t_b in info.block_time)
+    X = sample_region(rng, lo, hi, 2000)
+    for i, Z in enumerate(preactivations(net, X)[:-1]):
+        assert np.all(Z >= low[i] - 1e-9) and np.all(Z <= up[i] + 1e-9), f"block {i}"
+        assert np.all(low[i] >= crown.lower[i]) and np.all(up[i] <= crown.upper[i])
+    assert V._fully_connected(blocks)
+    conv = list(blocks)
+    W = conv[1].weight.tolil()
+    W[:, :56] = 0.0   # 1/8 dense, like a convolution
+    conv[1] = dataclasses.replace(conv[1], weight=W.tocsr())
+    assert not V._fully_connected(conv)
