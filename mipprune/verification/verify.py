@@ -303,12 +303,12 @@ SPLIT_PROBE_SHARE = 0.05      # before it, plain branch and bound gets this shar
 # still −1.08, 30 s before the refinement would have ended); each failed try doubles the wait before the
 # next (SPLIT_BAB_BACKOFF): at a fixed 10 s they took a quarter of the last block's time, and MNIST 256x6
 # prop_12 ε 0.05 is proven with a try every 25 s and none, not with one every 10 s (session 13)
-# on other nets (``refine="split"`` on convs) a block's search ends once it stalls (< 0.5 % of its width per
-# 10 s): OVAL21 deep img1052 spent 40 % of its refinement on a conv block whose width moved 28 → 28
-SPLIT_STALL = 0.005
 SPLIT_BAB_SECONDS = 3.0
 SPLIT_BAB_EVERY = 10.0
 SPLIT_BAB_BACKOFF = 2.0
+# on other nets (``refine="split"`` on convs) a block's search ends once it stalls (< 0.5 % of its width per
+# 10 s): OVAL21 deep img1052 spent 40 % of its refinement on a conv block whose width moved 28 → 28
+SPLIT_STALL = 0.005
 
 
 def check_threads(threads) -> int:

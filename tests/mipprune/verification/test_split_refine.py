@@ -250,3 +250,40 @@ def test_a_stalled_block_hands_its_time_to_the_later_blocks(monkeypatch):
     W[:, :56] = 0.0   # 1/8 dense, like a convolution
     conv[1] = dataclasses.replace(conv[1], weight=W.tocsr())
     assert not V._fully_connected(conv)
+
+
+def test_branch_and_bound_tries_during_the_refinement_back_off(monkeypatch):
+    """The tries come after ``SPLIT_BAB_EVERY`` seconds, then each failed one doubles the wait: with a stop
+    call every second for 100 s (a fake clock), at 0, 10, 30 and 70 s."""
+    import types
+
+    import mipprune.verification.bab as B
+    import mipprune.verification.verify as V
+    from mipprune.verification.split_refine import SplitRefineInfo
+
+    now = [0.0]
+    tries = []
+    monkeypatch.setattr(V, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(V, "_row_margins", lambda *a: (np.array([-1.0]), None))   # never proven by CROWN
+    monkeypatch.setattr(V, "_rows", lambda spec: (np.ones((1, 1)), np.zeros(1)))
+    monkeypatch.setattr(B, "relu_bab", lambda *a, **k: tries.append(now[0]) or
+                        types.SimpleNamespace(status="unknown", counterexample=None))
+
+    def fake_refine(blocks, lower, upper, bl, bu, *, stop, **kw):
+        for t in range(101):
+            now[0] = float(t)
+            assert not stop(lower, upper)
+        return lower, upper, SplitRefineInfo()
+    monkeypatch.setattr(split_refine, "split_refine_bounds", fake_refine)
+
+    class _Bounds:
+        lower, upper = [np.zeros(1)], [np.zeros(1)]
+
+        def copy(self):
+            return _Bounds()
+
+    new, decided = V._split_refine([], _Bounds(), types.SimpleNamespace(lower=None, upper=None), None,
+                                   np.array([0, 1]), V._Clock(None), "cpu", [], network=object(),
+                                   result=lambda *a: None)
+    assert decided is None and new.method == "split-refined"
+    assert tries == [0.0, 10.0, 30.0, 70.0]
