@@ -25,15 +25,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from mipprune.verification import crown  # noqa: E402
+from mipprune.verification import verify as V  # noqa: E402
 from mipprune.verification.bounds import compute_bounds  # noqa: E402
 from mipprune.verification.split_refine import split_refine_bounds  # noqa: E402
 from solvers.network.ir import Network  # noqa: E402
+from solvers.network.spec import make_region  # noqa: E402
 from solvers.network.vnnlib import load_vnnlib  # noqa: E402
 
 DEFAULT_BENCH = REPO.parent / "shared" / "benchmarks" / "vnncomp2022_mnist_fc"
@@ -51,18 +52,13 @@ def _configs(text: str) -> list[dict]:
     return out
 
 
-def starting_bounds(net: Network, spec, alpha_iters: int = 30):
-    """CROWN bounds, then α-CROWN intermediate bounds (the verifier's α stage, without its time box)."""
+def starting_bounds(net: Network, spec):
+    """CROWN bounds, then the verifier's α stage (:func:`verify._alpha_tighten`) without its time box."""
     blocks = net.to_affine_relu()
     b = compute_bounds(blocks, spec.lower, spec.upper, "crown")
-    tn = crown.TorchNet.from_blocks(blocks)
-    L = tn.n_layers
-    lo, hi = tn.box(spec.lower, spec.upper)
-    lw, up, _ = crown.optimized_intermediate(tn, lo, hi, [tn.tensor(a)[None] for a in b.lower[:L - 1]],
-                                             [tn.tensor(a)[None] for a in b.upper[:L - 1]], iters=alpha_iters)
-    lower = [np.minimum(np.maximum(b.lower[i], lw[i][0].numpy()), b.upper[i]) for i in range(L - 1)] + [b.lower[-1]]
-    upper = [np.minimum(b.upper[i], up[i][0].numpy()) for i in range(L - 1)] + [b.upper[-1]]
-    return blocks, lower, upper
+    region = make_region(net.n_inputs, spec.lower, spec.upper)
+    b = V._alpha_tighten(blocks, b, region, V._Clock(None), "cpu", [])
+    return blocks, b.lower, b.upper
 
 
 def worst_margin(blocks, lower, upper, spec, C, d) -> float:
@@ -94,8 +90,7 @@ def main() -> None:
         name, prop = inst.split("/")
         net = Network.from_onnx(args.bench_dir / "onnx" / f"mnist-net_{name}.onnx")
         spec = load_vnnlib(args.bench_dir / "vnnlib" / f"{prop}.vnnlib", net.n_inputs, net.n_outputs)[0]
-        C = np.vstack([A for A, _ in spec.disjuncts])
-        d = -np.concatenate([b for _, b in spec.disjuncts])
+        C, d = V._rows(spec)   # every disjunct's rows: margins C y + d
         t = time.perf_counter()
         blocks, lower, upper = starting_bounds(net, spec)
         console.print(f"{inst}: starting bounds in {time.perf_counter() - t:.1f} s, worst margin "
@@ -110,7 +105,7 @@ def main() -> None:
                          "worst_margin": worst_margin(blocks, lw, up, spec, C, d)})
             console.print(f"  {cfg}: {info.summary()}")
     table = Table(title=f"split refinement, {args.seconds:.0f} s per configuration (one thread)")
-    for col in ("instance", "configuration", "leaves", "×leaves", "last block unstable", "worst margin (> 0 proves)"):
+    for col in ("instance", "configuration", "leaves", "×leaves", "last refined block unstable", "worst margin (> 0 proves)"):
         table.add_column(col, justify="left" if col in ("instance", "configuration") else "right")
     for r in rows:
         base = next(x for x in rows if x["instance"] == r["instance"])

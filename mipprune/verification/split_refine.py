@@ -184,7 +184,7 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
         # each row's bound: the minimum over its leaves (they partition the box at this point);
         # rows proven stable (bound > 0) are done
         row_lb = torch.full((R,), torch.inf, dtype=lb.dtype, device=lb.device).scatter_reduce(0, row, lb, "amin")
-        if (check is not None or weight is not None) and time.perf_counter() >= next_check:
+        if (check is not None or weigh is not None) and time.perf_counter() >= next_check:
             if check is not None and check(*current(row_lb)):
                 break
             if weigh is not None:
@@ -209,15 +209,13 @@ def _refine_block(net: TorchNet, i: int, lower: list, upper: list, lo, hi, deadl
         # a row whose worst leaf is final cannot improve: skip it (its bound is that leaf's)
         worst_final = final & (lb <= row_lb[row])
         stuck = torch.zeros(R, dtype=torch.bool, device=net.device).scatter_(0, row[worst_final], True)
-        if weight is None:
+        if weigh is None:
             quota = torch.full((R,), per_row, dtype=torch.long, device=net.device)
         else:
             live = open_row & ~stuck & torch.zeros(R, dtype=torch.bool, device=net.device).scatter_(0, row[cand], True)
             quota, credit = _quotas(credit, weight, live, per_row)
         pick = order[(rank < quota[r_sorted]) & ~stuck[r_sorted]]
-        if not pick.numel():
-            if weight is not None and bool(credit.gt(0).any()):
-                continue   # every live row is still gathering credit
+        if not pick.numel():   # (weighted: some live row always has a whole leaf of credit)
             break
         keep = torch.ones(lb.numel(), dtype=torch.bool, device=net.device)
         keep[pick] = False
