@@ -9,6 +9,8 @@ The first configuration is the session-12 default (8 α/β steps per child, rows
 
     python benchmarks/bench_split_refine.py [--instances 256x6/prop_12_0.05 …] [--seconds 111]
         [--configs "iters=8,focus=off;iters=2,focus=off;iters=2,focus=last"] [--out FILE.json]
+    python benchmarks/bench_split_refine.py --bench-dir ../shared/benchmarks/vnncomp2022_oval21 \
+        --instances cifar_deep_kw/img1052 --seconds 260 --configs "stall=0.005;stall=0.005,layers=3+4"
 
 ``--seconds`` defaults to the refinement's share of a 300 s instance (40 % of what is left after the
 first 5 % of branch and bound). One process, one torch thread; run nothing else beside it.
@@ -46,10 +48,33 @@ def _configs(text: str) -> list[dict]:
     for part in text.split(";"):
         cfg = {}
         for kv in filter(None, part.split(",")):
-            k, v = kv.split("=")
-            cfg[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
+            k, v = (x.strip() for x in kv.split("="))
+            if k == "layers":            # e.g. layers=3+4: only those hidden blocks
+                cfg[k] = [int(x) for x in v.split("+")]
+            elif v.lstrip("-").isdigit():
+                cfg[k] = int(v)
+            else:
+                try:
+                    cfg[k] = float(v)    # e.g. stall=0.005
+                except ValueError:
+                    cfg[k] = v
         out.append(cfg)
     return out
+
+
+def instance_files(bench: Path, inst: str) -> tuple[Path, Path]:
+    """``NETWORK/PROPERTY`` → (onnx, vnnlib): ``onnx/NETWORK.onnx`` or MNIST-FC's ``onnx/mnist-net_NETWORK.onnx``;
+    ``vnnlib/PROPERTY.vnnlib`` or the one file whose name contains PROPERTY (e.g. ``img1052``)."""
+    name, prop = inst.split("/")
+    onnx = next((p for p in (bench / "onnx" / f"{name}.onnx", bench / "onnx" / f"mnist-net_{name}.onnx")
+                 if p.is_file()), None)
+    if onnx is None:
+        sys.exit(f"no network {name!r} in {bench / 'onnx'}")
+    exact = bench / "vnnlib" / f"{prop}.vnnlib"
+    found = [exact] if exact.is_file() else sorted((bench / "vnnlib").glob(f"{name}*{prop}*.vnnlib"))
+    if len(found) != 1:
+        sys.exit(f"property {prop!r} of {name!r} must name one file in {bench / 'vnnlib'}; found {len(found)}")
+    return onnx, found[0]
 
 
 def starting_bounds(net: Network, spec):
@@ -76,9 +101,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH)
     ap.add_argument("--instances", nargs="+", default=["256x6/prop_12_0.05"],
-                    help="NETWORK/PROPERTY, e.g. 256x6/prop_12_0.05 (onnx/mnist-net_NETWORK.onnx, vnnlib/PROPERTY.vnnlib)")
+                    help="NETWORK/PROPERTY, e.g. 256x6/prop_12_0.05 (onnx/mnist-net_NETWORK.onnx, vnnlib/PROPERTY.vnnlib) or, "
+                         "with --bench-dir …/vnncomp2022_oval21, cifar_deep_kw/img1052 (a property named by a part)")
     ap.add_argument("--seconds", type=float, default=111.0)
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated, each 'key=value,…' (iters, focus, per_row)")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated, each 'key=value,…' (iters, focus, per_row, stall, layers=3+4)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "split_refine.json")
     args = ap.parse_args()
     if not args.bench_dir.is_dir():
@@ -87,9 +113,9 @@ def main() -> None:
     console = Console(width=max(Console().width, 140))
     rows = []
     for inst in args.instances:
-        name, prop = inst.split("/")
-        net = Network.from_onnx(args.bench_dir / "onnx" / f"mnist-net_{name}.onnx")
-        spec = load_vnnlib(args.bench_dir / "vnnlib" / f"{prop}.vnnlib", net.n_inputs, net.n_outputs)[0]
+        onnx, vnnlib = instance_files(args.bench_dir, inst)
+        net = Network.from_onnx(onnx)
+        spec = load_vnnlib(vnnlib, net.n_inputs, net.n_outputs)[0]
         C, d = V._rows(spec)   # every disjunct's rows: margins C y + d
         t = time.perf_counter()
         blocks, lower, upper = starting_bounds(net, spec)

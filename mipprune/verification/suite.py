@@ -86,8 +86,20 @@ def instances_path(bench_dir, instances: str | os.PathLike | None = None) -> Pat
     return path
 
 
+def _data_path(name: str, csv_path: Path, bench_dir) -> Path:
+    """An instances CSV's file: absolute, relative to the CSV's folder, or (a subset CSV kept elsewhere,
+    e.g. ``/tmp/hard.csv`` naming ``onnx/x.onnx``) relative to ``bench_dir``."""
+    rel = Path(name.strip())
+    own = (csv_path.parent / rel).resolve()
+    if rel.is_absolute() or own.exists():
+        return own
+    bench = (Path(bench_dir) / rel).resolve()
+    return bench if bench.exists() else own
+
+
 def read_instances(bench_dir, instances: str | os.PathLike | None = None) -> list[Instance]:
-    """Rows of the instances CSV (paths relative to its folder): ``onnx, vnnlib, timeout``."""
+    """Rows of the instances CSV: ``onnx, vnnlib, timeout``, the paths relative to the CSV's folder or,
+    failing that, to ``bench_dir`` (see :func:`_data_path`)."""
     path = instances_path(bench_dir, instances)
     out = []
     with open(path, newline="") as fh:
@@ -100,8 +112,7 @@ def read_instances(bench_dir, instances: str | os.PathLike | None = None) -> lis
                 timeout = float(row[2])
             except ValueError:
                 raise InvalidInputError(f"{path.name} line {k}: timeout must be a number; got {row[2]!r}") from None
-            out.append(Instance((path.parent / row[0].strip()).resolve(), (path.parent / row[1].strip()).resolve(),
-                                timeout))
+            out.append(Instance(_data_path(row[0], path, bench_dir), _data_path(row[1], path, bench_dir), timeout))
     if not out:
         raise InvalidInputError(f"{path.name} must list at least one instance; got none")
     return out

@@ -137,6 +137,20 @@ def test_suite_options_filter_and_time_limits(tiny_bench, tmp_path):
         read_instances(tiny_bench, bad)
 
 
+def test_a_subset_csv_kept_outside_the_benchmark_names_its_files_relative_to_it(tiny_bench, tmp_path):
+    subset = tmp_path / "hard.csv"          # the benchmark's own relative names, in a file elsewhere
+    subset.write_text("onnx/tiny.onnx,vnnlib/wide.vnnlib,7\n")
+    (inst,) = read_instances(tiny_bench, subset)
+    assert inst.network == (tiny_bench / "onnx" / "tiny.onnx").resolve() and inst.timeout == 7
+    assert inst.property == (tiny_bench / "vnnlib" / "wide.vnnlib").resolve()
+    (row,) = run_suite(tiny_bench, instances=subset, max_timeout=5)
+    assert row.property == "wide.vnnlib" and row.verdict in ("sat", "unsat")
+    # a name found nowhere keeps the CSV-relative path, and the suite says which file is missing
+    subset.write_text("onnx/none.onnx,vnnlib/wide.vnnlib,7\n")
+    (row,) = run_suite(tiny_bench, instances=subset)
+    assert row.verdict == "error" and str(tmp_path / "onnx" / "none.onnx") in row.message
+
+
 def test_suite_turns_unsupported_networks_into_error_rows(tmp_path):
     (tmp_path / "net.onnx").write_bytes(b"not onnx")
     write_vnnlib(Spec(np.zeros(2), np.ones(2), ((np.ones((1, 2)), np.zeros(1)),)), tmp_path / "p.vnnlib")

@@ -240,6 +240,11 @@ def test_a_stalled_block_hands_its_time_to_the_later_blocks(monkeypatch):
     took = time.perf_counter() - t
     assert info.blocks == [1, 2] and took < 8.0, f"{took:.1f} s: the stall rule did not end the blocks"
     assert all(t_b < 4.0 for t_b in info.block_time)
+    # no block shrank by its whole width: none re-runs the later blocks' α-CROWN (without stall, block 1 does)
+    assert info.rerun_time == [0.0, 0.0]
+    assert "α re-run" not in info.summary()
+    _, _, plain = split_refine_bounds(blocks, crown.lower, crown.upper, lo, hi, time_limit=2.0)
+    assert plain.rerun_time[0] > 0 and "α re-run" in plain.summary()
     X = sample_region(rng, lo, hi, 2000)
     for i, Z in enumerate(preactivations(net, X)[:-1]):
         assert np.all(Z >= low[i] - 1e-9) and np.all(Z <= up[i] + 1e-9), f"block {i}"
