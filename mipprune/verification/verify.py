@@ -276,8 +276,8 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
 
 
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")
-BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "candidates", "lr_alpha", "lr_beta",
-               "joint", "fast32", "max_store_bytes")
+BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "candidates", "screen", "lr_alpha",
+               "lr_beta", "joint", "fast32", "max_store_bytes")
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
 BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
@@ -695,7 +695,8 @@ _RELU_BAB = "ReLU-splitting branch and bound (α/β-CROWN)"
 def _bab_detail(what: str, device, r, when: str = "") -> str:
     """How a branch and bound ended, in one clause: its own message, domains, batches, root disjuncts."""
     root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
-    return f"{what} on {device}{when}: {r.message} ({r.domains} domains, {r.steps} batches{root})"
+    screened = f"; {r.info['screened']} proven by the parent's α/β" if r.info.get("screened") else ""
+    return f"{what} on {device}{when}: {r.message} ({r.domains} domains, {r.steps} batches{screened}{root})"
 
 
 def _bab_decides(network, spec, r) -> bool:

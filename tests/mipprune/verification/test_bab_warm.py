@@ -105,7 +105,8 @@ def test_warm_started_and_shrinking_optimization_stays_sound(seed, monkeypatch):
             assert np.all(lb0[d].numpy() <= margins.min(axis=0) + 1e-9)
 
 
-OPTIONS = [{"candidates": 4}, {"intermediate": True}, {"iters": 3, "candidates": 3, "intermediate": True}]
+OPTIONS = [{"candidates": 4}, {"intermediate": True}, {"iters": 3, "candidates": 3, "intermediate": True},
+           {"screen": True}, {"screen": False}]
 
 
 @pytest.mark.parametrize("seed,eps", [(s, e) for s in range(4) for e in (0.1, 0.3)])
@@ -118,6 +119,22 @@ def test_relu_bab_options_agree_with_brute_force(seed, eps):
         else:
             assert r.status == "falsified", (opts, r.message)
             assert spec.is_counterexample(net, r.counterexample)
+
+
+def test_screening_proves_children_with_the_parents_alpha_beta_and_decides_alike():
+    """``screen``: children the parent's α/β already prove are not optimized; the search still ends
+    verified, and some child is screened on a net that needs branching."""
+    net, spec = _case(2, 0.25, (8, 24, 24, 24, 3))
+    blocks = net.to_affine_relu()
+    b = compute_bounds(net, spec.lower, spec.upper, "crown")
+    disj = list(range(len(spec.disjuncts)))
+    runs = {s: relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, screen=s)
+            for s in (False, True)}
+    assert runs[False].domains > 3, "the case must need branching"
+    assert runs[True].status == runs[False].status == "verified"
+    assert runs[True].info.get("screened", 0) > 0 and "screened" not in runs[False].info
+    # about the same tree: a screened child would be proven by its optimization too (up to batch round-off)
+    assert runs[True].domains <= runs[False].domains + 4
 
 
 def test_unknown_bab_options_are_refused_in_the_users_terms():
