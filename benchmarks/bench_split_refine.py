@@ -101,10 +101,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH)
     ap.add_argument("--instances", nargs="+", default=["256x6/prop_12_0.05"],
-                    help="NETWORK/PROPERTY, e.g. 256x6/prop_12_0.05 (onnx/mnist-net_NETWORK.onnx, vnnlib/PROPERTY.vnnlib) or, "
-                         "with --bench-dir …/vnncomp2022_oval21, cifar_deep_kw/img1052 (a property named by a part)")
+                    help="NETWORK/PROPERTY, e.g. 256x6/prop_12_0.05 (onnx/mnist-net_NETWORK.onnx, "
+                         "vnnlib/PROPERTY.vnnlib) or, with --bench-dir …/vnncomp2022_oval21, cifar_deep_kw/img1052 "
+                         "(a property named by a part)")
     ap.add_argument("--seconds", type=float, default=111.0)
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated, each 'key=value,…' (iters, focus, per_row, stall, layers=3+4)")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                    help="';'-separated, each 'key=value,…' (iters, focus, per_row, stall, layers=3+4)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "split_refine.json")
     args = ap.parse_args()
     if not args.bench_dir.is_dir():
@@ -131,7 +133,8 @@ def main() -> None:
                          "worst_margin": worst_margin(blocks, lw, up, spec, C, d)})
             console.print(f"  {cfg}: {info.summary()}")
     table = Table(title=f"split refinement, {args.seconds:.0f} s per configuration (one thread)")
-    for col in ("instance", "configuration", "leaves", "×leaves", "last refined block unstable", "worst margin (> 0 proves)"):
+    for col in ("instance", "configuration", "leaves", "×leaves", "last refined block unstable",
+                "worst margin (> 0 proves)"):
         table.add_column(col, justify="left" if col in ("instance", "configuration") else "right")
     for r in rows:
         base = next(x for x in rows if x["instance"] == r["instance"])

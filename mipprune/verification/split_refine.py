@@ -109,12 +109,11 @@ class SplitRefineInfo:
     stopped: bool = False   # ended early by ``stop`` (the bounds proved what the caller needed)
 
     def summary(self) -> str:
-        reruns = self.rerun_time + [0.0] * (len(self.blocks) - len(self.rerun_time))
         parts = [f"block {b}: {ub}→{ua} unstable, width {wb:.0f}→{wa:.0f} ({lv} leaves, {bt:.0f} s"
                  + (f" + α re-run {rt:.0f} s)" if rt else ")")
                  for b, ub, ua, wb, wa, lv, bt, rt in zip(self.blocks, self.unstable_before, self.unstable_after,
                                                           self.width_before, self.width_after, self.leaves,
-                                                          self.block_time, reruns)]
+                                                          self.block_time, self.rerun_time)]
         return f"split-refined intermediate bounds in {self.time:.1f} s: " + "; ".join(parts)
 
 

@@ -32,9 +32,10 @@ to the MILP. On fully connected networks with at least ``SPLIT_REFINE_MIN_HIDDEN
 ``refine="auto"`` first gives branch and bound a short try (``SPLIT_PROBE_SHARE``), then tightens
 the intermediate bounds by a split search per neuron bound (:mod:`.split_refine`, stage
 ``"refine"``, at most ``SPLIT_REFINE_SHARE`` of the time left; it stops as soon as the bounds prove
-the query, or a short branch and bound on the bounds so far, tried after ``SPLIT_BAB_EVERY`` seconds and
-then ever less often, decides it: stage ``"bab"``), and branch and bound continues over them. The result's ``stage`` is ``"input"``,
-``"bab"``, ``"refine"`` or ``"milp"`` accordingly and its message names the path.
+the query, or a short branch and bound on the bounds so far, tried after ``SPLIT_BAB_EVERY`` seconds
+and then ever less often, decides it: stage ``"bab"``), and branch and bound continues over them. The
+result's ``stage`` is ``"input"``, ``"bab"``, ``"refine"`` or ``"milp"`` accordingly and its message
+names the path.
 
 Residual ``Add`` and ``AvgPool2d`` are affine (folded into the blocks, :meth:`Network.to_affine_relu`);
 ``MaxPool2d`` is relaxed in the bounds and LP and encoded exactly in the MILP; ReLU branch and bound
