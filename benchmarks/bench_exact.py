@@ -134,7 +134,9 @@ def run_scale(args) -> int:
                    "error": None if res is None else res.objective, "status": None if res is None else str(res.status),
                    "bound": None if res is None else res.bound, "gap": None if res is None else res.gap,
                    "note": err or ("" if res is None else str(res.info.get("fallback", "")
-                                                              or ("no root bound" if res.info.get("skipped_root") else "")))[:60]}
+                                                              or (f"ascent, {res.info['cut_steps']} steps" if "cut_steps" in res.info
+                                                                  else "no root bound" if res.info.get("skipped_root")
+                                                                  else "")))[:60]}
             if res is not None and method == "exact":
                 row.update(root_bound=res.info.get("root_bound"), root_bound_scalar=res.info.get("root_bound_scalar"),
                            best_from=res.info.get("best_from"))

@@ -296,8 +296,97 @@ def test_no_time_for_a_factorization_gives_the_incumbent_and_a_zero_bound(monkey
     import solvers.selection.exact as ex
 
     p, k = BANK[BANK_IDS.index("dense_C12_k6")]
-    monkeypatch.setattr(ex, "FLOP_RATE", 1e-3)               # as if r were far too large for the limit
+    _root_never_fits(monkeypatch, ex, measured=1e-3)          # not even the ascent's two factorizations fit
     res = select_exact(p, k=k, time_limit=5.0, lasso=False)
     assert res.status is Status.TIME_LIMIT and res.bound == 0.0 and res.gap == pytest.approx(1.0)
     assert res.k == k and res.objective == pytest.approx(p.error(res.mask), rel=1e-12)
     assert res.info["skipped_root"] and res.solve_time < 5.0
+
+
+def _root_never_fits(monkeypatch, ex, measured: float | None = None):
+    """As if r were far too large for any root relaxation in the limit (``FLOP_RATE`` tiny); ``measured`` the
+    machine's measured speed the ascent's fallback sees (None: the real one)."""
+    monkeypatch.setattr(ex, "FLOP_RATE", 1e-3)
+    if measured is not None:
+        monkeypatch.setattr(ex, "_measured_flop_rate", lambda n: measured)
+
+
+@pytest.mark.parametrize("shift_kind", ["uniform", "newton"])
+def test_the_minorant_of_any_weights_is_valid_for_every_subset(shift_kind, monkeypatch):
+    """``Relaxation.minorant`` at arbitrary weights (not a relaxed solve: what the ascent visits) bounds the
+    error of every channel set from below once every channel is shifted."""
+    import solvers.selection.exact as ex
+
+    p, k = BANK[BANK_IDS.index("dense_C12_k6")]
+    if shift_kind == "uniform":
+        monkeypatch.setattr(ex, "NEWTON_MAX_COLUMNS", 4)
+    w = whiten(p)
+    rel = Relaxation(w, choose_shift(w))
+    assert rel.shifted.all()
+    rng = np.random.default_rng(0)
+    C = p.n_channels
+    errs = {S: p.error(np.isin(np.arange(C), S)) * p.target_sq
+            for r in range(C + 1) for S in itertools.combinations(range(C), r)}
+    for scale in (0.0, 0.3, 1.0, 3.0):
+        W = scale * rng.normal(size=w.B.shape)
+        L, a, _ = rel.minorant(W, rel.shifted_product(W))
+        for S, e in errs.items():
+            assert L - a[list(S)].sum() <= e + 1e-9 * p.target_sq
+
+
+@pytest.mark.parametrize("problem, k", BANK, ids=BANK_IDS)
+def test_without_time_for_a_root_the_ascent_gives_a_valid_bound(problem, k, monkeypatch):
+    """Past the size where the root relaxation fits, the bound comes from the ascent on the minorant's weights,
+    started at the incumbent's cut: never above the brute-force optimum (it may stay 0: the bank's collinear
+    problems have no shift, and the greedy trap's incumbent is 1,000× the optimum)."""
+    import solvers.selection.exact as ex
+
+    _root_never_fits(monkeypatch, ex)
+    _, opt = brute_force(problem, k)
+    res = select_exact(problem, k=k, time_limit=20.0, lasso=False)
+    assert res.info["skipped_root"]
+    assert res.bound <= opt + 1e-9 and 0.0 <= res.bound <= res.objective
+    assert res.status in (Status.TIME_LIMIT, Status.OPTIMAL)
+    if res.status is Status.OPTIMAL:
+        assert res.objective == pytest.approx(opt, rel=1e-4)
+    if "cut_steps" in res.info:
+        assert res.info["shift_used"] == "scalar" and res.iterations == res.info["cut_steps"]
+
+
+def test_without_time_for_a_root_a_well_conditioned_layer_still_gets_most_of_its_bound(monkeypatch):
+    import solvers.selection.exact as ex
+
+    p, k = BANK[BANK_IDS.index("dense_C12_k6")]
+    _, opt = brute_force(p, k)
+    _root_never_fits(monkeypatch, ex)
+    res = select_exact(p, k=k, time_limit=20.0, lasso=False)
+    assert res.info["cut_steps"] > 0
+    assert 0.5 * opt < res.bound <= opt + 1e-9
+
+
+@pytest.mark.parametrize("problem, budget", BUDGET_BANK, ids=BUDGET_IDS)
+def test_the_ascent_bounds_budgeted_problems_too(problem, budget, monkeypatch):
+    import solvers.selection.exact as ex
+
+    _root_never_fits(monkeypatch, ex)
+    _, opt = brute_force(problem, budget=budget)
+    res = select_exact(problem, budget=budget, time_limit=20.0, lasso=False)
+    assert res.info["skipped_root"] and 0.0 <= res.bound <= opt + 1e-9
+
+
+def test_the_ascent_raises_the_incumbents_cut():
+    """On a layer whose greedy set is not optimal, the steps raise the bound above the incumbent's own cut."""
+    import solvers.selection.exact as ex
+    from solvers.selection.greedy import forward_mask
+
+    p = make_problem(C=10, cols_per_channel=4, m=6, n=400, seed=3)
+    k = 4
+    w = whiten(p)
+    S = ex._Search(p, k, None, ex.Relaxation(w, choose_shift(w)), None, 1e-4)
+    S.offer(forward_mask(p, k, None, w=w), "greedy")
+    W, _ = S.rel.solve(S.best_mask.astype(float), ~S.best_mask)
+    L, a, _ = S.rel.minorant(W, S.rel.shifted_product(W))
+    cut, _ = S.bound(L, a, np.zeros(10, bool), np.ones(10, bool))
+    lb, steps = ex._cut_ascent(S, W, None, max_steps=50)
+    assert steps > 0 and lb > cut
+    assert lb <= brute_force(p, k)[1] * p.target_sq + 1e-9 * p.target_sq
