@@ -39,6 +39,11 @@ At a node the condition is weaker — fixed-in channels need no shift and fixed-
 of ``M − D ⪰ 0`` — so ``bound="conditional"`` (default) raises the free channels' shifts node by node
 (:mod:`solvers.selection.conditional`).
 
+Since the minorant is valid for *any* ``W`` and concave in it, large layers also get a bound without
+factorizations past the shift's: :func:`_cut_ascent` climbs it from the incumbent's cut, one ``r×r·m``
+product per step. It is the whole bound where no root relaxation fits the time limit (C = 11,008 at 60 s),
+and raises a large layer's scalar root where the block sizes did not fit (``CUT_ROOT``).
+
 Backends
 --------
 * ``"bnb"`` (default): best-first branch and bound over channels with the node bound above,
@@ -149,6 +154,13 @@ CUT_STEPS_GRID = 2.0 ** -np.arange(0, 14)
 # measured on one factorization of this size (0.25 s on the 2-core CPU).
 CUT_WARM_SHARE = 0.3
 CUT_RATE_SIZE = 3072
+# The same ascent after a large layer's scalar root (more than BLOCK_LARGE_COLUMNS whitened columns, block sizes
+# not used), for at most this share of the time limit; its minorant replaces the root's when it bounds more.
+CUT_ROOT = True
+CUT_ROOT_SHARE = 0.3
+# ... and with it on, large layers skip the block shifts when this many r×r factorizations (about their first three
+# interior-point iterations) do not fit their share: C = 512 3×3 needs ~33 s of a 240 s share, C = 1,024 3×3 ~260 s.
+BLOCK_MIN_FACTORIZATIONS = 10
 # Shares of the time limit: the warm-start heuristics stop at WARM_SHARE of it, the scalar shift
 # search gets SHIFT_SHARE, the block-shift ascent BLOCK_SHARE (what is left goes to the root and tree).
 WARM_SHARE = 0.3
@@ -551,13 +563,14 @@ def _feasible_start(S: _Search, z0: np.ndarray, fixed_in, fixed_out) -> np.ndarr
 
 
 def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarray, max_iter: int,
-           cuts: list | None = None, converge: bool = False):
+           cuts: list | None = None, converge: bool = False, out: dict | None = None):
     """Frank–Wolfe on ``min F(z)`` over the node's polytope.
 
     Returns ``(bound, z, L, a)``: the best node bound (energy) seen and the minorant giving it, and
     the last relaxed point. Stops early once the bound prunes the node, or (unless ``converge``, as
     at the root, whose minorant drives reduced-cost fixing and the OA cuts everywhere) once ``F(z)``
-    (an upper estimate of the relaxed optimum) shows that the relaxation cannot prune it.
+    (an upper estimate of the relaxed optimum) shows that the relaxation cannot prune it. ``out["W"]``
+    (when given): the weights of the best minorant.
     """
     rel = S.rel
     free = ~(fixed_in | fixed_out)
@@ -571,6 +584,8 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
         lb, s = S.bound(L, a, fixed_in, free)
         if lb > best[0]:
             best = (lb, L, a)
+            if out is not None:
+                out["W"] = W
         if (lb >= S.threshold or S.timed_out() or (not converge and it >= 1 and Fz < S.threshold)
                 or Fz - lb <= 1e-9 * S.c or it == max_iter):
             break
@@ -590,6 +605,8 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
         lb1, _ = S.bound(L1, a1, fixed_in, free)
         if lb1 > best[0]:
             best = (lb1, L1, a1)
+            if out is not None:
+                out["W"] = W1
         if S.timed_out():                         # (each solve is an uninterruptible factorization)
             break
         zn = z + gamma * d
@@ -611,6 +628,8 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
         L, a = rel.dual(W)
         lb, _ = S.bound(L, a, fixed_in, free)
         best = (lb, L, a)
+        if out is not None:
+            out["W"] = W
     return best[0], z, best[1], best[2]
 
 
@@ -626,7 +645,7 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
     the best length of ``CUT_STEPS_GRID`` (``Q(W + ηD) = QW + η QD``: one product prices them all). The bound
     returned is re-evaluated with a fresh product at the best ``W`` (no drift of the running ``QW``).
 
-    Returns ``(bound, steps)``: the bound (energy) and the steps taken.
+    Returns ``(bound, steps, L, a)``: the bound (energy), the steps taken and the minorant giving the bound.
     """
     rel, C = S.rel, S.rel.C
     nothing, free = np.zeros(C, bool), np.ones(C, bool)
@@ -658,10 +677,9 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
         steps += 1
         if lb > best_lb:
             best_lb, best_W = lb, W
-    if best_W is not W or steps:
-        L, a, _ = rel.minorant(best_W, rel.shifted_product(best_W))
-        best_lb, _ = S.bound(L, a, nothing, free)
-    return best_lb, steps
+    L, a, _ = rel.minorant(best_W, rel.shifted_product(best_W))
+    best_lb, _ = S.bound(L, a, nothing, free)
+    return best_lb, steps, L, a
 
 
 def _measured_flop_rate(n: int) -> float:
@@ -1629,7 +1647,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                 status=Status.OPTIMAL, info={"trivial": True})
     S = _Search(problem, k, budget, Relaxation(w, np.zeros(C)), deadline, rel_gap)
     S.conditional = bound == "conditional"
-    rate = None                 # the measured factorization speed, once the root is known not to fit
+    rate = None          # the measured factorization speed, once the root is known not to fit at FLOP_RATE
     if initial is not None:
         S.offer(problem.check_mask(initial), "initial")
     if warm_start:
@@ -1637,6 +1655,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         # call can give: the warm start then gets the whole limit)
         root_fits = _affordable(w.M.shape[0], 5.0, deadline)
         if not root_fits:
+            # (the root is decided at the assumed speed, which also covers its Frank–Wolfe solves; the ascent's
+            # fallback at the machine's own)
             rate = _measured_flop_rate(min(w.M.shape[0], CUT_RATE_SIZE))
             if deadline is not None and rate > FLOP_RATE:
                 # (the final refits' time kept back, at the measured speed: 28 s of a 60 s limit at C = 11,008
@@ -1710,7 +1730,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
             t_cut = time.perf_counter()
             keep = S.best_mask
             W, _ = rel.solve(keep.astype(np.float64), ~keep)
-            lb, steps = _cut_ascent(S, W, deadline)
+            lb, steps, _, _ = _cut_ascent(S, W, deadline)
             info.update(cut_steps=steps, time_cut=time.perf_counter() - t_cut, shift_used="scalar")
         objective = problem.error(S.best_mask)
         bound, status = _certificate(objective, max(lb, 0.0) / c, rel_gap, True)
@@ -1723,11 +1743,20 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     # each of its Frank–Wolfe steps factors r×r matrices: a few steps, the time goes to the sizes)
     scalar_steps = (SCALAR_ROOT_ITERATIONS_LARGE if shift == "block" and w.M.shape[0] > BLOCK_LARGE_COLUMNS
                     else ROOT_ITERATIONS)
+    scalar_root: dict = {}
     root_lb, root_z, root_L, root_a = _relax(S, nothing, nothing, np.full(C, 0.5), max(fw_iterations, scalar_steps),
-                                             cuts=root_cuts, converge=backend == "bnb")
+                                             cuts=root_cuts, converge=backend == "bnb", out=scalar_root)
     info["root_bound_scalar"] = max(root_lb, 0.0) / c
     info["shift_used"] = "scalar" if inherited is None else "inherited"
-    if (inherited is None and shift in ("block", "ascent") and root_lb < S.threshold
+    block_in_reach = True
+    if CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and deadline is not None:
+        # (the block shifts' first few iterations cost BLOCK_MIN_FACTORIZATIONS r×r factorizations: at C = 1,024 3×3
+        # their first outlasted a 120 s share by 64 s and gave nothing; the minorant ascent takes that time instead)
+        block_in_reach = _affordable(w.M.shape[0], BLOCK_MIN_FACTORIZATIONS,
+                                     min(deadline, time.perf_counter() + BLOCK_SHARE_LARGE_RESTARTED * float(time_limit)))
+        if not block_in_reach:
+            info["block_skipped"] = True
+    if (inherited is None and shift in ("block", "ascent") and root_lb < S.threshold and block_in_reach
             and np.all(rel.shifted | (np.diff(w.starts) == 0)) and not S.timed_out()):
         # Block shifts D_g; any feasible D keeps the bound valid, so the stronger relaxation simply
         # replaces the scalar one (its root cuts stay valid too).
@@ -1766,6 +1795,19 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                 S.rel = rel
         info["shift_used"] = shift if rel.w is not w else "scalar"
         info["shift_time"] = time.perf_counter() - t_opt
+    if (CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and info["shift_used"] == "scalar"
+            and root_lb < S.threshold and "W" in scalar_root and not S.timed_out()
+            and np.all(rel.shifted | (np.diff(w.starts) == 0)) and rel.shifted.any()):
+        # A large layer left with the scalar root (the block sizes did not fit): a few Frank–Wolfe steps of O(r³)
+        # each, where the minorant ascent takes steps of one r×r·m product.
+        # (from the scalar root's best weights: on ill-conditioned layers the incumbent's cut starts far below zero,
+        # measured at C = 1,024 3×3 with t = 0.075: still below zero after 45 steps)
+        t_cut = time.perf_counter()
+        stop = None if deadline is None else min(deadline, t_cut + CUT_ROOT_SHARE * float(time_limit))
+        lb_c, steps, L_c, a_c = _cut_ascent(S, scalar_root["W"], stop)
+        info.update(cut_steps=steps, time_cut=time.perf_counter() - t_cut, root_bound_cut=max(lb_c, 0.0) / c)
+        if lb_c > root_lb:
+            root_lb, root_L, root_a = lb_c, L_c, a_c
     # (the OA masters keep the short root: fifty near-parallel root cuts stall HiGHS's master on
     # round-off, measured on the test bank's budgeted C = 10 problem)
     # The monotone bound err(all channels) holds for every set too.

@@ -387,6 +387,39 @@ def test_the_ascent_raises_the_incumbents_cut():
     W, _ = S.rel.solve(S.best_mask.astype(float), ~S.best_mask)
     L, a, _ = S.rel.minorant(W, S.rel.shifted_product(W))
     cut, _ = S.bound(L, a, np.zeros(10, bool), np.ones(10, bool))
-    lb, steps = ex._cut_ascent(S, W, None, max_steps=50)
+    lb, steps, L1, a1 = ex._cut_ascent(S, W, None, max_steps=50)
+    assert S.bound(L1, a1, np.zeros(10, bool), np.ones(10, bool))[0] == pytest.approx(lb, rel=1e-12)
     assert steps > 0 and lb > cut
     assert lb <= brute_force(p, k)[1] * p.target_sq + 1e-9 * p.target_sq
+
+
+@pytest.mark.parametrize("problem, k", [BANK[BANK_IDS.index(n)] for n in ("dense_C12_k6", "conv3x3_C8_k4")],
+                         ids=["dense_C12_k6", "conv3x3_C8_k4"])
+def test_a_large_layers_scalar_root_is_raised_by_the_ascent_and_stays_exact(problem, k, monkeypatch):
+    """Past BLOCK_LARGE_COLUMNS with the scalar root in use, the minorant ascent runs after the root; its
+    minorant replaces the root's only when it bounds more, and the search still ends at the brute-force optimum."""
+    import solvers.selection.exact as ex
+
+    monkeypatch.setattr(ex, "BLOCK_LARGE_COLUMNS", 4)
+    _, opt = brute_force(problem, k)
+    res = select_exact(problem, k=k, rel_gap=TIGHT, lasso=False, shift="scalar")
+    assert "cut_steps" in res.info and 0.0 <= res.info["root_bound_cut"] <= opt + 1e-9
+    assert res.info["root_bound"] >= max(res.info["root_bound_cut"], res.info["root_bound_scalar"]) - 1e-12
+    assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
+
+
+def test_block_shifts_out_of_reach_are_skipped_for_the_ascent(monkeypatch):
+    """A large layer whose block shifts could not run their first iterations in their share keeps the scalar root
+    and the minorant ascent (the block attempt at C = 1,024 3×3 outlasted its share by a minute, for nothing)."""
+    import solvers.selection.exact as ex
+
+    p, k = BANK[BANK_IDS.index("conv3x3_C8_k4")]
+    monkeypatch.setattr(ex, "BLOCK_LARGE_COLUMNS", 4)
+    monkeypatch.setattr(ex, "BLOCK_MIN_FACTORIZATIONS", 1e15)
+    _, opt = brute_force(p, k)
+    res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False, time_limit=60.0)
+    assert res.info["block_skipped"] and res.info["shift_used"] == "scalar" and "cut_steps" in res.info
+    assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
+    monkeypatch.setattr(ex, "BLOCK_MIN_FACTORIZATIONS", 10)
+    res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False, time_limit=60.0)
+    assert "block_skipped" not in res.info
