@@ -161,6 +161,12 @@ CUT_ROOT_SHARE = 0.3
 # ... and with it on, large layers skip the block shifts when this many r×r factorizations (about their first three
 # interior-point iterations) do not fit their share: C = 512 3×3 needs ~33 s of a 240 s share, C = 1,024 3×3 ~260 s.
 BLOCK_MIN_FACTORIZATIONS = 10
+# ... and layers of one whitened column per channel from this many columns on (1×1 convs, MLPs) skip the block
+# shifts altogether (their "blocks" are the diagonal shifts the Newton search also climbs), give the Newton search
+# ONE_COLUMN_SHIFT_SHARE of the limit and raise its root by the ascent. Measured on bench_exact's population layer
+# C = 2,048 (1×1, m = 256, k = 1,024, 60 s, 2 threads): see RESULTS.md, session 15.
+ONE_COLUMN_ASCENT_MIN = 2000
+ONE_COLUMN_SHIFT_SHARE = 0.25
 # Shares of the time limit: the warm-start heuristics stop at WARM_SHARE of it, the scalar shift
 # search gets SHIFT_SHARE, the block-shift ascent BLOCK_SHARE (what is left goes to the root and tree).
 WARM_SHARE = 0.3
@@ -1648,6 +1654,9 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     S = _Search(problem, k, budget, Relaxation(w, np.zeros(C)), deadline, rel_gap)
     S.conditional = bound == "conditional"
     rate = None          # the measured factorization speed, once the root is known not to fit at FLOP_RATE
+    # (large one-column layers: Newton shifts and the ascent instead of the block shifts, see ONE_COLUMN_ASCENT_MIN)
+    one_column_ascent = (CUT_ROOT and backend == "bnb" and _inherit is None and shift == "block"
+                         and w.M.shape[0] >= ONE_COLUMN_ASCENT_MIN and int(np.diff(w.starts).max(initial=0)) <= 1)
     if initial is not None:
         S.offer(problem.check_mask(initial), "initial")
     if warm_start:
@@ -1700,7 +1709,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     elif _affordable(w.M.shape[0], 4.0, deadline):
         # (shift="block" only starts its interior-point sizes from t: a short search suffices, measured at
         # C = 128 3×3: sizes from 0.9·λ_min(M) reach 0.9509 of the best error, from the Newton shifts 0.9512)
-        share = SHIFT_SHARE_BLOCK if shift == "block" else SHIFT_SHARE
+        share = (ONE_COLUMN_SHIFT_SHARE if one_column_ascent else SHIFT_SHARE_BLOCK if shift == "block"
+                 else SHIFT_SHARE)
         t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + share * float(time_limit))
     else:   # a shift search and a root solve would overrun the time limit: no root relaxation
         t = np.zeros(C)
@@ -1741,15 +1751,17 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                 iterations=steps, bound=bound, status=status, info=info)
     # (under shift="block" past BLOCK_LARGE_COLUMNS the scalar root is only a fallback of the block shifts, and
     # each of its Frank–Wolfe steps factors r×r matrices: a few steps, the time goes to the sizes)
-    scalar_steps = (SCALAR_ROOT_ITERATIONS_LARGE if shift == "block" and w.M.shape[0] > BLOCK_LARGE_COLUMNS
-                    else ROOT_ITERATIONS)
+    scalar_steps = (SCALAR_ROOT_ITERATIONS_LARGE if (shift == "block" and w.M.shape[0] > BLOCK_LARGE_COLUMNS)
+                    or one_column_ascent else ROOT_ITERATIONS)
     scalar_root: dict = {}
     root_lb, root_z, root_L, root_a = _relax(S, nothing, nothing, np.full(C, 0.5), max(fw_iterations, scalar_steps),
                                              cuts=root_cuts, converge=backend == "bnb", out=scalar_root)
     info["root_bound_scalar"] = max(root_lb, 0.0) / c
     info["shift_used"] = "scalar" if inherited is None else "inherited"
-    block_in_reach = True
-    if CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and deadline is not None:
+    block_in_reach = not one_column_ascent
+    if one_column_ascent:
+        info["block_skipped"] = True
+    elif CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and deadline is not None:
         # (the block shifts' first few iterations cost BLOCK_MIN_FACTORIZATIONS r×r factorizations: at C = 1,024 3×3
         # their first outlasted a 120 s share by 64 s and gave nothing; the minorant ascent takes that time instead)
         block_in_reach = _affordable(w.M.shape[0], BLOCK_MIN_FACTORIZATIONS,
@@ -1795,7 +1807,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                 S.rel = rel
         info["shift_used"] = shift if rel.w is not w else "scalar"
         info["shift_time"] = time.perf_counter() - t_opt
-    if (CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and info["shift_used"] == "scalar"
+    if (CUT_ROOT and backend == "bnb" and (w.M.shape[0] > BLOCK_LARGE_COLUMNS or one_column_ascent)
+            and info["shift_used"] == "scalar"
             and root_lb < S.threshold and "W" in scalar_root and not S.timed_out()
             and np.all(rel.shifted | (np.diff(w.starts) == 0)) and rel.shifted.any()):
         # A large layer left with the scalar root (the block sizes did not fit): a few Frank–Wolfe steps of O(r³)

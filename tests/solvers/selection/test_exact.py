@@ -423,3 +423,23 @@ def test_block_shifts_out_of_reach_are_skipped_for_the_ascent(monkeypatch):
     monkeypatch.setattr(ex, "BLOCK_MIN_FACTORIZATIONS", 10)
     res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False, time_limit=60.0)
     assert "block_skipped" not in res.info
+
+
+@pytest.mark.parametrize("problem, k", [BANK[BANK_IDS.index(n)] for n in ("dense_C12_k6", "planted_C10_k4")],
+                         ids=["dense_C12_k6", "planted_C10_k4"])
+def test_large_one_column_layers_take_newton_shifts_and_the_ascent(problem, k, monkeypatch):
+    """One-column layers past ONE_COLUMN_ASCENT_MIN skip the block shifts (their diagonal is what the Newton search
+    climbs too) for a longer Newton search and the ascent after the root; the search still proves the optimum.
+    Layers with several columns per channel keep the block shifts."""
+    import solvers.selection.exact as ex
+
+    monkeypatch.setattr(ex, "ONE_COLUMN_ASCENT_MIN", 1)
+    _, opt = brute_force(problem, k)
+    res = select_exact(problem, k=k, rel_gap=TIGHT, lasso=False, time_limit=60.0)
+    assert res.info["block_skipped"] and res.info["shift_used"] == "scalar"
+    # (the ascent runs unless the root already proves the incumbent, as on the planted layer)
+    assert "cut_steps" in res.info or res.info["root_bound"] >= res.objective * (1 - TIGHT)
+    assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
+    p3, k3 = BANK[BANK_IDS.index("conv3x3_C8_k4")]
+    res3 = select_exact(p3, k=k3, rel_gap=TIGHT, lasso=False, time_limit=60.0)
+    assert "block_skipped" not in res3.info
