@@ -101,6 +101,15 @@ def population_layer(C: int, m: int, seed: int, cols: int = 1) -> SelectionProbl
     return SelectionProblem(G, B, float(np.sum(W * B)), groups, weights=W)
 
 
+def _scale_note(info: dict) -> str:
+    """What the scale table says of a method's run: its fallback, or how exact bounded a layer its root did not fit."""
+    if info.get("fallback"):
+        return str(info["fallback"])
+    if "cut_steps" in info:
+        return f"ascent, {info['cut_steps']} steps"
+    return "no root bound" if info.get("skipped_root") else ""
+
+
 def run_scale(args) -> int:
     """Time and peak numpy memory of every method on groups with thousands of channels."""
     import tracemalloc
@@ -133,10 +142,7 @@ def run_scale(args) -> int:
                    "peak_mb": peak / 1e6, "stats_mb": stats_mb, "time_limit": args.time_limit,
                    "error": None if res is None else res.objective, "status": None if res is None else str(res.status),
                    "bound": None if res is None else res.bound, "gap": None if res is None else res.gap,
-                   "note": err or ("" if res is None else str(res.info.get("fallback", "")
-                                                              or (f"ascent, {res.info['cut_steps']} steps" if "cut_steps" in res.info
-                                                                  else "no root bound" if res.info.get("skipped_root")
-                                                                  else "")))[:60]}
+                   "note": err or ("" if res is None else _scale_note(res.info))[:60]}
             if res is not None and method == "exact":
                 row.update(root_bound=res.info.get("root_bound"), root_bound_scalar=res.info.get("root_bound_scalar"),
                            best_from=res.info.get("best_from"))

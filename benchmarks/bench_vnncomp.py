@@ -137,8 +137,8 @@ def main() -> None:
     ap.add_argument("--network", default=None, help="only networks whose file name contains this, e.g. 256x2")
     ap.add_argument("--filter", default=None, help="only instances whose 'network/property' contains this")
     ap.add_argument("--instances", type=Path, default=None,
-                    help="an instances CSV (onnx, vnnlib, timeout; paths relative to the CSV or to --bench-dir) to run instead of "
-                         "the folder's, e.g. a fixed subset of hard instances")
+                    help="an instances CSV (onnx, vnnlib, timeout; paths relative to the CSV or to --bench-dir) "
+                         "to run instead of the folder's, e.g. a fixed subset of hard instances")
     ap.add_argument("--bab-options", default=None,
                     help="JSON dict of options for ReLU branch and bound (verify's bab_options=), e.g. "
                          "'{\"iters\": 20}'")

@@ -413,6 +413,12 @@ class Relaxation:
         L, a, _ = self.minorant(W, self.shifted_product(W))
         return L, a
 
+    @property
+    def covers_all(self) -> bool:
+        """Whether every channel with columns is shifted: what :meth:`minorant` of arbitrary weights (and a block
+        shift search) needs."""
+        return bool(np.all(self.shifted | (np.diff(self.w.starts) == 0)))
+
     def minorant(self, W: np.ndarray, QW: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """``(L, a, V)`` of the minorant given by *any* ``W`` (r×m) with ``QW = (M − T) W`` given: valid
         only when every channel with columns is shifted (an unshifted channel's ``a_g = 0`` needs ``V_g = 0``,
@@ -648,8 +654,9 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
     channels shifted, see :meth:`Relaxation.minorant`), so the ascent only has to find good ones. Its
     stationary points for a fixed ``z`` are the relaxed solves ``(Q + T/z) W = B``, i.e. ``W = Z V / t``: the step
     moves towards that point, with ``z`` the running Frank–Wolfe average of the linear minimization's points, by
-    the best length of ``CUT_STEPS_GRID`` (``Q(W + ηD) = QW + η QD``: one product prices them all). The bound
-    returned is re-evaluated with a fresh product at the best ``W`` (no drift of the running ``QW``).
+    the best length of ``CUT_STEPS_GRID`` (``Q(W + ηD) = QW + η QD``: one product prices them all), taken only
+    when it raises the bound. The bound returned is re-evaluated with a fresh product at the last ``W`` (no drift
+    of the running ``QW``).
 
     Returns ``(bound, steps, L, a)``: the bound (energy), the steps taken and the minorant giving the bound.
     """
@@ -661,7 +668,7 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
     QW = rel.shifted_product(W)
     L, a, V = rel.minorant(W, QW)
     lb, s = S.bound(L, a, nothing, free)
-    best_lb, best_W, zbar, steps, pace = lb, W, None, 0, 0.0
+    zbar, steps, pace = None, 0, 0.0
     for it in range(max_steps):
         if lb >= S.threshold or (deadline is not None and time.perf_counter() + 2.0 * pace > deadline):
             break
@@ -678,14 +685,12 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
         pace = time.perf_counter() - t0
         if found is None:
             break
-        lb, eta, s, V = found
+        lb, eta, s, V = found              # (a step is taken only when it raises the bound: W is the best point)
         W, QW = W + eta * D, QW + eta * QD
         steps += 1
-        if lb > best_lb:
-            best_lb, best_W = lb, W
-    L, a, _ = rel.minorant(best_W, rel.shifted_product(best_W))
-    best_lb, _ = S.bound(L, a, nothing, free)
-    return best_lb, steps, L, a
+    L, a, _ = rel.minorant(W, rel.shifted_product(W))
+    lb, _ = S.bound(L, a, nothing, free)
+    return lb, steps, L, a
 
 
 def _measured_flop_rate(n: int) -> float:
@@ -1715,7 +1720,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     else:   # a shift search and a root solve would overrun the time limit: no root relaxation
         t = np.zeros(C)
         info["skipped_root"] = True
-        if rate is None:
+        if rate is None:        # (not measured yet: no warm start, or the root looked affordable then)
             rate = _measured_flop_rate(min(w.M.shape[0], CUT_RATE_SIZE))
         if _affordable(w.M.shape[0], CUT_FACTORIZATIONS, deadline, rate=rate):
             # (the ascent's fallback: the scalar shift 0.9·λ_min(M) past NEWTON_MAX_COLUMNS, two factorizations)
@@ -1735,8 +1740,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         # No root relaxation fits. With every channel shifted, the ascent on the minorant's weights from the
         # incumbent's cut bounds the optimum (one product per step); else the trivial bound 0 (gap 100 %).
         lb, steps = 0.0, 0
-        live = np.diff(w.starts) > 0
-        if np.all(rel.shifted | ~live) and rel.shifted.any() and S.best_mask is not None and not S.timed_out():
+        if rel.covers_all and rel.shifted.any() and S.best_mask is not None and not S.timed_out():
             t_cut = time.perf_counter()
             keep = S.best_mask
             W, _ = rel.solve(keep.astype(np.float64), ~keep)
@@ -1764,12 +1768,12 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     elif CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and deadline is not None:
         # (the block shifts' first few iterations cost BLOCK_MIN_FACTORIZATIONS r×r factorizations: at C = 1,024 3×3
         # their first outlasted a 120 s share by 64 s and gave nothing; the minorant ascent takes that time instead)
-        block_in_reach = _affordable(w.M.shape[0], BLOCK_MIN_FACTORIZATIONS,
-                                     min(deadline, time.perf_counter() + BLOCK_SHARE_LARGE_RESTARTED * float(time_limit)))
+        share_end = time.perf_counter() + BLOCK_SHARE_LARGE_RESTARTED * float(time_limit)
+        block_in_reach = _affordable(w.M.shape[0], BLOCK_MIN_FACTORIZATIONS, min(deadline, share_end))
         if not block_in_reach:
             info["block_skipped"] = True
     if (inherited is None and shift in ("block", "ascent") and root_lb < S.threshold and block_in_reach
-            and np.all(rel.shifted | (np.diff(w.starts) == 0)) and not S.timed_out()):
+            and rel.covers_all and not S.timed_out()):
         # Block shifts D_g; any feasible D keeps the bound valid, so the stronger relaxation simply
         # replaces the scalar one (its root cuts stay valid too).
         t_opt = time.perf_counter()
@@ -1810,7 +1814,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     if (CUT_ROOT and backend == "bnb" and (w.M.shape[0] > BLOCK_LARGE_COLUMNS or one_column_ascent)
             and info["shift_used"] == "scalar"
             and root_lb < S.threshold and "W" in scalar_root and not S.timed_out()
-            and np.all(rel.shifted | (np.diff(w.starts) == 0)) and rel.shifted.any()):
+            and rel.covers_all and rel.shifted.any()):
         # A large layer left with the scalar root (the block sizes did not fit): a few Frank–Wolfe steps of O(r³)
         # each, where the minorant ascent takes steps of one r×r·m product.
         # (from the scalar root's best weights: on ill-conditioned layers the incumbent's cut starts far below zero,
