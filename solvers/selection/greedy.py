@@ -46,6 +46,14 @@ SPAN_ATOL = 1e-10
 # Tiny ridge (whitened units) keeping the backward inverse defined when channels are collinear;
 # every reported error is recomputed by an exact refit anyway.
 BACKWARD_RIDGE = 1e-10
+# Forward selection on groups of this many channels or more adds several channels per scoring of the gains
+# (:meth:`ForwardState.add_many`: matrix products instead of one memory-bound update per channel), in about
+# FORWARD_ROUNDS rounds. Population layers (1×1, m = 256, k = C/2; 2 threads): C = 11,008 in 64 rounds of 86
+# reaches 0.009383 in 14 s, where one channel at a time was stopped by a 54 s deadline at 0.009508 (it would need
+# minutes); C = 4,096 0.00924221 in 4.4 s against 0.00924219 in 15.5 s. Smaller groups keep the exact greedy
+# order (C = 2,048 in 64 rounds: 2.5e-5 relative worse; a 3×3 C = 512 in 4 rounds: 10 % worse).
+FORWARD_BATCH_MIN_CHANNELS = 4096
+FORWARD_ROUNDS = 64
 # Assumed speed (flop/s, one core) when deciding whether an uninterruptible dense step (an r×r
 # inverse) still fits before a deadline; the same figure as exact.FLOP_RATE.
 FLOP_RATE = 1e10
@@ -440,6 +448,7 @@ def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None,
             st.add(int(g))
             spent += problem.costs[g]
     limit = C if k is None else k
+    batch = max(1, limit // FORWARD_ROUNDS) if C >= FORWARD_BATCH_MIN_CHANNELS else 1
     while st.chosen.sum() < limit:
         gain = st.gains()
         ok = ~st.chosen
@@ -449,15 +458,23 @@ def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None,
             break
         score = _ratio(gain, problem.costs) if budget is not None else gain
         score = np.where(ok, score, -np.inf)
-        if deadline is not None and time.perf_counter() > deadline:
-            chosen = st.chosen.copy()
-            for g in np.argsort(-score, kind="stable"):               # out of time: fill by the last scores
-                if chosen.sum() >= limit or not np.isfinite(score[g]):
+        timed_out = deadline is not None and time.perf_counter() > deadline
+        if timed_out or batch > 1:
+            # out of time: fill by the last scores; a large group: the next batch by the same scores
+            room = limit - int(st.chosen.sum()) if timed_out else min(batch, limit - int(st.chosen.sum()))
+            picks = []
+            for g in np.argsort(-score, kind="stable"):
+                if len(picks) >= room or not np.isfinite(score[g]):
                     break
                 if budget is None or problem.costs[g] <= budget - spent + 1e-12:
-                    chosen[g] = True
+                    picks.append(int(g))
                     spent += problem.costs[g]
-            return chosen
+            if timed_out:
+                chosen = st.chosen.copy()
+                chosen[picks] = True
+                return chosen
+            st.add_many(np.asarray(picks, np.int64))
+            continue
         g = int(np.argmax(score))  # ties: lowest index
         st.add(g)
         spent += problem.costs[g]

@@ -443,3 +443,18 @@ def test_large_one_column_layers_take_newton_shifts_and_the_ascent(problem, k, m
     p3, k3 = BANK[BANK_IDS.index("conv3x3_C8_k4")]
     res3 = select_exact(p3, k=k3, rel_gap=TIGHT, lasso=False, time_limit=60.0)
     assert "block_skipped" not in res3.info
+
+
+
+def test_when_the_ascent_does_not_fit_after_all_the_warm_start_goes_on(monkeypatch):
+    """The warm start stopped early for the ascent; when the ascent's own check then fails (a slower machine than
+    measured), the rest of the limit improves the incumbent instead: never worse than greedy, bound 0, flagged."""
+    import solvers.selection.exact as ex
+    from solvers.selection.greedy import forward_mask
+
+    p, k = BANK[BANK_IDS.index("dense_C12_k6")]
+    _root_never_fits(monkeypatch, ex)
+    monkeypatch.setattr(ex, "CUT_FACTORIZATIONS", 1e30)        # the pre-check (two factorizations) passes
+    res = select_exact(p, k=k, time_limit=5.0, lasso=False)
+    assert res.info["skipped_root"] and res.info["warm_resumed"] and res.bound == 0.0
+    assert res.objective <= p.error(forward_mask(p, k, None)) + 1e-12 and res.k == k

@@ -184,3 +184,32 @@ def test_a_time_limit_still_returns_k_channels(method):
     assert res.objective == pytest.approx(p.error(res.mask), rel=1e-12)
     free = select_channels(p, k=20, method=method)
     assert free.status is Status.FEASIBLE and free.objective <= res.objective * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("use_budget", [False, True])
+def test_large_groups_add_channels_in_batches_and_stay_feasible_and_close(use_budget, monkeypatch):
+    """Past ``FORWARD_BATCH_MIN_CHANNELS`` forward selection scores the gains once per batch of about
+    ``k / FORWARD_ROUNDS`` channels: far fewer scorings, the same size / budget rules, nearly the same error."""
+    import solvers.selection.greedy as gr
+
+    p, budget = BUDGET_BANK[1] if use_budget else (make_problem(40, 2, 6, 400, seed=11), None)
+    k = None if use_budget else 20
+    exact_order = forward_mask(p, k, budget)
+    calls = {"n": 0}
+    real = gr.ForwardState.gains
+
+    def counted(self):
+        calls["n"] += 1
+        return real(self)
+
+    monkeypatch.setattr(gr.ForwardState, "gains", counted)
+    monkeypatch.setattr(gr, "FORWARD_BATCH_MIN_CHANNELS", 8)
+    monkeypatch.setattr(gr, "FORWARD_ROUNDS", 4)
+    batched = forward_mask(p, k, budget)
+    if use_budget:
+        spent = p.costs[batched].sum()
+        assert spent <= budget + 1e-12
+        assert all(p.costs[g] > budget - spent + 1e-12 for g in np.flatnonzero(~batched))   # still maximal
+    else:
+        assert batched.sum() == k and calls["n"] <= 5            # 4 rounds of 5 (20 scorings one at a time)
+        assert p.error(batched) <= 1.05 * p.error(exact_order)
