@@ -144,8 +144,9 @@ FLOP_RATE = 1e10
 # (the scalar shift's estimate and its check) at the machine's measured speed, then one r×r·m product per step.
 # It starts at the incumbent's outer-approximation cut. Measured on bench_exact's population layer C = 2,048
 # (1×1, m = 256, k = 1,024; 2 threads): 60 steps in 5.4 s end 3.2 % below the incumbent, where the
-# Frank–Wolfe root with interior-point sizes ends 5.2 % below it after 60 s; the cut alone 20.3 %.
-CUT_FACTORIZATIONS = 2.5
+# Frank–Wolfe root with interior-point sizes ends 5.2 % below it after 60 s; the cut alone 20.3 %. (Counted: the two
+# factorizations and the inverse iteration's solves between them; the ascent's own steps are interruptible.)
+CUT_FACTORIZATIONS = 2.2
 CUT_MAX_STEPS = 200
 # ... its step: W ← W + η (Z V / t − W) with z the running average of the linear minimization's points (the
 # Frank–Wolfe weights 2/(i+2)); η the best of these on the minorant (one product gives them all).
@@ -167,6 +168,8 @@ BLOCK_MIN_FACTORIZATIONS = 10
 # C = 2,048 (1×1, m = 256, k = 1,024, 60 s, 2 threads): see RESULTS.md, session 15.
 ONE_COLUMN_ASCENT_MIN = 2000
 ONE_COLUMN_SHIFT_SHARE = 0.25
+# ... and so do large layers of several columns per channel whose block shifts are out of reach (C = 1,024 3×3).
+NEWTON_WHEN_BLOCKS_OUT_OF_REACH = True
 # Shares of the time limit: the warm-start heuristics stop at WARM_SHARE of it, the scalar shift
 # search gets SHIFT_SHARE, the block-shift ascent BLOCK_SHARE (what is left goes to the root and tree).
 WARM_SHARE = 0.3
@@ -211,11 +214,12 @@ LINE_BACKTRACKS = 6
 
 
 # ===================================================================================== relaxation
-def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
+def choose_shift(w: Whitened, *, deadline: float | None = None, newton: bool | None = None) -> np.ndarray:
     """Per-channel shifts ``t`` (C,) with ``M − T ⪰ 0``, maximizing ``Σ t`` (log-det barrier Newton).
 
     Returns zeros when ``M`` is (numerically) singular — collinear channels leave no room for a
-    shift, and the bound falls back to monotonicity.
+    shift, and the bound falls back to monotonicity. ``newton``: None takes the Newton search up to
+    ``NEWTON_MAX_COLUMNS`` whitened columns and the uniform shift past it; True/False force either.
     """
     M, g, C = w.M, w.col_group, w.n_channels
     r = M.shape[0]
@@ -224,7 +228,7 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
     lam_min = _lambda_min(M)
     if lam_min <= 10 * Q_MARGIN:
         return np.zeros(C)
-    if r > NEWTON_MAX_COLUMNS:
+    if not (r <= NEWTON_MAX_COLUMNS if newton is None else newton):
         # Each Newton step inverts M (O(r³)) and solves a C×C system: too slow here. The uniform
         # shift 0.9·λ_min (Frangioni & Gentile's choice), checked by one Cholesky below, instead.
         t = np.where(np.bincount(g, minlength=C) > 0, 0.9 * lam_min, 0.0)
@@ -1683,11 +1687,11 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                 # at the assumed one, 7 s at the 2-core CPU's)
                 deadline = start + float(time_limit) - 2.0 * refit_seconds(problem, k) * FLOP_RATE / rate
                 S.deadline = deadline
-        # (the shift's two factorizations must fit between the warm start's end and the deadline; the ascent's
-        # own check after the warm start keeps CUT_FACTORIZATIONS' margin, and where it fails the warm start goes
-        # on: one 3,072² factorization measures 27–41 GFLOP/s on the same idle 2-core CPU)
+        # (the shift's factorizations must fit between the warm start's end and the deadline; checked again after
+        # the warm start, and where that fails the warm start goes on: one 3,072² factorization measures 27–41
+        # GFLOP/s on the same idle 2-core CPU)
         cut_fits = not root_fits and (deadline is None or _affordable(
-            w.M.shape[0], 2.0,
+            w.M.shape[0], CUT_FACTORIZATIONS,
             deadline - max(start + CUT_WARM_SHARE * float(time_limit) - time.perf_counter(), 0.0), rate=rate))
         _warm_start(S, w, lasso, None if deadline is None
                     else start + WARM_SHARE * float(time_limit) if root_fits
@@ -1715,6 +1719,14 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                         iterations=math.comb(C, k), bound=bound_e,
                                         status=Status.OPTIMAL if proven else Status.FEASIBLE, info=info)
             info["enumeration_timed_out"] = True
+    # Large layers whose block shifts will not fit (see BLOCK_MIN_FACTORIZATIONS) take the one-column path's
+    # longer Newton search for per-channel shifts instead, also past NEWTON_MAX_COLUMNS.
+    blocks_out_of_reach = (NEWTON_WHEN_BLOCKS_OUT_OF_REACH and CUT_ROOT and backend == "bnb" and _inherit is None
+                           and shift == "block" and not one_column_ascent and deadline is not None
+                           and w.M.shape[0] > BLOCK_LARGE_COLUMNS
+                           and not _affordable(w.M.shape[0], BLOCK_MIN_FACTORIZATIONS,
+                                               min(deadline, time.perf_counter()
+                                                   + BLOCK_SHARE_LARGE_RESTARTED * float(time_limit))))
     inherited = None
     if _inherit is not None and _affordable(w.M.shape[0], 4.0, deadline):
         inherited = _inherited_shift(w, whitening, _inherit)
@@ -1724,9 +1736,10 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     elif _affordable(w.M.shape[0], 4.0, deadline):
         # (shift="block" only starts its interior-point sizes from t: a short search suffices, measured at
         # C = 128 3×3: sizes from 0.9·λ_min(M) reach 0.9509 of the best error, from the Newton shifts 0.9512)
-        share = (ONE_COLUMN_SHIFT_SHARE if one_column_ascent else SHIFT_SHARE_BLOCK if shift == "block"
-                 else SHIFT_SHARE)
-        t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + share * float(time_limit))
+        share = (ONE_COLUMN_SHIFT_SHARE if one_column_ascent or blocks_out_of_reach
+                 else SHIFT_SHARE_BLOCK if shift == "block" else SHIFT_SHARE)
+        t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + share * float(time_limit),
+                         newton=True if blocks_out_of_reach else None)
     else:   # a shift search and a root solve would overrun the time limit: no root relaxation
         t = np.zeros(C)
         info["skipped_root"] = True
@@ -1777,8 +1790,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                              cuts=root_cuts, converge=backend == "bnb", out=scalar_root)
     info["root_bound_scalar"] = max(root_lb, 0.0) / c
     info["shift_used"] = "scalar" if inherited is None else "inherited"
-    block_in_reach = not one_column_ascent
-    if one_column_ascent:
+    block_in_reach = not (one_column_ascent or blocks_out_of_reach)
+    if not block_in_reach:
         info["block_skipped"] = True
     elif CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and deadline is not None:
         # (the block shifts' first few iterations cost BLOCK_MIN_FACTORIZATIONS r×r factorizations: at C = 1,024 3×3
