@@ -168,8 +168,6 @@ BLOCK_MIN_FACTORIZATIONS = 10
 # C = 2,048 (1×1, m = 256, k = 1,024, 60 s, 2 threads): see RESULTS.md, session 15.
 ONE_COLUMN_ASCENT_MIN = 2000
 ONE_COLUMN_SHIFT_SHARE = 0.25
-# ... and so do large layers of several columns per channel whose block shifts are out of reach (C = 1,024 3×3).
-NEWTON_WHEN_BLOCKS_OUT_OF_REACH = True
 # Shares of the time limit: the warm-start heuristics stop at WARM_SHARE of it, the scalar shift
 # search gets SHIFT_SHARE, the block-shift ascent BLOCK_SHARE (what is left goes to the root and tree).
 WARM_SHARE = 0.3
@@ -214,12 +212,11 @@ LINE_BACKTRACKS = 6
 
 
 # ===================================================================================== relaxation
-def choose_shift(w: Whitened, *, deadline: float | None = None, newton: bool | None = None) -> np.ndarray:
+def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
     """Per-channel shifts ``t`` (C,) with ``M − T ⪰ 0``, maximizing ``Σ t`` (log-det barrier Newton).
 
     Returns zeros when ``M`` is (numerically) singular — collinear channels leave no room for a
-    shift, and the bound falls back to monotonicity. ``newton``: None takes the Newton search up to
-    ``NEWTON_MAX_COLUMNS`` whitened columns and the uniform shift past it; True/False force either.
+    shift, and the bound falls back to monotonicity.
     """
     M, g, C = w.M, w.col_group, w.n_channels
     r = M.shape[0]
@@ -228,7 +225,7 @@ def choose_shift(w: Whitened, *, deadline: float | None = None, newton: bool | N
     lam_min = _lambda_min(M)
     if lam_min <= 10 * Q_MARGIN:
         return np.zeros(C)
-    if not (r <= NEWTON_MAX_COLUMNS if newton is None else newton):
+    if r > NEWTON_MAX_COLUMNS:
         # Each Newton step inverts M (O(r³)) and solves a C×C system: too slow here. The uniform
         # shift 0.9·λ_min (Frangioni & Gentile's choice), checked by one Cholesky below, instead.
         t = np.where(np.bincount(g, minlength=C) > 0, 0.9 * lam_min, 0.0)
@@ -1719,14 +1716,6 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                         iterations=math.comb(C, k), bound=bound_e,
                                         status=Status.OPTIMAL if proven else Status.FEASIBLE, info=info)
             info["enumeration_timed_out"] = True
-    # Large layers whose block shifts will not fit (see BLOCK_MIN_FACTORIZATIONS) take the one-column path's
-    # longer Newton search for per-channel shifts instead, also past NEWTON_MAX_COLUMNS.
-    blocks_out_of_reach = (NEWTON_WHEN_BLOCKS_OUT_OF_REACH and CUT_ROOT and backend == "bnb" and _inherit is None
-                           and shift == "block" and not one_column_ascent and deadline is not None
-                           and w.M.shape[0] > BLOCK_LARGE_COLUMNS
-                           and not _affordable(w.M.shape[0], BLOCK_MIN_FACTORIZATIONS,
-                                               min(deadline, time.perf_counter()
-                                                   + BLOCK_SHARE_LARGE_RESTARTED * float(time_limit))))
     inherited = None
     if _inherit is not None and _affordable(w.M.shape[0], 4.0, deadline):
         inherited = _inherited_shift(w, whitening, _inherit)
@@ -1736,10 +1725,9 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     elif _affordable(w.M.shape[0], 4.0, deadline):
         # (shift="block" only starts its interior-point sizes from t: a short search suffices, measured at
         # C = 128 3×3: sizes from 0.9·λ_min(M) reach 0.9509 of the best error, from the Newton shifts 0.9512)
-        share = (ONE_COLUMN_SHIFT_SHARE if one_column_ascent or blocks_out_of_reach
-                 else SHIFT_SHARE_BLOCK if shift == "block" else SHIFT_SHARE)
-        t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + share * float(time_limit),
-                         newton=True if blocks_out_of_reach else None)
+        share = (ONE_COLUMN_SHIFT_SHARE if one_column_ascent else SHIFT_SHARE_BLOCK if shift == "block"
+                 else SHIFT_SHARE)
+        t = choose_shift(w, deadline=None if deadline is None else time.perf_counter() + share * float(time_limit))
     else:   # a shift search and a root solve would overrun the time limit: no root relaxation
         t = np.zeros(C)
         info["skipped_root"] = True
@@ -1790,8 +1778,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                                              cuts=root_cuts, converge=backend == "bnb", out=scalar_root)
     info["root_bound_scalar"] = max(root_lb, 0.0) / c
     info["shift_used"] = "scalar" if inherited is None else "inherited"
-    block_in_reach = not (one_column_ascent or blocks_out_of_reach)
-    if not block_in_reach:
+    block_in_reach = not one_column_ascent
+    if one_column_ascent:
         info["block_skipped"] = True
     elif CUT_ROOT and backend == "bnb" and w.M.shape[0] > BLOCK_LARGE_COLUMNS and deadline is not None:
         # (the block shifts' first few iterations cost BLOCK_MIN_FACTORIZATIONS r×r factorizations: at C = 1,024 3×3

@@ -425,26 +425,6 @@ def test_block_shifts_out_of_reach_are_skipped_for_the_ascent(monkeypatch):
     assert "block_skipped" not in res.info
 
 
-def test_layers_past_the_newton_size_whose_block_shifts_are_out_of_reach_get_newton_shifts(monkeypatch):
-    """Past NEWTON_MAX_COLUMNS the shift is the uniform 0.9·λ_min; when the block shifts are out of reach too, the
-    Newton search runs anyway (per-channel shifts, larger in sum) and the bound stays valid."""
-    import solvers.selection.exact as ex
-
-    p, k = BANK[BANK_IDS.index("conv3x3_C8_k4")]
-    monkeypatch.setattr(ex, "BLOCK_LARGE_COLUMNS", 4)
-    monkeypatch.setattr(ex, "BLOCK_MIN_FACTORIZATIONS", 1e15)
-    monkeypatch.setattr(ex, "NEWTON_MAX_COLUMNS", 4)
-    _, opt = brute_force(p, k)
-    runs = {}
-    for on in (False, True):
-        monkeypatch.setattr(ex, "NEWTON_WHEN_BLOCKS_OUT_OF_REACH", on)
-        runs[on] = res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False, time_limit=60.0)
-        assert res.info["block_skipped"] and res.bound <= opt + 1e-9
-        assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13)
-    assert runs[False].info["shift_min"] == pytest.approx(runs[False].info["shift_mean"], rel=1e-12)   # uniform
-    assert runs[True].info["shift_mean"] > 1.05 * runs[False].info["shift_mean"]
-
-
 @pytest.mark.parametrize("problem, k", [BANK[BANK_IDS.index(n)] for n in ("dense_C12_k6", "planted_C10_k4")],
                          ids=["dense_C12_k6", "planted_C10_k4"])
 def test_large_one_column_layers_take_newton_shifts_and_the_ascent(problem, k, monkeypatch):
