@@ -203,15 +203,17 @@ class ForwardState:
     channel blocks.
     """
 
-    def __init__(self, w: Whitened):
+    def __init__(self, w: Whitened, columns: int | None = None):
         self.w = w
         r = w.M.shape[0]
         self.idx = _padded_index(w)
         rmax = self.idx.shape[1]
         self.pad = self.idx == r
-        # Kᵀ by rows (K = _Kt[:s].T is a view BLAS reads without a copy); s never exceeds r, so room for
-        # all of it up front when that is small beside M (no regrowth copies), else grown by doubling
-        self._Kt = np.empty((r if r <= 8192 else 16, r))
+        # Kᵀ by rows (K = _Kt[:s].T is a view BLAS reads without a copy); s never exceeds r, nor ``columns``
+        # (the caller's bound: the k widest channels' columns), so room for all of it up front when that is
+        # known or small beside M (no regrowth copies), else grown by doubling. (At C = 11,008, k = 5,504 the
+        # doubling ended at 8,192 rows beside the 4,096 it copied: 1.1 GB where 0.48 suffice.)
+        self._Kt = np.empty((min(r, columns) if columns is not None else r if r <= 8192 else 16, r))
         self.s = 0
         self._R = _pad_rows(w.B)  # (r + 1) × m, the last row zero (padding of the gathers)
         self.R = self._R[:r]
@@ -406,11 +408,12 @@ def _independent_blocks(w: Whitened) -> list[tuple[np.ndarray, np.ndarray]] | No
     return blocks if len(blocks) > 1 else None
 
 
-def _forward_state(w: Whitened):
-    """A :class:`ForwardState`, or a :class:`_BlockForward` when ``w`` splits into independent blocks."""
+def _forward_state(w: Whitened, columns: int | None = None):
+    """A :class:`ForwardState`, or a :class:`_BlockForward` when ``w`` splits into independent blocks;
+    ``columns`` bounds the basis columns any of them will hold."""
     blocks = _independent_blocks(w)
     if blocks is None:
-        return ForwardState(w)
+        return ForwardState(w, columns)
     C = w.n_channels
     states = []
     # A block without outputs explains nothing, whatever is chosen (no M entry links it to the
@@ -422,7 +425,7 @@ def _forward_state(w: Whitened):
         starts = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=C))]).astype(np.int64)
         sub = Whitened(M=w.M[np.ix_(cols, cols)], B=w.B[np.ix_(cols, outs)], target_sq=w.target_sq,
                        col_group=group, starts=starts)
-        states.append(ForwardState(sub))
+        states.append(ForwardState(sub, columns))
     return _BlockForward(states)
 
 
@@ -441,7 +444,8 @@ def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None,
     """
     w = w or whiten(problem)
     C = problem.n_channels
-    st = _forward_state(w)
+    # (k channels hold at most the k widest channels' columns: the basis is sized for them up front)
+    st = _forward_state(w, None if k is None else int(np.sort(np.diff(w.starts))[::-1][:k].sum()))
     spent = 0.0
     if start is not None:
         for g in np.flatnonzero(start):

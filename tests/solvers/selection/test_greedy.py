@@ -213,3 +213,25 @@ def test_large_groups_add_channels_in_batches_and_stay_feasible_and_close(use_bu
     else:
         assert batched.sum() == k and calls["n"] <= 5            # 4 rounds of 5 (20 scorings one at a time)
         assert p.error(batched) <= 1.05 * p.error(exact_order)
+
+
+def test_forward_selection_sizes_its_basis_for_k_channels_and_still_grows_past_it(monkeypatch):
+    """The basis holds at most the k widest channels' columns (sized up front: at C = 11,008 the doubling buffer
+    took 1.1 GB where 0.48 suffice); a start set wider than that still fits (the buffer grows)."""
+    import solvers.selection.greedy as gr
+
+    p = make_problem(12, 3, 4, 150, seed=5)
+    seen = []
+    real = gr.ForwardState.__init__
+
+    def spy(self, w, columns=None):
+        real(self, w, columns)
+        seen.append((columns, self._Kt.shape[0]))
+
+    monkeypatch.setattr(gr.ForwardState, "__init__", spy)
+    mask = forward_mask(p, 4, None)
+    assert seen[-1] == (12, 12)                               # 4 channels × 3 columns
+    order, _ = forward_path(p, k_max=4)
+    assert np.array_equal(mask, p.mask_from_support(order[:4]))   # the same greedy choice
+    wide = forward_mask(p, 4, None, start=p.mask_from_support([0, 1, 2, 3, 4, 5]))
+    assert wide.sum() == 6 and p.error(wide) <= p.error(p.mask_from_support([0, 1, 2, 3, 4, 5])) + 1e-12
