@@ -147,6 +147,10 @@ FLOP_RATE = 1e10
 # Frank–Wolfe root with interior-point sizes ends 5.2 % below it after 60 s; the cut alone 20.3 %. (Counted: the two
 # factorizations and the inverse iteration's solves between them; the ascent's own steps are interruptible.)
 CUT_FACTORIZATIONS = 2.2
+# ... and after the warm start, the first of them (with the inverse iteration's solves) must fit at the measured
+# speed; the second is then timed by the first (one 3,072² probe measures 27–41 GFLOP/s between runs on the same
+# idle CPU, the 11,008² factorization itself ~41).
+CUT_FIRST_FACTORIZATIONS = 1.5
 CUT_MAX_STEPS = 200
 # ... its step: W ← W + η (Z V / t − W) with z the running average of the linear minimization's points (the
 # Frank–Wolfe weights 2/(i+2)); η the best of these on the minorant (one product gives them all).
@@ -222,14 +226,16 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
     r = M.shape[0]
     if r == 0:
         return np.zeros(C)
-    lam_min = _lambda_min(M)
+    timing: dict = {}
+    lam_min = _lambda_min(M, timing)
     if lam_min <= 10 * Q_MARGIN:
         return np.zeros(C)
     if r > NEWTON_MAX_COLUMNS:
         # Each Newton step inverts M (O(r³)) and solves a C×C system: too slow here. The uniform
-        # shift 0.9·λ_min (Frangioni & Gentile's choice), checked by one Cholesky below, instead.
+        # shift 0.9·λ_min (Frangioni & Gentile's choice), checked by one Cholesky below, instead
+        # (none started that the estimate's own factorization time says would end past the deadline).
         t = np.where(np.bincount(g, minlength=C) > 0, 0.9 * lam_min, 0.0)
-        return _with_margin(M, g, t, halve=True, deadline=deadline)
+        return _with_margin(M, g, t, halve=True, deadline=deadline, factor_seconds=timing.get("factor_s"))
     # (group sums by reduceat over the contiguous column blocks: no r×C indicator matrix)
     size = np.bincount(g, minlength=C).astype(np.float64)
     live = size > 0                        # dead channels (no columns) need no shift
@@ -239,12 +245,16 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
     first = w.starts[idx]                  # strictly increasing: dead channels left out
     tl = t[idx]
 
-    def shifted(tv: np.ndarray) -> np.ndarray:
-        A = M.copy()
-        A[np.diag_indices_from(A)] -= np.repeat(tv, size[idx].astype(np.int64))
-        return A
+    def shifted(tv: np.ndarray, dtype=np.float64) -> np.ndarray:
+        # (one copy, in the precision asked; its transpose, the same symmetric matrix, is in LAPACK's order and
+        # is factored in place: a C-ordered one would be copied once more)
+        A = M.astype(dtype)
+        A[np.diag_indices_from(A)] -= np.repeat(tv, size[idx].astype(np.int64)).astype(dtype)
+        return A.T
 
     single = r >= SINGLE_MIN_COLUMNS          # (the Newton direction only: feasibility is checked in float64)
+    # one column per live channel: the channel sums below are the matrices themselves (no reduceat copies)
+    singles = idx.size == r
     pace = 0.0                                # seconds of the last Newton step
     while mu > 1e-6:
         for _ in range(4):
@@ -252,12 +262,13 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
             if deadline is not None and time.perf_counter() + pace > deadline:
                 break
             t_step = time.perf_counter()
-            X = _inv_spd(shifted(tl).astype(np.float32) if single else shifted(tl), overwrite=True)
+            X = _inv_spd(shifted(tl, np.float32 if single else np.float64), overwrite=True)
             if X is None:
                 X = np.linalg.inv(shifted(tl))
             grad = size[idx] - mu * np.add.reduceat(np.diag(X), first) + mu / tl
             np.multiply(X, X, out=X)
-            H = np.add.reduceat(np.add.reduceat(X, first, axis=0), first, axis=1).astype(np.float64)
+            H = (np.asarray(X, dtype=np.float64) if singles
+                 else np.add.reduceat(np.add.reduceat(X, first, axis=0), first, axis=1).astype(np.float64))
             del X
             H *= -mu
             H[np.diag_indices_from(H)] -= mu / tl ** 2
@@ -265,6 +276,7 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
                 step = np.linalg.solve(H, -grad)
             except np.linalg.LinAlgError:
                 break
+            del H
             a = 1.0
             while a > 1e-10:
                 tn = tl + a * step
@@ -289,7 +301,7 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
 
 
 def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = False,
-                 deadline: float | None = None) -> np.ndarray:
+                 deadline: float | None = None, factor_seconds: float | None = None) -> np.ndarray:
     """Shrink ``t`` until ``M − T − Q_MARGIN·I`` has a Cholesky factor (zeros if it never does).
 
     Shrinks by 0.999 (then 0.9) per failure after a Newton search, which ends just inside the
@@ -298,7 +310,9 @@ def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = F
     """
     t = t.copy()
     for attempt in range(60):
-        if attempt and deadline is not None and time.perf_counter() > deadline:
+        # (``factor_seconds``, one factorization's measured time: no attempt that would end past the deadline)
+        if deadline is not None and (attempt or factor_seconds is not None) and \
+                time.perf_counter() + (factor_seconds or 0.0) > deadline:
             t[:] = 0.0
             break
         A = M.copy().T                                # (one r×r copy, factored in place: M is symmetric, and its
@@ -314,7 +328,7 @@ def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = F
     return t
 
 
-def _lambda_min(M: np.ndarray) -> float:
+def _lambda_min(M: np.ndarray, timing: dict | None = None) -> float:
     """Smallest eigenvalue of the symmetric ``M`` (0 when it is not positive definite).
 
     Large ``M`` (over 3000 columns): an *estimate* from inverse power iteration on
@@ -325,10 +339,13 @@ def _lambda_min(M: np.ndarray) -> float:
     r = M.shape[0]
     if r <= 3000:
         return float(np.linalg.eigvalsh(M)[0])
+    t0 = time.perf_counter()
     try:
         cf = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return 0.0
+    if timing is not None:
+        timing["factor_s"] = time.perf_counter() - t0     # (``timing``: the factorization's seconds)
     v = np.random.default_rng(0).normal(size=r)
     rho = 0.0
     for _ in range(40):
@@ -1733,11 +1750,12 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         info["skipped_root"] = True
         if rate is None:        # (not measured yet: no warm start, or the root looked affordable then)
             rate = _measured_flop_rate(min(w.M.shape[0], CUT_RATE_SIZE))
-        if _affordable(w.M.shape[0], CUT_FACTORIZATIONS, deadline, rate=rate):
-            # (the ascent's fallback: the scalar shift 0.9·λ_min(M) past NEWTON_MAX_COLUMNS, two factorizations)
+        if _affordable(w.M.shape[0], CUT_FIRST_FACTORIZATIONS, deadline, rate=rate):
+            # (the ascent's fallback: the scalar shift 0.9·λ_min(M) past NEWTON_MAX_COLUMNS, two factorizations;
+            # the second is started only when the first's own time says it ends with a tenth of the rest left)
             t = choose_shift(w, deadline=None if deadline is None
-                             else time.perf_counter() + 0.5 * max(deadline - time.perf_counter(), 0.0))
-        elif warm_start and S.best_mask is not None and not S.timed_out():
+                             else deadline - 0.1 * max(deadline - time.perf_counter(), 0.0))
+        if not np.any(t > 0) and warm_start and S.best_mask is not None and not S.timed_out():
             # (no bound after all: the rest of the time improves the incumbent, as a warm start to the deadline would)
             info["warm_resumed"] = True
             if _affordable(int(w.col_mask(S.best_mask).sum()), 3.0, deadline):

@@ -454,7 +454,24 @@ def test_when_the_ascent_does_not_fit_after_all_the_warm_start_goes_on(monkeypat
 
     p, k = BANK[BANK_IDS.index("dense_C12_k6")]
     _root_never_fits(monkeypatch, ex)
-    monkeypatch.setattr(ex, "CUT_FACTORIZATIONS", 1e30)        # the pre-check (two factorizations) passes
+    monkeypatch.setattr(ex, "CUT_FIRST_FACTORIZATIONS", 1e30)  # the pre-check (CUT_FACTORIZATIONS) passes
     res = select_exact(p, k=k, time_limit=5.0, lasso=False)
     assert res.info["skipped_root"] and res.info["warm_resumed"] and res.bound == 0.0
     assert res.objective <= p.error(forward_mask(p, k, None)) + 1e-12 and res.k == k
+
+
+def test_the_shifts_check_is_not_started_when_the_first_factorization_says_it_would_end_too_late():
+    """``_with_margin`` given one factorization's measured time starts no Cholesky that would end past its
+    deadline (zeros: no shift, still a valid bound); without a deadline it certifies the shift."""
+    import solvers.selection.exact as ex
+
+    p, _ = BANK[BANK_IDS.index("dense_C12_k6")]
+    w = whiten(p)
+    t = np.full(p.n_channels, 0.5 * ex._lambda_min(w.M))
+    late = ex._with_margin(w.M, w.col_group, t, deadline=time.perf_counter() + 1.0, factor_seconds=5.0)
+    assert not late.any()
+    ok = ex._with_margin(w.M, w.col_group, t, deadline=time.perf_counter() + 5.0, factor_seconds=0.01)
+    assert np.array_equal(ok, t)
+    timing = {}
+    ex._lambda_min(np.eye(3500), timing)                    # (the inverse iteration's branch times its factor)
+    assert timing["factor_s"] > 0

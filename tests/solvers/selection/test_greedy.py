@@ -235,3 +235,30 @@ def test_forward_selection_sizes_its_basis_for_k_channels_and_still_grows_past_i
     assert np.array_equal(mask, p.mask_from_support(order[:4]))   # the same greedy choice
     wide = forward_mask(p, 4, None, start=p.mask_from_support([0, 1, 2, 3, 4, 5]))
     assert wide.sum() == 6 and p.error(wide) <= p.error(p.mask_from_support([0, 1, 2, 3, 4, 5])) + 1e-12
+
+
+@pytest.mark.parametrize("dead, shuffled", [(False, False), (True, True)])
+def test_one_column_whitening_in_one_pass_matches_the_per_channel_loop(dead, shuffled, monkeypatch):
+    """Large one-column groups are whitened by one vectorized scaling ``F G F``: the same whitened problem as the
+    per-channel loop (to round-off), exactly symmetric, dead channels dropped, the same transforms."""
+    import solvers.selection.greedy as gr
+
+    rng = np.random.default_rng(0)
+    C, n = 40, 160
+    Z = rng.normal(size=(n, C)) @ (np.eye(C) + 0.1 * rng.normal(size=(C, C)))
+    if dead:
+        Z[:, [3, 7]] = 0.0
+    Y = Z[:, :5] @ rng.normal(size=(5, 4)) + 0.1 * rng.normal(size=(n, 4))
+    p = SelectionProblem.from_data(Z, Y, rng.permutation(C) if shuffled else np.arange(C))
+    monkeypatch.setattr(gr, "WHITEN_VECTOR_MIN_CHANNELS", 10**9)
+    w0, T0 = whiten(p, transforms=True)
+    monkeypatch.setattr(gr, "WHITEN_VECTOR_MIN_CHANNELS", 0)
+    w1, T1 = whiten(p, transforms=True)
+    np.testing.assert_allclose(w1.M, w0.M, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(w1.B, w0.B, rtol=1e-14)
+    assert np.array_equal(w1.M, w1.M.T) and np.array_equal(w1.col_group, w0.col_group)
+    assert np.array_equal(w1.starts, w0.starts) and w1.M.shape[0] == C - 2 * dead
+    assert all(a.shape == b.shape and np.allclose(a, b) for a, b in zip(T0, T1))
+    mask = np.zeros(C, bool)
+    mask[[0, 5, 9, 20]] = True
+    assert w1.explained(mask) == pytest.approx(w0.explained(mask), rel=1e-12)
