@@ -765,10 +765,15 @@ def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
             S.offer(select_lasso(p, k=k, time_limit=left).mask, "lasso")
         except Exception:  # LASSO is only a warm start: a missing cvxpy solver must not stop us
             pass
-    # swaps start from an s×s inverse of the kept columns (uninterruptible): only when it fits
+    _offer_swaps(S, w)
+
+
+def _offer_swaps(S: _Search, w: Whitened) -> None:
+    """1-swap local search from the incumbent until ``S.deadline``; it starts from an s×s inverse of the kept
+    columns (uninterruptible): only when that fits."""
     if (not S.timed_out() and S.best_mask is not None
             and _affordable(int(w.col_mask(S.best_mask).sum()), 3.0, S.deadline)):
-        S.offer(improve_by_swaps(p, S.best_mask, budget=budget, deadline=S.deadline, w=w), "swap")
+        S.offer(improve_by_swaps(S.p, S.best_mask, budget=S.budget, deadline=S.deadline, w=w), "swap")
 
 
 def _enumerate(S: _Search, w: Whitened, k: int) -> float | None:
@@ -1758,8 +1763,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         if not np.any(t > 0) and warm_start and S.best_mask is not None and not S.timed_out():
             # (no bound after all: the rest of the time improves the incumbent, as a warm start to the deadline would)
             info["warm_resumed"] = True
-            if _affordable(int(w.col_mask(S.best_mask).sum()), 3.0, deadline):
-                S.offer(improve_by_swaps(problem, S.best_mask, budget=budget, deadline=deadline, w=w), "swap")
+            _offer_swaps(S, w)
     info["time_shift"] = time.perf_counter() - start - info["time_warm"]
     S.rel = rel = Relaxation(w, t) if inherited is None else Relaxation(rotate(w, inherited[0]), inherited[1])
     U_used = None if inherited is None else inherited[0]     # (the basis of the shifts in use, for a restart)
