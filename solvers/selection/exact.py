@@ -79,7 +79,8 @@ import scipy.linalg
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
-from solvers.selection.greedy import Whitened, backward_mask, forward_mask, refit_seconds, whiten
+from solvers.selection.greedy import Whitened, backward_mask, densified, forward_mask, refit_seconds, whiten
+from solvers.selection.panel_cholesky import PanelCholesky
 from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _blocks_to_matrix, _inv_spd, blocks,
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
@@ -101,6 +102,10 @@ T_MIN = 1e-9
 # Above this many whitened columns the shift search skips Newton (O(r³) per step) for 0.9·λ_min(M)
 # (C = 512 3×3, r = 4608, still gets Newton: its λ_min is ~200× below the Newton shifts).
 NEWTON_MAX_COLUMNS = 8192
+# Past this many whitened columns the shift's certifying factorization and λ_min's estimate keep their factor as
+# panels of its lower triangle (PanelCholesky: half the memory, at LAPACK's speed; M read panel by panel). The
+# same size as _lambda_min's switch from eigvalsh to the estimate.
+PANEL_MIN_COLUMNS = 3000
 # Smallest eigenvalue kept in M − T after the Newton search (so Q ⪰ 0 survives round-off).
 Q_MARGIN = 1e-9
 # Bounds are lowered by this much (relative error units) to absorb round-off in L − Σ a z.
@@ -315,17 +320,37 @@ def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = F
                 time.perf_counter() + (factor_seconds or 0.0) > deadline:
             t[:] = 0.0
             break
-        A = M.copy().T                                # (one r×r copy, factored in place: M is symmetric, and its
-        #                                               transpose is in LAPACK's order, so no second copy is made)
-        A[np.diag_indices_from(A)] -= t[g] + Q_MARGIN
         try:
-            scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
+            _factor_shifted(M, t[g] + Q_MARGIN)
             break
         except np.linalg.LinAlgError:
             t *= 0.5 if halve else 0.999 if attempt < 10 else 0.9
     else:
         t[:] = 0.0
     return t
+
+
+def _factor_shifted(M, shift: np.ndarray | float | None = None):
+    """Cholesky factor of ``M − diag(shift)`` (``numpy.linalg.LinAlgError`` when it is not positive definite):
+    past ``PANEL_MIN_COLUMNS`` columns a :class:`PanelCholesky` (half the memory of an r×r, M read panel by panel:
+    a :class:`ScaledGram` is never built whole), else ``scipy.linalg.cho_factor``'s ``(c, lower)``."""
+    r = M.shape[0]
+    d = np.broadcast_to(np.asarray(0.0 if shift is None else shift, dtype=np.float64), (r,))
+    if r > PANEL_MIN_COLUMNS:
+        def columns(lo: int, hi: int) -> np.ndarray:
+            P = np.array(M[lo:, lo:hi])              # (a fresh copy: the factorization overwrites it)
+            P[np.arange(hi - lo), np.arange(hi - lo)] -= d[lo:hi]
+            return P
+        return PanelCholesky.factor(columns, r)
+    A = M.copy().T                                # (one r×r copy, factored in place: M is symmetric, and its
+    #                                               transpose is in LAPACK's order, so no second copy is made)
+    A[np.diag_indices_from(A)] -= d
+    return scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
+
+
+def _solve_factored(cf, v: np.ndarray) -> np.ndarray:
+    """``A⁻¹ v`` with ``cf`` from :func:`_factor_shifted`."""
+    return cf.solve(v) if isinstance(cf, PanelCholesky) else scipy.linalg.cho_solve(cf, v, check_finite=False)
 
 
 def _lambda_min(M: np.ndarray, timing: dict | None = None) -> float:
@@ -341,7 +366,7 @@ def _lambda_min(M: np.ndarray, timing: dict | None = None) -> float:
         return float(np.linalg.eigvalsh(M)[0])
     t0 = time.perf_counter()
     try:
-        cf = scipy.linalg.cho_factor(M, lower=True, check_finite=False)
+        cf = _factor_shifted(M)
     except np.linalg.LinAlgError:
         return 0.0
     if timing is not None:
@@ -350,7 +375,7 @@ def _lambda_min(M: np.ndarray, timing: dict | None = None) -> float:
     rho = 0.0
     for _ in range(40):
         v /= np.linalg.norm(v)
-        u = scipy.linalg.cho_solve(cf, v, check_finite=False)
+        u = _solve_factored(cf, v)
         rho_new = float(v @ u)                  # Rayleigh quotient of M⁻¹: <= 1/λ_min
         v = u
         if rho_new > 0 and abs(rho_new - rho) <= 1e-4 * rho_new:
@@ -1675,7 +1700,9 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     if _inherit is not None:
         w, whitening = whiten(problem, transforms=True)
     else:
-        w = whiten(problem)
+        # (large one-column groups: M read from the statistics until the root relaxation needs all of it; the
+        # fallback ascent never does, and keeps only the r×r it factors)
+        w = whiten(problem, lazy=True)
     C = problem.n_channels
     c = problem.target_sq
     info: dict = {}
@@ -1741,10 +1768,13 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     inherited = None
     if _inherit is not None and _affordable(w.M.shape[0], 4.0, deadline):
         inherited = _inherited_shift(w, whitening, _inherit)
+    shift_fits = inherited is None and _affordable(w.M.shape[0], 4.0, deadline)
+    if shift_fits:
+        w = densified(w)             # (the shift search, the root and the tree read all of M, many times)
     if inherited is not None:
         # (a cheap restart: the parent root's shifts, valid for the Schur complement; no shift search)
         t = np.zeros(C)
-    elif _affordable(w.M.shape[0], 4.0, deadline):
+    elif shift_fits:
         # (shift="block" only starts its interior-point sizes from t: a short search suffices, measured at
         # C = 128 3×3: sizes from 0.9·λ_min(M) reach 0.9509 of the best error, from the Newton shifts 0.9512)
         share = (ONE_COLUMN_SHIFT_SHARE if one_column_ascent else SHIFT_SHARE_BLOCK if shift == "block"

@@ -35,6 +35,7 @@ import scipy.linalg
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.problem import SelectionProblem
+from solvers.selection.scaled_gram import ScaledGram, dense_gram
 from solvers.result import SelectionResult, Status
 
 # Directions of a channel's span with energy below this fraction of the channel's largest are
@@ -81,8 +82,9 @@ class Whitened:
 
     Attributes
     ----------
-    M : array (r, r)
-        Gram of the whitened columns (unit diagonal blocks); ``r = Σ_g rank(G_gg)``.
+    M : array (r, r), or :class:`~solvers.selection.scaled_gram.ScaledGram`
+        Gram of the whitened columns (unit diagonal blocks); ``r = Σ_g rank(G_gg)``. ``whiten(lazy=True)`` of
+        a large one-column group gives the view that reads it from the statistics (no r×r copy).
     B : array (r, m)
         Whitened cross-covariance.
     target_sq : float
@@ -126,7 +128,7 @@ def _explained(M: np.ndarray, B: np.ndarray) -> float:
     return float(np.sum(B * X))
 
 
-def whiten(problem: SelectionProblem, *, transforms: bool = False):
+def whiten(problem: SelectionProblem, *, transforms: bool = False, lazy: bool = False):
     """Orthonormalize each channel's columns (in the ``ZᵀZ`` inner product); refit errors are unchanged.
 
     For channel ``g`` with ``G_gg = U Λ Uᵀ``, the whitened columns are ``Z_g U Λ^{-1/2}`` (directions
@@ -135,11 +137,15 @@ def whiten(problem: SelectionProblem, *, transforms: bool = False):
 
     With ``transforms=True`` returns ``(w, T)``: ``T[g]`` (q_g × r_g) maps channel ``g``'s whitened
     coordinates to its original columns (in the problem's column order within the channel).
+
+    With ``lazy=True`` a group of one column per channel past ``WHITEN_VECTOR_MIN_CHANNELS`` channels gets
+    ``M`` as a :class:`ScaledGram` (read from ``problem.gram`` on access: no memory); :func:`densified` turns it
+    into the array where a method needs all of it.
     """
     G, Bx, groups, C = problem.gram, problem.cross, problem.groups, problem.n_channels
     order = np.argsort(groups, kind="stable")                    # columns grouped by channel
     if C and C == G.shape[0] and C > WHITEN_VECTOR_MIN_CHANNELS:
-        return _whiten_one_column(problem, order, transforms)
+        return _whiten_one_column(problem, order, transforms, lazy)
     bounds = np.searchsorted(groups[order], np.arange(C + 1))
     M = G[np.ix_(order, order)] if np.any(order != np.arange(order.size)) else G.copy()
     B = Bx[order].copy()
@@ -179,10 +185,19 @@ def whiten(problem: SelectionProblem, *, transforms: bool = False):
     return (w, Ts) if transforms else w
 
 
-def _whiten_one_column(problem: SelectionProblem, order: np.ndarray, transforms: bool):
+def densified(w: Whitened) -> Whitened:
+    """``w`` with ``M`` as an array (``w`` itself when it is one already): for methods that factor or invert all
+    of ``M``, or read it entry by entry many times over."""
+    if not isinstance(w.M, ScaledGram):
+        return w
+    return Whitened(M=dense_gram(w.M), B=w.B, target_sq=w.target_sq, col_group=w.col_group, starts=w.starts)
+
+
+def _whiten_one_column(problem: SelectionProblem, order: np.ndarray, transforms: bool, lazy: bool = False):
     """:func:`whiten` of a problem with one column per channel: the diagonal scaling ``M = F G F``
     (``F = diag(G_jj^{-1/2})``) written in row blocks of one pass over ``G`` (the per-channel loop's strided
-    column scalings took 3.4 s at C = 11,008, this 0.36 s). Dead channels (``G_jj = 0``) lose their column."""
+    column scalings took 3.4 s at C = 11,008, this 0.36 s), or with ``lazy`` the view that reads it so
+    (:class:`ScaledGram`). Dead channels (``G_jj = 0``) lose their column."""
     G, C = problem.gram, problem.n_channels
     d = np.diagonal(G)[order]
     keep = d > 0
@@ -190,15 +205,10 @@ def _whiten_one_column(problem: SelectionProblem, order: np.ndarray, transforms:
     f[keep] = 1.0 / np.sqrt(d[keep])
     kept = np.flatnonzero(keep)
     rows = order[kept]
-    plain = bool(np.array_equal(rows, np.arange(C)))        # (sorted, none dead: slices of G, no gathers)
     fk = f[kept]
-    M = np.empty((kept.size, kept.size))
-    step = max(1, (1 << 23) // max(kept.size, 1))          # (row blocks of ~64 MB)
-    for i in range(0, kept.size, step):
-        blk = G[i:i + step] if plain else G[np.ix_(rows[i:i + step], rows)]
-        # (f_i·f_j first: the product is exactly symmetric, as G is)
-        np.multiply(blk, fk[i:i + step, None] * fk[None, :], out=M[i:i + step])
-    M[np.diag_indices_from(M)] = 1.0
+    M = ScaledGram(G, rows, fk)
+    if not lazy:
+        M = M.dense()
     B = problem.cross[rows] * fk[:, None]
     starts = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
     w = Whitened(M=M, B=B, target_sq=problem.target_sq, col_group=np.flatnonzero(keep).astype(np.int64),
@@ -476,7 +486,7 @@ def forward_mask(problem: SelectionProblem, k: int | None, budget: float | None,
 
     At ``deadline`` (``time.perf_counter``) the rest is filled by the last gains in one go.
     """
-    w = w or whiten(problem)
+    w = w or whiten(problem, lazy=True)        # (one-column groups: M's columns read from the statistics)
     C = problem.n_channels
     # (k channels hold at most the k widest channels' columns: the basis is sized for them up front)
     st = _forward_state(w, None if k is None else int(np.sort(np.diff(w.starts))[::-1][:k].sum()))
@@ -535,7 +545,7 @@ def forward_path(problem: SelectionProblem, k_max: int | None = None, *, batch: 
     """
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise InvalidInputError(f"batch must be an integer >= 1; got {batch!r}")
-    w = whiten(problem)
+    w = whiten(problem, lazy=True)
     C = problem.n_channels
     k_max = C if k_max is None else problem.check_k(k_max)
     st = _forward_state(w)
@@ -567,7 +577,7 @@ def backward_mask(problem: SelectionProblem, k: int | None, budget: float | None
     At ``deadline`` (``time.perf_counter``) it stops scoring one at a time and drops, by the last
     scores, as many channels as still have to go (a time-limited caller still gets a feasible set).
     """
-    w = w or whiten(problem)
+    w = densified(w) if w is not None else whiten(problem)
     C = problem.n_channels
     costs = problem.costs
     keep = np.ones(C, dtype=bool)
@@ -680,7 +690,7 @@ def select_backward(problem: SelectionProblem, *, k: int | None = None, budget: 
     """
     start = time.perf_counter()
     deadline = None if time_limit is None else start + float(time_limit) - refit_seconds(problem, k)
-    w = whiten(problem)
+    w = whiten(problem, lazy=True)
     r = w.M.shape[0]
     if not fits(1.5 * r ** 3, deadline):
         # The r×r inverse backward starts from could not finish in time (e.g. r = 11,008: ~2 min on
@@ -689,10 +699,10 @@ def select_backward(problem: SelectionProblem, *, k: int | None = None, budget: 
         return result_from_mask(problem, mask, method="backward", start=start, iterations=int(mask.sum()),
                                 status=Status.TIME_LIMIT,
                                 info={"fallback": "forward selection: the r×r inverse would overrun time_limit"})
-    mask = backward_mask(problem, k, budget, w=w, deadline=deadline)
+    mask = backward_mask(problem, k, budget, w=densified(w), deadline=deadline)
     return result_from_mask(problem, mask, method="backward", start=start,
                             iterations=int(problem.n_channels - mask.sum()), status=_status(deadline))
 
 
-__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "whiten", "Whitened",
+__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "whiten", "Whitened", "densified",
            "fits", "refit_seconds"]

@@ -404,7 +404,7 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
             beta[idx] = x
         return beta
 
-    def walk(A: np.ndarray, s: np.ndarray, cur: float, up: bool, room: int, k: int) -> float | None:
+    def walk(A: np.ndarray, s: np.ndarray, cur: float, up: bool, room: int, k: int, found: dict) -> float | None:
         n0 = int(A.sum())
         work = n0 ** 3 / 3.0 + 2.0 * n0 * C           # (the starting factor and its rows)
         if work > PREDICT_WORK or (deadline is not None and time.perf_counter() > deadline):
@@ -420,12 +420,12 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
             ev, piece = next_event(chol, s, cur, up)
             if count == k:
                 mid = (cur * 1.1 if up else cur / 1.1) if ev is None else math.sqrt(cur * ev[0])
-                predict.last = (mid, refined(chol, s, mid, on_path(mid, piece)))
+                found["last"] = (mid, refined(chol, s, mid, on_path(mid, piece)))
                 return mid
             if ev is None and not up and count < k:
                 # the path ends (λ → 0) with fewer than k channels: the others' correlations with the
                 # residual vanish there (rank-deficient statistics), so no λ keeps k
-                predict.path_end = (cur, on_path(0.5 * cur, piece), count)
+                found["path_end"] = (cur, on_path(0.5 * cur, piece), count)
                 return None
             if ev is None or (count > k) != up:
                 return None  # the walk overshot k or ran out of events
@@ -439,21 +439,34 @@ def kkt_predictor(Q: np.ndarray, q: np.ndarray, deadline: float | None = None
                 s[j] = 0.0
         return None
 
-    def predict(lam: float, beta: np.ndarray, k: int) -> float | None:
-        predict.last = predict.path_end = None
+    return _PathPredictor(walk, C)
+
+
+class _PathPredictor:
+    """What :func:`kkt_predictor` returns: ``predict(λ, β, k)`` with ``.last`` and ``.path_end``. (An object that
+    the walk's closure does not reference: a nested function setting its own attributes is a reference cycle, and
+    kept the closure's C×C ``Q`` alive after the call until the garbage collector ran, measured as one more C×C
+    beside exact's root at C = 2,048.)"""
+
+    def __init__(self, walk, C: int):
+        self._walk, self._C = walk, C
+        self.last = self.path_end = None
+
+    def __call__(self, lam: float, beta: np.ndarray, k: int) -> float | None:
+        self.last = self.path_end = None
         A = survivors(beta)
         s = np.sign(beta) * A
         room = max(int(A.sum()), k) + 2
-        if 8 * room * C > 2**30:  # the active rows of Q would take over 1 GiB: let the solver search
+        if 8 * room * self._C > 2**30:  # the active rows of Q would take over 1 GiB: let the solver search
             return None
+        found: dict = {}
         try:
             with one_blas_thread():  # an event is a few small products: threads only add latency
-                return walk(A, s, lam, int(A.sum()) > k, room, k)  # too many channels: raise λ
+                return self._walk(A, s, lam, int(A.sum()) > k, room, k, found)  # too many channels: raise λ
         except (np.linalg.LinAlgError, ValueError):
             return None
-
-    predict.last = predict.path_end = None
-    return predict
+        finally:
+            self.last, self.path_end = found.get("last"), found.get("path_end")
 
 
 # ---------------------------------------------------------------------------------- cvxpy model

@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from solvers.selection.baselines import result_from_mask
-from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, fits, forward_mask, refit_seconds,
-                                      whiten)
+from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, densified, fits, forward_mask,
+                                      refit_seconds, whiten)
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
 
@@ -243,7 +243,7 @@ def swap_search(problem: SelectionProblem, mask: np.ndarray, *, budget: float | 
     optimum (no swap lowers the error by more than ``MIN_GAIN``·‖Y‖²), after ``max_swaps``, or at
     ``deadline`` (``time.perf_counter`` seconds). Never returns a set with a larger refit error.
     """
-    w = w or whiten(problem)
+    w = w or whiten(problem, lazy=True)
     start_mask = np.asarray(mask, bool).copy()
     if start_mask.all() or not start_mask.any():
         return start_mask, 0
@@ -295,12 +295,13 @@ def select_swap(problem: SelectionProblem, *, k: int | None = None, budget: floa
     """
     start = time.perf_counter()
     deadline = None if time_limit is None else start + float(time_limit) - refit_seconds(problem, k)
-    w = whiten(problem)
+    w = whiten(problem, lazy=True)          # (one-column groups past 2,000 channels: no r×r copy while nothing needs it)
     r = w.M.shape[0]
     starts = {}
     # (each start and the swap state begin with an uninterruptible dense inverse: skipped when it
     # cannot finish before the deadline, so that the time limit holds at thousands of channels)
     if fits(1.5 * r ** 3, deadline):
+        w = densified(w)
         starts["backward"] = backward_mask(problem, k, budget, w=w, deadline=deadline)
     if deadline is None or time.perf_counter() < deadline or not starts:
         starts["greedy"] = forward_mask(problem, k, budget, w=w, deadline=deadline)

@@ -475,3 +475,31 @@ def test_the_shifts_check_is_not_started_when_the_first_factorization_says_it_wo
     timing = {}
     ex._lambda_min(np.eye(3500), timing)                    # (the inverse iteration's branch times its factor)
     assert timing["factor_s"] > 0
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_panel_factorizations_certify_the_same_shifts_as_lapack(lazy, monkeypatch):
+    """Past ``PANEL_MIN_COLUMNS`` the shift's check and λ_min's estimate factor in panels (half the memory),
+    reading a lazily whitened ``M`` panel by panel: the same certified shifts and the same estimate as one
+    LAPACK factorization of the whole matrix; a shift past λ_min is shrunk to the same one."""
+    import solvers.selection.exact as ex
+    import solvers.selection.greedy as gr
+
+    rng = np.random.default_rng(4)
+    C, n = 420, 1400
+    Z = rng.normal(size=(n, C)) @ (np.eye(C) + 0.05 * rng.normal(size=(C, C)))
+    p = SelectionProblem.from_data(Z, Z[:, :8] @ rng.normal(size=(8, 3)), rng.permutation(C))
+    monkeypatch.setattr(gr, "WHITEN_VECTOR_MIN_CHANNELS", 0 if lazy else 10**9)
+    w = whiten(p, lazy=True)
+    lam = float(np.linalg.eigvalsh(np.asarray(w.M))[0])
+    t = np.full(C, 0.9 * lam)
+    monkeypatch.setattr(ex, "PANEL_MIN_COLUMNS", 10**9)
+    lapack_ok, lapack_bad = ex._with_margin(w.M, w.col_group, t), ex._with_margin(w.M, w.col_group, 1.2 * t)
+    monkeypatch.setattr(ex, "PANEL_MIN_COLUMNS", 100)
+    assert np.array_equal(ex._with_margin(w.M, w.col_group, t), lapack_ok) and np.array_equal(lapack_ok, t)
+    assert np.array_equal(ex._with_margin(w.M, w.col_group, 1.2 * t), lapack_bad) and np.all(lapack_bad < 1.2 * t)
+    cf = ex._factor_shifted(w.M, 0.5 * lam)
+    assert isinstance(cf, ex.PanelCholesky)
+    v = rng.normal(size=C)
+    np.testing.assert_allclose(ex._solve_factored(cf, v), np.linalg.solve(np.asarray(w.M) - 0.5 * lam * np.eye(C), v),
+                               rtol=1e-8)
