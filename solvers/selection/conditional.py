@@ -88,7 +88,8 @@ def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_
     A = base.copy()
     A[np.diag_indices_from(A)] -= MARGIN
     try:
-        Lf = scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
+        # (A symmetric: its transpose is in LAPACK's order, factored in place instead of copied first)
+        Lf = scipy.linalg.cholesky(A.T, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
     tN = tc_root[idxN]
@@ -104,7 +105,7 @@ def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_
         A = base.copy()
         A[np.diag_indices_from(A)] -= np.r_[np.zeros(nF), delta * direction] + MARGIN
         try:
-            scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
+            scipy.linalg.cholesky(A.T, lower=True, overwrite_a=True, check_finite=False)
             break
         except np.linalg.LinAlgError:
             delta *= BACKOFF

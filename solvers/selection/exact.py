@@ -436,7 +436,9 @@ class Relaxation:
         A[np.diag_indices_from(A)] += ridge
         BT = self.w.B[T]
         try:
-            W[T] = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, overwrite_a=True, check_finite=False), BT,
+            # (A is a fresh gather and symmetric: its transpose is in LAPACK's order and is factored in place; A
+            # itself would be copied first, one more |T|×|T|)
+            W[T] = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A.T, overwrite_a=True, check_finite=False), BT,
                                           check_finite=False)
             self._recent = [(W, T, ridge)] + self._recent[:1]
         except (np.linalg.LinAlgError, ValueError):
@@ -1470,7 +1472,7 @@ def _inherited_shift(w: Whitened, whitening: list[np.ndarray], D: list[np.ndarra
         A = w.M - scale * shift
         A[np.diag_indices_from(A)] -= Q_MARGIN
         try:
-            scipy.linalg.cholesky(A, lower=True, overwrite_a=True, check_finite=False)
+            scipy.linalg.cholesky(A.T, lower=True, overwrite_a=True, check_finite=False)   # (in place: symmetric)
             return U, scale * d
         except np.linalg.LinAlgError:
             continue
@@ -1769,7 +1771,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     if _inherit is not None and _affordable(w.M.shape[0], 4.0, deadline):
         inherited = _inherited_shift(w, whitening, _inherit)
     shift_fits = inherited is None and _affordable(w.M.shape[0], 4.0, deadline)
-    if shift_fits:
+    if shift_fits and not one_column_ascent:
         w = densified(w)             # (the shift search, the root and the tree read all of M, many times)
     if inherited is not None:
         # (a cheap restart: the parent root's shifts, valid for the Schur complement; no shift search)

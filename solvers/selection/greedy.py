@@ -573,16 +573,22 @@ def backward_mask(problem: SelectionProblem, k: int | None, budget: float | None
     """Backward elimination from every channel until ``|S| <= k`` and ``Σ cost <= budget``.
 
     Keeps ``(M + εI)⁻¹`` at full size, downdated in place (removed rows and columns become zero), and
-    scores every kept channel at once (batched r_g×r_g solves): O(r²·r_g) per step, one r×r of memory.
+    scores every kept channel at once (batched r_g×r_g solves): O(r²·r_g) per step, one r×r of memory
+    (beside the whitened M's, none for a lazy one).
     At ``deadline`` (``time.perf_counter``) it stops scoring one at a time and drops, by the last
     scores, as many channels as still have to go (a time-limited caller still gets a feasible set).
     """
-    w = densified(w) if w is not None else whiten(problem)
+    w = w if w is not None else whiten(problem, lazy=True)
     C = problem.n_channels
     costs = problem.costs
     keep = np.ones(C, dtype=bool)
     r = w.M.shape[0]
-    Minv = np.linalg.inv(w.M + BACKWARD_RIDGE * np.eye(r))
+    # (M + εI)⁻¹ in one r×r: a fresh M (a lazy one's dense build), the ridge on its diagonal, inverted in place
+    # by LAPACK in its own order (np.linalg.inv(M + ε·np.eye(r)) held four: M, the eye, the sum and the inverse)
+    A = w.M.copy()
+    A[np.diag_indices(r)] += BACKWARD_RIDGE
+    Minv = scipy.linalg.inv(A.T, overwrite_a=True, check_finite=False).T if r else A
+    del A
     W = Minv @ w.B
     idx = _padded_index(w)
     rmax = idx.shape[1]
@@ -699,7 +705,7 @@ def select_backward(problem: SelectionProblem, *, k: int | None = None, budget: 
         return result_from_mask(problem, mask, method="backward", start=start, iterations=int(mask.sum()),
                                 status=Status.TIME_LIMIT,
                                 info={"fallback": "forward selection: the r×r inverse would overrun time_limit"})
-    mask = backward_mask(problem, k, budget, w=densified(w), deadline=deadline)
+    mask = backward_mask(problem, k, budget, w=w, deadline=deadline)
     return result_from_mask(problem, mask, method="backward", start=start,
                             iterations=int(problem.n_channels - mask.sum()), status=_status(deadline))
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from solvers.selection.baselines import result_from_mask
-from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, densified, fits, forward_mask,
+from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, fits, forward_mask,
                                       refit_seconds, whiten)
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
@@ -301,7 +301,6 @@ def select_swap(problem: SelectionProblem, *, k: int | None = None, budget: floa
     # (each start and the swap state begin with an uninterruptible dense inverse: skipped when it
     # cannot finish before the deadline, so that the time limit holds at thousands of channels)
     if fits(1.5 * r ** 3, deadline):
-        w = densified(w)
         starts["backward"] = backward_mask(problem, k, budget, w=w, deadline=deadline)
     if deadline is None or time.perf_counter() < deadline or not starts:
         starts["greedy"] = forward_mask(problem, k, budget, w=w, deadline=deadline)

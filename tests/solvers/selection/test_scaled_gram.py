@@ -60,7 +60,7 @@ def test_the_statistics_are_never_written(monkeypatch):
     assert np.array_equal(p.gram, before)
 
 
-@pytest.mark.parametrize("method", ["greedy", "backward", "swap", "exact", "exact-ascent"])
+@pytest.mark.parametrize("method", ["greedy", "backward", "swap", "exact", "exact-ascent", "exact-one-column"])
 @pytest.mark.parametrize("budget", [False, True])
 def test_methods_choose_the_same_channels_with_the_lazy_gram(method, budget, monkeypatch):
     """Every method whitens one-column groups lazily past the threshold: the same sets as with the dense matrix
@@ -68,6 +68,9 @@ def test_methods_choose_the_same_channels_with_the_lazy_gram(method, budget, mon
     import solvers.selection.exact as ex
 
     p = _problem(24, 120, dead=True, shuffled=True, seed=3)
+    if method == "exact-one-column":      # (the Newton shifts, root, cuts and tree of large one-column layers: lazy M)
+        monkeypatch.setattr(ex, "ONE_COLUMN_ASCENT_MIN", 0)
+        method = "exact"
     if method == "exact-ascent":          # (as if no root relaxation fitted the limit: test_exact's _root_never_fits)
         monkeypatch.setattr(ex, "FLOP_RATE", 1e-3)
         method = "exact"
