@@ -83,29 +83,36 @@ def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_
         return None
     idx = np.r_[idxF, idxN]
     nF = idxF.size
-    base = M[np.ix_(idx, idx)]
-    base[np.diag_indices_from(base)] -= np.r_[np.zeros(nF), tc_root[idxN]]
-    A = base.copy()
-    A[np.diag_indices_from(A)] -= MARGIN
+    tN = tc_root[idxN]
+
+    def shifted(extra: np.ndarray | float) -> np.ndarray:
+        # (M_TT − diag(0_F, tc_root_N) − extra, gathered afresh for every factorization: one |T|×|T| beside M
+        # where a kept copy to restart from made two)
+        A = M[np.ix_(idx, idx)]
+        A[np.diag_indices_from(A)] -= np.r_[np.zeros(nF), tN]
+        A[np.diag_indices_from(A)] -= extra
+        return A
+
     try:
         # (A symmetric: its transpose is in LAPACK's order, factored in place instead of copied first)
-        Lf = scipy.linalg.cholesky(A.T, lower=True, overwrite_a=True, check_finite=False)
+        Lf = scipy.linalg.cholesky(shifted(MARGIN).T, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
-    tN = tc_root[idxN]
     # direction of the increase: the root shift itself (keeps its shape across channels) or uniform
     direction = tN if proportional and np.all(tN > 0) else np.ones(idxN.size)
-    Lnn = Lf[nF:, nF:] / np.sqrt(direction)[:, None]   # λ_min(Lnn Lnnᵀ) = max δ: Schur ⪰ δ·diag(direction)
+    # λ_min(Lnn Lnnᵀ) = max δ: Schur ⪰ δ·diag(direction); (in LAPACK's order: the solves read it without copies)
+    Lnn = Lf[nF:, nF:] if nF == 0 else np.asfortranarray(Lf[nF:, nF:])
+    del Lf
+    Lnn /= np.sqrt(direction)[:, None]
     est = _lambda_min_trailing(Lnn, np.random.default_rng(seed))
-    del Lf, Lnn
+    del Lnn
     delta = FIRST_TRY * est
     tries = 0
     while delta * direction.max() > MARGIN and tries < MAX_TRIES:
         tries += 1
-        A = base.copy()
-        A[np.diag_indices_from(A)] -= np.r_[np.zeros(nF), delta * direction] + MARGIN
         try:
-            scipy.linalg.cholesky(A.T, lower=True, overwrite_a=True, check_finite=False)
+            scipy.linalg.cholesky(shifted(np.r_[np.zeros(nF), delta * direction] + MARGIN).T, lower=True,
+                                  overwrite_a=True, check_finite=False)
             break
         except np.linalg.LinAlgError:
             delta *= BACKOFF

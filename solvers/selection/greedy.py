@@ -116,15 +116,17 @@ class Whitened:
         cm = self.col_mask(mask)
         if not cm.any():
             return 0.0
-        return _explained(self.M[np.ix_(cm, cm)], self.B[cm])
+        return _explained(lambda: self.M[np.ix_(cm, cm)], self.B[cm])
 
 
-def _explained(M: np.ndarray, B: np.ndarray) -> float:
+def _explained(gather, B: np.ndarray) -> float:
+    """``tr(Bᵀ M_SS⁻¹ B)`` with ``gather()`` a fresh ``M_SS``: factored in place through its transpose (symmetric,
+    in LAPACK's order: no second copy), gathered again for the least-squares fallback when it is singular."""
     try:
-        c = scipy.linalg.cho_factor(M, check_finite=False)
+        c = scipy.linalg.cho_factor(gather().T, overwrite_a=True, check_finite=False)
         X = scipy.linalg.cho_solve(c, B, check_finite=False)
     except np.linalg.LinAlgError:
-        X = scipy.linalg.lstsq(M, B, cond=1e-12, check_finite=False)[0]
+        X = scipy.linalg.lstsq(gather(), B, cond=1e-12, check_finite=False)[0]
     return float(np.sum(B * X))
 
 
