@@ -81,7 +81,7 @@ from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import Whitened, backward_mask, densified, forward_mask, refit_seconds, whiten
 from solvers.selection.panel_cholesky import PanelCholesky
-from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _blocks_to_matrix, _inv_spd, blocks,
+from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks,
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.restart import reduce_problem
@@ -1467,9 +1467,12 @@ def _inherited_shift(w: Whitened, whitening: list[np.ndarray], D: list[np.ndarra
     Dw = [T.T @ Dg @ T if T.size else np.zeros((0, 0)) for T, Dg in zip(whitening, D)]
     U, d = eig_blocks(Dw)
     d = np.maximum(d, 0.0)
-    shift = _blocks_to_matrix(w, blocks(w, U, d))
+    Db = blocks(w, U, d)
     for scale in (1.0, 0.99, 0.9):
-        A = w.M - scale * shift
+        A = w.M.copy()                    # (one r×r: the blocks subtracted in place, no r×r matrix of them)
+        for g in range(w.n_channels):
+            sl = w.cols(g)
+            A[sl, sl] -= scale * Db[g]
         A[np.diag_indices_from(A)] -= Q_MARGIN
         try:
             scipy.linalg.cholesky(A.T, lower=True, overwrite_a=True, check_finite=False)   # (in place: symmetric)
@@ -1700,7 +1703,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     bound_kind = bound
 
     if _inherit is not None:
-        w, whitening = whiten(problem, transforms=True)
+        w, whitening = whiten(problem, transforms=True, lazy=True)
     else:
         # (large one-column groups: M read from the statistics until the root relaxation needs all of it; the
         # fallback ascent never does, and keeps only the r×r it factors)

@@ -55,8 +55,11 @@ BACKWARD_RIDGE = 1e-10
 # order (C = 2,048 in 64 rounds: 2.5e-5 relative worse; a 3×3 C = 512 in 4 rounds: 10 % worse).
 FORWARD_BATCH_MIN_CHANNELS = 4096
 FORWARD_ROUNDS = 64
-# Whitening of one-column groups past this many channels is one vectorized pass (see _whiten_one_column).
+# Whitening of one-column groups past this many channels is one vectorized pass (see _whiten_one_column), and
+# past LAZY_MIN_CHANNELS a view when the caller asks for one (``whiten(lazy=True)``: at 1,000 channels M is 8 MB;
+# exact's restarts at C = 2,048 reduce to ~1,700).
 WHITEN_VECTOR_MIN_CHANNELS = 2000
+LAZY_MIN_CHANNELS = 1000
 # Assumed speed (flop/s, one core) when deciding whether an uninterruptible dense step (an r×r
 # inverse) still fits before a deadline; the same figure as exact.FLOP_RATE.
 FLOP_RATE = 1e10
@@ -140,13 +143,13 @@ def whiten(problem: SelectionProblem, *, transforms: bool = False, lazy: bool = 
     With ``transforms=True`` returns ``(w, T)``: ``T[g]`` (q_g × r_g) maps channel ``g``'s whitened
     coordinates to its original columns (in the problem's column order within the channel).
 
-    With ``lazy=True`` a group of one column per channel past ``WHITEN_VECTOR_MIN_CHANNELS`` channels gets
+    With ``lazy=True`` a group of one column per channel past ``LAZY_MIN_CHANNELS`` channels gets
     ``M`` as a :class:`ScaledGram` (read from ``problem.gram`` on access: no memory); :func:`densified` turns it
     into the array where a method needs all of it.
     """
     G, Bx, groups, C = problem.gram, problem.cross, problem.groups, problem.n_channels
     order = np.argsort(groups, kind="stable")                    # columns grouped by channel
-    if C and C == G.shape[0] and C > WHITEN_VECTOR_MIN_CHANNELS:
+    if C and C == G.shape[0] and (C > WHITEN_VECTOR_MIN_CHANNELS or (lazy and C > LAZY_MIN_CHANNELS)):
         return _whiten_one_column(problem, order, transforms, lazy)
     bounds = np.searchsorted(groups[order], np.arange(C + 1))
     M = G[np.ix_(order, order)] if np.any(order != np.arange(order.size)) else G.copy()

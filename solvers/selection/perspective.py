@@ -56,7 +56,11 @@ FIRST_PATIENCE = 12
 
 
 def rotate(w: Whitened, U: list[np.ndarray]) -> Whitened:
-    """The same problem with channel ``g``'s whitened columns rotated by the orthogonal ``U[g]``."""
+    """The same problem with channel ``g``'s whitened columns rotated by the orthogonal ``U[g]``.
+
+    ``w`` itself when every ``U[g]`` is the identity (one-column channels always: a lazy ``M`` stays lazy)."""
+    if all(np.array_equal(u, np.eye(u.shape[0])) for u in U):
+        return w
     M = w.M.copy()
     B = w.B.copy()
     for g in range(w.n_channels):
