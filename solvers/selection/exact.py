@@ -1705,8 +1705,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     if _inherit is not None:
         w, whitening = whiten(problem, transforms=True, lazy=True)
     else:
-        # (large one-column groups: M read from the statistics until the root relaxation needs all of it; the
-        # fallback ascent never does, and keeps only the r×r it factors)
+        # (large one-column groups: M read from the statistics throughout — warm start, Newton shifts, root, cuts,
+        # tree, the fallback ascent — made an array only for the block shifts' root, below)
         w = whiten(problem, lazy=True)
     C = problem.n_channels
     c = problem.target_sq
@@ -1775,7 +1775,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         inherited = _inherited_shift(w, whitening, _inherit)
     shift_fits = inherited is None and _affordable(w.M.shape[0], 4.0, deadline)
     if shift_fits and not one_column_ascent:
-        w = densified(w)             # (the shift search, the root and the tree read all of M, many times)
+        w = densified(w)             # (the block shift search subtracts and factors all of M, many times)
     if inherited is not None:
         # (a cheap restart: the parent root's shifts, valid for the Schur complement; no shift search)
         t = np.zeros(C)
