@@ -101,7 +101,7 @@ def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_
     # direction of the increase: the root shift itself (keeps its shape across channels) or uniform
     direction = tN if proportional and np.all(tN > 0) else np.ones(idxN.size)
     # λ_min(Lnn Lnnᵀ) = max δ: Schur ⪰ δ·diag(direction); (in LAPACK's order: the solves read it without copies)
-    Lnn = Lf[nF:, nF:] if nF == 0 else np.asfortranarray(Lf[nF:, nF:])
+    Lnn = np.asfortranarray(Lf[nF:, nF:])                 # (Lf itself when nothing is fixed in: no copy)
     del Lf
     Lnn /= np.sqrt(direction)[:, None]
     est = _lambda_min_trailing(Lnn, np.random.default_rng(seed))

@@ -34,8 +34,9 @@ import scipy.linalg
 
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
+from solvers.selection.linalg import symmetrize_in_place
 from solvers.selection.problem import SelectionProblem
-from solvers.selection.scaled_gram import ScaledGram, dense_gram
+from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
 
 # Directions of a channel's span with energy below this fraction of the channel's largest are
@@ -181,7 +182,8 @@ def whiten(problem: SelectionProblem, *, transforms: bool = False, lazy: bool = 
     if kept.size < M.shape[0]:                                     # rank-deficient channels: compress
         M = M[np.ix_(kept, kept)]
         B = B[kept]
-    M = 0.5 * (M + M.T) if M.shape[0] <= 4096 else M              # (large: the blocks keep it symmetric)
+    if M.shape[0] <= 4096:                                         # (large: the blocks keep it symmetric)
+        symmetrize_in_place(M)
     for g in range(C):  # exact identity blocks (they are, up to round-off)
         s = slice(starts[g], starts[g + 1])
         M[s, s] = np.eye(starts[g + 1] - starts[g])
@@ -195,7 +197,7 @@ def densified(w: Whitened) -> Whitened:
     of ``M``, or read it entry by entry many times over."""
     if not isinstance(w.M, ScaledGram):
         return w
-    return Whitened(M=dense_gram(w.M), B=w.B, target_sq=w.target_sq, col_group=w.col_group, starts=w.starts)
+    return Whitened(M=w.M.dense(), B=w.B, target_sq=w.target_sq, col_group=w.col_group, starts=w.starts)
 
 
 def _whiten_one_column(problem: SelectionProblem, order: np.ndarray, transforms: bool, lazy: bool = False):
@@ -715,5 +717,5 @@ def select_backward(problem: SelectionProblem, *, k: int | None = None, budget: 
                             iterations=int(problem.n_channels - mask.sum()), status=_status(deadline))
 
 
-__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "whiten", "Whitened", "densified",
-           "fits", "refit_seconds"]
+__all__ = ["select_greedy", "select_backward", "forward_mask", "forward_path", "backward_mask", "whiten", "Whitened",
+           "densified", "fits", "refit_seconds"]

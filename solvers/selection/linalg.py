@@ -13,7 +13,8 @@ import contextlib
 
 import numpy as np
 
-__all__ = ["MAX_PRODUCT_BYTES", "chunked_product", "gram_of_rows", "diagonal_blocks", "one_blas_thread"]
+__all__ = ["MAX_PRODUCT_BYTES", "chunked_product", "gram_of_rows", "diagonal_blocks", "one_blas_thread",
+           "symmetrize_in_place"]
 
 #: Largest output of one BLAS product (bytes of float64); larger products are done in row blocks.
 MAX_PRODUCT_BYTES = 256 * 2**20
@@ -52,6 +53,17 @@ def gram_of_rows(a: np.ndarray) -> np.ndarray:
         np.matmul(a[i:j], a[i:].T, out=out[i:j, i:])
         out[j:, i:j] = out[i:j, j:].T
     return out
+
+
+def symmetrize_in_place(A: np.ndarray, block: int = 512) -> None:
+    """``A ← (A + Aᵀ)/2`` in place, by pairs of square blocks: b×b temporaries where the expression holds two
+    more n×n arrays. Each entry is ``0.5·(A_ij + A_ji)``, bit for bit the expression's."""
+    n = A.shape[0]
+    for i in range(0, n, block):
+        for j in range(0, i + 1, block):
+            s = 0.5 * (A[i:i + block, j:j + block] + A[j:j + block, i:i + block].T)
+            A[i:i + block, j:j + block] = s
+            A[j:j + block, i:i + block] = s.T
 
 
 def diagonal_blocks(gram: np.ndarray) -> list[tuple[int, int]]:

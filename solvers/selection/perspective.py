@@ -45,6 +45,7 @@ import time
 import numpy as np
 
 from solvers.selection.greedy import Whitened
+from solvers.selection.linalg import symmetrize_in_place
 
 # Smallest eigenvalue kept in M − D and in each D_g (whitened units), as in exact.Q_MARGIN.
 MARGIN = 1e-9
@@ -72,7 +73,7 @@ def rotate(w: Whitened, U: list[np.ndarray]) -> Whitened:
         if sl.stop > sl.start:
             M[sl, :] = U[g].T @ M[sl, :]
             B[sl] = U[g].T @ B[sl]
-    M = 0.5 * (M + M.T)
+    symmetrize_in_place(M)
     for g in range(w.n_channels):
         sl = w.cols(g)
         M[sl, sl] = np.eye(sl.stop - sl.start)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.selection.greedy import Whitened, _rank_update
+from solvers.selection.linalg import symmetrize_in_place
 from solvers.selection.problem import SelectionProblem, solve_psd
 
 
@@ -58,16 +59,6 @@ class ReducedProblem:
         full = self.fixed_in.copy()
         full[self.free[np.asarray(mask, bool)]] = True
         return full
-
-
-def _symmetrize(A: np.ndarray, block: int = 512) -> None:
-    """``A ← (A + Aᵀ)/2`` in place, block pair by block pair (the expression held two more n×n arrays)."""
-    n = A.shape[0]
-    for i in range(0, n, block):
-        for j in range(0, i + 1, block):
-            s = 0.5 * (A[i:i + block, j:j + block] + A[j:j + block, i:i + block].T)
-            A[i:i + block, j:j + block] = s
-            A[j:j + block, i:i + block] = s.T
 
 
 def reduce_problem(w: Whitened, costs: np.ndarray, fixed_in: np.ndarray, fixed_out: np.ndarray,
@@ -99,7 +90,7 @@ def reduce_problem(w: Whitened, costs: np.ndarray, fixed_in: np.ndarray, fixed_o
         c -= float(np.sum(w.B[F] * X[:, n:]))
         _rank_update(M_NN, M_NF, X[:, :n])      # (M_NN −= M_NF X_N in place: no n×n product beside it)
         del M_NF, X
-        _symmetrize(M_NN)
+        symmetrize_in_place(M_NN)
     if not c > 1e-12 * w.target_sq:
         return None
     remap = np.full(C, -1, np.int64)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ScaledGram", "dense_gram"]
+__all__ = ["ScaledGram"]
 
 _BLOCK_ENTRIES = 1 << 20        # entries of G gathered and scaled at a time (8 MB of float64)
 
@@ -150,7 +150,3 @@ class ScaledGram:
     def __array__(self, dtype=None, copy=None):
         return self.dense(np.float64 if dtype is None else dtype)
 
-
-def dense_gram(M) -> np.ndarray:
-    """``M`` as an ndarray: itself when it is one, else the dense matrix of a :class:`ScaledGram`."""
-    return M.dense() if isinstance(M, ScaledGram) else M

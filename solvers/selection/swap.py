@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from solvers.selection.baselines import result_from_mask
-from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, fits, forward_mask,
-                                      refit_seconds, whiten)
+from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, fits, forward_mask, refit_seconds,
+                                      whiten)
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
 
@@ -295,7 +295,7 @@ def select_swap(problem: SelectionProblem, *, k: int | None = None, budget: floa
     """
     start = time.perf_counter()
     deadline = None if time_limit is None else start + float(time_limit) - refit_seconds(problem, k)
-    w = whiten(problem, lazy=True)          # (one-column groups past 2,000 channels: no r×r copy while nothing needs it)
+    w = whiten(problem, lazy=True)          # (one-column groups past 1,000 channels: no r×r copy while nothing needs it)
     r = w.M.shape[0]
     starts = {}
     # (each start and the swap state begin with an uninterruptible dense inverse: skipped when it

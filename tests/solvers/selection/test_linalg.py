@@ -6,7 +6,7 @@ import scipy.linalg
 
 from solvers.selection import linalg
 from solvers.selection.lasso import channel_gram
-from solvers.selection.linalg import chunked_product, diagonal_blocks, gram_of_rows
+from solvers.selection.linalg import chunked_product, diagonal_blocks, gram_of_rows, symmetrize_in_place
 from solvers.selection.problem import SelectionProblem
 
 
@@ -88,3 +88,15 @@ def test_refit_and_errors_block_by_block_equal_the_dense_formulas():
     other = rng.standard_normal(B.shape)  # arbitrary weights, not block-structured
     other[rng.random(other.shape[0]) < 0.5] = 0.0
     np.testing.assert_allclose(p.error_of(other), max(err(other), 0.0), rtol=1e-9)
+
+
+def test_in_place_symmetrization_equals_the_expression():
+    """Bit for bit ``(A + Aᵀ)/2``, with ragged blocks; the Gram's symmetrized copy is the same."""
+    from solvers.selection.problem import _symmetric
+
+    A = np.random.default_rng(0).normal(size=(23, 23))
+    expected = 0.5 * (A + A.T)
+    copy = _symmetric(A, block=4)
+    symmetrize_in_place(A, block=5)
+    assert np.array_equal(A, expected) and np.array_equal(copy, expected)
+    assert _symmetric(A) is A                      # (already symmetric: no copy)

@@ -166,15 +166,6 @@ def test_an_inherited_shift_is_valid_for_the_schur_complement():
     assert ex._inherited_shift(wr, T, [too_big[g] for g in red.free]) is None
 
 
-def test_in_place_symmetrization_equals_the_expression():
-    from solvers.selection.restart import _symmetrize
-
-    A = np.random.default_rng(0).normal(size=(23, 23))
-    expected = 0.5 * (A + A.T)
-    _symmetrize(A, block=5)
-    assert np.array_equal(A, expected)
-
-
 def test_a_lazy_one_column_gram_reduces_to_the_same_problem(monkeypatch):
     """Large one-column groups keep M as a view of the statistics (ScaledGram): the reduced problem (Schur
     complement updated in place) is the dense one's, and the cheap restart's identity bases keep it a view."""
