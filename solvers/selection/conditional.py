@@ -29,7 +29,8 @@ bound needs 61 nodes instead of 153 (C = 128: optimal in 240 s instead of a 5.3 
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
+
+from solvers.selection.panel_cholesky import PANEL_MIN_COLUMNS, LapackCholesky, factor_principal
 
 # Smallest eigenvalue kept in the verified matrix (whitened units), as exact.Q_MARGIN.
 MARGIN = 1e-9
@@ -41,24 +42,28 @@ POWER_STEPS = 30
 MAX_TRIES = 4
 
 
-def _lambda_min_trailing(Lnn: np.ndarray, rng: np.random.Generator) -> float:
-    """Estimate ``λ_min(Lnn Lnnᵀ)`` (from above): Lanczos on the inverse, two triangular solves per step.
+def _lambda_min_trailing(factor, direction: np.ndarray, rng: np.random.Generator) -> float:
+    """Estimate ``λ_min(D^{-1/2} S D^{-1/2})`` (from above) for ``S = Lnn Lnnᵀ`` given by its Cholesky ``factor``
+    (:mod:`solvers.selection.panel_cholesky`) and ``D = diag(direction)``: Lanczos on the inverse, two triangular
+    solves per step.
 
     (Plain inverse power iteration converges too slowly on these clustered spectra: its estimate
     overshoots and every failed verification costs a factorization.)
     """
     import scipy.sparse.linalg
 
-    n = Lnn.shape[0]
-
-    def inv(v):
-        u = scipy.linalg.solve_triangular(Lnn, v, lower=True, check_finite=False)
-        return scipy.linalg.solve_triangular(Lnn, u, lower=True, trans="T", check_finite=False)
+    n = factor.r
+    s = np.sqrt(direction)
 
     if n <= 64:
-        lam = np.linalg.eigvalsh(Lnn @ Lnn.T)[0]
-        return float(max(lam, 0.0))
-    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=inv, dtype=np.float64)
+        if isinstance(factor, LapackCholesky):
+            Ls = factor.L / s[:, None]
+            return float(max(np.linalg.eigvalsh(Ls @ Ls.T)[0], 0.0))
+        inv = s[:, None] * factor.solve(np.diag(s))           # D^{1/2} S⁻¹ D^{1/2}
+        rho = float(np.linalg.eigvalsh((inv + inv.T) / 2.0)[-1])
+        return 1.0 / rho if rho > 0 else 0.0
+    op = scipy.sparse.linalg.LinearOperator((n, n), matvec=lambda v: s * factor.solve(s * v.reshape(-1)),
+                                            dtype=np.float64)
     try:
         rho = float(scipy.sparse.linalg.eigsh(op, k=1, which="LA", tol=1e-4, maxiter=20 * POWER_STEPS,
                                               v0=rng.normal(size=n), return_eigenvectors=False)[0])
@@ -68,13 +73,15 @@ def _lambda_min_trailing(Lnn: np.ndarray, rng: np.random.Generator) -> float:
 
 
 def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_in: np.ndarray,
-               fixed_out: np.ndarray, *, seed: int = 0, proportional: bool = True) -> tuple[np.ndarray, float] | None:
+               fixed_out: np.ndarray, *, seed: int = 0, proportional: bool = True,
+               panel_min: int = PANEL_MIN_COLUMNS) -> tuple[np.ndarray, float] | None:
     """Per-column shifts (r,) valid at the node ``(fixed_in, fixed_out)``, and the extra ``δ`` added.
 
     Columns of fixed-in and fixed-out channels get 0, free columns ``tc_root + δ`` with
     ``M_TT − diag(0_F, tc_root_N + δ) − MARGIN·I ⪰ 0`` checked by Cholesky. ``tc_root`` must itself
     be feasible at the root (``M − diag(tc_root) ⪰ 0``), so ``δ = 0`` always is. Returns None when
     there is nothing free or no factorization succeeds (the caller keeps the root relaxation).
+    Past ``panel_min`` columns of ``T`` the factorizations are :class:`PanelCholesky` panels (half a |T|×|T|).
     """
     F = fixed_in[col_group]
     N = ~(fixed_in | fixed_out)[col_group]
@@ -85,34 +92,25 @@ def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_
     nF = idxF.size
     tN = tc_root[idxN]
 
-    def shifted(extra: np.ndarray | float) -> np.ndarray:
-        # (M_TT − diag(0_F, tc_root_N) − extra, gathered afresh for every factorization: one |T|×|T| beside M
-        # where a kept copy to restart from made two)
-        A = M[np.ix_(idx, idx)]
-        A[np.diag_indices_from(A)] -= np.r_[np.zeros(nF), tN]
-        A[np.diag_indices_from(A)] -= extra
-        return A
+    def factor(extra: np.ndarray | float, split: int | None = None):
+        # (M_TT − diag(0_F, tc_root_N) − extra, gathered afresh for every factorization: no |T|×|T| kept between them)
+        return factor_principal(M, idx, -(np.r_[np.zeros(nF), tN] + extra), panel_min=panel_min, split=split)
 
     try:
-        # (A symmetric: its transpose is in LAPACK's order, factored in place instead of copied first)
-        Lf = scipy.linalg.cholesky(shifted(MARGIN).T, lower=True, overwrite_a=True, check_finite=False)
+        Lf = factor(MARGIN, split=nF)
     except np.linalg.LinAlgError:
         return None
     # direction of the increase: the root shift itself (keeps its shape across channels) or uniform
     direction = tN if proportional and np.all(tN > 0) else np.ones(idxN.size)
-    # λ_min(Lnn Lnnᵀ) = max δ: Schur ⪰ δ·diag(direction); (in LAPACK's order: the solves read it without copies)
-    Lnn = np.asfortranarray(Lf[nF:, nF:])                 # (Lf itself when nothing is fixed in: no copy)
+    # λ_min(Schur in the metric of diag(direction)) = max δ; the Schur complement's factor is Lf's trailing block
+    est = _lambda_min_trailing(Lf.trailing(nF), direction, np.random.default_rng(seed))
     del Lf
-    Lnn /= np.sqrt(direction)[:, None]
-    est = _lambda_min_trailing(Lnn, np.random.default_rng(seed))
-    del Lnn
     delta = FIRST_TRY * est
     tries = 0
     while delta * direction.max() > MARGIN and tries < MAX_TRIES:
         tries += 1
         try:
-            scipy.linalg.cholesky(shifted(np.r_[np.zeros(nF), delta * direction] + MARGIN).T, lower=True,
-                                  overwrite_a=True, check_finite=False)
+            factor(np.r_[np.zeros(nF), delta * direction] + MARGIN)
             break
         except np.linalg.LinAlgError:
             delta *= BACKOFF

@@ -80,11 +80,13 @@ from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import Whitened, backward_mask, densified, forward_mask, refit_seconds, whiten
-from solvers.selection.panel_cholesky import PanelCholesky
+from solvers.selection import panel_cholesky
+from solvers.selection.panel_cholesky import PanelCholesky, factor_principal
 from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks,
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.restart import reduce_problem
+from solvers.selection.scaled_gram import ScaledGram
 from solvers.selection.swap import improve_by_swaps
 from solvers.result import SelectionResult, Status
 
@@ -102,10 +104,10 @@ T_MIN = 1e-9
 # Above this many whitened columns the shift search skips Newton (O(r³) per step) for 0.9·λ_min(M)
 # (C = 512 3×3, r = 4608, still gets Newton: its λ_min is ~200× below the Newton shifts).
 NEWTON_MAX_COLUMNS = 8192
-# Past this many whitened columns the shift's certifying factorization and λ_min's estimate keep their factor as
-# panels of its lower triangle (PanelCholesky: half the memory, at LAPACK's speed; M read panel by panel). The
-# same size as _lambda_min's switch from eigvalsh to the estimate.
-PANEL_MIN_COLUMNS = 3000
+# Past this many columns the shift's certifying factorization, λ_min's estimate, the relaxed solves and the node
+# shifts keep their factor as panels of its lower triangle (PanelCholesky: half the memory, at LAPACK's speed; M
+# read panel by panel).
+PANEL_MIN_COLUMNS = panel_cholesky.PANEL_MIN_COLUMNS
 # Smallest eigenvalue kept in M − T after the Newton search (so Q ⪰ 0 survives round-off).
 Q_MARGIN = 1e-9
 # Bounds are lowered by this much (relative error units) to absorb round-off in L − Σ a z.
@@ -268,26 +270,44 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
                 break
             t_step = time.perf_counter()
             X = _inv_spd(shifted(tl, np.float32 if single else np.float64), overwrite=True)
+            if X is None and single:
+                # (float32 round-off broke the factorization: float64, still inverted in place)
+                X = _inv_spd(shifted(tl), overwrite=True)
             if X is None:
                 X = np.linalg.inv(shifted(tl))
             grad = size[idx] - mu * np.add.reduceat(np.diag(X), first) + mu / tl
             np.multiply(X, X, out=X)
-            H = (np.asarray(X, dtype=np.float64) if singles
-                 else np.add.reduceat(np.add.reduceat(X, first, axis=0), first, axis=1).astype(np.float64))
-            del X
-            H *= -mu
-            H[np.diag_indices_from(H)] -= mu / tl ** 2
-            try:
-                step = np.linalg.solve(H, -grad)
-            except np.linalg.LinAlgError:
-                break
-            del H
+            if singles and single:
+                # (one column per channel past SINGLE_MIN_COLUMNS: the Newton system −H = μ·X∘X + μ/t², SPD, in X's
+                # own memory and precision (float32 unless that failed), factored there; a float64 copy of it and LU's copy of that were 1.3× the
+                # statistics at C = 2,048. The direction only: every step's point is certified in float64 below)
+                X *= mu
+                X[np.diag_indices_from(X)] += (mu / tl ** 2).astype(X.dtype)
+                try:
+                    # (X is symmetric: whichever of X, Xᵀ is in LAPACK's order is factored in place)
+                    cf = scipy.linalg.cho_factor(X if X.flags.f_contiguous else X.T, lower=True, overwrite_a=True,
+                                                 check_finite=False)
+                    step = scipy.linalg.cho_solve(cf, grad.astype(X.dtype), check_finite=False).astype(np.float64)
+                except np.linalg.LinAlgError:
+                    break
+                del X, cf
+            else:
+                H = (np.asarray(X, dtype=np.float64) if singles
+                     else np.add.reduceat(np.add.reduceat(X, first, axis=0), first, axis=1).astype(np.float64))
+                del X
+                H *= -mu
+                H[np.diag_indices_from(H)] -= mu / tl ** 2
+                try:
+                    step = np.linalg.solve(H, -grad)
+                except np.linalg.LinAlgError:
+                    break
+                del H
             a = 1.0
             while a > 1e-10:
                 tn = tl + a * step
                 if np.all(tn > 0):
                     try:
-                        scipy.linalg.cholesky(shifted(tn), lower=True, overwrite_a=True, check_finite=False)
+                        _factor_shifted(M, np.repeat(tn, size[idx].astype(np.int64)))   # (panels past 1,024)
                         break
                     except np.linalg.LinAlgError:
                         pass
@@ -333,24 +353,14 @@ def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = F
 def _factor_shifted(M, shift: np.ndarray | float | None = None):
     """Cholesky factor of ``M − diag(shift)`` (``numpy.linalg.LinAlgError`` when it is not positive definite):
     past ``PANEL_MIN_COLUMNS`` columns a :class:`PanelCholesky` (half the memory of an r×r, M read panel by panel:
-    a :class:`ScaledGram` is never built whole), else ``scipy.linalg.cho_factor``'s ``(c, lower)``."""
-    r = M.shape[0]
-    d = np.broadcast_to(np.asarray(0.0 if shift is None else shift, dtype=np.float64), (r,))
-    if r > PANEL_MIN_COLUMNS:
-        def columns(lo: int, hi: int) -> np.ndarray:
-            P = np.array(M[lo:, lo:hi])              # (a fresh copy: the factorization overwrites it)
-            P[np.arange(hi - lo), np.arange(hi - lo)] -= d[lo:hi]
-            return P
-        return PanelCholesky.factor(columns, r)
-    A = M.copy().T                                # (one r×r copy, factored in place: M is symmetric, and its
-    #                                               transpose is in LAPACK's order, so no second copy is made)
-    A[np.diag_indices_from(A)] -= d
-    return scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
+    a :class:`ScaledGram` is never built whole), else LAPACK's factor of one r×r copy."""
+    return factor_principal(M, None, -np.asarray(0.0 if shift is None else shift, dtype=np.float64),
+                            panel_min=PANEL_MIN_COLUMNS)
 
 
 def _solve_factored(cf, v: np.ndarray) -> np.ndarray:
     """``A⁻¹ v`` with ``cf`` from :func:`_factor_shifted`."""
-    return cf.solve(v) if isinstance(cf, PanelCholesky) else scipy.linalg.cho_solve(cf, v, check_finite=False)
+    return cf.solve(v)
 
 
 def _lambda_min(M: np.ndarray, timing: dict | None = None) -> float:
@@ -418,6 +428,10 @@ class Relaxation:
     def __getstate__(self):
         return {**self.__dict__, "_recent": []}     # (a cache: not worth sending to a worker process)
 
+    def forget(self) -> None:
+        """Drop the cached recent solves (two r×m weights) that :meth:`dual` reuses."""
+        self._recent = []
+
     def solve(self, z: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float]:
         """Relaxed weights ``W(z)`` (r×m) and value ``F(z)`` (energy) at ``z`` in [0, 1]^C.
 
@@ -432,16 +446,15 @@ class Relaxation:
         if not T.any():
             return W, self.c
         ridge = self.tc[T] * (1.0 / zc[T] - 1.0)
-        A = self.w.M[np.ix_(T, T)]
-        A[np.diag_indices_from(A)] += ridge
         BT = self.w.B[T]
         try:
-            # (A is a fresh gather and symmetric: its transpose is in LAPACK's order and is factored in place; A
-            # itself would be copied first, one more |T|×|T|)
-            W[T] = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A.T, overwrite_a=True, check_finite=False), BT,
-                                          check_finite=False)
+            # (M_TT + ridge gathered and factored in place, in panels past PANEL_MIN_COLUMNS: half a |T|×|T|)
+            W[T] = factor_principal(self.w.M, np.flatnonzero(T), ridge, panel_min=PANEL_MIN_COLUMNS,
+                                    lower=False).solve(BT)
             self._recent = [(W, T, ridge)] + self._recent[:1]
         except (np.linalg.LinAlgError, ValueError):
+            A = self.w.M[np.ix_(T, T)]
+            A[np.diag_indices_from(A)] += ridge
             W[T] = scipy.linalg.lstsq(A, BT, cond=1e-12, check_finite=False)[0]
         self.solves += 1
         return W, float(self.c - np.sum(W[T] * BT))
@@ -469,19 +482,19 @@ class Relaxation:
         only when every channel with columns is shifted (an unshifted channel's ``a_g = 0`` needs ``V_g = 0``,
         which only :meth:`solve`'s weights guarantee)."""
         V = self.w.B - QW
-        L = self.c - float(np.sum(W * QW))
-        per_col = np.zeros(V.shape[0])
+        L = self.c - float(np.vdot(W, QW))
         sh = self.tc > 0
-        per_col[sh] = np.sum(V[sh] * V[sh], axis=1) / self.tc[sh]
+        # (row sums of V∘V: one r×m temporary where V[sh] made three; the same sums, bit for bit)
+        per_col = np.where(sh, np.sum(V * V, axis=1) / np.where(sh, self.tc, 1.0), 0.0)
         return L, np.bincount(self.w.col_group, weights=per_col, minlength=self.C), V
 
     def shifted_product(self, W: np.ndarray) -> np.ndarray:
         """``(M − T) W`` (r×m), using only ``W``'s nonzero rows while they are at most half of them (past that
         the gathered ``M[:, T]`` costs more than the zero rows' products: at C = 11,008 it was an r×r copy)."""
         T = np.flatnonzero(np.any(W != 0, axis=1))
-        if 2 * T.size > W.shape[0]:
-            return self.w.M @ W - self.tc[:, None] * W
-        return self.w.M[:, T] @ W[T] - self.tc[:, None] * W
+        out = self.w.M @ W if 2 * T.size > W.shape[0] else self.w.M[:, T] @ W[T]
+        out -= self.tc[:, None] * W
+        return out
 
     def _dual_solved(self, W, T, ridge):
         N = ~T
@@ -490,9 +503,9 @@ class Relaxation:
         V[T] = (ridge + self.tc[T])[:, None] * WT                # B_T − (Q W)_T
         V[N] = self.w.B[N] - self.w.M[np.ix_(N, T)] @ WT if N.any() else 0.0
         L = self.c - float(np.sum(WT * (self.w.B[T] - V[T])))     # ⟨W, QW⟩ with (QW)_T = B_T − V_T
-        per_col = np.zeros(V.shape[0])
         sh = self.tc > 0
-        per_col[sh] = np.sum(V[sh] * V[sh], axis=1) / self.tc[sh]
+        # (row sums of V∘V: one r×m temporary where V[sh] made three; the same sums, bit for bit)
+        per_col = np.where(sh, np.sum(V * V, axis=1) / np.where(sh, self.tc, 1.0), 0.0)
         return L, np.bincount(self.w.col_group, weights=per_col, minlength=self.C)
 
 
@@ -711,34 +724,54 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
     rel, C = S.rel, S.rel.C
     nothing, free = np.zeros(C, bool), np.ones(C, bool)
     g = rel.w.col_group
+    sh = rel.tc > 0
     inv_t = np.zeros(rel.tc.size)
-    inv_t[rel.tc > 0] = 1.0 / rel.tc[rel.tc > 0]
+    inv_t[sh] = 1.0 / rel.tc[sh]
+    W = np.array(W, dtype=np.float64)            # (updated in place below: the caller's array is left alone)
     QW = rel.shifted_product(W)
     L, a, V = rel.minorant(W, QW)
     lb, s = S.bound(L, a, nothing, free)
+    WQW, VV = float(np.vdot(W, QW)), _row_norms_sq(V)
     zbar, steps, pace = None, 0, 0.0
     for it in range(max_steps):
         if lb >= S.threshold or (deadline is not None and time.perf_counter() + 2.0 * pace > deadline):
             break
         t0 = time.perf_counter()
         zbar = s if zbar is None else zbar + 2.0 / (it + 2.0) * (s - zbar)
-        D = (zbar[g] * inv_t)[:, None] * V - W
+        D = (zbar[g] * inv_t)[:, None] * V
+        D -= W
         QD = rel.shifted_product(D)
+        # the minorant along W + ηD in closed form: L(η) = c − ⟨W + ηD, QW + ηQD⟩ and, row by row,
+        # ‖V − η·QD‖² = ‖V‖² − 2η⟨V, QD⟩ + η²‖QD‖² (no r×m array per trial step; the bound returned is re-evaluated
+        # from W itself at the end)
+        cross_wd = float(np.vdot(W, QD)) + float(np.vdot(D, QW))
+        dqd = float(np.vdot(D, QD))
+        vq, qq = np.einsum("ij,ij->i", V, QD), _row_norms_sq(QD)
         found = None
         for eta in CUT_STEPS_GRID:
-            L1, a1, V1 = rel.minorant(W + eta * D, QW + eta * QD)
+            L1 = rel.c - (WQW + eta * cross_wd + eta * eta * dqd)
+            per_col = np.where(sh, np.maximum(VV - 2.0 * eta * vq + eta * eta * qq, 0.0) * inv_t, 0.0)
+            a1 = np.bincount(g, weights=per_col, minlength=C)
             lb1, s1 = S.bound(L1, a1, nothing, free)
             if lb1 > lb and (found is None or lb1 > found[0]):
-                found = (lb1, eta, s1, V1)
+                found = (lb1, eta, s1)
         pace = time.perf_counter() - t0
         if found is None:
             break
-        lb, eta, s, V = found              # (a step is taken only when it raises the bound: W is the best point)
-        W, QW = W + eta * D, QW + eta * QD
+        lb, eta, s = found                 # (a step is taken only when it raises the bound: W is the best point)
+        W += eta * D
+        QW += eta * QD
+        V -= eta * QD
+        del D, QD
+        WQW, VV = float(np.vdot(W, QW)), _row_norms_sq(V)
         steps += 1
     L, a, _ = rel.minorant(W, rel.shifted_product(W))
     lb, _ = S.bound(L, a, nothing, free)
     return lb, steps, L, a
+
+
+def _row_norms_sq(X: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", X, X)
 
 
 def _measured_flop_rate(n: int) -> float:
@@ -780,11 +813,15 @@ def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
     p, k, budget = S.p, S.k, S.budget
     S.offer(forward_mask(p, k, budget, w=w, deadline=S.deadline), "greedy")
     # backward starts with an r×r inverse that no deadline can interrupt: skip it when that alone
-    # would overrun the warm start
-    if not S.timed_out() and _affordable(w.M.shape[0], 3.0, S.deadline):
+    # would overrun the warm start, and for a Gram read lazily (one column per channel past LAZY_MIN_CHANNELS),
+    # where that inverse is a second copy of the statistics (forward selection and swaps then give the incumbent:
+    # on 12 population layers of 1,200–1,500 channels forward + swaps matched backward + swaps on every one)
+    lazy = isinstance(w.M, ScaledGram)
+    if not S.timed_out() and not lazy and _affordable(w.M.shape[0], 3.0, S.deadline):
         S.offer(backward_mask(p, k, budget, w=w, deadline=S.deadline), "backward")
-    # (LASSO builds its own C×C channel Gram: past LASSO_WARM_MAX_CHANNELS that doubles the memory)
-    if use_lasso and budget is None and not S.timed_out() and p.n_channels < LASSO_WARM_MAX_CHANNELS:
+    # (LASSO builds its own C×C channel Gram: past LASSO_WARM_MAX_CHANNELS that doubles the memory, and for a Gram read
+    # lazily (one column per channel past LAZY_MIN_CHANNELS) it is a second copy of the statistics)
+    if use_lasso and budget is None and not S.timed_out() and p.n_channels < LASSO_WARM_MAX_CHANNELS and not lazy:
         try:
             from solvers.selection.lasso import select_lasso
 
@@ -994,7 +1031,8 @@ def _node_relax(S: _Search, fin: np.ndarray, fout: np.ndarray, z0: np.ndarray, m
         w = root.w
         keep = int((~fout[w.col_group]).sum())
         if _affordable(keep, 2.5, S.deadline):
-            out = node_shift(w.M, w.col_group, root.tc if tc_parent is None else tc_parent, fin, fout)
+            out = node_shift(w.M, w.col_group, root.tc if tc_parent is None else tc_parent, fin, fout,
+                             panel_min=PANEL_MIN_COLUMNS)
             if out is not None and out[1] > 0:
                 tc = out[0]
                 S.node_shifts += 1
@@ -1551,6 +1589,8 @@ def _solve_restart(problem: SelectionProblem, S: _Search, restart, info: dict, f
     inner = select_exact(reduced.problem, k=r, budget=cap, backend="bnb", time_limit=left, rel_gap=rel_gap,
                          initial=initial, _restarted=True, _inherit=inherit, **options)
     c, scale = S.c, reduced.problem.target_sq / S.c     # (reduced relative errors × scale = original ones)
+    n_reduced = reduced.problem.n_channels
+    reduced.problem = None                  # (its Schur complement, freed before the original problem's refits)
     mask, best_from = reduced.lift(inner.mask), inner.info.get("best_from", "")
     if best_from == "initial":                          # (the root's incumbent, passed down)
         best_from = S.best_source
@@ -1561,7 +1601,7 @@ def _solve_restart(problem: SelectionProblem, S: _Search, restart, info: dict, f
     lb = max(min(inner.bound * scale * c, S.pruned_min), floor)
     bound, status = _certificate(objective, lb / c, rel_gap, inner.status is Status.TIME_LIMIT or S.timed_out())
     root_red = inner.info.get("root_bound")
-    here = {"fixed_in": int(reduced.fixed_in.sum()), "fixed_out": n_out, "channels": reduced.problem.n_channels,
+    here = {"fixed_in": int(reduced.fixed_in.sum()), "fixed_out": n_out, "channels": n_reduced,
             "k": r, "root_bound": None if root_red is None else float(root_red * scale),
             "shifts": "inherited" if inherit is not None else "searched",
             "time": info["time_root"], "time_root": inner.info.get("time_root")}
@@ -1898,6 +1938,14 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         info.update(cut_steps=steps, time_cut=time.perf_counter() - t_cut, root_bound_cut=max(lb_c, 0.0) / c)
         if lb_c > root_lb:
             root_lb, root_L, root_a = lb_c, L_c, a_c
+    if backend == "bnb":
+        # (what only the root used: its best weights, its cuts (the OA backends' master rows) and the relaxation's
+        # cached solves, an r×m each: not kept beside a restart's reduced problem or the tree)
+        scalar_root.clear()
+        root_cuts.clear()
+        rel.forget()
+        if S.rel is not rel:
+            S.rel.forget()
     # (the OA masters keep the short root: fifty near-parallel root cuts stall HiGHS's master on
     # round-off, measured on the test bank's budgeted C = 10 problem)
     # The monotone bound err(all channels) holds for every set too.

@@ -35,6 +35,7 @@ import scipy.linalg
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.linalg import symmetrize_in_place
+from solvers.selection.panel_cholesky import PANEL_MIN_COLUMNS, factor_principal
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
@@ -120,17 +121,16 @@ class Whitened:
         cm = self.col_mask(mask)
         if not cm.any():
             return 0.0
-        return _explained(lambda: self.M[np.ix_(cm, cm)], self.B[cm])
+        return _explained(self.M, np.flatnonzero(cm), self.B[cm])
 
 
-def _explained(gather, B: np.ndarray) -> float:
-    """``tr(Bᵀ M_SS⁻¹ B)`` with ``gather()`` a fresh ``M_SS``: factored in place through its transpose (symmetric,
-    in LAPACK's order: no second copy), gathered again for the least-squares fallback when it is singular."""
+def _explained(M, idx: np.ndarray, B: np.ndarray) -> float:
+    """``tr(Bᵀ M_SS⁻¹ B)`` for the columns ``idx``: ``M_SS`` gathered and factored in place (in panels past
+    ``PANEL_MIN_COLUMNS``: half an |S|×|S|), gathered again for the least-squares fallback when it is singular."""
     try:
-        c = scipy.linalg.cho_factor(gather().T, overwrite_a=True, check_finite=False)
-        X = scipy.linalg.cho_solve(c, B, check_finite=False)
+        X = factor_principal(M, idx, 0.0, panel_min=PANEL_MIN_COLUMNS, lower=False).solve(B)
     except np.linalg.LinAlgError:
-        X = scipy.linalg.lstsq(gather(), B, cond=1e-12, check_finite=False)[0]
+        X = scipy.linalg.lstsq(M[np.ix_(idx, idx)], B, cond=1e-12, check_finite=False)[0]
     return float(np.sum(B * X))
 
 

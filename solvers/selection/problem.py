@@ -119,13 +119,24 @@ class SelectionProblem:
         self.groups = g
         self.costs = c
         self.n_channels = C
-        if weights is None:
-            self.weights = self.refit(np.ones(C, dtype=bool))
-        else:
+        self._weights = None                  # (the full fit: refit on first use, see :attr:`weights`)
+        if weights is not None:
             W = _as_float_matrix("weights", weights, 2)
             if W.shape != B.shape:
                 raise InvalidInputError(f"weights must have shape {B.shape} (d×m); got {W.shape}")
-            self.weights = W
+            self._weights = W
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The layer's weights (d×m): the caller's, else the full least-squares fit, computed on first use (a
+        factorization of the whole Gram that exact selection's restarts and most methods never need)."""
+        if self._weights is None:
+            self._weights = self.refit(np.ones(self.n_channels, dtype=bool))
+        return self._weights
+
+    @weights.setter
+    def weights(self, W: np.ndarray) -> None:
+        self._weights = W
 
     # ------------------------------------------------------------------ constructors
     @classmethod

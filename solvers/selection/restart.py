@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
+from scipy.linalg.blas import dgemm
 
 from solvers.selection.greedy import Whitened, _rank_update
 from solvers.selection.linalg import symmetrize_in_place
@@ -82,14 +84,20 @@ def reduce_problem(w: Whitened, costs: np.ndarray, fixed_in: np.ndarray, fixed_o
     B_N = w.B[N]
     c = float(w.target_sq)
     if F.any():
-        # one solve of M_FF against [M_FN, B_F]: the projections of the free columns and of Y onto span(F)
-        X = solve_psd(w.M[np.ix_(F, F)], np.concatenate([w.M[np.ix_(F, N)], w.B[F]], axis=1))
-        n = int(N.sum())
-        M_NF = w.M[np.ix_(N, F)]
-        B_N = B_N - M_NF @ X[:, n:]
-        c -= float(np.sum(w.B[F] * X[:, n:]))
-        _rank_update(M_NN, M_NF, X[:, :n])      # (M_NN −= M_NF X_N in place: no n×n product beside it)
-        del M_NF, X
+        projected = _project_out_cholesky(w, F, N, M_NN, B_N)
+        if projected is None:
+            # (M_FF too close to singular for its factor: one checked solve of M_FF against [M_FN, B_F], the
+            # projections of the free columns and of Y onto span(F))
+            X = solve_psd(w.M[np.ix_(F, F)], np.concatenate([w.M[np.ix_(F, N)], w.B[F]], axis=1))
+            n = int(N.sum())
+            M_NF = w.M[np.ix_(N, F)]
+            B_N = B_N - M_NF @ X[:, n:]
+            c -= float(np.sum(w.B[F] * X[:, n:]))
+            _rank_update(M_NN, M_NF, X[:, :n])      # (M_NN −= M_NF X_N in place: no n×n product beside it)
+            del M_NF, X
+        else:
+            B_N, explained = projected
+            c -= explained
         symmetrize_in_place(M_NN)
     if not c > 1e-12 * w.target_sq:
         return None
@@ -97,6 +105,30 @@ def reduce_problem(w: Whitened, costs: np.ndarray, fixed_in: np.ndarray, fixed_o
     remap[free] = np.arange(free.size)
     problem = SelectionProblem(M_NN, B_N, c, remap[w.col_group[N]], costs=costs[free])
     return ReducedProblem(problem=problem, free=free, fixed_in=fixed_in.copy())
+
+
+def _project_out_cholesky(w: Whitened, F: np.ndarray, N: np.ndarray, M_NN: np.ndarray, B_N: np.ndarray):
+    """``M_NN −= Zᵀ Z`` in place with ``Z = L⁻¹ M_FN`` (``M_FF = L Lᵀ``), and ``(B_N − Zᵀ L⁻¹ B_F, ‖L⁻¹ B_F‖²)``: the
+    Schur complement and the projections with one |F|×|N| beside ``M_NN`` (``Z`` overwrites the gathered ``M_FN``).
+    None when ``M_FF`` has no factor or a pivot below 1e-10 of its diagonal (the caller's checked solve then)."""
+    MFF = w.M[np.ix_(F, F)]
+    diag = np.diag(MFF).copy()
+    try:
+        L = scipy.linalg.cholesky(MFF.T, lower=True, overwrite_a=True, check_finite=False)   # (symmetric: in place)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.diag(L) ** 2 > 1e-10 * np.maximum(diag, 1e-300)):
+        return None
+    Z = w.M[np.ix_(N, F)].T                      # (M_FN in LAPACK's order: the triangular solve overwrites it)
+    Z = scipy.linalg.solve_triangular(L, Z, lower=True, overwrite_b=True, check_finite=False)
+    zb = scipy.linalg.solve_triangular(L, w.B[F], lower=True, check_finite=False)
+    if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(zb))):
+        return None
+    # M_NN −= Zᵀ Z on M_NN's memory (its transpose is in BLAS's order; Z, F-ordered, is read transposed: no copies)
+    out = dgemm(alpha=-1.0, a=Z, b=Z, trans_a=1, beta=1.0, c=M_NN.T, overwrite_c=1)
+    if not np.shares_memory(out, M_NN):
+        M_NN[...] = out.T
+    return B_N - Z.T @ zb, float(np.sum(zb * zb))
 
 
 __all__ = ["ReducedProblem", "reduce_problem"]

@@ -18,7 +18,13 @@ import numpy as np
 
 __all__ = ["ScaledGram"]
 
-_BLOCK_ENTRIES = 1 << 20        # entries of G gathered and scaled at a time (8 MB of float64)
+_BLOCK_ENTRIES = 1 << 20        # entries of G gathered and scaled at a time: at most 8 MB of float64, and at most
+_BLOCK_SHARE = 64               # 1/64 of the r×r (each read makes two such temporaries: at C = 2,048, 8 MB blocks
+#                                 were 0.45× the statistics beside the gathered result)
+
+
+def _block_entries(r: int) -> int:
+    return int(min(_BLOCK_ENTRIES, max(1 << 14, r * r // _BLOCK_SHARE)))
 
 
 class ScaledGram:
@@ -92,7 +98,7 @@ class ScaledGram:
         out = np.empty((nr, nc), dtype=dtype)
         fr, fc = self.f[ri], self.f[ci]
         gc = self._in_g(ci)
-        step = max(1, _BLOCK_ENTRIES // max(nc, 1))
+        step = max(1, _block_entries(self.shape[0]) // max(nc, 1))
         for i in range(0, nr, step):
             blk_rows = (slice(ri.start + i, ri.start + min(i + step, nr)) if isinstance(ri, slice)
                         else ri[i:i + step])
@@ -129,12 +135,13 @@ class ScaledGram:
             out = self.G @ Y
         else:
             out = np.empty_like(Y)
-            step = max(1, _BLOCK_ENTRIES // max(self.shape[0], 1))
+            step = max(1, _block_entries(self.shape[0]) // max(self.shape[0], 1))
             for i in range(0, self.shape[0], step):
                 out[i:i + step] = self.G[np.ix_(self.rows[i:i + step], self.rows)] @ Y
         out *= self.f[:, None]
-        # (the dense matrix's diagonal is exactly 1, this one's f_j²·G_jj: the difference, O(ε)·X)
-        out += (1.0 - self.f * self.f * self.G[self.rows, self.rows])[:, None] * V
+        # (the dense matrix's diagonal is exactly 1, this one's f_j²·G_jj: the difference, O(ε)·X; computed in Y's
+        # memory, no longer needed)
+        out += np.multiply((1.0 - self.f * self.f * self.G[self.rows, self.rows])[:, None], V, out=Y)
         return out[:, 0] if X.ndim == 1 else out
 
     def dense(self, dtype=np.float64) -> np.ndarray:

@@ -29,12 +29,15 @@ import numpy as np
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, fits, forward_mask, refit_seconds,
                                       whiten)
+from solvers.selection.linalg import symmetrize_in_place
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
 
 # Pair scores are computed in chunks of kept channels holding about this many (pair × r²) entries,
-# so the batch never outgrows a few tens of MB whatever C.
+# so the batch never outgrows a few tens of MB whatever C, and at most 1/PAIR_CHUNK_SHARE of all pairs (each
+# chunk makes about ten such temporaries: at C = 2,048 one-column, 4M-entry chunks were 2.5× the statistics).
 PAIR_CHUNK = 4_000_000
+PAIR_CHUNK_SHARE = 16
 # A swap must improve the explained energy by more than this fraction of ‖Y‖² (round-off guard).
 MIN_GAIN = 1e-12
 # Recompute the state from scratch after this many incremental swaps (bounds drift of Minv).
@@ -44,6 +47,18 @@ REFRESH_EVERY = 64
 def _inv_sym(A: np.ndarray) -> np.ndarray:
     A = 0.5 * (A + np.swapaxes(A, -1, -2))
     return np.linalg.inv(A)
+
+
+def _padded_reader(A: np.ndarray, n0: int, n1: int):
+    """``read(i, j, pad)``: ``A[i, j]`` with index ``n0`` (rows) or ``n1`` (columns) meaning a zero row or column,
+    ``pad`` the broadcast mask of those entries: the gather of a zero-padded copy of ``A``, without the copy."""
+    def read(i, j, pad):
+        if n0 == 0 or n1 == 0:
+            return np.zeros(np.broadcast_shapes(np.shape(i), np.shape(j)))
+        out = A[np.minimum(i, n0 - 1), np.minimum(j, n1 - 1)]
+        out[np.broadcast_to(pad, out.shape)] = 0.0
+        return out
+    return read
 
 
 class SwapState:
@@ -73,8 +88,12 @@ class SwapState:
         self.scols = self._cols_of(self.kept)
         self.ocols = self._cols_of(self.out)
         s = self.scols.size
-        Mss = w.M[np.ix_(self.scols, self.scols)] + self.ridge * np.eye(s)
-        self.Minv = _inv_sym(Mss) if s else np.zeros((0, 0))
+        # (M_SS + εI, symmetrized and inverted in place: one s×s where the expression made five)
+        Mss = np.array(w.M[np.ix_(self.scols, self.scols)])
+        Mss[np.diag_indices(s)] += self.ridge
+        symmetrize_in_place(Mss)
+        self.Minv = np.linalg.inv(Mss) if s else np.zeros((0, 0))
+        del Mss
         self.W = self.Minv @ w.B[self.scols]
         Mso = w.M[np.ix_(self.scols, self.ocols)]
         self.K = self.Minv @ Mso
@@ -118,11 +137,11 @@ class SwapState:
         for j, h in enumerate(self.out):
             p = self._opos(h)
             oidx[j, :p.size] = p
-        Minv_pad = np.zeros((s + 1, s + 1))
-        Minv_pad[:s, :s] = self.Minv
-        P = Minv_pad[sidx[:, :, None], sidx[:, None, :]]                  # nk×r×r
-        pad_s = sidx == s
-        P[pad_s] = 0.0
+        pad_s, pad_o = sidx == s, oidx == o
+        # (padded positions read a clipped index and are zeroed after the gather: no padded copies of Minv and K,
+        # an s×s and an s×o, beside them)
+        Minv_at, K_at = _padded_reader(self.Minv, s, s), _padded_reader(self.K, s, o)
+        P = Minv_at(sidx[:, :, None], sidx[:, None, :], pad_s[:, :, None] | pad_s[:, None, :])   # nk×r×r
         P[np.broadcast_to(pad_s[:, :, None] & pad_s[:, None, :], P.shape) & np.eye(r, dtype=bool)] = 1.0
         lam, U = np.linalg.eigh(0.5 * (P + np.swapaxes(P, 1, 2)))
         lam = np.maximum(lam, 1e-300)
@@ -141,13 +160,13 @@ class SwapState:
                 Sig[j, :q, :q] = self.Sig[h]
         # X[k, j] = R_h Ŵ_gᵀ (r×r), from one matmul over all columns.
         X = (Rh.reshape(no * r, m) @ What.reshape(nk * r, m).T).reshape(no, r, nk, r).transpose(2, 0, 1, 3)
-        K_pad = np.zeros((s + 1, o + 1))
-        K_pad[:s, :o] = self.K
         best = (-1, -1, -np.inf)
-        step = max(1, PAIR_CHUNK // max(1, no * r * r))
+        per_row = max(1, no * r * r)
+        step = max(1, min(PAIR_CHUNK, max(nk * per_row // PAIR_CHUNK_SHARE, 65_536)) // per_row)
         for a in range(0, nk, step):
             b = min(nk, a + step)
-            Kb = K_pad[sidx[a:b, None, :, None], oidx[None, :, None, :]]  # c×no×r×r (p×q)
+            Kb = K_at(sidx[a:b, None, :, None], oidx[None, :, None, :],                # c×no×r×r (p×q)
+                      pad_s[a:b, None, :, None] | pad_o[None, :, None, :])
             Kh = Pih[a:b, None] @ Kb                                        # P^{-1/2} K
             KhT = np.swapaxes(Kh, 2, 3)
             S2 = Sig[None] + KhT @ Kh                                       # Σ'_h

@@ -88,6 +88,22 @@ def test_refit_error_matches_materialized_least_squares():
     assert p.error(np.ones(4, bool)) < p.error(mask)
 
 
+def test_the_full_fit_is_computed_on_first_use_only():
+    """``SelectionProblem.weights`` (the full least-squares fit unless given) is refitted on first use, not at
+    construction: exact selection's restarts build problems whose full fit nobody reads (a factorization of the
+    whole Gram each). Given weights are checked at construction as before."""
+    rng = np.random.default_rng(0)
+    Z, Y = rng.normal(size=(50, 6)), rng.normal(size=(50, 2))
+    p = SelectionProblem.from_data(Z, Y, [0, 0, 1, 1, 2, 2])
+    assert p._weights is None
+    np.testing.assert_allclose(p.weights, np.linalg.lstsq(Z, Y, rcond=None)[0], rtol=1e-9, atol=1e-12)
+    assert p.weights is p.weights
+    given = SelectionProblem.from_data(Z, Y, [0, 0, 1, 1, 2, 2], weights=np.ones((6, 2)))
+    assert np.array_equal(given.weights, np.ones((6, 2)))
+    with pytest.raises(InvalidInputError, match="weights must have shape"):
+        SelectionProblem.from_data(Z, Y, [0, 0, 1, 1, 2, 2], weights=np.ones((5, 2)))
+
+
 def test_problem_rejects_bad_shapes_with_clear_messages():
     rng = np.random.default_rng(1)
     Z, Y = rng.normal(size=(10, 4)), rng.normal(size=(10, 2))

@@ -142,3 +142,23 @@ def test_enumeration_pads_rank_deficient_and_dead_channels(monkeypatch):
     res = select_exact(p, k=4)
     assert res.info["enumerated"] == 126 and res.status is Status.OPTIMAL
     assert res.objective == pytest.approx(opt, rel=1e-9) and res.bound <= opt + 1e-12
+
+
+def test_node_shifts_in_panels_certify_what_lapacks_certify():
+    """Past ``panel_min`` columns the node shift factors ``M_TT`` in panels with a boundary between the fixed-in
+    and the free columns (the Schur complement's factor is the trailing panels): the verified shift is feasible
+    and equals LAPACK's up to the Lanczos estimate's tolerance."""
+    p = _mixed(30, 2, 3)                  # (60 columns from 60 samples: λ_min(M) ~ 1e-7)
+    C = p.n_channels
+    w = whiten(p)
+    root = Relaxation(w, choose_shift(w))
+    fin, fout = np.zeros(C, bool), np.zeros(C, bool)
+    fin[[1, 5, 9, 22]] = True
+    fout[[3, 25]] = True
+    lapack = node_shift(w.M, w.col_group, root.tc, fin, fout, panel_min=10**9)
+    panels = node_shift(w.M, w.col_group, root.tc, fin, fout, panel_min=8)
+    assert lapack is not None and panels is not None and lapack[1] > 0      # (raised above the root's shift)
+    np.testing.assert_allclose(panels[0], lapack[0], rtol=1e-3)
+    T = (fin | ~fout)[w.col_group]
+    A = w.M[np.ix_(T, T)] - np.diag(panels[0][T])
+    assert np.linalg.eigvalsh(A)[0] >= 0.0

@@ -503,3 +503,41 @@ def test_panel_factorizations_certify_the_same_shifts_as_lapack(lazy, monkeypatc
     v = rng.normal(size=C)
     np.testing.assert_allclose(ex._solve_factored(cf, v), np.linalg.solve(np.asarray(w.M) - 0.5 * lam * np.eye(C), v),
                                rtol=1e-8)
+
+
+def test_relaxed_solves_in_panels_equal_lapacks(monkeypatch):
+    """Relaxed solves past ``PANEL_MIN_COLUMNS`` factor the gathered ``M_TT + ridge`` in panels (half of it): the
+    same weights and value as one LAPACK factorization."""
+    import solvers.selection.exact as ex
+
+    p = make_problem(C=30, cols_per_channel=3, m=5, n=400, seed=8)
+    w = whiten(p)
+    rel = ex.Relaxation(w, choose_shift(w))
+    z = np.random.default_rng(1).uniform(0.1, 1.0, 30)
+    out = np.zeros(30, bool)
+    out[[2, 7]] = True
+    monkeypatch.setattr(ex, "PANEL_MIN_COLUMNS", 10**9)
+    W0, F0 = rel.solve(z, out)
+    monkeypatch.setattr(ex, "PANEL_MIN_COLUMNS", 16)
+    W1, F1 = rel.solve(z, out)
+    np.testing.assert_allclose(W1, W0, rtol=1e-8, atol=1e-12)
+    assert F1 == pytest.approx(F0, rel=1e-10) and np.all(W1[np.isin(w.col_group, [2, 7])] == 0)
+
+
+def test_single_precision_newton_shifts_are_certified(monkeypatch):
+    """One column per channel past ``SINGLE_MIN_COLUMNS``: the Newton system is factored in float32 in place of the
+    inverse (no float64 copy); every point it reaches is still certified in float64, and the shifts it ends at are
+    as large as the float64 search's to within a few per cent."""
+    import solvers.selection.exact as ex
+
+    rng = np.random.default_rng(6)
+    C, n = 150, 600
+    Z = rng.normal(size=(n, C)) @ (np.eye(C) + 0.3 * rng.normal(size=(C, C)) / np.sqrt(C))
+    p = SelectionProblem.from_data(Z, Z[:, :12] @ rng.normal(size=(12, 3)), np.arange(C))
+    w = whiten(p)
+    monkeypatch.setattr(ex, "SINGLE_MIN_COLUMNS", 10**9)
+    t64 = choose_shift(w)
+    monkeypatch.setattr(ex, "SINGLE_MIN_COLUMNS", 100)
+    t32 = choose_shift(w)
+    assert np.all(t32 > 0) and t32.sum() == pytest.approx(t64.sum(), rel=0.05)
+    assert np.linalg.eigvalsh(np.asarray(w.M) - np.diag(t32[w.col_group]))[0] > 0.0

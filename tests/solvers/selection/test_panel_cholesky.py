@@ -62,3 +62,53 @@ def test_the_panels_need_about_half_an_r_by_r():
     finally:
         tracemalloc.stop()
     assert pc.nbytes < 0.55 * A.nbytes and peak < 0.65 * A.nbytes, (pc.nbytes, peak, A.nbytes)
+
+
+@pytest.mark.parametrize("split", [0, 37, 200, 299])
+def test_a_split_hands_out_the_factor_of_the_schur_complement(split):
+    """With a panel boundary at ``split`` the trailing panels are the Cholesky factor of the Schur complement of
+    ``A[:split, :split]``: their solves are ``S⁻¹ v`` (what the node shifts' Lanczos needs), no copy made."""
+    r = 300
+    A = _spd(r, 3)
+    pc = PanelCholesky.factor(lambda lo, hi: A[lo:, lo:hi].copy(), r, width=64, split=split)
+    assert split == 0 or split in pc.starts
+    S = A[split:, split:] - (A[split:, :split] @ np.linalg.solve(A[:split, :split], A[:split, split:]) if split else 0)
+    tail = pc.trailing(split)
+    assert tail.r == r - split and all(p is q for p, q in zip(tail.panels, pc.panels[-len(tail.panels):]))
+    V = np.random.default_rng(2).normal(size=(r - split, 2))
+    np.testing.assert_allclose(tail.solve(V), np.linalg.solve(S, V), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(pc.solve(np.eye(r)[:, :3]), np.linalg.solve(A, np.eye(r)[:, :3]), rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="boundary"):
+        pc.trailing(split + 1 if split + 1 not in pc.starts else split + 2)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_principal_factors_agree_in_panels_and_in_lapack(lower):
+    """``factor_principal`` of ``M[idx][:, idx] + diag(add)``: the panel and LAPACK paths solve alike, the
+    matrix read (an array or a lazily whitened Gram) is never written, and the trailing factor is the Schur
+    complement's on both paths; a matrix that is not positive definite raises on both."""
+    from solvers.selection.panel_cholesky import factor_principal
+    from solvers.selection.scaled_gram import ScaledGram
+
+    rng = np.random.default_rng(5)
+    n = 260
+    G = _spd(n, 4)
+    f = 1.0 / np.sqrt(np.diag(G))
+    M = ScaledGram(G, np.arange(n), f)
+    before = G.copy()
+    idx = np.sort(rng.choice(n, 180, replace=False))
+    add = rng.random(idx.size)
+    dense = (f[:, None] * G * f[None, :])[np.ix_(idx, idx)] + np.diag(add)
+    V = rng.normal(size=(idx.size, 3))
+    want = np.linalg.solve(dense, V)
+    split = 50
+    S = dense[split:, split:] - dense[split:, :split] @ np.linalg.solve(dense[:split, :split], dense[:split, split:])
+    for panel_min in (10, 10**9):
+        for src in (M, np.asarray(M)):
+            cf = factor_principal(src, idx, add, panel_min=panel_min, split=split, lower=lower)
+            np.testing.assert_allclose(cf.solve(V), want, rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(cf.trailing(split).solve(V[split:]), np.linalg.solve(S, V[split:]),
+                                       rtol=1e-8, atol=1e-10)
+        with pytest.raises(np.linalg.LinAlgError):
+            factor_principal(M, idx, add - 10.0, panel_min=panel_min, lower=lower)
+    assert np.array_equal(G, before)

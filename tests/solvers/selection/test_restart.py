@@ -208,3 +208,47 @@ def test_restarts_on_a_lazy_one_column_gram_prove_the_same_optimum(monkeypatch):
     assert lazy.objective == pytest.approx(opt, rel=1e-6) and np.array_equal(lazy.mask, dense.mask)
     # (both restart; which channels the root fixes may differ: reduced costs at a threshold, round-off apart)
     assert lazy.info["restarts"] and dense.info["restarts"]
+
+
+def test_the_cholesky_projection_equals_the_checked_solve(monkeypatch):
+    """The Schur complement by ``Z = L⁻¹ M_FN`` (one |F|×|N| beside ``M_NN``) equals the checked solve's
+    (``M_FF⁻¹ [M_FN, B_F]``, kept as the fallback for a near-singular ``M_FF``)."""
+    import solvers.selection.restart as rs
+
+    p = make_problem(40, 2, 5, 500, seed=4, correlation=0.6)
+    w = whiten(p)
+    fin, fout = np.zeros(40, bool), np.zeros(40, bool)
+    fin[[0, 6, 13, 27, 31]] = True
+    fout[[2, 39]] = True
+    chol = reduce_problem(w, p.costs, fin, fout)
+    monkeypatch.setattr(rs, "_project_out_cholesky", lambda *a: None)
+    solve = reduce_problem(w, p.costs, fin, fout)
+    np.testing.assert_allclose(chol.problem.gram, solve.problem.gram, rtol=0, atol=1e-10)
+    assert np.array_equal(chol.problem.gram, chol.problem.gram.T)
+    np.testing.assert_allclose(chol.problem.cross, solve.problem.cross, rtol=1e-9, atol=1e-12)
+    assert chol.problem.target_sq == pytest.approx(solve.problem.target_sq, rel=1e-10)
+
+
+def test_a_singular_fixed_in_gram_takes_the_checked_solve():
+    """Two identical channels fixed in: ``M_FF`` is singular, the Cholesky projection declines, and the checked
+    solve still gives every set its original error."""
+    import solvers.selection.restart as rs
+    from solvers import SelectionProblem
+
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(200, 8))
+    Z[:, 1] = Z[:, 0]
+    p = SelectionProblem.from_data(Z, Z @ rng.normal(size=(8, 2)) + 0.1 * rng.normal(size=(200, 2)), np.arange(8))
+    w = whiten(p)
+    fin, fout = np.zeros(8, bool), np.zeros(8, bool)
+    fin[[0, 1]] = True
+    F, N = fin[w.col_group], ~fin[w.col_group]
+    M_NN = np.asarray(w.M)[np.ix_(N, N)]
+    assert rs._project_out_cholesky(w, F, N, M_NN, w.B[N]) is None
+    red = reduce_problem(w, p.costs, fin, fout)
+    for extra in ([], [3], [2, 5, 7]):
+        S = fin.copy()
+        S[extra] = True
+        sub = np.isin(red.free, extra)
+        assert red.problem.target_sq * red.problem.error(sub) == pytest.approx(p.target_sq * p.error(S), rel=1e-8,
+                                                                               abs=1e-9 * p.target_sq)

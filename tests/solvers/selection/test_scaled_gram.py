@@ -109,3 +109,18 @@ def test_forward_selection_keeps_no_copy_of_the_gram():
         tracemalloc.stop()
     assert mask.sum() == 40
     assert peak < 0.2 * G.nbytes, (peak, G.nbytes)
+
+
+def test_exacts_warm_start_keeps_a_lazy_gram_uncopied(monkeypatch):
+    """With the Gram read lazily exact's warm start is forward selection and swaps: backward's r×r inverse and
+    LASSO's C×C channel Gram would each be a second copy of the statistics. The dense path keeps both."""
+    from solvers.selection.exact import select_exact
+
+    p = _problem(24, 120, dead=True, shuffled=True, seed=5)
+    monkeypatch.setattr(gr, "WHITEN_VECTOR_MIN_CHANNELS", 10**9)
+    dense = select_exact(p, k=9, time_limit=30)
+    monkeypatch.setattr(gr, "WHITEN_VECTOR_MIN_CHANNELS", 0)
+    lazy = select_exact(p, k=9, time_limit=30)
+    assert "backward" in dense.info["incumbents"]
+    assert not {"backward", "lasso"} & set(lazy.info["incumbents"]) and "greedy" in lazy.info["incumbents"]
+    assert lazy.objective == pytest.approx(dense.objective, rel=1e-9)

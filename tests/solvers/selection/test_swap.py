@@ -105,3 +105,36 @@ def test_backward_and_swap_keep_the_time_limit_when_the_inverse_cannot_fit(monke
     sw = select_channels(p, k=5, method="swap", time_limit=30)
     assert sw.k == 5 and sw.info["start"] == "greedy" and sw.info["swaps"] == 0
     assert sw.objective == pytest.approx(back.objective, rel=1e-12)     # both are forward's set
+
+
+def test_pair_scores_in_small_chunks_pick_the_same_swap(monkeypatch):
+    """Pair scores come in chunks of kept channels (at most 1/PAIR_CHUNK_SHARE of all pairs, so the batch stays
+    small beside the state); padded channels (fewer columns than the widest, dead ones) read zeros without padded
+    copies of ``Minv`` and ``K``: any chunking scores every pair alike."""
+    import solvers.selection.swap as sw
+
+    from solvers import SelectionProblem
+
+    rng = np.random.default_rng(9)
+    sizes = np.array([3, 1, 2, 3, 1, 1, 2, 3, 2, 1, 3, 2, 1, 2])
+    Z = rng.normal(size=(300, sizes.sum())) @ (np.eye(sizes.sum()) + 0.3 * rng.normal(size=(sizes.sum(),) * 2))
+    Z[:, 1] = Z[:, 0]                           # (a repeated column: channel 0 keeps 2 whitened directions of 3)
+    p = SelectionProblem.from_data(Z, Z @ rng.normal(size=(sizes.sum(), 4)), np.repeat(np.arange(14), sizes))
+    w = whiten(p)
+    mask = np.zeros(14, bool)
+    mask[[0, 2, 5, 6, 9, 12]] = True
+    whole = SwapState(w, mask).best_swap()
+    monkeypatch.setattr(sw, "PAIR_CHUNK", 1)
+    chunked = SwapState(w, mask).best_swap()
+    assert chunked[:2] == whole[:2] and chunked[2] == pytest.approx(whole[2], rel=1e-12)
+    ragged = np.diff(w.starts)
+    assert ragged.min() < ragged.max()         # (padded positions were read)
+    base = w.explained(mask)
+    deltas = {}
+    for g in np.flatnonzero(mask):
+        for h in np.flatnonzero(~mask):
+            m = mask.copy()
+            m[g], m[h] = False, True
+            deltas[(g, h)] = w.explained(m) - base
+    assert whole[:2] == max(deltas, key=deltas.get)
+    assert whole[2] == pytest.approx(max(deltas.values()), rel=1e-7)
