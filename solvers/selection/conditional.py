@@ -103,8 +103,10 @@ def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_
     # direction of the increase: the root shift itself (keeps its shape across channels) or uniform
     direction = tN if proportional and np.all(tN > 0) else np.ones(idxN.size)
     # λ_min(Schur in the metric of diag(direction)) = max δ; the Schur complement's factor is Lf's trailing block
-    est = _lambda_min_trailing(Lf.trailing(nF), direction, np.random.default_rng(seed))
-    del Lf
+    tail = Lf.trailing(nF)
+    del Lf                                   # (the leading block is not needed: only the trailing factor is kept)
+    est = _lambda_min_trailing(tail, direction, np.random.default_rng(seed))
+    del tail
     delta = FIRST_TRY * est
     tries = 0
     while delta * direction.max() > MARGIN and tries < MAX_TRIES:

@@ -107,7 +107,12 @@ NEWTON_MAX_COLUMNS = 8192
 # Past this many columns the shift's certifying factorization, λ_min's estimate, the relaxed solves and the node
 # shifts keep their factor as panels of its lower triangle (PanelCholesky: half the memory, at LAPACK's speed; M
 # read panel by panel).
-PANEL_MIN_COLUMNS = panel_cholesky.PANEL_MIN_COLUMNS
+PANEL_MIN_COLUMNS = panel_cholesky.PANEL_MIN_COLUMNS             # (a Gram read lazily)
+PANEL_MIN_DENSE_COLUMNS = panel_cholesky.PANEL_MIN_DENSE_COLUMNS  # (an array: see panel_cholesky)
+
+
+def _panel_min(M) -> int:
+    return PANEL_MIN_COLUMNS if isinstance(M, ScaledGram) else PANEL_MIN_DENSE_COLUMNS
 # Smallest eigenvalue kept in M − T after the Newton search (so Q ⪰ 0 survives round-off).
 Q_MARGIN = 1e-9
 # Bounds are lowered by this much (relative error units) to absorb round-off in L − Σ a z.
@@ -352,10 +357,10 @@ def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = F
 
 def _factor_shifted(M, shift: np.ndarray | float | None = None):
     """Cholesky factor of ``M − diag(shift)`` (``numpy.linalg.LinAlgError`` when it is not positive definite):
-    past ``PANEL_MIN_COLUMNS`` columns a :class:`PanelCholesky` (half the memory of an r×r, M read panel by panel:
+    past ``_panel_min(M)`` columns a :class:`PanelCholesky` (half the memory of an r×r, M read panel by panel:
     a :class:`ScaledGram` is never built whole), else LAPACK's factor of one r×r copy."""
     return factor_principal(M, None, -np.asarray(0.0 if shift is None else shift, dtype=np.float64),
-                            panel_min=PANEL_MIN_COLUMNS)
+                            panel_min=_panel_min(M))
 
 
 def _solve_factored(cf, v: np.ndarray) -> np.ndarray:
@@ -448,8 +453,8 @@ class Relaxation:
         ridge = self.tc[T] * (1.0 / zc[T] - 1.0)
         BT = self.w.B[T]
         try:
-            # (M_TT + ridge gathered and factored in place, in panels past PANEL_MIN_COLUMNS: half a |T|×|T|)
-            W[T] = factor_principal(self.w.M, np.flatnonzero(T), ridge, panel_min=PANEL_MIN_COLUMNS,
+            # (M_TT + ridge gathered and factored in place, in panels past _panel_min: half a |T|×|T|)
+            W[T] = factor_principal(self.w.M, np.flatnonzero(T), ridge, panel_min=_panel_min(self.w.M),
                                     lower=False).solve(BT)
             self._recent = [(W, T, ridge)] + self._recent[:1]
         except (np.linalg.LinAlgError, ValueError):
@@ -1032,7 +1037,7 @@ def _node_relax(S: _Search, fin: np.ndarray, fout: np.ndarray, z0: np.ndarray, m
         keep = int((~fout[w.col_group]).sum())
         if _affordable(keep, 2.5, S.deadline):
             out = node_shift(w.M, w.col_group, root.tc if tc_parent is None else tc_parent, fin, fout,
-                             panel_min=PANEL_MIN_COLUMNS)
+                             panel_min=_panel_min(w.M))
             if out is not None and out[1] > 0:
                 tc = out[0]
                 S.node_shifts += 1

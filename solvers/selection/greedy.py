@@ -35,7 +35,7 @@ import scipy.linalg
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.linalg import symmetrize_in_place
-from solvers.selection.panel_cholesky import PANEL_MIN_COLUMNS, factor_principal
+from solvers.selection.panel_cholesky import PANEL_MIN_COLUMNS, PANEL_MIN_DENSE_COLUMNS, factor_principal
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
@@ -126,9 +126,11 @@ class Whitened:
 
 def _explained(M, idx: np.ndarray, B: np.ndarray) -> float:
     """``tr(Bᵀ M_SS⁻¹ B)`` for the columns ``idx``: ``M_SS`` gathered and factored in place (in panels past
-    ``PANEL_MIN_COLUMNS``: half an |S|×|S|), gathered again for the least-squares fallback when it is singular."""
+    ``PANEL_MIN_COLUMNS`` for a lazy Gram, ``PANEL_MIN_DENSE_COLUMNS`` for an array: half an |S|×|S|), gathered
+    again for the least-squares fallback when it is singular."""
     try:
-        X = factor_principal(M, idx, 0.0, panel_min=PANEL_MIN_COLUMNS, lower=False).solve(B)
+        panel_min = PANEL_MIN_COLUMNS if isinstance(M, ScaledGram) else PANEL_MIN_DENSE_COLUMNS
+        X = factor_principal(M, idx, 0.0, panel_min=panel_min, lower=False).solve(B)
     except np.linalg.LinAlgError:
         X = scipy.linalg.lstsq(M[np.ix_(idx, idx)], B, cond=1e-12, check_finite=False)[0]
     return float(np.sum(B * X))

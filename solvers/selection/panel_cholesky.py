@@ -20,13 +20,18 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg.blas import dgemm, dtrsm
 
-__all__ = ["PanelCholesky", "PANEL_WIDTH", "PANEL_MIN_COLUMNS", "LapackCholesky", "factor_principal"]
+__all__ = ["PanelCholesky", "PANEL_WIDTH", "PANEL_MIN_COLUMNS", "PANEL_MIN_DENSE_COLUMNS", "LapackCholesky",
+           "factor_principal"]
 
 #: Columns per panel (the update GEMMs are (r − jb) × b × b: large enough for BLAS, small beside r²/2).
 PANEL_WIDTH = 512
-#: Past this many columns callers factor in panels: from here on they run at LAPACK's speed including the gather
-#: LAPACK's path needs (2-core CPU, 2 threads: 1,024 columns 14.8 against 14.2 ms, 2,048 74 against 81 ms).
+#: Past this many columns callers factor a Gram read lazily (where the statistics' memory is the point) in panels:
+#: alone they run at LAPACK's speed including the gather LAPACK's path needs (2-core CPU, 2 threads: 1,024 columns
+#: 14.8 against 14.2 ms, 2,048 74 against 81 ms). An array is factored in panels past PANEL_MIN_DENSE_COLUMNS
+#: only: inside exact's branch and bound on C = 256 3×3 (gathered M_TT of 1,100–2,300 columns) the panels bounded
+#: 82 nodes in 90 s against LAPACK's 131.
 PANEL_MIN_COLUMNS = 1024
+PANEL_MIN_DENSE_COLUMNS = 3000
 
 
 def _panel_starts(r: int, width: int, split: int | None) -> list[int]:
@@ -129,7 +134,8 @@ class LapackCholesky:
         return self.factor if self.lower else self.factor.T
 
     def trailing(self, split: int) -> "LapackCholesky":
-        return self if split == 0 else LapackCholesky(self.factor[split:, split:], self.lower)
+        # (a contiguous copy, once: LAPACK's solves would copy the strided block on every call)
+        return self if split == 0 else LapackCholesky(np.asfortranarray(self.factor[split:, split:]), self.lower)
 
     def solve(self, v: np.ndarray) -> np.ndarray:
         return scipy.linalg.cho_solve((self.factor, self.lower), v, check_finite=False)
