@@ -104,15 +104,11 @@ T_MIN = 1e-9
 # Above this many whitened columns the shift search skips Newton (O(r³) per step) for 0.9·λ_min(M)
 # (C = 512 3×3, r = 4608, still gets Newton: its λ_min is ~200× below the Newton shifts).
 NEWTON_MAX_COLUMNS = 8192
-# Past this many columns the shift's certifying factorization, λ_min's estimate, the relaxed solves and the node
-# shifts keep their factor as panels of its lower triangle (PanelCholesky: half the memory, at LAPACK's speed; M
-# read panel by panel).
-PANEL_MIN_COLUMNS = panel_cholesky.PANEL_MIN_COLUMNS             # (a Gram read lazily)
-PANEL_MIN_DENSE_COLUMNS = panel_cholesky.PANEL_MIN_DENSE_COLUMNS  # (an array: see panel_cholesky)
-
-
-def _panel_min(M) -> int:
-    return PANEL_MIN_COLUMNS if isinstance(M, ScaledGram) else PANEL_MIN_DENSE_COLUMNS
+# Past these many columns the shift's certifying factorization, λ_min's estimate, the relaxed solves and the node
+# shifts keep their factor as panels of its lower triangle (PanelCholesky: half the memory; M read panel by panel):
+# from 1,024 for a Gram read lazily, from 3,000 for an array (see panel_cholesky; _panel_min chooses).
+PANEL_MIN_COLUMNS = panel_cholesky.PANEL_MIN_COLUMNS
+PANEL_MIN_DENSE_COLUMNS = panel_cholesky.PANEL_MIN_DENSE_COLUMNS
 # Smallest eigenvalue kept in M − T after the Newton search (so Q ⪰ 0 survives round-off).
 Q_MARGIN = 1e-9
 # Bounds are lowered by this much (relative error units) to absorb round-off in L − Σ a z.
@@ -283,9 +279,10 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
             grad = size[idx] - mu * np.add.reduceat(np.diag(X), first) + mu / tl
             np.multiply(X, X, out=X)
             if singles and single:
-                # (one column per channel past SINGLE_MIN_COLUMNS: the Newton system −H = μ·X∘X + μ/t², SPD, in X's
-                # own memory and precision (float32 unless that failed), factored there; a float64 copy of it and LU's copy of that were 1.3× the
-                # statistics at C = 2,048. The direction only: every step's point is certified in float64 below)
+                # (one column per channel past SINGLE_MIN_COLUMNS: the Newton system −H = μ·X∘X + μ/t², SPD, in
+                # X's own memory and precision (float32 unless that failed), factored there; a float64 copy of it
+                # and LU's copy of that were 1.3× the statistics at C = 2,048. The direction only: every step's
+                # point is certified in float64 below)
                 X *= mu
                 X[np.diag_indices_from(X)] += (mu / tl ** 2).astype(X.dtype)
                 try:
@@ -312,7 +309,7 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
                 tn = tl + a * step
                 if np.all(tn > 0):
                     try:
-                        _factor_shifted(M, np.repeat(tn, size[idx].astype(np.int64)))   # (panels past 1,024)
+                        _factor_shifted(M, np.repeat(tn, size[idx].astype(np.int64)))   # (in panels: _panel_min)
                         break
                     except np.linalg.LinAlgError:
                         pass
@@ -353,6 +350,11 @@ def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = F
     else:
         t[:] = 0.0
     return t
+
+
+def _panel_min(M) -> int:
+    """Columns past which factorizations of ``M``'s principal submatrices go in panels."""
+    return PANEL_MIN_COLUMNS if isinstance(M, ScaledGram) else PANEL_MIN_DENSE_COLUMNS
 
 
 def _factor_shifted(M, shift: np.ndarray | float | None = None):

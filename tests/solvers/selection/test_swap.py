@@ -32,19 +32,25 @@ def test_incremental_updates_match_a_fresh_factorization():
         assert st.explained == pytest.approx(w.explained(st.mask), rel=1e-9)
 
 
+def _swap_gains(w, mask: np.ndarray) -> dict:
+    """Explained energy gained by every (kept, dropped) swap, each set refitted from scratch."""
+    base = w.explained(mask)
+    deltas = {}
+    for g in np.flatnonzero(mask):
+        for h in np.flatnonzero(~mask):
+            m = mask.copy()
+            m[g], m[h] = False, True
+            deltas[(g, h)] = w.explained(m) - base
+    return deltas
+
+
 def test_best_swap_is_the_best_refit_among_all_pairs():
     p = make_problem(10, 2, 3, 150, seed=5)
     w = whiten(p)
     mask = np.zeros(10, bool)
     mask[[1, 3, 4, 8]] = True
     g, h, delta = SwapState(w, mask).best_swap()
-    base = w.explained(mask)
-    deltas = {}
-    for gg in np.flatnonzero(mask):
-        for hh in np.flatnonzero(~mask):
-            m = mask.copy()
-            m[gg], m[hh] = False, True
-            deltas[(gg, hh)] = w.explained(m) - base
+    deltas = _swap_gains(w, mask)
     best = max(deltas, key=deltas.get)
     assert (g, h) == best
     assert delta == pytest.approx(deltas[best], rel=1e-7)
@@ -129,12 +135,6 @@ def test_pair_scores_in_small_chunks_pick_the_same_swap(monkeypatch):
     assert chunked[:2] == whole[:2] and chunked[2] == pytest.approx(whole[2], rel=1e-12)
     ragged = np.diff(w.starts)
     assert ragged.min() < ragged.max()         # (padded positions were read)
-    base = w.explained(mask)
-    deltas = {}
-    for g in np.flatnonzero(mask):
-        for h in np.flatnonzero(~mask):
-            m = mask.copy()
-            m[g], m[h] = False, True
-            deltas[(g, h)] = w.explained(m) - base
+    deltas = _swap_gains(w, mask)
     assert whole[:2] == max(deltas, key=deltas.get)
     assert whole[2] == pytest.approx(max(deltas.values()), rel=1e-7)
