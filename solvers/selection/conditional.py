@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.selection.panel_cholesky import PANEL_MIN_COLUMNS, LapackCholesky, factor_principal
+from solvers.selection.panel_cholesky import LapackCholesky, factor_principal
 
 # Smallest eigenvalue kept in the verified matrix (whitened units), as exact.Q_MARGIN.
 MARGIN = 1e-9
@@ -74,14 +74,15 @@ def _lambda_min_trailing(factor, direction: np.ndarray, rng: np.random.Generator
 
 def node_shift(M: np.ndarray, col_group: np.ndarray, tc_root: np.ndarray, fixed_in: np.ndarray,
                fixed_out: np.ndarray, *, seed: int = 0, proportional: bool = True,
-               panel_min: int = PANEL_MIN_COLUMNS) -> tuple[np.ndarray, float] | None:
+               panel_min: int | None = None) -> tuple[np.ndarray, float] | None:
     """Per-column shifts (r,) valid at the node ``(fixed_in, fixed_out)``, and the extra ``δ`` added.
 
     Columns of fixed-in and fixed-out channels get 0, free columns ``tc_root + δ`` with
     ``M_TT − diag(0_F, tc_root_N + δ) − MARGIN·I ⪰ 0`` checked by Cholesky. ``tc_root`` must itself
     be feasible at the root (``M − diag(tc_root) ⪰ 0``), so ``δ = 0`` always is. Returns None when
     there is nothing free or no factorization succeeds (the caller keeps the root relaxation).
-    Past ``panel_min`` columns of ``T`` the factorizations are :class:`PanelCholesky` panels (half a |T|×|T|).
+    Past ``panel_min`` columns of ``T`` (default: ``panel_threshold(M)``) the factorizations are
+    :class:`PanelCholesky` panels (half a |T|×|T|).
     """
     F = fixed_in[col_group]
     N = ~(fixed_in | fixed_out)[col_group]

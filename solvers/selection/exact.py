@@ -80,8 +80,7 @@ from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import Whitened, backward_mask, densified, forward_mask, refit_seconds, whiten
-from solvers.selection import panel_cholesky
-from solvers.selection.panel_cholesky import PanelCholesky, factor_principal
+from solvers.selection.panel_cholesky import factor_principal
 from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks,
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
@@ -104,11 +103,6 @@ T_MIN = 1e-9
 # Above this many whitened columns the shift search skips Newton (O(r³) per step) for 0.9·λ_min(M)
 # (C = 512 3×3, r = 4608, still gets Newton: its λ_min is ~200× below the Newton shifts).
 NEWTON_MAX_COLUMNS = 8192
-# Past these many columns the shift's certifying factorization, λ_min's estimate, the relaxed solves and the node
-# shifts keep their factor as panels of its lower triangle (PanelCholesky: half the memory; M read panel by panel):
-# from 1,024 for a Gram read lazily, from 3,000 for an array (see panel_cholesky; _panel_min chooses).
-PANEL_MIN_COLUMNS = panel_cholesky.PANEL_MIN_COLUMNS
-PANEL_MIN_DENSE_COLUMNS = panel_cholesky.PANEL_MIN_DENSE_COLUMNS
 # Smallest eigenvalue kept in M − T after the Newton search (so Q ⪰ 0 survives round-off).
 Q_MARGIN = 1e-9
 # Bounds are lowered by this much (relative error units) to absorb round-off in L − Σ a z.
@@ -309,7 +303,7 @@ def choose_shift(w: Whitened, *, deadline: float | None = None) -> np.ndarray:
                 tn = tl + a * step
                 if np.all(tn > 0):
                     try:
-                        _factor_shifted(M, np.repeat(tn, size[idx].astype(np.int64)))   # (in panels: _panel_min)
+                        _factor_shifted(M, np.repeat(tn, size[idx].astype(np.int64)))   # (in panels: panel_threshold)
                         break
                     except np.linalg.LinAlgError:
                         pass
@@ -352,17 +346,12 @@ def _with_margin(M: np.ndarray, g: np.ndarray, t: np.ndarray, *, halve: bool = F
     return t
 
 
-def _panel_min(M) -> int:
-    """Columns past which factorizations of ``M``'s principal submatrices go in panels."""
-    return PANEL_MIN_COLUMNS if isinstance(M, ScaledGram) else PANEL_MIN_DENSE_COLUMNS
-
-
 def _factor_shifted(M, shift: np.ndarray | float | None = None):
     """Cholesky factor of ``M − diag(shift)`` (``numpy.linalg.LinAlgError`` when it is not positive definite):
-    past ``_panel_min(M)`` columns a :class:`PanelCholesky` (half the memory of an r×r, M read panel by panel:
-    a :class:`ScaledGram` is never built whole), else LAPACK's factor of one r×r copy."""
-    return factor_principal(M, None, -np.asarray(0.0 if shift is None else shift, dtype=np.float64),
-                            panel_min=_panel_min(M))
+    past :func:`~solvers.selection.panel_cholesky.panel_threshold` columns a :class:`PanelCholesky` (half the memory
+    of an r×r, M read panel by panel: a :class:`ScaledGram` is never built whole), else LAPACK's factor of one r×r
+    copy."""
+    return factor_principal(M, None, -np.asarray(0.0 if shift is None else shift, dtype=np.float64))
 
 
 def _solve_factored(cf, v: np.ndarray) -> np.ndarray:
@@ -455,9 +444,8 @@ class Relaxation:
         ridge = self.tc[T] * (1.0 / zc[T] - 1.0)
         BT = self.w.B[T]
         try:
-            # (M_TT + ridge gathered and factored in place, in panels past _panel_min: half a |T|×|T|)
-            W[T] = factor_principal(self.w.M, np.flatnonzero(T), ridge, panel_min=_panel_min(self.w.M),
-                                    lower=False).solve(BT)
+            # (M_TT + ridge gathered and factored in place, in panels past panel_threshold: half a |T|×|T|)
+            W[T] = factor_principal(self.w.M, np.flatnonzero(T), ridge, lower=False).solve(BT)
             self._recent = [(W, T, ridge)] + self._recent[:1]
         except (np.linalg.LinAlgError, ValueError):
             A = self.w.M[np.ix_(T, T)]
@@ -490,10 +478,7 @@ class Relaxation:
         which only :meth:`solve`'s weights guarantee)."""
         V = self.w.B - QW
         L = self.c - float(np.vdot(W, QW))
-        sh = self.tc > 0
-        # (row sums of V∘V: one r×m temporary where V[sh] made three; the same sums, bit for bit)
-        per_col = np.where(sh, np.sum(V * V, axis=1) / np.where(sh, self.tc, 1.0), 0.0)
-        return L, np.bincount(self.w.col_group, weights=per_col, minlength=self.C), V
+        return L, self._coefficients(V), V
 
     def shifted_product(self, W: np.ndarray) -> np.ndarray:
         """``(M − T) W`` (r×m), using only ``W``'s nonzero rows while they are at most half of them (past that
@@ -510,10 +495,14 @@ class Relaxation:
         V[T] = (ridge + self.tc[T])[:, None] * WT                # B_T − (Q W)_T
         V[N] = self.w.B[N] - self.w.M[np.ix_(N, T)] @ WT if N.any() else 0.0
         L = self.c - float(np.sum(WT * (self.w.B[T] - V[T])))     # ⟨W, QW⟩ with (QW)_T = B_T − V_T
+        return L, self._coefficients(V)
+
+    def _coefficients(self, V: np.ndarray) -> np.ndarray:
+        """The minorant's ``a_g = Σ_{j∈g, t_j>0} ‖V_j‖² / t_j`` (C,) from its residual cross ``V`` (r×m)."""
         sh = self.tc > 0
         # (row sums of V∘V: one r×m temporary where V[sh] made three; the same sums, bit for bit)
         per_col = np.where(sh, np.sum(V * V, axis=1) / np.where(sh, self.tc, 1.0), 0.0)
-        return L, np.bincount(self.w.col_group, weights=per_col, minlength=self.C)
+        return np.bincount(self.w.col_group, weights=per_col, minlength=self.C)
 
 
 def _lmo(a: np.ndarray, free: np.ndarray, r: int | None, cap: float | None,
@@ -1038,8 +1027,7 @@ def _node_relax(S: _Search, fin: np.ndarray, fout: np.ndarray, z0: np.ndarray, m
         w = root.w
         keep = int((~fout[w.col_group]).sum())
         if _affordable(keep, 2.5, S.deadline):
-            out = node_shift(w.M, w.col_group, root.tc if tc_parent is None else tc_parent, fin, fout,
-                             panel_min=_panel_min(w.M))
+            out = node_shift(w.M, w.col_group, root.tc if tc_parent is None else tc_parent, fin, fout)
             if out is not None and out[1] > 0:
                 tc = out[0]
                 S.node_shifts += 1
@@ -1951,8 +1939,6 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         scalar_root.clear()
         root_cuts.clear()
         rel.forget()
-        if S.rel is not rel:
-            S.rel.forget()
     # (the OA masters keep the short root: fifty near-parallel root cuts stall HiGHS's master on
     # round-off, measured on the test bank's budgeted C = 10 problem)
     # The monotone bound err(all channels) holds for every set too.

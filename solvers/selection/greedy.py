@@ -35,7 +35,7 @@ import scipy.linalg
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.linalg import symmetrize_in_place
-from solvers.selection.panel_cholesky import PANEL_MIN_COLUMNS, PANEL_MIN_DENSE_COLUMNS, factor_principal
+from solvers.selection.panel_cholesky import factor_principal
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
@@ -126,11 +126,10 @@ class Whitened:
 
 def _explained(M, idx: np.ndarray, B: np.ndarray) -> float:
     """``tr(Bᵀ M_SS⁻¹ B)`` for the columns ``idx``: ``M_SS`` gathered and factored in place (in panels past
-    ``PANEL_MIN_COLUMNS`` for a lazy Gram, ``PANEL_MIN_DENSE_COLUMNS`` for an array: half an |S|×|S|), gathered
-    again for the least-squares fallback when it is singular."""
+    :func:`~solvers.selection.panel_cholesky.panel_threshold`: half an |S|×|S|), gathered again for the
+    least-squares fallback when it is singular."""
     try:
-        panel_min = PANEL_MIN_COLUMNS if isinstance(M, ScaledGram) else PANEL_MIN_DENSE_COLUMNS
-        X = factor_principal(M, idx, 0.0, panel_min=panel_min, lower=False).solve(B)
+        X = factor_principal(M, idx, lower=False).solve(B)
     except np.linalg.LinAlgError:
         X = scipy.linalg.lstsq(M[np.ix_(idx, idx)], B, cond=1e-12, check_finite=False)[0]
     return float(np.sum(B * X))
@@ -659,8 +658,11 @@ def _rank_update(A: np.ndarray, U: np.ndarray, X: np.ndarray) -> None:
         from scipy.linalg.blas import dgemm
 
         if A.flags.c_contiguous and A.dtype == np.float64:
-            # A is C-ordered: its transpose is Fortran-ordered, and Aᵀ −= Xᵀ Uᵀ is the same update.
-            out = dgemm(alpha=-1.0, a=X.T, b=U.T, beta=1.0, c=A.T, overwrite_c=True)
+            # A is C-ordered: its transpose is Fortran-ordered, and Aᵀ −= Xᵀ Uᵀ is the same update. Each operand is
+            # handed over in whichever orientation is already in BLAS's order (a transposed flag instead of a copy).
+            a, ta = (X, 1) if X.flags.f_contiguous and not X.flags.c_contiguous else (X.T, 0)
+            b, tb = (U, 1) if U.flags.f_contiguous and not U.flags.c_contiguous else (U.T, 0)
+            out = dgemm(alpha=-1.0, a=a, b=b, trans_a=ta, trans_b=tb, beta=1.0, c=A.T, overwrite_c=True)
             if np.shares_memory(out, A):
                 return
             A[...] = out.T

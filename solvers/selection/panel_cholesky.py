@@ -21,7 +21,7 @@ import scipy.linalg
 from scipy.linalg.blas import dgemm, dtrsm
 
 __all__ = ["PanelCholesky", "PANEL_WIDTH", "PANEL_MIN_COLUMNS", "PANEL_MIN_DENSE_COLUMNS", "LapackCholesky",
-           "factor_principal"]
+           "factor_principal", "panel_threshold"]
 
 #: Columns per panel (the update GEMMs are (r − jb) × b × b: large enough for BLAS, small beside r²/2).
 PANEL_WIDTH = 512
@@ -141,6 +141,12 @@ class LapackCholesky:
         return scipy.linalg.cho_solve((self.factor, self.lower), v, check_finite=False)
 
 
+def panel_threshold(M) -> int:
+    """Columns past which :func:`factor_principal` factors principal submatrices of ``M`` in panels:
+    ``PANEL_MIN_COLUMNS`` for a Gram read lazily (anything but an array), ``PANEL_MIN_DENSE_COLUMNS`` for an array."""
+    return PANEL_MIN_DENSE_COLUMNS if isinstance(M, np.ndarray) else PANEL_MIN_COLUMNS
+
+
 def _fresh(A) -> np.ndarray:
     """``A`` itself when it is a gather's own C-ordered float64 array (fancy indexing and a ScaledGram's reads make
     one), else a copy: an array the caller may overwrite without a second copy of a gathered one."""
@@ -149,16 +155,17 @@ def _fresh(A) -> np.ndarray:
     return np.array(A, dtype=np.float64)
 
 
-def factor_principal(M, idx: np.ndarray | None, add: np.ndarray | float = 0.0, *, panel_min: int,
+def factor_principal(M, idx: np.ndarray | None, add: np.ndarray | float = 0.0, *, panel_min: int | None = None,
                      split: int | None = None, lower: bool = True) -> "PanelCholesky | LapackCholesky":
     """Cholesky factor of ``M[idx][:, idx] + diag(add)`` (``idx`` None: all of ``M``), gathered from ``M`` (an array or
     any view with ``M[np.ix_(a, b)]`` reads, e.g. a :class:`~solvers.selection.scaled_gram.ScaledGram`) and never
-    written to it. Past ``panel_min`` columns a :class:`PanelCholesky` (half the memory, the matrix read panel by
-    panel); else one gathered array factored in place by LAPACK. ``numpy.linalg.LinAlgError`` when it is not
-    positive definite. ``split``: see :meth:`PanelCholesky.factor`; ``lower``: which triangle LAPACK's path factors
-    (the same factor in exact arithmetic, different round-off)."""
+    written to it. Past ``panel_min`` columns (default :func:`panel_threshold`) a :class:`PanelCholesky` (half the
+    memory, the matrix read panel by panel); else one gathered array factored in place by LAPACK.
+    ``numpy.linalg.LinAlgError`` when it is not positive definite. ``split``: see :meth:`PanelCholesky.factor`;
+    ``lower``: which triangle LAPACK's path factors (the same factor in exact arithmetic, different round-off)."""
     idx = np.arange(M.shape[0]) if idx is None else np.asarray(idx)
     r = idx.size
+    panel_min = panel_threshold(M) if panel_min is None else panel_min
     d = np.broadcast_to(np.asarray(add, dtype=np.float64), (r,))
     if r > panel_min:
         def columns(lo: int, hi: int) -> np.ndarray:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg.blas import dgemm
 
 from solvers.selection.greedy import Whitened, _rank_update
 from solvers.selection.linalg import symmetrize_in_place
@@ -124,10 +123,7 @@ def _project_out_cholesky(w: Whitened, F: np.ndarray, N: np.ndarray, M_NN: np.nd
     zb = scipy.linalg.solve_triangular(L, w.B[F], lower=True, check_finite=False)
     if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(zb))):
         return None
-    # M_NN −= Zᵀ Z on M_NN's memory (its transpose is in BLAS's order; Z, F-ordered, is read transposed: no copies)
-    out = dgemm(alpha=-1.0, a=Z, b=Z, trans_a=1, beta=1.0, c=M_NN.T, overwrite_c=1)
-    if not np.shares_memory(out, M_NN):
-        M_NN[...] = out.T
+    _rank_update(M_NN, Z.T, Z)                   # (M_NN −= Zᵀ Z on its own memory; Z, F-ordered, is not copied)
     return B_N - Z.T @ zb, float(np.sum(zb * zb))
 
 

@@ -479,11 +479,12 @@ def test_the_shifts_check_is_not_started_when_the_first_factorization_says_it_wo
 
 @pytest.mark.parametrize("lazy", [False, True])
 def test_panel_factorizations_certify_the_same_shifts_as_lapack(lazy, monkeypatch):
-    """Past ``PANEL_MIN_COLUMNS`` the shift's check and λ_min's estimate factor in panels (half the memory),
+    """Past ``panel_threshold`` the shift's check and λ_min's estimate factor in panels (half the memory),
     reading a lazily whitened ``M`` panel by panel: the same certified shifts and the same estimate as one
     LAPACK factorization of the whole matrix; a shift past λ_min is shrunk to the same one."""
     import solvers.selection.exact as ex
     import solvers.selection.greedy as gr
+    import solvers.selection.panel_cholesky as pc
 
     rng = np.random.default_rng(4)
     C, n = 420, 1400
@@ -493,15 +494,15 @@ def test_panel_factorizations_certify_the_same_shifts_as_lapack(lazy, monkeypatc
     w = whiten(p, lazy=True)
     lam = float(np.linalg.eigvalsh(np.asarray(w.M))[0])
     t = np.full(C, 0.9 * lam)
-    monkeypatch.setattr(ex, "PANEL_MIN_COLUMNS", 10**9)
-    monkeypatch.setattr(ex, "PANEL_MIN_DENSE_COLUMNS", 10**9)
+    monkeypatch.setattr(pc, "PANEL_MIN_COLUMNS", 10**9)
+    monkeypatch.setattr(pc, "PANEL_MIN_DENSE_COLUMNS", 10**9)
     lapack_ok, lapack_bad = ex._with_margin(w.M, w.col_group, t), ex._with_margin(w.M, w.col_group, 1.2 * t)
-    monkeypatch.setattr(ex, "PANEL_MIN_COLUMNS", 100)
-    monkeypatch.setattr(ex, "PANEL_MIN_DENSE_COLUMNS", 100)
+    monkeypatch.setattr(pc, "PANEL_MIN_COLUMNS", 100)
+    monkeypatch.setattr(pc, "PANEL_MIN_DENSE_COLUMNS", 100)
     assert np.array_equal(ex._with_margin(w.M, w.col_group, t), lapack_ok) and np.array_equal(lapack_ok, t)
     assert np.array_equal(ex._with_margin(w.M, w.col_group, 1.2 * t), lapack_bad) and np.all(lapack_bad < 1.2 * t)
     cf = ex._factor_shifted(w.M, 0.5 * lam)
-    assert isinstance(cf, ex.PanelCholesky)
+    assert isinstance(cf, pc.PanelCholesky)
     v = rng.normal(size=C)
     np.testing.assert_allclose(ex._solve_factored(cf, v), np.linalg.solve(np.asarray(w.M) - 0.5 * lam * np.eye(C), v),
                                rtol=1e-8)
@@ -511,6 +512,7 @@ def test_relaxed_solves_in_panels_equal_lapacks(monkeypatch):
     """Relaxed solves past the panel threshold (``PANEL_MIN_DENSE_COLUMNS`` for an array, ``PANEL_MIN_COLUMNS`` for a
     lazy Gram) factor the gathered ``M_TT + ridge`` in panels (half of it): the same weights and value as LAPACK."""
     import solvers.selection.exact as ex
+    import solvers.selection.panel_cholesky as pc
 
     p = make_problem(C=30, cols_per_channel=3, m=5, n=400, seed=8)
     w = whiten(p)
@@ -518,9 +520,9 @@ def test_relaxed_solves_in_panels_equal_lapacks(monkeypatch):
     z = np.random.default_rng(1).uniform(0.1, 1.0, 30)
     out = np.zeros(30, bool)
     out[[2, 7]] = True
-    monkeypatch.setattr(ex, "PANEL_MIN_DENSE_COLUMNS", 10**9)
+    monkeypatch.setattr(pc, "PANEL_MIN_DENSE_COLUMNS", 10**9)
     W0, F0 = rel.solve(z, out)
-    monkeypatch.setattr(ex, "PANEL_MIN_DENSE_COLUMNS", 16)
+    monkeypatch.setattr(pc, "PANEL_MIN_DENSE_COLUMNS", 16)
     W1, F1 = rel.solve(z, out)
     np.testing.assert_allclose(W1, W0, rtol=1e-8, atol=1e-12)
     assert F1 == pytest.approx(F0, rel=1e-10) and np.all(W1[np.isin(w.col_group, [2, 7])] == 0)
