@@ -85,7 +85,7 @@ from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COL
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.restart import reduce_problem
-from solvers.selection.scaled_gram import ScaledGram
+from solvers.selection.scaled_gram import ScaledGram, gathered_product
 from solvers.selection.swap import improve_by_swaps
 from solvers.result import SelectionResult, Status
 
@@ -362,13 +362,14 @@ def _solve_factored(cf, v: np.ndarray) -> np.ndarray:
 def _lambda_min(M: np.ndarray, timing: dict | None = None) -> float:
     """Smallest eigenvalue of the symmetric ``M`` (0 when it is not positive definite).
 
-    Large ``M`` (over 3000 columns): an *estimate* from inverse power iteration on
+    Large ``M`` (over 3000 columns) or one read lazily: an *estimate* from inverse power iteration on
     one Cholesky factor (O(r³/3) plus cheap triangular solves; Lanczos converges far too slowly on
-    these spectra and a full eigvalsh costs ~12× the Cholesky). It is never below the true value, so
+    these spectra and a full eigvalsh costs ~12× the Cholesky; a lazy Gram's factor comes in panels, where
+    eigvalsh would densify it: one more r×r beside the statistics). It is never below the true value, so
     callers verify any shift derived from it (:func:`_with_margin`).
     """
     r = M.shape[0]
-    if r <= 3000:
+    if r <= 3000 and isinstance(M, np.ndarray):
         return float(np.linalg.eigvalsh(M)[0])
     t0 = time.perf_counter()
     try:
@@ -484,7 +485,7 @@ class Relaxation:
         """``(M − T) W`` (r×m), using only ``W``'s nonzero rows while they are at most half of them (past that
         the gathered ``M[:, T]`` costs more than the zero rows' products: at C = 11,008 it was an r×r copy)."""
         T = np.flatnonzero(np.any(W != 0, axis=1))
-        out = self.w.M @ W if 2 * T.size > W.shape[0] else self.w.M[:, T] @ W[T]
+        out = self.w.M @ W if 2 * T.size > W.shape[0] else gathered_product(self.w.M, slice(None), T, W[T])
         out -= self.tc[:, None] * W
         return out
 
@@ -493,7 +494,7 @@ class Relaxation:
         WT = W[T]
         V = np.empty_like(W)
         V[T] = (ridge + self.tc[T])[:, None] * WT                # B_T − (Q W)_T
-        V[N] = self.w.B[N] - self.w.M[np.ix_(N, T)] @ WT if N.any() else 0.0
+        V[N] = self.w.B[N] - gathered_product(self.w.M, N, T, WT) if N.any() else 0.0   # (lazy: in row blocks)
         L = self.c - float(np.sum(WT * (self.w.B[T] - V[T])))     # ⟨W, QW⟩ with (QW)_T = B_T − V_T
         return L, self._coefficients(V)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ScaledGram"]
+__all__ = ["ScaledGram", "gathered_product"]
 
 _BLOCK_ENTRIES = 1 << 20        # entries of G gathered and scaled at a time: at most 8 MB of float64, and at most
 _BLOCK_SHARE = 64               # 1/64 of the r×r (each read makes two such temporaries: at C = 2,048, 8 MB blocks
@@ -144,6 +144,18 @@ class ScaledGram:
         out += np.multiply((1.0 - self.f * self.f * self.G[self.rows, self.rows])[:, None], V, out=Y)
         return out[:, 0] if X.ndim == 1 else out
 
+    def product(self, rows: slice | np.ndarray, cols: slice | np.ndarray, X: np.ndarray) -> np.ndarray:
+        """``M[rows][:, cols] @ X`` (X: len(cols) × m), gathered a block of rows at a time (each block at most
+        :func:`_block_entries` entries): never the whole len(rows)×len(cols) submatrix beside the statistics."""
+        ri, ci = self._key(rows)[0], self._key(cols)[0]
+        nr, nc = self._size(ri), self._size(ci)
+        out = np.empty((nr, X.shape[1]))
+        step = max(1, _block_entries(self.shape[0]) // max(nc, 1))
+        for i in range(0, nr, step):
+            blk = slice(ri.start + i, ri.start + min(i + step, nr)) if isinstance(ri, slice) else ri[i:i + step]
+            np.matmul(self._read(blk, ci, np.float64), X, out=out[i:i + step])
+        return out
+
     def dense(self, dtype=np.float64) -> np.ndarray:
         """The r×r matrix, built in one pass over ``G`` (C-ordered, in ``dtype``)."""
         return self._read(slice(0, self.shape[0]), slice(0, self.shape[0]), dtype)
@@ -157,3 +169,11 @@ class ScaledGram:
     def __array__(self, dtype=None, copy=None):
         return self.dense(np.float64 if dtype is None else dtype)
 
+
+def gathered_product(M, rows: slice | np.ndarray, cols: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``M[rows][:, cols] @ X`` for an array ``M`` (one gather, as the expression) or a :class:`ScaledGram` (row
+    blocks: :meth:`ScaledGram.product`). ``rows``: ``slice(None)`` or an index array; ``cols``: an index array
+    (integer or boolean)."""
+    if isinstance(M, np.ndarray):
+        return (M[:, cols] if isinstance(rows, slice) and rows == slice(None) else M[np.ix_(rows, cols)]) @ X
+    return M.product(rows, cols, X)

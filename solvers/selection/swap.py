@@ -40,6 +40,8 @@ PAIR_CHUNK = 4_000_000
 PAIR_CHUNK_SHARE = 16
 # A swap must improve the explained energy by more than this fraction of ‖Y‖² (round-off guard).
 MIN_GAIN = 1e-12
+# Temporaries of the in-place state updates and of the chunked gathers hold about this many entries.
+UPDATE_CHUNK = 65_536
 # Recompute the state from scratch after this many incremental swaps (bounds drift of Minv).
 REFRESH_EVERY = 64
 
@@ -61,8 +63,36 @@ def _padded_reader(A: np.ndarray, n0: int, n1: int):
     return read
 
 
+def _subtract_product(A: np.ndarray, U: np.ndarray, X: np.ndarray) -> None:
+    """``A −= U X`` in place, a block of rows at a time: ``A`` may be a strided view of a larger buffer, and no
+    temporary is larger than ``UPDATE_CHUNK`` entries (a whole ``U X`` would be one more s×o beside the state)."""
+    rows = max(1, UPDATE_CHUNK // max(1, A.shape[1]))
+    for i in range(0, A.shape[0], rows):
+        A[i:i + rows] -= U[i:i + rows] @ X
+
+
+def _to_tail(n: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A permutation of ``range(n)`` that puts ``pos`` (in that order) at the end and the entries it displaces into
+    the positions ``pos`` vacates: ``(touched, source)``, apply as ``X[touched] = X[source]``."""
+    q = pos.size
+    tail = np.arange(n - q, n)
+    vacated = pos[pos < n - q]
+    displaced = np.setdiff1d(tail, pos)               # tail entries that are not moving to the tail
+    touched = np.r_[tail, vacated].astype(np.int64)
+    source = np.r_[pos, displaced].astype(np.int64)
+    return touched, source
+
+
 class SwapState:
-    """Kept set, inverse Gram and candidate residuals of a swap search (see the module docstring)."""
+    """Kept set, inverse Gram and candidate residuals of a swap search (see the module docstring).
+
+    ``Minv`` (s×s) and ``K`` (s×o) are views of buffers with room for one more channel's columns on each side,
+    updated in place: a swap moves the leaving channel's rows (columns) to the end of the view, applies the
+    rank-q update in row blocks and writes the entering channel's rows (columns) into the spare room, so the
+    state never holds a second s×o or s×s (at C = 2,048 one-column, the copies made the search 1.3× the
+    statistics). Positions are physical; each channel's columns are read in column order (:meth:`_pos`), which is
+    the order of its ``Sig`` block.
+    """
 
     def __init__(self, w: Whitened, mask: np.ndarray, ridge: float = BACKWARD_RIDGE):
         self.w = w
@@ -73,6 +103,17 @@ class SwapState:
         self.swaps = 0
         self._rebuild()
 
+    @property
+    def Minv(self) -> np.ndarray:
+        """``(M_SS + εI)⁻¹`` (s×s), in the order of ``scols``."""
+        s = self.scols.size
+        return self._Mbuf[:s, :s]
+
+    @property
+    def K(self) -> np.ndarray:
+        """``Minv M_SO`` (s×o), rows in the order of ``scols``, columns in that of ``ocols``."""
+        return self._Kbuf[:self.scols.size, :self.ocols.size]
+
     # ------------------------------------------------------------------ bookkeeping
     def _cols_of(self, channels) -> np.ndarray:
         w = self.w
@@ -80,40 +121,83 @@ class SwapState:
             return np.zeros(0, np.int64)
         return np.concatenate([np.arange(w.starts[g], w.starts[g + 1]) for g in channels]).astype(np.int64)
 
+    def _pos(self, cols: np.ndarray, g: int) -> np.ndarray:
+        """Positions of channel ``g``'s columns in ``cols``, in column order."""
+        p = np.flatnonzero(self.w.col_group[cols] == g)
+        return p[np.argsort(cols[p], kind="stable")]
+
+    def _positions(self, cols: np.ndarray) -> dict[int, np.ndarray]:
+        """:meth:`_pos` of every channel in ``cols`` at once (one sort, not one scan per channel)."""
+        if cols.size == 0:
+            return {}
+        groups = self.w.col_group[cols]
+        order = np.lexsort((cols, groups))
+        cuts = np.flatnonzero(np.diff(groups[order])) + 1
+        return {int(groups[part[0]]): part for part in np.split(order, cuts)}
+
+    def _spos(self, g: int) -> np.ndarray:
+        return self._pos(self.scols, g)
+
+    def _opos(self, h: int) -> np.ndarray:
+        return self._pos(self.ocols, h)
+
+    def _fits(self, g: int, h: int) -> bool:
+        """Whether swapping ``g`` out and ``h`` in stays within the buffers' room."""
+        qg, qh = int(self.sizes[g]), int(self.sizes[h])
+        s, o = self.scols.size, self.ocols.size
+        return o + qg <= self._Kbuf.shape[1] and s - qg + qh <= self._Mbuf.shape[0] and s - qg + qh <= self._Kbuf.shape[0]
+
     def _rebuild(self) -> None:
-        """Factor the state from scratch: O(s³ + s²·o + s·o·m)."""
+        """Factor the state from scratch: O(s³ + s²·o + s·o·m); ``M_SO`` is read a block of channels at a time."""
         w = self.w
         self.kept = [int(g) for g in np.flatnonzero(self.mask)]
         self.out = [int(g) for g in np.flatnonzero(~self.mask)]
         self.scols = self._cols_of(self.kept)
         self.ocols = self._cols_of(self.out)
-        s = self.scols.size
+        s, o = self.scols.size, self.ocols.size
+        room = self.rmax
         # (M_SS + εI, symmetrized and inverted in place: one s×s where the expression made five)
         Mss = np.array(w.M[np.ix_(self.scols, self.scols)])
         Mss[np.diag_indices(s)] += self.ridge
         symmetrize_in_place(Mss)
-        self.Minv = np.linalg.inv(Mss) if s else np.zeros((0, 0))
+        Minv = np.linalg.inv(Mss) if s else np.zeros((0, 0))
         del Mss
-        self.W = self.Minv @ w.B[self.scols]
-        Mso = w.M[np.ix_(self.scols, self.ocols)]
-        self.K = self.Minv @ Mso
-        self.R = w.B[self.ocols] - Mso.T @ self.W
+        self._Mbuf = np.empty((s + room, s + room))
+        self._Mbuf[:s, :s] = Minv
+        del Minv
+        Minv = self.Minv
+        self.W = Minv @ w.B[self.scols]
+        self._Kbuf = np.empty((s + room, o + room))
+        self.R = np.empty((o, w.B.shape[1]))
         self.Sig = {}
-        pos = 0
+        step = max(1, UPDATE_CHUNK // max(1, s))
+        blocks, block, width = [], [], 0                        # dropped channels, about ``step`` columns a block
         for h in self.out:
-            q = int(self.sizes[h])
-            sl = slice(pos, pos + q)
+            block.append(h)
+            width += int(self.sizes[h])
+            if width >= step:
+                blocks.append(block)
+                block, width = [], 0
+        if block:
+            blocks.append(block)
+        pos = 0
+        for block in blocks:
+            b = int(sum(int(self.sizes[h]) for h in block))
+            sl = slice(pos, pos + b)
             c = self.ocols[sl]
-            self.Sig[h] = (w.M[np.ix_(c, c)] + self.ridge * np.eye(q)) - Mso[:, sl].T @ self.K[:, sl]
-            pos += q
+            Msb = w.M[np.ix_(self.scols, c)]                     # s×b: M_SO a block of channels at a time
+            Kb = self._Kbuf[:s, sl]
+            Kb[...] = Minv @ Msb
+            self.R[sl] = w.B[c] - Msb.T @ self.W
+            at = 0
+            for h in block:
+                q = int(self.sizes[h])
+                ch = slice(at, at + q)
+                self.Sig[h] = (w.M[np.ix_(c[ch], c[ch])] + self.ridge * np.eye(q)) - Msb[:, ch].T @ Kb[:, ch]
+                at += q
+            pos += b
         self.explained = float(np.sum(w.B[self.scols] * self.W))
         self.since_refresh = 0
-
-    def _spos(self, g: int) -> np.ndarray:
-        return np.flatnonzero(self.w.col_group[self.scols] == g)
-
-    def _opos(self, h: int) -> np.ndarray:
-        return np.flatnonzero(self.w.col_group[self.ocols] == h)
 
     # ------------------------------------------------------------------ scores
     def best_swap(self, allowed: np.ndarray | None = None) -> tuple[int, int, float]:
@@ -129,13 +213,14 @@ class SwapState:
         # Padded per-channel index arrays (pad -> an extra zero row/column).
         s, o = self.scols.size, self.ocols.size
         sidx = np.full((nk, r), s, np.int64)
-        spos_of = {g: self._spos(g) for g in self.kept}
+        spos_of, opos_of = self._positions(self.scols), self._positions(self.ocols)
+        none = np.zeros(0, np.int64)
         for i, g in enumerate(self.kept):
-            p = spos_of[g]
+            p = spos_of.get(g, none)
             sidx[i, :p.size] = p
         oidx = np.full((no, r), o, np.int64)
         for j, h in enumerate(self.out):
-            p = self._opos(h)
+            p = opos_of.get(h, none)
             oidx[j, :p.size] = p
         pad_s, pad_o = sidx == s, oidx == o
         # (padded positions read a clipped index and are zeroed after the gather: no padded copies of Minv and K,
@@ -148,18 +233,19 @@ class SwapState:
         Pih = (U / np.sqrt(lam)[:, None, :]) @ np.swapaxes(U, 1, 2)     # P^{-1/2}, nk×r×r
         W_pad = np.vstack([self.W, np.zeros((1, m))])
         What = Pih @ W_pad[sidx]                                          # nk×r×m
+        del W_pad
         loss = np.einsum("krm,krm->k", What, What)
         WW = What @ np.swapaxes(What, 1, 2)                               # nk×r×r
         R_pad = np.vstack([self.R, np.zeros((1, m))])
         Rh = R_pad[oidx]                                                  # no×r×m
+        del R_pad
         RR = Rh @ np.swapaxes(Rh, 1, 2)                                   # no×r×r
         Sig = np.broadcast_to(np.eye(r), (no, r, r)).copy()
         for j, h in enumerate(self.out):
             q = int(self.sizes[h])
             if q:
                 Sig[j, :q, :q] = self.Sig[h]
-        # X[k, j] = R_h Ŵ_gᵀ (r×r), from one matmul over all columns.
-        X = (Rh.reshape(no * r, m) @ What.reshape(nk * r, m).T).reshape(no, r, nk, r).transpose(2, 0, 1, 3)
+        Rflat = Rh.reshape(no * r, m)
         best = (-1, -1, -np.inf)
         per_row = max(1, no * r * r)
         step = max(1, min(PAIR_CHUNK, max(nk * per_row // PAIR_CHUNK_SHARE, 65_536)) // per_row)
@@ -170,7 +256,9 @@ class SwapState:
             Kh = Pih[a:b, None] @ Kb                                        # P^{-1/2} K
             KhT = np.swapaxes(Kh, 2, 3)
             S2 = Sig[None] + KhT @ Kh                                       # Σ'_h
-            XK = X[a:b] @ Kh                                                # (R Ŵᵀ)(P^{-1/2}K): q×q
+            # X[k, j] = R_h Ŵ_gᵀ (r×r), one matmul per chunk (all of it would be one more s×o)
+            X = (Rflat @ What[a:b].reshape((b - a) * r, m).T).reshape(no, r, b - a, r).transpose(2, 0, 1, 3)
+            XK = X @ Kh                                                     # (R Ŵᵀ)(P^{-1/2}K): q×q
             RR2 = RR[None] + XK + np.swapaxes(XK, 2, 3) + KhT @ WW[a:b, None] @ Kh
             if r == 1:
                 gain = RR2[..., 0, 0] / S2[..., 0, 0]
@@ -186,71 +274,89 @@ class SwapState:
 
     # ------------------------------------------------------------------ moves
     def remove(self, g: int) -> None:
-        """Move kept channel ``g`` to the dropped set (block downdate of ``Minv``)."""
-        w = self.w
-        pg = self._spos(g)
-        rest = np.setdiff1d(np.arange(self.scols.size), pg)
-        Pinv = _inv_sym(self.Minv[np.ix_(pg, pg)])          # g's residual Gram on S∖g
-        A = self.Minv[np.ix_(rest, pg)]
+        """Move kept channel ``g`` to the dropped set (block downdate of ``Minv``, in place)."""
+        s, o = self.scols.size, self.ocols.size
+        touched, source = _to_tail(s, self._spos(g))           # g's rows (and columns of Minv) to the end
+        Mb, Kb = self._Mbuf, self._Kbuf
+        Mb[touched, :s] = Mb[source, :s]
+        Mb[:s, touched] = Mb[:s, source]
+        Kb[touched, :o] = Kb[source, :o]
+        self.W[touched] = self.W[source]
+        self.scols[touched] = self.scols[source]
+        q = int(self.sizes[g])
+        s1 = s - q
+        Pinv = _inv_sym(Mb[s1:s, s1:s])                        # g's residual Gram on S∖g
+        A = Mb[:s1, s1:s].copy()
         APi = A @ Pinv
-        Kg = self.K[pg]                                      # p×o
-        Wg = self.W[pg]
+        Kg = Kb[s1:s, :o].copy()                               # q×o
+        Wg = self.W[s1:s]
         PiW = Pinv @ Wg
         self.explained -= float(np.sum(Wg * PiW))
-        for j, h in enumerate(self.out):
-            q = self._opos(h)
-            if q.size:
-                self.Sig[h] = self.Sig[h] + Kg[:, q].T @ Pinv @ Kg[:, q]
+        for h, p in self._positions(self.ocols).items():
+            self.Sig[h] = self.Sig[h] + Kg[:, p].T @ Pinv @ Kg[:, p]
         self.R = np.vstack([self.R + Kg.T @ PiW, PiW])
-        K_rest = self.K[rest] - APi @ Kg
-        self.K = np.hstack([K_rest, -APi])
-        self.W = self.W[rest] - APi @ Wg
-        self.Minv = self.Minv[np.ix_(rest, rest)] - APi @ A.T
+        _subtract_product(Kb[:s1, :o], APi, Kg)
+        Kb[:s1, o:o + q] = -APi
+        self.W = self.W[:s1] - APi @ Wg
+        _subtract_product(Mb[:s1, :s1], APi, A.T)
         self.Sig[g] = Pinv
-        self.scols = self.scols[rest]
-        self.ocols = np.r_[self.ocols, np.arange(w.starts[g], w.starts[g + 1])]
+        self.ocols = np.r_[self.ocols, self.scols[s1:s]]
+        self.scols = self.scols[:s1].copy()
         self.kept.remove(g)
         self.out.append(g)
         self.mask[g] = False
 
     def add(self, h: int) -> None:
-        """Move dropped channel ``h`` to the kept set (block update of ``Minv``)."""
+        """Move dropped channel ``h`` to the kept set (block update of ``Minv``, in place)."""
         w = self.w
-        ph = self._opos(h)
-        rest = np.setdiff1d(np.arange(self.ocols.size), ph)
+        s, o = self.scols.size, self.ocols.size
+        touched, source = _to_tail(o, self._opos(h))           # h's columns of K (rows of R) to the end
+        Kb = self._Kbuf
+        Kb[:s, touched] = Kb[:s, source]
+        self.R[touched] = self.R[source]
+        self.ocols[touched] = self.ocols[source]
+        q = int(self.sizes[h])
+        o1 = o - q
         Shinv = _inv_sym(self.Sig.pop(h))
-        kh = self.K[:, ph]                                   # s×q
-        orest = self.ocols[rest]
-        hc = self.ocols[ph]
-        E = w.M[np.ix_(hc, orest)] - kh.T @ w.M[np.ix_(self.scols, orest)]   # residual cross, q×o'
-        Rh = self.R[ph]
+        kh = Kb[:s, o1:o].copy()                               # s×q
+        orest, hc = self.ocols[:o1], self.ocols[o1:o]
+        # residual cross of h with the other dropped columns, q×o': M_hO − K_hᵀ M_SO, M_SO read in blocks of rows
+        E = np.array(w.M[np.ix_(hc, orest)])
+        rows = max(1, UPDATE_CHUNK // max(1, o1))
+        for i in range(0, s, rows):
+            E -= kh[i:i + rows].T @ w.M[np.ix_(self.scols[i:i + rows], orest)]
+        Rh = self.R[o1:o]
         SiR = Shinv @ Rh
         SiE = Shinv @ E
         self.explained += float(np.sum(Rh * SiR))
-        for h2 in self.out:
-            if h2 == h:
-                continue
-            q = np.flatnonzero(w.col_group[orest] == h2)
-            if q.size:
-                self.Sig[h2] = self.Sig[h2] - E[:, q].T @ SiE[:, q]
+        for h2, p in self._positions(orest).items():
+            self.Sig[h2] = self.Sig[h2] - E[:, p].T @ SiE[:, p]
         kS = kh @ Shinv
-        self.Minv = np.block([[self.Minv + kS @ kh.T, -kS], [-kS.T, Shinv]])
+        Mb = self._Mbuf
+        _subtract_product(Mb[:s, :s], -kS, kh.T)
+        Mb[:s, s:s + q] = -kS
+        Mb[s:s + q, :s] = -kS.T
+        Mb[s:s + q, s:s + q] = Shinv
         self.W = np.vstack([self.W - kS @ Rh, SiR])
-        self.K = np.vstack([self.K[:, rest] - kh @ SiE, SiE])
-        self.R = self.R[rest] - E.T @ SiR
+        _subtract_product(Kb[:s, :o1], kh, SiE)
+        Kb[s:s + q, :o1] = SiE
+        self.R = self.R[:o1] - E.T @ SiR
         self.scols = np.r_[self.scols, hc]
-        self.ocols = orest
+        self.ocols = orest.copy()
         self.out.remove(h)
         self.kept.append(h)
         self.mask[h] = True
 
     def swap(self, g: int, h: int) -> None:
-        self.remove(g)
-        self.add(h)
         self.swaps += 1
         self.since_refresh += 1
-        if self.since_refresh >= REFRESH_EVERY:
+        if not self._fits(g, h) or self.since_refresh >= REFRESH_EVERY:
+            # (ragged channels can outgrow the buffers' room; and a fresh state bounds the drift of Minv)
+            self.mask[g], self.mask[h] = False, True
             self._rebuild()
+            return
+        self.remove(g)
+        self.add(h)
 
 
 def swap_search(problem: SelectionProblem, mask: np.ndarray, *, budget: float | None = None,

@@ -124,3 +124,39 @@ def test_exacts_warm_start_keeps_a_lazy_gram_uncopied(monkeypatch):
     assert "backward" in dense.info["incumbents"]
     assert not {"backward", "lasso"} & set(lazy.info["incumbents"]) and "greedy" in lazy.info["incumbents"]
     assert lazy.objective == pytest.approx(dense.objective, rel=1e-9)
+
+
+def test_gathered_products_read_the_lazy_gram_in_blocks(monkeypatch):
+    """``M[rows][:, cols] @ X`` from a ScaledGram comes a block of rows at a time (tiny blocks here: every product
+    spans many), equal to the dense matrix's product; on an array it is the one-gather expression itself."""
+    import solvers.selection.scaled_gram as sg
+    from solvers.selection.scaled_gram import gathered_product
+
+    monkeypatch.setattr(gr, "WHITEN_VECTOR_MIN_CHANNELS", 0)
+    monkeypatch.setattr(sg, "_BLOCK_ENTRIES", 50)
+    monkeypatch.setattr(sg, "_block_entries", lambda r: 50)
+    p = _problem(40, 160, dead=True, shuffled=True)
+    M, D = whiten(p, lazy=True).M, whiten(p).M
+    r = D.shape[0]
+    rng = np.random.default_rng(3)
+    T = rng.random(r) < 0.6
+    idx = np.flatnonzero(T)
+    X = rng.normal(size=(idx.size, 4))
+    for rows, cols in [(~T, T), (slice(None), idx), (np.flatnonzero(~T), idx)]:
+        want = (D[:, cols] if isinstance(rows, slice) else D[np.ix_(rows, cols)]) @ X
+        np.testing.assert_allclose(gathered_product(M, rows, cols, X), want, rtol=1e-12, atol=1e-13)
+        assert np.array_equal(gathered_product(D, rows, cols, X), want)
+
+
+def test_lambda_min_of_a_lazy_gram_never_densifies_it(monkeypatch):
+    """The smallest eigenvalue of a lazily read Gram comes from inverse iteration on its (panel) factor: eigvalsh
+    would build the dense r×r first. The estimate is never below the true value and close to it."""
+    from solvers.selection import exact as ex
+
+    monkeypatch.setattr(gr, "WHITEN_VECTOR_MIN_CHANNELS", 0)
+    p = _problem(60, 300, dead=False, shuffled=True, mix=0.3)
+    M = whiten(p, lazy=True).M
+    true = float(np.linalg.eigvalsh(M.dense())[0])
+    monkeypatch.setattr(ScaledGram, "dense", lambda *a, **k: pytest.fail("the lazy Gram was densified"))
+    est = ex._lambda_min(M)
+    assert true * (1 - 1e-9) <= est <= 1.01 * true

@@ -138,3 +138,71 @@ def test_pair_scores_in_small_chunks_pick_the_same_swap(monkeypatch):
     deltas = _swap_gains(w, mask)
     assert whole[:2] == max(deltas, key=deltas.get)
     assert whole[2] == pytest.approx(max(deltas.values()), rel=1e-7)
+
+
+def _ragged_problem(seed: int = 9):
+    from solvers import SelectionProblem
+
+    rng = np.random.default_rng(seed)
+    sizes = np.array([3, 1, 2, 3, 1, 1, 2, 3, 2, 1, 3, 2, 1, 2])
+    Z = rng.normal(size=(300, sizes.sum())) @ (np.eye(sizes.sum()) + 0.3 * rng.normal(size=(sizes.sum(),) * 2))
+    Z[:, 1] = Z[:, 0]                           # (a repeated column: channel 0 keeps 2 whitened directions of 3)
+    return SelectionProblem.from_data(Z, Z @ rng.normal(size=(sizes.sum(), 4)), np.repeat(np.arange(14), sizes))
+
+
+def test_in_place_swaps_of_ragged_channels_match_a_fresh_factorization(monkeypatch):
+    """The state is updated inside buffers with one channel's room, a few rows at a time (``UPDATE_CHUNK`` shrunk
+    so every update takes several blocks): swaps between channels of different widths move rows and columns
+    to the ends of the views, outgrow the room (and rebuild), and still equal a state factored from scratch."""
+    import solvers.selection.swap as sw
+
+    monkeypatch.setattr(sw, "UPDATE_CHUNK", 7)
+    w = whiten(_ragged_problem())
+    mask = np.zeros(14, bool)
+    mask[[0, 2, 5, 6, 9, 12]] = True
+    st = SwapState(w, mask)
+    rng = np.random.default_rng(4)
+    rebuilt = 0
+    sizes = np.diff(w.starts)
+    for i in range(25):
+        if i < 6:                               # wide out, narrow in: the dropped side outgrows its room
+            g = max(st.kept, key=lambda c: sizes[c])
+            h = min((c for c in st.out if sizes[c]), key=lambda c: sizes[c])
+        else:
+            g, h = int(rng.choice(st.kept)), int(rng.choice(st.out))
+        rebuilt += not st._fits(g, h)
+        st.swap(g, h)
+        ref = SwapState(w, st.mask)
+        for a, b in zip(_sorted_state(st), _sorted_state(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+        for h2 in st.out:
+            np.testing.assert_allclose(st.Sig[h2], ref.Sig[h2], rtol=1e-8, atol=1e-10)
+        assert st.explained == pytest.approx(w.explained(st.mask), rel=1e-9)
+    assert 0 < rebuilt < 25                     # (both paths ran)
+
+
+def test_a_swap_allocates_no_second_copy_of_the_state(monkeypatch):
+    """A swap updates ``Minv`` (s×s) and ``K`` (s×o) in place: its traced peak stays far below their size (the
+    copies it used to make were two of each; the row blocks are shrunk to the size of this small state)."""
+    import tracemalloc
+
+    import solvers.selection.swap as sw
+
+    p = make_problem(300, 1, 8, 900, seed=2)
+    w = whiten(p)
+    mask = np.zeros(300, bool)
+    mask[::2] = True
+    st = SwapState(w, mask)
+    monkeypatch.setattr(sw, "UPDATE_CHUNK", 1024)
+    state = st.Minv.nbytes + st.K.nbytes
+    tracemalloc.start()
+    try:
+        for g, h in [(0, 1), (2, 3), (1, 5)]:
+            tracemalloc.reset_peak()
+            st.swap(g, h)
+            assert tracemalloc.get_traced_memory()[1] < 0.25 * state
+    finally:
+        tracemalloc.stop()
+    ref = SwapState(w, st.mask)
+    for a, b in zip(_sorted_state(st), _sorted_state(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
