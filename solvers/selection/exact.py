@@ -79,7 +79,8 @@ import scipy.linalg
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
-from solvers.selection.greedy import Whitened, backward_mask, densified, forward_mask, refit_seconds, whiten
+from solvers.selection.greedy import (Whitened, backward_mask, backward_start_fits, densified, forward_mask, refit_seconds,
+                                      whiten)
 from solvers.selection.panel_cholesky import factor_principal
 from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks,
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
@@ -810,11 +811,11 @@ def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
     p, k, budget = S.p, S.k, S.budget
     S.offer(forward_mask(p, k, budget, w=w, deadline=S.deadline), "greedy")
     # backward starts with an r×r inverse that no deadline can interrupt: skip it when that alone
-    # would overrun the warm start, and for a Gram read lazily (one column per channel past LAZY_MIN_CHANNELS),
-    # where that inverse is a second copy of the statistics (forward selection and swaps then give the incumbent:
-    # on 12 population layers of 1,200–1,500 channels forward + swaps matched backward + swaps on every one)
+    # would overrun the warm start, and where that inverse would double the memory (a Gram read lazily, or past
+    # BACKWARD_START_MAX_COLUMNS: forward selection and swaps then give the incumbent; on 12 population layers of
+    # 1,200–1,500 channels forward + swaps matched backward + swaps on every one)
     lazy = isinstance(w.M, ScaledGram)
-    if not S.timed_out() and not lazy and _affordable(w.M.shape[0], 3.0, S.deadline):
+    if not S.timed_out() and backward_start_fits(w) and _affordable(w.M.shape[0], 3.0, S.deadline):
         S.offer(backward_mask(p, k, budget, w=w, deadline=S.deadline), "backward")
     # (LASSO builds its own C×C channel Gram: past LASSO_WARM_MAX_CHANNELS that doubles the memory, and for a Gram read
     # lazily (one column per channel past LAZY_MIN_CHANNELS) it is a second copy of the statistics)

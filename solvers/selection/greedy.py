@@ -62,6 +62,12 @@ FORWARD_ROUNDS = 64
 # exact's restarts at C = 2,048 reduce to ~1,700).
 WHITEN_VECTOR_MIN_CHANNELS = 2000
 LAZY_MIN_CHANNELS = 1000
+# Backward elimination keeps an r×r inverse beside the whitened M: as a warm start (exact's, swap's) it runs only
+# below this many whitened columns and on an M held as an array. Past it (C = 512 3×3: 4,608 columns, the whitened
+# copy 0.95× the statistics) the inverse took exact and swap to 2.11× the statistics; for a Gram read lazily it is a
+# second copy of them. Forward selection and swaps give the start there (on the bench's population layers of
+# 1,200–11,008 one-column channels and C = 512 3×3, backward never gave a better start than forward + swaps).
+BACKWARD_START_MAX_COLUMNS = 3000
 # Assumed speed (flop/s, one core) when deciding whether an uninterruptible dense step (an r×r
 # inverse) still fits before a deadline; the same figure as exact.FLOP_RATE.
 FLOP_RATE = 1e10
@@ -576,6 +582,12 @@ def forward_path(problem: SelectionProblem, k_max: int | None = None, *, batch: 
 
 
 # ------------------------------------------------------------------------------------ backward
+def backward_start_fits(w: Whitened) -> bool:
+    """Whether a warm start may run :func:`backward_mask` on ``w`` within the statistics' memory: ``M`` an array of
+    fewer than ``BACKWARD_START_MAX_COLUMNS`` columns (see there)."""
+    return isinstance(w.M, np.ndarray) and w.M.shape[0] < BACKWARD_START_MAX_COLUMNS
+
+
 def backward_mask(problem: SelectionProblem, k: int | None, budget: float | None, *,
                   w: Whitened | None = None, deadline: float | None = None) -> np.ndarray:
     """Backward elimination from every channel until ``|S| <= k`` and ``Σ cost <= budget``.

@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from solvers.selection.baselines import result_from_mask
-from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, fits, forward_mask, refit_seconds,
-                                      whiten)
+from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, backward_start_fits, fits, forward_mask,
+                                      refit_seconds, whiten)
 from solvers.selection.linalg import symmetrize_in_place
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
@@ -410,7 +410,9 @@ def improve_by_swaps(problem: SelectionProblem, mask: np.ndarray, *, budget: flo
 
 def select_swap(problem: SelectionProblem, *, k: int | None = None, budget: float | None = None,
                 backend: str | None = None, time_limit: float | None = None, seed: int = 0) -> SelectionResult:
-    """Backward elimination and forward selection, then swap local search from the better one.
+    """Backward elimination and forward selection, then swap local search from the better one (forward selection
+    alone where backward's r×r inverse would double the memory: a Gram read lazily, or past
+    ``greedy.BACKWARD_START_MAX_COLUMNS`` whitened columns).
 
     ``Status.FEASIBLE`` (``TIME_LIMIT`` when ``time_limit`` stopped it), ``bound=None`` (local search
     proves nothing). ``k`` and/or ``budget`` as in :func:`solvers.select_channels`; ``time_limit``
@@ -425,7 +427,7 @@ def select_swap(problem: SelectionProblem, *, k: int | None = None, budget: floa
     starts = {}
     # (each start and the swap state begin with an uninterruptible dense inverse: skipped when it
     # cannot finish before the deadline, so that the time limit holds at thousands of channels)
-    if fits(1.5 * r ** 3, deadline):
+    if fits(1.5 * r ** 3, deadline) and backward_start_fits(w):
         starts["backward"] = backward_mask(problem, k, budget, w=w, deadline=deadline)
     if deadline is None or time.perf_counter() < deadline or not starts:
         starts["greedy"] = forward_mask(problem, k, budget, w=w, deadline=deadline)

@@ -206,3 +206,20 @@ def test_a_swap_allocates_no_second_copy_of_the_state(monkeypatch):
     ref = SwapState(w, st.mask)
     for a, b in zip(_sorted_state(st), _sorted_state(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_backward_starts_only_where_its_inverse_fits_beside_the_statistics(monkeypatch):
+    """Past ``BACKWARD_START_MAX_COLUMNS`` whitened columns (held as an array) swap and exact's warm start skip
+    backward elimination, whose r×r inverse would double the memory: they start from forward selection."""
+    import solvers.selection.greedy as gr
+    from solvers.selection.exact import select_exact
+
+    p = make_problem(12, 2, 3, 200, seed=11)
+    both = select_channels(p, k=5, method="swap", time_limit=30)
+    assert both.info["start_error"] is not None                      # (two starts compared)
+    assert "backward" in select_exact(p, k=5, time_limit=30).info["incumbents"]
+    monkeypatch.setattr(gr, "BACKWARD_START_MAX_COLUMNS", 24)        # (this problem has 24 columns)
+    one = select_channels(p, k=5, method="swap", time_limit=30)
+    assert one.info["start"] == "greedy" and one.info["start_error"] is None
+    ex = select_exact(p, k=5, time_limit=30)
+    assert "backward" not in ex.info["incumbents"] and "greedy" in ex.info["incumbents"]
