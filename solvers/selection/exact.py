@@ -1411,6 +1411,7 @@ def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, ite
         lb, z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5) if z is None else z, SHIFT_FW_STEPS,
                              converge=True)
         W, _ = S.rel.solve(z, nothing)
+        S.rel = saved_rel            # (no reference to the rotated copy while the next step rotates another)
         return lb, z, W
 
     try:
@@ -1445,6 +1446,7 @@ def _newton_blocks(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, i
     wr = rotate(w, U)
     d, val, z, out = saddle_sizes(wr, 0.9 * t[w.col_group], bound_of, deadline=stop,
                                   min_iterations=SADDLE_MIN_ITERATIONS, **kw)
+    del wr                       # (the ascent and the second sizes below rotate copies of their own)
     info = {"sizes_iterations": out["iterations"], "sizes_bound_first": val / S.c if val > -math.inf else None}
     if out["gave_up"]:
         # too slow to converge in the time (C = 512 3×3 under load: 4 iterations in 137 s, bound 0.57 of the

@@ -157,3 +157,43 @@ def test_scalar_shifts_with_single_precision_directions_stay_feasible_and_near_d
     T = t1[w.col_group]
     assert np.linalg.eigvalsh(w.M - np.diag(T))[0] >= 0 and np.all(t1 >= 0)
     assert t1.sum() >= 0.99 * t.sum()
+
+
+def test_feasibility_checks_factor_one_copy_and_decide_as_the_eigenvalues_do():
+    """``_feasible`` (every block-shift step's check) holds one r×r besides ``M`` (the expression it replaced held
+    five), and says what the smallest eigenvalue of ``M − blkdiag(D)`` says, away from the margin."""
+    import tracemalloc
+
+    from solvers.selection.perspective import MARGIN, _blocks_to_matrix, _feasible
+
+    p = make_problem(40, 9, 4, 3000, seed=1)
+    w = whiten(p)
+    lam = np.linalg.eigvalsh(w.M)[0]
+    for scale, expect in [(0.5, True), (1.5, False)]:
+        D = [scale * lam * np.eye(w.cols(g).stop - w.cols(g).start) for g in range(w.n_channels)]
+        assert (np.linalg.eigvalsh(w.M - _blocks_to_matrix(w, D))[0] > MARGIN) == expect
+        tracemalloc.start()
+        try:
+            assert _feasible(w, D) == expect
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1.3 * w.M.nbytes, (peak, w.M.nbytes)
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_sizes_hold_no_copies_of_their_matrices_for_lapack(single, monkeypatch):
+    """The sizes' float32 and float64 copies of ``M`` are made in LAPACK's (Fortran) order and factored in place:
+    a C-ordered copy would be copied once more inside every factorization (the same arithmetic either way)."""
+    import solvers.selection.perspective as pe
+
+    seen = []
+    real = pe._factors
+
+    def spy(A, *, single=False):
+        seen.append(A.flags.f_contiguous)
+        return real(A, single=single)
+
+    monkeypatch.setattr(pe, "_factors", spy)
+    _sizes(_conv_layer(12, 3, 600, seed=0), k=6, iterations=4, single=single)
+    assert seen and all(seen)
