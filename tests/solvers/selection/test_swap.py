@@ -15,6 +15,16 @@ def _sorted_state(st: SwapState):
     return st.Minv[np.ix_(so, so)], st.W[so], st.K[np.ix_(so, oo)], st.R[oo]
 
 
+def _assert_matches_a_fresh_state(st: SwapState, w) -> None:
+    """``st`` (after incremental swaps) equals the state factored from scratch for its set."""
+    ref = SwapState(w, st.mask)
+    for a, b in zip(_sorted_state(st), _sorted_state(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    for h in st.out:
+        np.testing.assert_allclose(st.Sig[h], ref.Sig[h], rtol=1e-8, atol=1e-10)
+    assert st.explained == pytest.approx(w.explained(st.mask), rel=1e-9)
+
+
 def test_incremental_updates_match_a_fresh_factorization():
     p = make_problem(12, 3, 4, 200, seed=3)
     w = whiten(p)
@@ -24,12 +34,7 @@ def test_incremental_updates_match_a_fresh_factorization():
     rng = np.random.default_rng(0)
     for _ in range(8):
         st.swap(int(rng.choice(st.kept)), int(rng.choice(st.out)))
-        ref = SwapState(w, st.mask)
-        for a, b in zip(_sorted_state(st), _sorted_state(ref)):
-            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
-        for h in st.out:
-            np.testing.assert_allclose(st.Sig[h], ref.Sig[h], rtol=1e-8, atol=1e-10)
-        assert st.explained == pytest.approx(w.explained(st.mask), rel=1e-9)
+        _assert_matches_a_fresh_state(st, w)
 
 
 def _swap_gains(w, mask: np.ndarray) -> dict:
@@ -172,12 +177,7 @@ def test_in_place_swaps_of_ragged_channels_match_a_fresh_factorization(monkeypat
             g, h = int(rng.choice(st.kept)), int(rng.choice(st.out))
         rebuilt += not st._fits(g, h)
         st.swap(g, h)
-        ref = SwapState(w, st.mask)
-        for a, b in zip(_sorted_state(st), _sorted_state(ref)):
-            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
-        for h2 in st.out:
-            np.testing.assert_allclose(st.Sig[h2], ref.Sig[h2], rtol=1e-8, atol=1e-10)
-        assert st.explained == pytest.approx(w.explained(st.mask), rel=1e-9)
+        _assert_matches_a_fresh_state(st, w)
     assert 0 < rebuilt < 25                     # (both paths ran)
 
 
@@ -203,9 +203,7 @@ def test_a_swap_allocates_no_second_copy_of_the_state(monkeypatch):
             assert tracemalloc.get_traced_memory()[1] < 0.25 * state
     finally:
         tracemalloc.stop()
-    ref = SwapState(w, st.mask)
-    for a, b in zip(_sorted_state(st), _sorted_state(ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    _assert_matches_a_fresh_state(st, w)
 
 
 def test_backward_starts_only_where_its_inverse_fits_beside_the_statistics(monkeypatch):
