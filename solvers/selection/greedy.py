@@ -664,8 +664,9 @@ def backward_mask(problem: SelectionProblem, k: int | None, budget: float | None
     return keep
 
 
-def _rank_update(A: np.ndarray, U: np.ndarray, X: np.ndarray) -> None:
-    """``A −= U X`` in place (BLAS gemm on A's memory when it is contiguous: no r×r temporary)."""
+def _rank_update(A: np.ndarray, U: np.ndarray, X: np.ndarray, *, block_entries: int = 1 << 20) -> None:
+    """``A −= U X`` in place: BLAS gemm on A's memory when it is contiguous (no temporary); else (e.g. a strided view
+    of a larger buffer, as swap's state) a block of rows at a time, no temporary above ``block_entries`` entries."""
     try:
         from scipy.linalg.blas import dgemm
 
@@ -681,7 +682,9 @@ def _rank_update(A: np.ndarray, U: np.ndarray, X: np.ndarray) -> None:
             return
     except ImportError:  # pragma: no cover - scipy always ships BLAS
         pass
-    A -= U @ X
+    rows = max(1, block_entries // max(1, A.shape[1]))
+    for i in range(0, A.shape[0], rows):
+        A[i:i + rows] -= U[i:i + rows] @ X
 
 
 # ------------------------------------------------------------------------------------ swaps

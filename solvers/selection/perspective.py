@@ -90,17 +90,22 @@ def _blocks_to_matrix(w: Whitened, D: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _feasible(w: Whitened, D: list[np.ndarray]) -> bool:
-    for g, Dg in enumerate(D):
-        if Dg.size and np.linalg.eigvalsh(Dg)[0] < MARGIN:
-            return False
-    # (M − blkdiag(D) − MARGIN·I in one Fortran-ordered copy, factored there in place: the expression held five r×r,
-    # 4.8× the statistics at C = 512 3×3)
+def _minus_blocks(w: Whitened, D: list[np.ndarray]) -> np.ndarray:
+    """``M − blkdiag(D)`` in one Fortran-ordered copy of ``M``, for LAPACK to factor or invert in place (the expression
+    with :func:`_blocks_to_matrix` held three r×r: 4.8× the statistics in the feasibility check at C = 512 3×3)."""
     A = np.array(w.M, dtype=np.float64, order="F")
     for g, Dg in enumerate(D):
         sl = w.cols(g)
         if sl.stop > sl.start:
             A[sl, sl] -= Dg
+    return A
+
+
+def _feasible(w: Whitened, D: list[np.ndarray]) -> bool:
+    for g, Dg in enumerate(D):
+        if Dg.size and np.linalg.eigvalsh(Dg)[0] < MARGIN:
+            return False
+    A = _minus_blocks(w, D)
     A[np.diag_indices_from(A)] -= MARGIN
     return _factors(A) is not None
 
@@ -186,14 +191,7 @@ def optimize_shift(w: Whitened, t0: np.ndarray, relax_value, *, iterations: int 
             step = step0 / math.sqrt(local + 1)
         local += 1
         # supergradient of the relaxation value (original whitened basis), in units of ‖Y‖²
-        # ((M − D)⁻¹: the blocks subtracted in place from one copy; the expression held two r×r more)
-        A = w.M.copy()
-        for g in range(C):
-            sl = w.cols(g)
-            if sl.stop > sl.start:
-                A[sl, sl] -= D[g]
-        Xi = np.linalg.inv(A)
-        del A
+        Xi = np.linalg.inv(_minus_blocks(w, D))
         grad = []
         for g in range(C):
             sl = w.cols(g)
@@ -370,8 +368,6 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
     Costs O(r³) per iteration (two inverses, one Schur factorization, the feasibility Cholesky of the
     step, whose factor the next iteration's inverse reuses in float32 runs) and a few r×r arrays of memory.
     """
-    import scipy.linalg
-
     M, g, C = wr.M, wr.col_group, wr.n_channels
     r = M.shape[0]
     c = wr.target_sq

@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from solvers.selection.baselines import result_from_mask
-from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, backward_start_fits, fits, forward_mask,
-                                      refit_seconds, whiten)
+from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, _rank_update, backward_mask, backward_start_fits, fits,
+                                      forward_mask, refit_seconds, whiten)
 from solvers.selection.linalg import symmetrize_in_place
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
@@ -40,7 +40,8 @@ PAIR_CHUNK = 4_000_000
 PAIR_CHUNK_SHARE = 16
 # A swap must improve the explained energy by more than this fraction of ‖Y‖² (round-off guard).
 MIN_GAIN = 1e-12
-# Temporaries of the in-place state updates and of the chunked gathers hold about this many entries.
+# Temporaries of the in-place state updates (greedy._rank_update on strided views) and of the chunked gathers
+# hold about this many entries.
 UPDATE_CHUNK = 65_536
 # Recompute the state from scratch after this many incremental swaps (bounds drift of Minv).
 REFRESH_EVERY = 64
@@ -61,14 +62,6 @@ def _padded_reader(A: np.ndarray, n0: int, n1: int):
         out[np.broadcast_to(pad, out.shape)] = 0.0
         return out
     return read
-
-
-def _subtract_product(A: np.ndarray, U: np.ndarray, X: np.ndarray) -> None:
-    """``A −= U X`` in place, a block of rows at a time: ``A`` may be a strided view of a larger buffer, and no
-    temporary is larger than ``UPDATE_CHUNK`` entries (a whole ``U X`` would be one more s×o beside the state)."""
-    rows = max(1, UPDATE_CHUNK // max(1, A.shape[1]))
-    for i in range(0, A.shape[0], rows):
-        A[i:i + rows] -= U[i:i + rows] @ X
 
 
 def _to_tail(n: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +138,7 @@ class SwapState:
         """Whether swapping ``g`` out and ``h`` in stays within the buffers' room."""
         qg, qh = int(self.sizes[g]), int(self.sizes[h])
         s, o = self.scols.size, self.ocols.size
-        return o + qg <= self._Kbuf.shape[1] and s - qg + qh <= self._Mbuf.shape[0] and s - qg + qh <= self._Kbuf.shape[0]
+        return o + qg <= self._Kbuf.shape[1] and s - qg + qh <= self._Mbuf.shape[0]   # (both buffers: s + room rows)
 
     def _rebuild(self) -> None:
         """Factor the state from scratch: O(s³ + s²·o + s·o·m); ``M_SO`` is read a block of channels at a time."""
@@ -295,10 +288,10 @@ class SwapState:
         for h, p in self._positions(self.ocols).items():
             self.Sig[h] = self.Sig[h] + Kg[:, p].T @ Pinv @ Kg[:, p]
         self.R = np.vstack([self.R + Kg.T @ PiW, PiW])
-        _subtract_product(Kb[:s1, :o], APi, Kg)
+        _rank_update(Kb[:s1, :o], APi, Kg, block_entries=UPDATE_CHUNK)
         Kb[:s1, o:o + q] = -APi
         self.W = self.W[:s1] - APi @ Wg
-        _subtract_product(Mb[:s1, :s1], APi, A.T)
+        _rank_update(Mb[:s1, :s1], APi, A.T, block_entries=UPDATE_CHUNK)
         self.Sig[g] = Pinv
         self.ocols = np.r_[self.ocols, self.scols[s1:s]]
         self.scols = self.scols[:s1].copy()
@@ -333,12 +326,12 @@ class SwapState:
             self.Sig[h2] = self.Sig[h2] - E[:, p].T @ SiE[:, p]
         kS = kh @ Shinv
         Mb = self._Mbuf
-        _subtract_product(Mb[:s, :s], -kS, kh.T)
+        _rank_update(Mb[:s, :s], -kS, kh.T, block_entries=UPDATE_CHUNK)
         Mb[:s, s:s + q] = -kS
         Mb[s:s + q, :s] = -kS.T
         Mb[s:s + q, s:s + q] = Shinv
         self.W = np.vstack([self.W - kS @ Rh, SiR])
-        _subtract_product(Kb[:s, :o1], kh, SiE)
+        _rank_update(Kb[:s, :o1], kh, SiE, block_entries=UPDATE_CHUNK)
         Kb[s:s + q, :o1] = SiE
         self.R = self.R[:o1] - E.T @ SiR
         self.scols = np.r_[self.scols, hc]
