@@ -81,7 +81,7 @@ from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import (Whitened, backward_mask, backward_start_fits, densified, forward_mask, refit_seconds,
                                       whiten)
-from solvers.selection.panel_cholesky import factor_principal
+from solvers.selection.panel_cholesky import LapackCholesky, factor_principal
 from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks,
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
@@ -185,6 +185,10 @@ SHIFT_SHARE_BLOCK = 0.03
 # Cardinality problems with at most this many sets of k channels are solved by evaluating them all
 # (C = 16, k = 8: 12,870 refits, ~1 s) — the digits CNN's first layer kept a 37 % gap after 10 s of
 # branch and bound (λ_min(M) ≈ 0.004: the perspective bound is near the monotone one there).
+# A relaxed solve's dual gathers M[N, T] (the unsolved rows against the solved columns) a block of rows at a time
+# past this many entries (2 MB): |N|·|T| reaches r²/4, a quarter of the Gram, in one gather.
+DUAL_BLOCK_ENTRIES = 1 << 18
+SHIFT_BLOCK_ENTRIES = 1 << 16   # (entries of a shifted product's row blocks: elementwise, so any size gives the same bits)
 ENUMERATE_MAX = 20_000
 ENUMERATE_BATCH = 256
 # Round-off allowance of the batched enumeration solves (relative error units).
@@ -440,21 +444,41 @@ class Relaxation:
         z = np.where(out, 0.0, z)
         zc = z[self.w.col_group]
         T = zc > 0
-        W = np.zeros_like(self.w.B)
         if not T.any():
-            return W, self.c
+            return np.zeros_like(self.w.B), self.c
         ridge = self.tc[T] * (1.0 / zc[T] - 1.0)
-        BT = self.w.B[T]
+        idx = np.flatnonzero(T)
         try:
-            # (M_TT + ridge gathered and factored in place, in panels past panel_threshold: half a |T|×|T|)
-            W[T] = factor_principal(self.w.M, np.flatnonzero(T), ridge, lower=False).solve(BT)
-            self._recent = [(W, T, ridge)] + self._recent[:1]
+            # (M_TT + ridge gathered and factored in place, in panels past panel_threshold: half a |T|×|T|; B_T
+            # solved in its own memory, gathered in the order the factor's solve works in)
+            factor = factor_principal(self.w.M, idx, ridge, lower=False)
+            lapack = isinstance(factor, LapackCholesky)
+            BT = np.empty((idx.size, self.w.B.shape[1]), order="F" if lapack else "C")
+            np.take(self.w.B, idx, axis=0, out=BT, mode="clip")
+            WT = factor.solve(BT, overwrite=True)
+            del factor, BT
         except (np.linalg.LinAlgError, ValueError):
             A = self.w.M[np.ix_(T, T)]
             A[np.diag_indices_from(A)] += ridge
-            W[T] = scipy.linalg.lstsq(A, BT, cond=1e-12, check_finite=False)[0]
+            WT = scipy.linalg.lstsq(A, self.w.B[T], cond=1e-12, check_finite=False)[0]
+            del A
+        # (the energy before the r×m weights exist, its product written over a fresh B_T: at most two |T|×m at a
+        # time beside the factor where B_T, the solve's copy, the weights and the product were four; the same sum,
+        # bit for bit)
+        BT = self.w.B[T]
+        energy = float(self.c - np.sum(np.multiply(WT, BT, out=BT)))
+        del BT
+        W = np.zeros_like(self.w.B)
+        W[T] = WT
+        del WT
+        self._recent = [(W, T, ridge)] + self._recent[:1]
         self.solves += 1
-        return W, float(self.c - np.sum(W[T] * BT))
+        return W, energy
+
+    def release(self, W: np.ndarray) -> None:
+        """Drop ``W`` (from :meth:`solve`) from the cached recent solves once its dual is taken: an r×m freed
+        before the next solve allocates another."""
+        self._recent = [entry for entry in self._recent if entry[0] is not W]
 
     def dual(self, W: np.ndarray) -> tuple[float, np.ndarray]:
         """``(L, a)`` of the minorant ``F(z) >= L − Σ_g a_g z_g`` given by ``W`` (from :meth:`solve`).
@@ -487,23 +511,41 @@ class Relaxation:
         the gathered ``M[:, T]`` costs more than the zero rows' products: at C = 11,008 it was an r×r copy)."""
         T = np.flatnonzero(np.any(W != 0, axis=1))
         out = self.w.M @ W if 2 * T.size > W.shape[0] else gathered_product(self.w.M, slice(None), T, W[T])
-        out -= self.tc[:, None] * W
+        step = max(1, SHIFT_BLOCK_ENTRIES // max(W.shape[1], 1))
+        for i in range(0, W.shape[0], step):              # (out −= T W a block of rows at a time: no r×m temporary)
+            out[i:i + step] -= self.tc[i:i + step, None] * W[i:i + step]
         return out
 
     def _dual_solved(self, W, T, ridge):
-        N = ~T
+        # (no r×m residual: its squared row norms are taken on the solved rows, then on the others a block of
+        # rows at a time past DUAL_BLOCK_ENTRIES gathered entries; one block below, bit for bit as one V was)
         WT = W[T]
-        V = np.empty_like(W)
-        V[T] = (ridge + self.tc[T])[:, None] * WT                # B_T − (Q W)_T
-        V[N] = self.w.B[N] - gathered_product(self.w.M, N, T, WT) if N.any() else 0.0   # (lazy: in row blocks)
-        L = self.c - float(np.sum(WT * (self.w.B[T] - V[T])))     # ⟨W, QW⟩ with (QW)_T = B_T − V_T
-        return L, self._coefficients(V)
+        VT = (ridge + self.tc[T])[:, None] * WT                  # B_T − (Q W)_T
+        rest = self.w.B[T]
+        rest -= VT                                               # (Q W)_T
+        L = self.c - float(np.sum(np.multiply(WT, rest, out=rest)))   # ⟨W, QW⟩
+        del rest
+        rowsq = np.zeros(W.shape[0])
+        rowsq[T] = np.sum(np.multiply(VT, VT, out=VT), axis=1)
+        del VT
+        N = np.flatnonzero(~T)
+        step = N.size if N.size * WT.shape[0] <= DUAL_BLOCK_ENTRIES else max(1, DUAL_BLOCK_ENTRIES // WT.shape[0])
+        for lo in range(0, N.size, max(step, 1)):
+            rows = N[lo:lo + step]
+            VN = self.w.B[rows]
+            VN -= gathered_product(self.w.M, rows, T, WT)       # (lazy Grams: in row blocks of their own)
+            rowsq[rows] = np.sum(np.multiply(VN, VN, out=VN), axis=1)
+        return L, self._coefficients_of_rows(rowsq)
 
     def _coefficients(self, V: np.ndarray) -> np.ndarray:
         """The minorant's ``a_g = Σ_{j∈g, t_j>0} ‖V_j‖² / t_j`` (C,) from its residual cross ``V`` (r×m)."""
-        sh = self.tc > 0
         # (row sums of V∘V: one r×m temporary where V[sh] made three; the same sums, bit for bit)
-        per_col = np.where(sh, np.sum(V * V, axis=1) / np.where(sh, self.tc, 1.0), 0.0)
+        return self._coefficients_of_rows(np.sum(V * V, axis=1))
+
+    def _coefficients_of_rows(self, rowsq: np.ndarray) -> np.ndarray:
+        """:meth:`_coefficients` from the squared row norms ``‖V_j‖²`` (r,)."""
+        sh = self.tc > 0
+        per_col = np.where(sh, rowsq / np.where(sh, self.tc, 1.0), 0.0)
         return np.bincount(self.w.col_group, weights=per_col, minlength=self.C)
 
 
@@ -657,6 +699,9 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
             best = (lb, L, a)
             if out is not None:
                 out["W"] = W
+        if best[2] is not None and (out is None or out.get("W") is not W):
+            rel.release(W)                        # (its dual is taken: not kept beside the next solves' weights)
+            W = None
         if (lb >= S.threshold or S.timed_out() or (not converge and it >= 1 and Fz < S.threshold)
                 or Fz - lb <= 1e-9 * S.c or it == max_iter):
             break
@@ -701,10 +746,12 @@ def _relax(S: _Search, fixed_in: np.ndarray, fixed_out: np.ndarray, z0: np.ndarr
         best = (lb, L, a)
         if out is not None:
             out["W"] = W
+    rel.forget()            # (the last solves' weights: no use to the next node, an r×m each beside its factor)
     return best[0], z, best[1], best[2]
 
 
-def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: int = CUT_MAX_STEPS):
+def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: int = CUT_MAX_STEPS, *,
+                own: bool = False):
     """Raise the root bound by first-order ascent on the minorant's weights, starting from ``W`` (r×m; the
     incumbent's refit weights give its outer-approximation cut). For large layers whose root relaxation does not
     fit the time limit: a step costs one r×r·m product, no factorization.
@@ -717,6 +764,8 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
     when it raises the bound. The bound returned is re-evaluated with a fresh product at the last ``W`` (no drift
     of the running ``QW``).
 
+    ``own``: ``W`` is the caller's to give up (updated in place, no copy).
+
     Returns ``(bound, steps, L, a)``: the bound (energy), the steps taken and the minorant giving the bound.
     """
     rel, C = S.rel, S.rel.C
@@ -725,7 +774,8 @@ def _cut_ascent(S: _Search, W: np.ndarray, deadline: float | None, max_steps: in
     sh = rel.tc > 0
     inv_t = np.zeros(rel.tc.size)
     inv_t[sh] = 1.0 / rel.tc[sh]
-    W = np.array(W, dtype=np.float64)            # (updated in place below: the caller's array is left alone)
+    if not own:
+        W = np.array(W, dtype=np.float64)        # (updated in place below: the caller's array is left alone)
     QW = rel.shifted_product(W)
     L, a, V = rel.minorant(W, QW)
     lb, s = S.bound(L, a, nothing, free)
@@ -1856,7 +1906,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
             t_cut = time.perf_counter()
             keep = S.best_mask
             W, _ = rel.solve(keep.astype(np.float64), ~keep)
-            lb, steps, _, _ = _cut_ascent(S, W, deadline)
+            rel.forget()                          # (the ascent updates W in place: no copy, no cached second name)
+            lb, steps, _, _ = _cut_ascent(S, W, deadline, own=True)
             info.update(cut_steps=steps, time_cut=time.perf_counter() - t_cut, shift_used="scalar")
         objective = problem.error(S.best_mask)
         bound, status = _certificate(objective, max(lb, 0.0) / c, rel_gap, True)
@@ -1870,8 +1921,11 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     scalar_steps = (SCALAR_ROOT_ITERATIONS_LARGE if (shift == "block" and w.M.shape[0] > BLOCK_LARGE_COLUMNS)
                     or one_column_ascent else ROOT_ITERATIONS)
     scalar_root: dict = {}
+    # (the root's best weights (r×m) are kept only where the minorant ascent below may start from them)
+    ascent_may_follow = CUT_ROOT and backend == "bnb" and (w.M.shape[0] > BLOCK_LARGE_COLUMNS or one_column_ascent)
     root_lb, root_z, root_L, root_a = _relax(S, nothing, nothing, np.full(C, 0.5), max(fw_iterations, scalar_steps),
-                                             cuts=root_cuts, converge=backend == "bnb", out=scalar_root)
+                                             cuts=root_cuts, converge=backend == "bnb",
+                                             out=scalar_root if ascent_may_follow else None)
     info["root_bound_scalar"] = max(root_lb, 0.0) / c
     info["shift_used"] = "scalar" if inherited is None else "inherited"
     block_in_reach = not one_column_ascent
@@ -1923,8 +1977,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                 S.rel = rel
         info["shift_used"] = shift if rel.w is not w else "scalar"
         info["shift_time"] = time.perf_counter() - t_opt
-    if (CUT_ROOT and backend == "bnb" and (w.M.shape[0] > BLOCK_LARGE_COLUMNS or one_column_ascent)
-            and info["shift_used"] == "scalar"
+    if (ascent_may_follow and info["shift_used"] == "scalar"
             and root_lb < S.threshold and "W" in scalar_root and not S.timed_out()
             and rel.covers_all and rel.shifted.any()):
         # A large layer left with the scalar root (the block sizes did not fit): a few Frank–Wolfe steps of O(r³)
@@ -1933,7 +1986,10 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         # measured at C = 1,024 3×3 with t = 0.075: still below zero after 45 steps)
         t_cut = time.perf_counter()
         stop = None if deadline is None else min(deadline, t_cut + CUT_ROOT_SHARE * float(time_limit))
-        lb_c, steps, L_c, a_c = _cut_ascent(S, scalar_root["W"], stop)
+        # (the ascent takes the scalar root's weights over, updated in place, and the relaxation's cached solves
+        # go first: two r×m fewer beside its five)
+        rel.forget()
+        lb_c, steps, L_c, a_c = _cut_ascent(S, scalar_root.pop("W"), stop, own=True)
         info.update(cut_steps=steps, time_cut=time.perf_counter() - t_cut, root_bound_cut=max(lb_c, 0.0) / c)
         if lb_c > root_lb:
             root_lb, root_L, root_a = lb_c, L_c, a_c

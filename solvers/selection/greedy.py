@@ -34,8 +34,8 @@ import scipy.linalg
 
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
-from solvers.selection.linalg import symmetrize_in_place
-from solvers.selection.panel_cholesky import factor_principal
+from solvers.selection.linalg import subtract_product, symmetrize_in_place
+from solvers.selection.panel_cholesky import LapackCholesky, factor_principal
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
@@ -127,18 +127,24 @@ class Whitened:
         cm = self.col_mask(mask)
         if not cm.any():
             return 0.0
-        return _explained(self.M, np.flatnonzero(cm), self.B[cm])
+        return _explained(self.M, np.flatnonzero(cm), self.B)
 
 
 def _explained(M, idx: np.ndarray, B: np.ndarray) -> float:
-    """``tr(Bᵀ M_SS⁻¹ B)`` for the columns ``idx``: ``M_SS`` gathered and factored in place (in panels past
-    :func:`~solvers.selection.panel_cholesky.panel_threshold`: half an |S|×|S|), gathered again for the
-    least-squares fallback when it is singular."""
+    """``tr(B_Sᵀ M_SS⁻¹ B_S)`` for the columns ``idx`` (``B``: all rows): ``M_SS`` gathered and factored in place (in
+    panels past :func:`~solvers.selection.panel_cholesky.panel_threshold`: half an |S|×|S|), gathered again for
+    the least-squares fallback when it is singular. ``B_S`` is solved in its own memory and gathered afresh for
+    the trace: two |S|×m at most, none of them beside the factor's solve copy (the same sum, bit for bit)."""
     try:
-        X = factor_principal(M, idx, lower=False).solve(B)
+        factor = factor_principal(M, idx, lower=False)
+        BS = np.empty((idx.size, B.shape[1]), order="F" if isinstance(factor, LapackCholesky) else "C")
+        np.take(B, idx, axis=0, out=BS, mode="clip")
+        X = factor.solve(BS, overwrite=True)
+        del factor, BS
     except np.linalg.LinAlgError:
-        X = scipy.linalg.lstsq(M[np.ix_(idx, idx)], B, cond=1e-12, check_finite=False)[0]
-    return float(np.sum(B * X))
+        X = scipy.linalg.lstsq(M[np.ix_(idx, idx)], B[idx], cond=1e-12, check_finite=False)[0]
+    BS = B[idx]
+    return float(np.sum(np.multiply(X, BS, out=BS)))
 
 
 def whiten(problem: SelectionProblem, *, transforms: bool = False, lazy: bool = False):
@@ -654,7 +660,7 @@ def backward_mask(problem: SelectionProblem, k: int | None, budget: float | None
             X = np.linalg.solve(A, Minv[pos])                 # q × r
             W -= Minv[:, pos] @ np.linalg.solve(A, W[pos])
             U = Minv[:, pos].copy()
-            _rank_update(Minv, U, X)                          # Minv −= U X, in place
+            subtract_product(Minv, U, X)                      # Minv −= U X, in place
             Minv[pos, :] = 0.0
             Minv[:, pos] = 0.0
             W[pos] = 0.0
@@ -662,29 +668,6 @@ def backward_mask(problem: SelectionProblem, k: int | None, budget: float | None
     if budget is not None and (k is None or keep.sum() < k):
         keep = forward_mask(problem, k, budget, start=keep, w=w)   # add back what still fits
     return keep
-
-
-def _rank_update(A: np.ndarray, U: np.ndarray, X: np.ndarray, *, block_entries: int = 1 << 20) -> None:
-    """``A −= U X`` in place: BLAS gemm on A's memory when it is contiguous (no temporary); else (e.g. a strided view
-    of a larger buffer, as swap's state) a block of rows at a time, no temporary above ``block_entries`` entries."""
-    try:
-        from scipy.linalg.blas import dgemm
-
-        if A.flags.c_contiguous and A.dtype == np.float64:
-            # A is C-ordered: its transpose is Fortran-ordered, and Aᵀ −= Xᵀ Uᵀ is the same update. Each operand is
-            # handed over in whichever orientation is already in BLAS's order (a transposed flag instead of a copy).
-            a, ta = (X, 1) if X.flags.f_contiguous and not X.flags.c_contiguous else (X.T, 0)
-            b, tb = (U, 1) if U.flags.f_contiguous and not U.flags.c_contiguous else (U.T, 0)
-            out = dgemm(alpha=-1.0, a=a, b=b, trans_a=ta, trans_b=tb, beta=1.0, c=A.T, overwrite_c=True)
-            if np.shares_memory(out, A):
-                return
-            A[...] = out.T
-            return
-    except ImportError:  # pragma: no cover - scipy always ships BLAS
-        pass
-    rows = max(1, block_entries // max(1, A.shape[1]))
-    for i in range(0, A.shape[0], rows):
-        A[i:i + rows] -= U[i:i + rows] @ X
 
 
 # ------------------------------------------------------------------------------------ swaps

@@ -14,7 +14,7 @@ import contextlib
 import numpy as np
 
 __all__ = ["MAX_PRODUCT_BYTES", "chunked_product", "gram_of_rows", "diagonal_blocks", "one_blas_thread",
-           "symmetrize_in_place"]
+           "subtract_product", "symmetrize_in_place"]
 
 #: Largest output of one BLAS product (bytes of float64); larger products are done in row blocks.
 MAX_PRODUCT_BYTES = 256 * 2**20
@@ -53,6 +53,29 @@ def gram_of_rows(a: np.ndarray) -> np.ndarray:
         np.matmul(a[i:j], a[i:].T, out=out[i:j, i:])
         out[j:, i:j] = out[i:j, j:].T
     return out
+
+
+def subtract_product(A: np.ndarray, U: np.ndarray, X: np.ndarray, *, block_entries: int = 1 << 20) -> None:
+    """``A −= U X`` in place: BLAS gemm on A's memory when it is contiguous (no temporary); else (e.g. a strided view
+    of a larger buffer, as swap's state) a block of rows at a time, no temporary above ``block_entries`` entries."""
+    try:
+        from scipy.linalg.blas import dgemm
+
+        if A.flags.c_contiguous and A.dtype == np.float64:
+            # A is C-ordered: its transpose is Fortran-ordered, and Aᵀ −= Xᵀ Uᵀ is the same update. Each operand is
+            # handed over in whichever orientation is already in BLAS's order (a transposed flag instead of a copy).
+            a, ta = (X, 1) if X.flags.f_contiguous and not X.flags.c_contiguous else (X.T, 0)
+            b, tb = (U, 1) if U.flags.f_contiguous and not U.flags.c_contiguous else (U.T, 0)
+            out = dgemm(alpha=-1.0, a=a, b=b, trans_a=ta, trans_b=tb, beta=1.0, c=A.T, overwrite_c=True)
+            if np.shares_memory(out, A):
+                return
+            A[...] = out.T
+            return
+    except ImportError:  # pragma: no cover - scipy always ships BLAS
+        pass
+    rows = max(1, block_entries // max(1, A.shape[1]))
+    for i in range(0, A.shape[0], rows):
+        A[i:i + rows] -= U[i:i + rows] @ X
 
 
 def symmetrize_in_place(A: np.ndarray, block: int = 512) -> None:

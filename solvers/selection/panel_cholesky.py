@@ -20,6 +20,8 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg.blas import dgemm, dtrsm
 
+from solvers.selection.linalg import subtract_product
+
 __all__ = ["PanelCholesky", "PANEL_WIDTH", "PANEL_MIN_COLUMNS", "PANEL_MIN_DENSE_COLUMNS", "LapackCholesky",
            "factor_principal", "panel_threshold"]
 
@@ -105,18 +107,29 @@ class PanelCholesky:
         j = self.starts.index(split)
         return PanelCholesky(self.panels[j:], [s - split for s in self.starts[j:]], self.r - split)
 
-    def solve(self, v: np.ndarray) -> np.ndarray:
-        """``A⁻¹ v`` for v (r,) or (r, m): forward then backward substitution through the panels."""
-        y = np.array(v, dtype=np.float64)
+    def solve(self, v: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        """``A⁻¹ v`` for v (r,) or (r, m): forward then backward substitution through the panels (``overwrite``: in
+        ``v``'s memory when it is a C-ordered float64 array)."""
+        inplace = overwrite and v.dtype == np.float64 and v.flags.c_contiguous and v.flags.writeable
+        y = v if inplace else np.array(v, dtype=np.float64, order="C")
         for lo, P in zip(self.starts, self.panels):            # L y = v
             b = P.shape[1]
             y[lo:lo + b] = scipy.linalg.solve_triangular(P[:b], y[lo:lo + b], lower=True, check_finite=False)
             if P.shape[0] > b:
-                y[lo + b:] -= P[b:] @ y[lo:lo + b]
+                if y.ndim == 2:
+                    # (y's trailing rows updated by BLAS in place: the product was a second (r − lo)×m beside y)
+                    subtract_product(y[lo + b:], P[b:], y[lo:lo + b])
+                else:
+                    y[lo + b:] -= P[b:] @ y[lo:lo + b]
         for lo, P in zip(reversed(self.starts), reversed(self.panels)):   # Lᵀ x = y
             b = P.shape[1]
-            rhs = y[lo:lo + b] - (P[b:].T @ y[lo + b:] if P.shape[0] > b else 0.0)
-            y[lo:lo + b] = scipy.linalg.solve_triangular(P[:b], rhs, lower=True, trans="T", check_finite=False)
+            if P.shape[0] > b:
+                if y.ndim == 2:
+                    subtract_product(y[lo:lo + b], P[b:].T, y[lo + b:])    # (in place, as the forward pass)
+                else:
+                    y[lo:lo + b] -= P[b:].T @ y[lo + b:]
+            y[lo:lo + b] = scipy.linalg.solve_triangular(P[:b], y[lo:lo + b], lower=True, trans="T",
+                                                          check_finite=False)
         return y
 
 
@@ -137,8 +150,9 @@ class LapackCholesky:
         # (a contiguous copy, once: LAPACK's solves would copy the strided block on every call)
         return self if split == 0 else LapackCholesky(np.asfortranarray(self.factor[split:, split:]), self.lower)
 
-    def solve(self, v: np.ndarray) -> np.ndarray:
-        return scipy.linalg.cho_solve((self.factor, self.lower), v, check_finite=False)
+    def solve(self, v: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        """``A⁻¹ v`` (``overwrite``: in ``v``'s memory when LAPACK can use it, i.e. a Fortran-ordered float64 array)."""
+        return scipy.linalg.cho_solve((self.factor, self.lower), v, overwrite_b=overwrite, check_finite=False)
 
 
 def panel_threshold(M) -> int:

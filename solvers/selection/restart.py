@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from solvers.selection.greedy import Whitened, _rank_update
-from solvers.selection.linalg import symmetrize_in_place
+from solvers.selection.greedy import Whitened
+from solvers.selection.linalg import subtract_product, symmetrize_in_place
 from solvers.selection.problem import SelectionProblem, solve_psd
 
 
@@ -92,7 +92,7 @@ def reduce_problem(w: Whitened, costs: np.ndarray, fixed_in: np.ndarray, fixed_o
             M_NF = w.M[np.ix_(N, F)]
             B_N = B_N - M_NF @ X[:, n:]
             c -= float(np.sum(w.B[F] * X[:, n:]))
-            _rank_update(M_NN, M_NF, X[:, :n])      # (M_NN −= M_NF X_N in place: no n×n product beside it)
+            subtract_product(M_NN, M_NF, X[:, :n])      # (M_NN −= M_NF X_N in place: no n×n product beside it)
             del M_NF, X
         else:
             B_N, explained = projected
@@ -108,7 +108,8 @@ def reduce_problem(w: Whitened, costs: np.ndarray, fixed_in: np.ndarray, fixed_o
 
 def _project_out_cholesky(w: Whitened, F: np.ndarray, N: np.ndarray, M_NN: np.ndarray, B_N: np.ndarray):
     """``M_NN −= Zᵀ Z`` in place with ``Z = L⁻¹ M_FN`` (``M_FF = L Lᵀ``), and ``(B_N − Zᵀ L⁻¹ B_F, ‖L⁻¹ B_F‖²)``: the
-    Schur complement and the projections with one |F|×|N| beside ``M_NN`` (``Z`` overwrites the gathered ``M_FN``).
+    Schur complement and the projections with one |F|×|N| beside ``M_NN`` (``Z`` overwrites the gathered ``M_FN``;
+    ``B_N``, the caller's own array, is updated in place).
     None when ``M_FF`` has no factor or a pivot below 1e-10 of its diagonal (the caller's checked solve then)."""
     MFF = w.M[np.ix_(F, F)]
     diag = np.diag(MFF).copy()
@@ -121,10 +122,12 @@ def _project_out_cholesky(w: Whitened, F: np.ndarray, N: np.ndarray, M_NN: np.nd
     Z = w.M[np.ix_(N, F)].T                      # (M_FN in LAPACK's order: the triangular solve overwrites it)
     Z = scipy.linalg.solve_triangular(L, Z, lower=True, overwrite_b=True, check_finite=False)
     zb = scipy.linalg.solve_triangular(L, w.B[F], lower=True, check_finite=False)
+    del L, MFF                                   # (|F|×|F|: not kept beside the update)
     if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(zb))):
         return None
-    _rank_update(M_NN, Z.T, Z)                   # (M_NN −= Zᵀ Z on its own memory; Z, F-ordered, is not copied)
-    return B_N - Z.T @ zb, float(np.sum(zb * zb))
+    subtract_product(M_NN, Z.T, Z)                   # (M_NN −= Zᵀ Z on its own memory; Z, F-ordered, is not copied)
+    B_N -= Z.T @ zb                              # (the caller's fresh gather, updated in place: one |N|×m less)
+    return B_N, float(np.sum(zb * zb))
 
 
 __all__ = ["ReducedProblem", "reduce_problem"]

@@ -27,9 +27,9 @@ import time
 import numpy as np
 
 from solvers.selection.baselines import result_from_mask
-from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, _rank_update, backward_mask, backward_start_fits, fits,
-                                      forward_mask, refit_seconds, whiten)
-from solvers.selection.linalg import symmetrize_in_place
+from solvers.selection.greedy import (BACKWARD_RIDGE, Whitened, backward_mask, backward_start_fits, fits, forward_mask,
+                                      refit_seconds, whiten)
+from solvers.selection.linalg import subtract_product, symmetrize_in_place
 from solvers.selection.problem import SelectionProblem
 from solvers.result import SelectionResult, Status
 
@@ -40,7 +40,7 @@ PAIR_CHUNK = 4_000_000
 PAIR_CHUNK_SHARE = 16
 # A swap must improve the explained energy by more than this fraction of ‖Y‖² (round-off guard).
 MIN_GAIN = 1e-12
-# Temporaries of the in-place state updates (greedy._rank_update on strided views) and of the chunked gathers
+# Temporaries of the in-place state updates (linalg.subtract_product on strided views) and of the chunked gathers
 # hold about this many entries.
 UPDATE_CHUNK = 65_536
 # Recompute the state from scratch after this many incremental swaps (bounds drift of Minv).
@@ -288,10 +288,10 @@ class SwapState:
         for h, p in self._positions(self.ocols).items():
             self.Sig[h] = self.Sig[h] + Kg[:, p].T @ Pinv @ Kg[:, p]
         self.R = np.vstack([self.R + Kg.T @ PiW, PiW])
-        _rank_update(Kb[:s1, :o], APi, Kg, block_entries=UPDATE_CHUNK)
+        subtract_product(Kb[:s1, :o], APi, Kg, block_entries=UPDATE_CHUNK)
         Kb[:s1, o:o + q] = -APi
         self.W = self.W[:s1] - APi @ Wg
-        _rank_update(Mb[:s1, :s1], APi, A.T, block_entries=UPDATE_CHUNK)
+        subtract_product(Mb[:s1, :s1], APi, A.T, block_entries=UPDATE_CHUNK)
         self.Sig[g] = Pinv
         self.ocols = np.r_[self.ocols, self.scols[s1:s]]
         self.scols = self.scols[:s1].copy()
@@ -326,12 +326,12 @@ class SwapState:
             self.Sig[h2] = self.Sig[h2] - E[:, p].T @ SiE[:, p]
         kS = kh @ Shinv
         Mb = self._Mbuf
-        _rank_update(Mb[:s, :s], -kS, kh.T, block_entries=UPDATE_CHUNK)
+        subtract_product(Mb[:s, :s], -kS, kh.T, block_entries=UPDATE_CHUNK)
         Mb[:s, s:s + q] = -kS
         Mb[s:s + q, :s] = -kS.T
         Mb[s:s + q, s:s + q] = Shinv
         self.W = np.vstack([self.W - kS @ Rh, SiR])
-        _rank_update(Kb[:s, :o1], kh, SiE, block_entries=UPDATE_CHUNK)
+        subtract_product(Kb[:s, :o1], kh, SiE, block_entries=UPDATE_CHUNK)
         Kb[s:s + q, :o1] = SiE
         self.R = self.R[:o1] - E.T @ SiR
         self.scols = np.r_[self.scols, hc]
