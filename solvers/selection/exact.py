@@ -81,7 +81,7 @@ from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
 from solvers.selection.greedy import (Whitened, backward_mask, backward_start_fits, densified, forward_mask, refit_seconds,
                                       whiten)
-from solvers.selection.panel_cholesky import LapackCholesky, factor_principal
+from solvers.selection.panel_cholesky import factor_principal, solve_gathered
 from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COLUMNS, _inv_spd, blocks,
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
@@ -182,13 +182,14 @@ SHIFT_SHARE = 0.15
 BLOCK_SHARE = 0.25
 # shift="block": the scalar search gets only this share, the block shifts the rest of SHIFT_SHARE too.
 SHIFT_SHARE_BLOCK = 0.03
-# Cardinality problems with at most this many sets of k channels are solved by evaluating them all
-# (C = 16, k = 8: 12,870 refits, ~1 s) — the digits CNN's first layer kept a 37 % gap after 10 s of
-# branch and bound (λ_min(M) ≈ 0.004: the perspective bound is near the monotone one there).
 # A relaxed solve's dual gathers M[N, T] (the unsolved rows against the solved columns) a block of rows at a time
 # past this many entries (2 MB): |N|·|T| reaches r²/4, a quarter of the Gram, in one gather.
 DUAL_BLOCK_ENTRIES = 1 << 18
-SHIFT_BLOCK_ENTRIES = 1 << 16   # (entries of a shifted product's row blocks: elementwise, so any size gives the same bits)
+# ... and a shifted product subtracts T W in row blocks of this many entries (elementwise: the same bits at any size).
+SHIFT_BLOCK_ENTRIES = 1 << 16
+# Cardinality problems with at most this many sets of k channels are solved by evaluating them all
+# (C = 16, k = 8: 12,870 refits, ~1 s) — the digits CNN's first layer kept a 37 % gap after 10 s of
+# branch and bound (λ_min(M) ≈ 0.004: the perspective bound is near the monotone one there).
 ENUMERATE_MAX = 20_000
 ENUMERATE_BATCH = 256
 # Round-off allowance of the batched enumeration solves (relative error units).
@@ -451,12 +452,7 @@ class Relaxation:
         try:
             # (M_TT + ridge gathered and factored in place, in panels past panel_threshold: half a |T|×|T|; B_T
             # solved in its own memory, gathered in the order the factor's solve works in)
-            factor = factor_principal(self.w.M, idx, ridge, lower=False)
-            lapack = isinstance(factor, LapackCholesky)
-            BT = np.empty((idx.size, self.w.B.shape[1]), order="F" if lapack else "C")
-            np.take(self.w.B, idx, axis=0, out=BT, mode="clip")
-            WT = factor.solve(BT, overwrite=True)
-            del factor, BT
+            WT = solve_gathered(factor_principal(self.w.M, idx, ridge, lower=False), self.w.B, idx)
         except (np.linalg.LinAlgError, ValueError):
             A = self.w.M[np.ix_(T, T)]
             A[np.diag_indices_from(A)] += ridge

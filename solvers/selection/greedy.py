@@ -35,7 +35,7 @@ import scipy.linalg
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.linalg import subtract_product, symmetrize_in_place
-from solvers.selection.panel_cholesky import LapackCholesky, factor_principal
+from solvers.selection.panel_cholesky import factor_principal, solve_gathered
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
@@ -131,16 +131,12 @@ class Whitened:
 
 
 def _explained(M, idx: np.ndarray, B: np.ndarray) -> float:
-    """``tr(B_Sᵀ M_SS⁻¹ B_S)`` for the columns ``idx`` (``B``: all rows): ``M_SS`` gathered and factored in place (in
-    panels past :func:`~solvers.selection.panel_cholesky.panel_threshold`: half an |S|×|S|), gathered again for
+    """``tr(B_Sᵀ M_SS⁻¹ B_S)`` for the columns ``idx`` (``B``: all rows): ``M_SS`` gathered and factored in place
+    (in panels past :func:`~solvers.selection.panel_cholesky.panel_threshold`: half an |S|×|S|), gathered again for
     the least-squares fallback when it is singular. ``B_S`` is solved in its own memory and gathered afresh for
     the trace: two |S|×m at most, none of them beside the factor's solve copy (the same sum, bit for bit)."""
     try:
-        factor = factor_principal(M, idx, lower=False)
-        BS = np.empty((idx.size, B.shape[1]), order="F" if isinstance(factor, LapackCholesky) else "C")
-        np.take(B, idx, axis=0, out=BS, mode="clip")
-        X = factor.solve(BS, overwrite=True)
-        del factor, BS
+        X = solve_gathered(factor_principal(M, idx, lower=False), B, idx)
     except np.linalg.LinAlgError:
         X = scipy.linalg.lstsq(M[np.ix_(idx, idx)], B[idx], cond=1e-12, check_finite=False)[0]
     BS = B[idx]

@@ -23,7 +23,7 @@ from scipy.linalg.blas import dgemm, dtrsm
 from solvers.selection.linalg import subtract_product
 
 __all__ = ["PanelCholesky", "PANEL_WIDTH", "PANEL_MIN_COLUMNS", "PANEL_MIN_DENSE_COLUMNS", "LapackCholesky",
-           "factor_principal", "panel_threshold"]
+           "factor_principal", "panel_threshold", "solve_gathered"]
 
 #: Columns per panel (the update GEMMs are (r − jb) × b × b: large enough for BLAS, small beside r²/2).
 PANEL_WIDTH = 512
@@ -153,6 +153,14 @@ class LapackCholesky:
     def solve(self, v: np.ndarray, overwrite: bool = False) -> np.ndarray:
         """``A⁻¹ v`` (``overwrite``: in ``v``'s memory when LAPACK can use it, i.e. a Fortran-ordered float64 array)."""
         return scipy.linalg.cho_solve((self.factor, self.lower), v, overwrite_b=overwrite, check_finite=False)
+
+
+def solve_gathered(factor: "PanelCholesky | LapackCholesky", B: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``A⁻¹ B[idx]`` (|idx|×m) solved in the gathered right-hand side's own memory: gathered in the order the
+    factor's solve works in (Fortran for LAPACK, C for panels), so no solve copy sits beside it."""
+    X = np.empty((idx.size, B.shape[1]), order="F" if isinstance(factor, LapackCholesky) else "C")
+    np.take(B, idx, axis=0, out=X, mode="clip")        # ("clip": no buffered copy; the indices are in range)
+    return factor.solve(X, overwrite=True)
 
 
 def panel_threshold(M) -> int:
