@@ -1982,19 +1982,16 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         # measured at C = 1,024 3×3 with t = 0.075: still below zero after 45 steps)
         t_cut = time.perf_counter()
         stop = None if deadline is None else min(deadline, t_cut + CUT_ROOT_SHARE * float(time_limit))
-        # (the ascent takes the scalar root's weights over, updated in place, and the relaxation's cached solves
-        # go first: two r×m fewer beside its five)
-        rel.forget()
+        # (the ascent takes the scalar root's weights over, updated in place: one r×m fewer beside its five)
         lb_c, steps, L_c, a_c = _cut_ascent(S, scalar_root.pop("W"), stop, own=True)
         info.update(cut_steps=steps, time_cut=time.perf_counter() - t_cut, root_bound_cut=max(lb_c, 0.0) / c)
         if lb_c > root_lb:
             root_lb, root_L, root_a = lb_c, L_c, a_c
     if backend == "bnb":
-        # (what only the root used: its best weights, its cuts (the OA backends' master rows) and the relaxation's
-        # cached solves, an r×m each: not kept beside a restart's reduced problem or the tree)
+        # (what only the root used: its best weights (an r×m) and its cuts (the OA backends' master rows): not kept
+        # beside a restart's reduced problem or the tree; _relax leaves no cached solves behind)
         scalar_root.clear()
         root_cuts.clear()
-        rel.forget()
     # (the OA masters keep the short root: fifty near-parallel root cuts stall HiGHS's master on
     # round-off, measured on the test bank's budgeted C = 10 problem)
     # The monotone bound err(all channels) holds for every set too.

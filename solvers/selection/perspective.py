@@ -81,18 +81,9 @@ def rotate(w: Whitened, U: list[np.ndarray]) -> Whitened:
     return Whitened(M=M, B=B, target_sq=w.target_sq, col_group=w.col_group, starts=w.starts)
 
 
-def _blocks_to_matrix(w: Whitened, D: list[np.ndarray]) -> np.ndarray:
-    r = w.M.shape[0]
-    out = np.zeros((r, r))
-    for g in range(w.n_channels):
-        sl = w.cols(g)
-        out[sl, sl] = D[g]
-    return out
-
-
 def _minus_blocks(w: Whitened, D: list[np.ndarray]) -> np.ndarray:
     """``M − blkdiag(D)`` in one Fortran-ordered copy of ``M``, for LAPACK to factor or invert in place (the expression
-    with :func:`_blocks_to_matrix` held three r×r: 4.8× the statistics in the feasibility check at C = 512 3×3)."""
+    with a dense ``blkdiag(D)`` held three r×r: 4.8× the statistics in the feasibility check at C = 512 3×3)."""
     A = np.array(w.M, dtype=np.float64, order="F")
     for g, Dg in enumerate(D):
         sl = w.cols(g)

@@ -92,7 +92,7 @@ def reduce_problem(w: Whitened, costs: np.ndarray, fixed_in: np.ndarray, fixed_o
             M_NF = w.M[np.ix_(N, F)]
             B_N = B_N - M_NF @ X[:, n:]
             c -= float(np.sum(w.B[F] * X[:, n:]))
-            subtract_product(M_NN, M_NF, X[:, :n])      # (M_NN −= M_NF X_N in place: no n×n product beside it)
+            subtract_product(M_NN, M_NF, X[:, :n])  # (M_NN −= M_NF X_N in place: no n×n product beside it)
             del M_NF, X
         else:
             B_N, explained = projected
@@ -125,7 +125,7 @@ def _project_out_cholesky(w: Whitened, F: np.ndarray, N: np.ndarray, M_NN: np.nd
     del L, MFF                                   # (|F|×|F|: not kept beside the update)
     if not (np.all(np.isfinite(Z)) and np.all(np.isfinite(zb))):
         return None
-    subtract_product(M_NN, Z.T, Z)                   # (M_NN −= Zᵀ Z on its own memory; Z, F-ordered, is not copied)
+    subtract_product(M_NN, Z.T, Z)               # (M_NN −= Zᵀ Z on its own memory; Z, F-ordered, is not copied)
     B_N -= Z.T @ zb                              # (the caller's fresh gather, updated in place: one |N|×m less)
     return B_N, float(np.sum(zb * zb))
 

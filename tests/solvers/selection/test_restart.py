@@ -146,7 +146,9 @@ def test_an_inherited_shift_is_valid_for_the_schur_complement():
     """The parent's blocks restricted to the free channels keep M' − D_N ⪰ 0 in the restarted whitening (checked
     by the eigenvalues), and a shift that is not valid is refused."""
     import solvers.selection.exact as ex
-    from solvers.selection.perspective import _blocks_to_matrix, blocks
+    import scipy.linalg
+
+    from solvers.selection.perspective import blocks
 
     p = make_problem(10, 3, 4, 200, seed=5, correlation=0.8)
     w = whiten(p)
@@ -159,7 +161,7 @@ def test_an_inherited_shift_is_valid_for_the_schur_complement():
     got = ex._inherited_shift(wr, T, [D[g] for g in red.free])
     assert got is not None
     U, d = got
-    A = wr.M - _blocks_to_matrix(wr, blocks(wr, U, d))
+    A = wr.M - scipy.linalg.block_diag(*blocks(wr, U, d))
     assert np.linalg.eigvalsh(A)[0] >= 0.0
     assert np.min(d) > 0
     too_big = [5.0 * Dg for Dg in D]
