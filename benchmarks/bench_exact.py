@@ -476,7 +476,7 @@ def main(argv=None) -> int:
                     help="whole networks pruned by exact to --budgets FLOPs at --net-time-limit s per group")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1], help="--network: FLOPs kept")
     ap.add_argument("--net-time-limit", type=float, default=10.0, help="--network: exact seconds per group")
-    ap.add_argument("--scale-channels", type=int, nargs="+", default=[2048, 11008])
+    ap.add_argument("--scale-channels", type=int, nargs="*", default=[2048, 11008])
     ap.add_argument("--scale-methods", nargs="+", default=list(SCALE_METHODS))
     ap.add_argument("--scale-channels-3x3", type=int, nargs="*", default=[512],
                     help="--scale: channel counts with 9 columns (3×3 kernels) each")

@@ -86,6 +86,7 @@ from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COL
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.restart import reduce_problem
+from solvers.selection.block_gram import BlockGram
 from solvers.selection.scaled_gram import ScaledGram, gathered_product
 from solvers.selection.swap import improve_by_swaps
 from solvers.result import SelectionResult, Status
@@ -860,7 +861,7 @@ def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
     # would overrun the warm start, and where that inverse would double the memory (a Gram read lazily, or past
     # BACKWARD_START_MAX_COLUMNS: forward selection and swaps then give the incumbent; on 12 population layers of
     # 1,200–1,500 channels forward + swaps matched backward + swaps on every one)
-    lazy = isinstance(w.M, ScaledGram)
+    lazy = isinstance(w.M, ScaledGram) and not isinstance(w.M, BlockGram)     # (one column per channel: C×C = r×r)
     if not S.timed_out() and backward_start_fits(w) and _affordable(w.M.shape[0], 3.0, S.deadline):
         S.offer(backward_mask(p, k, budget, w=w, deadline=S.deadline), "backward")
     # (LASSO builds its own C×C channel Gram: past LASSO_WARM_MAX_CHANNELS that doubles the memory, and for a Gram read
@@ -1833,6 +1834,10 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                     else start + WARM_SHARE * float(time_limit) if root_fits
                     else start + CUT_WARM_SHARE * float(time_limit) if cut_fits else deadline)
     info["time_warm"] = time.perf_counter() - start
+    if isinstance(w.M, BlockGram):
+        # (multi-column groups: the warm start read M from the statistics; the shift search, the root and the tree
+        # factor all of it many times over, each read of a BlockGram a gather and two block transforms)
+        w = densified(w)
     if backend == "bnb" and budget is None and math.comb(C, k) <= ENUMERATE_MAX:
         # Few enough sets to evaluate them all (each an exact refit): the optimum, proven by
         # enumeration — the relaxation cannot beat that on ill-conditioned small layers.

@@ -37,6 +37,7 @@ from solvers.selection.baselines import result_from_mask
 from solvers.selection.linalg import subtract_product, symmetrize_in_place
 from solvers.selection.panel_cholesky import factor_principal, solve_gathered
 from solvers.selection.problem import SelectionProblem
+from solvers.selection.block_gram import BlockGram
 from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
 
@@ -62,6 +63,9 @@ FORWARD_ROUNDS = 64
 # exact's restarts at C = 2,048 reduce to ~1,700).
 WHITEN_VECTOR_MIN_CHANNELS = 2000
 LAZY_MIN_CHANNELS = 1000
+# Multi-column groups of this many columns or more get the block-diagonal view (``whiten(lazy=True)``:
+# :class:`~solvers.selection.block_gram.BlockGram`); smaller ones keep the dense whitening's arithmetic bit for bit.
+LAZY_MIN_BLOCK_COLUMNS = 3000
 # Backward elimination keeps an r×r inverse beside the whitened M: as a warm start (exact's, swap's) it runs only
 # below this many whitened columns and on an M held as an array. Past it (C = 512 3×3: 4,608 columns, the whitened
 # copy 0.95× the statistics) the inverse took exact and swap to 2.11× the statistics; for a Gram read lazily it is a
@@ -154,25 +158,36 @@ def whiten(problem: SelectionProblem, *, transforms: bool = False, lazy: bool = 
     coordinates to its original columns (in the problem's column order within the channel).
 
     With ``lazy=True`` a group of one column per channel past ``LAZY_MIN_CHANNELS`` channels gets
-    ``M`` as a :class:`ScaledGram` (read from ``problem.gram`` on access: no memory); :func:`densified` turns it
-    into the array where a method needs all of it.
+    ``M`` as a :class:`ScaledGram` (read from ``problem.gram`` on access: no memory), and a group of several
+    columns per channel with ``LAZY_MIN_BLOCK_COLUMNS`` columns or more as a :class:`BlockGram` (the same, with the
+    block-diagonal transform applied on access); :func:`densified` turns either into the array where a method needs
+    all of it.
     """
     G, Bx, groups, C = problem.gram, problem.cross, problem.groups, problem.n_channels
     order = np.argsort(groups, kind="stable")                    # columns grouped by channel
     if C and C == G.shape[0] and (C > WHITEN_VECTOR_MIN_CHANNELS or (lazy and C > LAZY_MIN_CHANNELS)):
         return _whiten_one_column(problem, order, transforms, lazy)
     bounds = np.searchsorted(groups[order], np.arange(C + 1))
-    M = G[np.ix_(order, order)] if np.any(order != np.arange(order.size)) else G.copy()
-    B = Bx[order].copy()
-    col_group, starts, keep_cols, Ts = [], [0], [], []
+    Tq, keeps = [], []                     # each channel's q×q transform (dropped directions: zero columns)
     for g in range(C):
         sl = slice(int(bounds[g]), int(bounds[g + 1]))
         q = sl.stop - sl.start
         lam, U = np.linalg.eigh(G[np.ix_(order[sl], order[sl])]) if q else (np.zeros(0), np.zeros((0, 0)))
         top = lam.max() if lam.size else 0.0
         keep = lam > WHITEN_RTOL * top if top > 0 else np.zeros(lam.size, bool)
-        T = np.zeros((q, q))                                      # dropped directions -> zero columns
+        T = np.zeros((q, q))
         T[:, keep] = U[:, keep] / np.sqrt(lam[keep])
+        Tq.append(T)
+        keeps.append(keep)
+    Ts = [T[:, keep] for T, keep in zip(Tq, keeps)]
+    if lazy and G.shape[0] >= LAZY_MIN_BLOCK_COLUMNS:
+        return _whiten_blocks_lazy(problem, order, bounds, Ts, transforms)
+    M = G[np.ix_(order, order)] if np.any(order != np.arange(order.size)) else G.copy()
+    B = Bx[order].copy()
+    col_group, starts, keep_cols = [], [0], []
+    for g in range(C):
+        sl = slice(int(bounds[g]), int(bounds[g + 1]))
+        q, T, keep = sl.stop - sl.start, Tq[g], keeps[g]
         if q == 1:
             f = float(T[0, 0])
             M[:, sl] *= f
@@ -183,8 +198,6 @@ def whiten(problem: SelectionProblem, *, transforms: bool = False, lazy: bool = 
             M[sl, :] = T.T @ M[sl, :]
             B[sl] = T.T @ B[sl]
         keep_cols.append(np.arange(sl.start, sl.stop)[keep])
-        if transforms:
-            Ts.append(T[:, keep])
         col_group += [g] * int(keep.sum())
         starts.append(starts[-1] + int(keep.sum()))
     kept = np.concatenate(keep_cols) if keep_cols else np.zeros(0, np.int64)
@@ -198,6 +211,22 @@ def whiten(problem: SelectionProblem, *, transforms: bool = False, lazy: bool = 
         M[s, s] = np.eye(starts[g + 1] - starts[g])
     w = Whitened(M=M, B=B, target_sq=problem.target_sq, col_group=np.asarray(col_group, np.int64),
                  starts=np.asarray(starts, np.int64))
+    return (w, Ts) if transforms else w
+
+
+def _whiten_blocks_lazy(problem: SelectionProblem, order: np.ndarray, bounds: np.ndarray, Ts: list[np.ndarray],
+                        transforms: bool):
+    """:func:`whiten` of a multi-column group as the view that reads ``M`` from the statistics (:class:`BlockGram`):
+    the same transforms ``Ts`` (q_g × r_g), ``B`` transformed channel by channel (r×m)."""
+    C = problem.n_channels
+    cols = [order[int(bounds[g]):int(bounds[g + 1])] for g in range(C)]
+    M = BlockGram(problem.gram, cols, Ts)
+    B = np.empty((M.shape[0], problem.cross.shape[1]))
+    for g in range(C):
+        sl = slice(int(M.starts[g]), int(M.starts[g + 1]))
+        if sl.stop > sl.start:
+            B[sl] = Ts[g].T @ problem.cross[cols[g]]
+    w = Whitened(M=M, B=B, target_sq=problem.target_sq, col_group=M.col_group.astype(np.int64), starts=M.starts)
     return (w, Ts) if transforms else w
 
 

@@ -1,0 +1,151 @@
+"""The whitened Gram of multi-column groups read from the statistics (BlockGram) against the dense whitening."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import solvers.selection.greedy as gr
+from solvers import SelectionProblem, Status, select_channels
+from solvers.selection.block_gram import BlockGram
+from solvers.selection.greedy import densified, forward_mask, whiten
+from solvers.selection.scaled_gram import gathered_product
+
+
+def _problem(C: int, n: int, *, q: int = 9, seed: int = 0, uneven: bool = True) -> SelectionProblem:
+    """C channels of ``q`` columns (with ``uneven`` one of 4 and one of 1), shuffled; a dead channel and a
+    rank-deficient one (a column repeated)."""
+    rng = np.random.default_rng(seed)
+    sizes = np.full(C, q)
+    if uneven:
+        sizes[2], sizes[5] = 4, 1
+    d = int(sizes.sum())
+    Z = rng.normal(size=(n, d)) @ (np.eye(d) + 0.05 * rng.normal(size=(d, d)))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    Z[:, starts[3]:starts[4]] = 0.0                                   # a dead channel
+    Z[:, starts[7] + 1] = Z[:, starts[7]]                             # a rank-deficient one
+    Y = Z[:, : 4 * q] @ rng.normal(size=(4 * q, 5)) + 0.3 * rng.normal(size=(n, 5))
+    perm = rng.permutation(C)
+    return SelectionProblem.from_data(Z, Y, np.repeat(perm, sizes))
+
+
+@pytest.fixture
+def lazy_always(monkeypatch):
+    monkeypatch.setattr(gr, "LAZY_MIN_BLOCK_COLUMNS", 0)
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_reads_equal_the_dense_whitening(uneven, lazy_always):
+    p = _problem(30, 600, uneven=uneven)
+    (lazy, T_lazy), (dense, T_dense) = whiten(p, lazy=True, transforms=True), whiten(p, transforms=True)
+    M, D = lazy.M, dense.M
+    assert isinstance(M, BlockGram) and isinstance(D, np.ndarray) and M.shape == D.shape
+    assert all(np.array_equal(a, b) for a, b in zip(T_lazy, T_dense))          # the same transforms
+    assert np.array_equal(lazy.starts, dense.starts) and np.array_equal(lazy.col_group, dense.col_group)
+    np.testing.assert_allclose(lazy.B, dense.B, rtol=1e-12, atol=1e-12 * np.abs(dense.B).max())
+    full = M.dense()
+    assert np.array_equal(full, full.T)
+    np.testing.assert_allclose(full, D, rtol=0, atol=1e-13)
+    for g in range(lazy.n_channels):                                          # identity diagonal blocks, exactly
+        sl = lazy.cols(g)
+        assert np.array_equal(full[sl, sl], np.eye(sl.stop - sl.start))
+    r = D.shape[0]
+    rng = np.random.default_rng(1)
+    cols = rng.choice(r, 9, replace=False)
+    rows = rng.choice(r, 40, replace=False)
+    mask = rng.random(r) < 0.4
+    for key in [(slice(None), cols), slice(3, 17), np.ix_(rows, cols), np.ix_(cols, cols), np.ix_(mask, mask),
+                (slice(None), slice(5, 9)), (mask, slice(None)), (rows, slice(2, 30, 3)), (4, slice(None)),
+                (slice(None), 6), (5, 5), (slice(None), np.array([2, 2, 8]))]:
+        got = M[key]
+        assert np.shape(got) == np.shape(D[key]), key
+        np.testing.assert_allclose(got, D[key], rtol=0, atol=1e-13, err_msg=str(key))
+    sub = M[np.ix_(cols, cols)]
+    assert np.all(np.diag(sub) == 1.0)
+    np.testing.assert_allclose(M.astype(np.float32), D.astype(np.float32), rtol=1e-6, atol=1e-7)
+    X = rng.normal(size=(r, 3))
+    np.testing.assert_allclose(M @ X, D @ X, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(M @ X[:, 0], D @ X[:, 0], rtol=1e-12, atol=1e-12)
+    idx = np.flatnonzero(mask)
+    np.testing.assert_allclose(gathered_product(M, rows, idx, X[idx]), D[np.ix_(rows, idx)] @ X[idx],
+                               rtol=1e-12, atol=1e-12)
+    assert np.array_equal(densified(lazy).M, full)
+
+
+def test_reads_in_tiny_blocks_equal_one_block(lazy_always, monkeypatch):
+    """Reads gathered a few channels at a time (tiny blocks: every read spans many) give what one block gives."""
+    import solvers.selection.block_gram as bg
+
+    p = _problem(25, 500)
+    M = whiten(p, lazy=True).M
+    whole = M.dense()
+    monkeypatch.setattr(bg, "_block_entries", lambda r: 1)
+    rng = np.random.default_rng(2)
+    rows = rng.permutation(M.shape[0])[:60]
+    np.testing.assert_allclose(M[np.ix_(rows, rows)], whole[np.ix_(rows, rows)], rtol=0, atol=1e-14)
+    np.testing.assert_allclose(M.dense(), whole, rtol=0, atol=1e-14)
+
+
+def test_only_large_multi_column_groups_are_read_lazily():
+    """Below ``LAZY_MIN_BLOCK_COLUMNS`` columns the dense whitening (and its arithmetic) is kept."""
+    p = _problem(20, 400)
+    assert p.gram.shape[0] < gr.LAZY_MIN_BLOCK_COLUMNS
+    assert isinstance(whiten(p, lazy=True).M, np.ndarray)
+
+
+def test_the_statistics_are_never_written(lazy_always):
+    p = _problem(20, 400)
+    before, cross = p.gram.copy(), p.cross.copy()
+    M = whiten(p, lazy=True).M
+    M[:, np.arange(5)][0, 0] = 7.0
+    M.dense()[1, 1] = 7.0
+    _ = M @ np.ones(M.shape[0])
+    assert np.array_equal(p.gram, before) and np.array_equal(p.cross, cross)
+
+
+@pytest.mark.parametrize("method", ["greedy", "backward", "swap", "exact"])
+def test_methods_choose_the_same_channels_with_the_lazy_gram(method, monkeypatch):
+    """Every method whitens large multi-column groups lazily: the same sets as with the dense matrix (exact: the
+    warm start on the view, then the dense matrix for the shifts, root and tree; the same proof)."""
+    p = _problem(20, 2000, seed=3)
+    dense = select_channels(p, method=method, k=6, time_limit=30)
+    monkeypatch.setattr(gr, "LAZY_MIN_BLOCK_COLUMNS", 0)
+    lazy = select_channels(p, method=method, k=6, time_limit=30)
+    assert np.array_equal(lazy.mask, dense.mask)
+    assert lazy.objective == pytest.approx(dense.objective, rel=1e-9)
+    if method == "exact":
+        assert lazy.status == dense.status == Status.OPTIMAL
+        assert lazy.bound == pytest.approx(dense.bound, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["greedy", "swap"])
+def test_forward_selection_and_swaps_never_densify_it(method, lazy_always, monkeypatch):
+    p = _problem(24, 500, seed=4)
+    monkeypatch.setattr(BlockGram, "dense", lambda *a, **k: pytest.fail("the lazy Gram was densified"))
+    monkeypatch.setattr(BlockGram, "__array__", lambda *a, **k: pytest.fail("the lazy Gram was densified"))
+    res = select_channels(p, method=method, k=9, time_limit=30)
+    assert res.mask.sum() == 9
+
+
+def test_forward_selection_keeps_no_copy_of_the_gram():
+    """C = 400 channels of 9 columns (3,600 columns, Gram 104 MB): forward selection of 40 channels traces well
+    under the statistics (the dense whitened copy alone was as large as them)."""
+    rng = np.random.default_rng(0)
+    C, q, m = 400, 9, 8
+    d = C * q
+    A = rng.normal(size=(d, d // 8))
+    G = A @ A.T + 0.5 * np.eye(d)
+    del A
+    W = rng.normal(size=(d, m)) * (rng.random((d, 1)) < 0.05)
+    cross = G @ W
+    p = SelectionProblem(G, cross, 1.1 * float(np.sum(W * cross)), np.repeat(np.arange(C), q))
+    assert d >= gr.LAZY_MIN_BLOCK_COLUMNS
+    tracemalloc.start()
+    try:
+        mask = forward_mask(p, 40, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert mask.sum() == 40
+    assert peak < 0.2 * G.nbytes, (peak, G.nbytes)
