@@ -58,9 +58,25 @@ class BlockGram(ScaledGram):
             self.orig[g, :q[g]] = cols[g]
             self.real[g, :q[g]] = True
             self.Tp[g, :q[g], :rg[g]] = T[g]
-        # I − T_gᵀ G_gg T_g: what the identity diagonal blocks differ by from the transform's (C × r_max²)
-        Ggg = G[self.orig[:, :, None], self.orig[:, None, :]]
+        self._unit_defect()
+
+    def _unit_defect(self) -> None:
+        """``I − T_gᵀ G_gg T_g``: what the identity diagonal blocks differ by from the transform's (C × r_max²)."""
+        Ggg = self.G[self.orig[:, :, None], self.orig[:, None, :]]
         self.unit_defect = np.eye(self.rmax)[None] - np.swapaxes(self.Tp, 1, 2) @ Ggg @ self.Tp
+
+    def rotated(self, U: list[np.ndarray]) -> "BlockGram":
+        """The same Gram with channel ``g``'s whitened columns rotated by the orthogonal ``U[g]`` (r_g × r_g): the
+        transforms become ``T_g U_g``, still read from the statistics (``perspective.rotate`` of a lazy problem)."""
+        out = object.__new__(BlockGram)
+        out.__dict__.update(self.__dict__)
+        out.Tp = self.Tp.copy()
+        for g, u in enumerate(U):
+            rg = int(self.starts[g + 1] - self.starts[g])
+            if rg:
+                out.Tp[g, :, :rg] = self.Tp[g, :, :rg] @ u
+        out._unit_defect()
+        return out
 
     # ------------------------------------------------------------------ reads
     def _indices(self, idx: slice | np.ndarray) -> np.ndarray:
@@ -119,7 +135,7 @@ class BlockGram(ScaledGram):
         return out[:, 0] if X.ndim == 1 else out
 
     def dense(self, dtype=np.float64) -> np.ndarray:
-        """The r×r matrix (C-ordered, in ``dtype``), exactly symmetric."""
+        """The r×r matrix (C-ordered, in ``dtype``), exactly symmetric (its transpose is the Fortran-ordered copy)."""
         A = self._read(slice(0, self.shape[0]), slice(0, self.shape[0]), dtype)
         symmetrize_in_place(A)
         return A

@@ -436,6 +436,11 @@ class Relaxation:
         """Drop the cached recent solves (two r×m weights) that :meth:`dual` reuses."""
         self._recent = []
 
+    def reads(self, w: Whitened) -> None:
+        """Read ``M`` from ``w`` from now on: the same problem, ``M`` as an array or as a view of the statistics."""
+        self.forget()
+        self.w = w
+
     def solve(self, z: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float]:
         """Relaxed weights ``W(z)`` (r×m) and value ``F(z)`` (energy) at ``z`` in [0, 1]^C.
 
@@ -1454,7 +1459,7 @@ def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, ite
     S.deadline = stop
 
     def relax_value(wr, d, z):
-        S.rel = Relaxation(wr, d)
+        S.rel = Relaxation(densified(wr), d)      # (a rotated view of a multi-column group: factored many times)
         lb, z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5) if z is None else z, SHIFT_FW_STEPS,
                              converge=True)
         W, _ = S.rel.solve(z, nothing)
@@ -1834,9 +1839,12 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                     else start + WARM_SHARE * float(time_limit) if root_fits
                     else start + CUT_WARM_SHARE * float(time_limit) if cut_fits else deadline)
     info["time_warm"] = time.perf_counter() - start
-    if isinstance(w.M, BlockGram):
-        # (multi-column groups: the warm start read M from the statistics; the shift search, the root and the tree
-        # factor all of it many times over, each read of a BlockGram a gather and two block transforms)
+    # (multi-column groups: the warm start read M from the statistics; the scalar shift, its root and the tree factor
+    # all of M many times over, where each read of a BlockGram is a gather and two block transforms (a half-size
+    # factorization at C = 512 3×3: 0.29 s against 0.13 s), so they get the array; the block sizes, whose own r×r
+    # arrays are the peak, the view again)
+    lazy_w = w if isinstance(w.M, BlockGram) else None
+    if lazy_w is not None:
         w = densified(w)
     if backend == "bnb" and budget is None and math.comb(C, k) <= ENUMERATE_MAX:
         # Few enough sets to evaluate them all (each an exact refit): the optimum, proven by
@@ -1951,6 +1959,10 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         stop = None if deadline is None else min(deadline, t_opt + share * float(time_limit))
         U = d = None
         z_start, sizes_lb = root_z, -math.inf
+        if lazy_w is not None:
+            # (the scalar relaxation reads the view until it is needed again: no array of M beside the sizes')
+            w = lazy_w
+            rel.reads(w)
         if shift == "block":
             found = _newton_blocks(S, w, t, stop, shift_iterations)
             if found is not None:
@@ -1965,7 +1977,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
             if D is not None:
                 U, d = eig_blocks(D)
         if U is not None:
-            S.rel = Relaxation(rotate(w, U), d)
+            S.rel = Relaxation(densified(rotate(w, U)), d)
             root_steps = (ROOT_ITERATIONS_AFTER_SIZES if backend == "bnb" and sizes_lb > -math.inf
                           else ROOT_ITERATIONS)
             lb2, z2, L2, a2 = _relax(S, nothing, nothing, z_start, max(fw_iterations, root_steps),
@@ -1978,6 +1990,11 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                 S.rel = rel
         info["shift_used"] = shift if rel.w is not w else "scalar"
         info["shift_time"] = time.perf_counter() - t_opt
+        if lazy_w is not None and rel.w is lazy_w:
+            # (the scalar relaxation goes on: the array again; where the block one won, w stays the view: the tree
+            # factors the rotated array, and the restart's Schur complement and the all-channel bound read w once)
+            w = densified(lazy_w)
+            rel.reads(w)
     if (ascent_may_follow and info["shift_used"] == "scalar"
             and root_lb < S.threshold and "W" in scalar_root and not S.timed_out()
             and rel.covers_all and rel.shifted.any()):

@@ -97,6 +97,16 @@ class PanelCholesky:
             panels.append(P)
         return cls(panels, starts, r)
 
+    def release_lower(self, dtype=np.float64) -> np.ndarray:
+        """``L`` as one Fortran-ordered r×r array in ``dtype`` (upper triangle zero), each panel released once copied:
+        the factor's memory and the array's never both whole (this factor is empty afterwards)."""
+        L = np.zeros((self.r, self.r), dtype=dtype, order="F")
+        while self.panels:
+            P, lo = self.panels.pop(0), self.starts.pop(0)
+            L[lo:, lo:lo + P.shape[1]] = P
+            del P
+        return L
+
     def trailing(self, split: int) -> "PanelCholesky":
         """The factor of ``A[split:, split:] − A[split:, :split] A[:split, :split]⁻¹ A[:split, split:]``: the panels
         from ``split`` on (``split`` must be a panel boundary: :meth:`factor`'s ``split``)."""

@@ -45,8 +45,11 @@ import time
 import numpy as np
 import scipy.linalg
 
+from solvers.selection.block_gram import BlockGram
 from solvers.selection.greedy import Whitened
-from solvers.selection.linalg import symmetrize_in_place
+from solvers.selection.linalg import subtract_product, symmetrize_in_place
+from solvers.selection.panel_cholesky import factor_principal
+from solvers.selection.scaled_gram import ScaledGram
 
 # Smallest eigenvalue kept in M − D and in each D_g (whitened units), as in exact.Q_MARGIN.
 MARGIN = 1e-9
@@ -63,6 +66,13 @@ def rotate(w: Whitened, U: list[np.ndarray]) -> Whitened:
     ``w`` itself when every ``U[g]`` is the identity (one-column channels always: a lazy ``M`` stays lazy)."""
     if all(np.array_equal(u, np.eye(u.shape[0])) for u in U):
         return w
+    if isinstance(w.M, BlockGram):          # (read from the statistics: the rotation joins the whitening transforms)
+        B = w.B.copy()
+        for g in range(w.n_channels):
+            sl = w.cols(g)
+            if sl.stop > sl.start:
+                B[sl] = U[g].T @ B[sl]
+        return Whitened(M=w.M.rotated(U), B=B, target_sq=w.target_sq, col_group=w.col_group, starts=w.starts)
     M = w.M.copy()
     B = w.B.copy()
     for g in range(w.n_channels):
@@ -81,15 +91,36 @@ def rotate(w: Whitened, U: list[np.ndarray]) -> Whitened:
     return Whitened(M=M, B=B, target_sq=w.target_sq, col_group=w.col_group, starts=w.starts)
 
 
+def fortran_copy(M, dtype=np.float64) -> np.ndarray:
+    """A Fortran-ordered copy of the symmetric ``M`` in ``dtype`` (an array, or a Gram read lazily: its dense build's
+    transpose, no second copy), for LAPACK to factor or invert in place."""
+    if isinstance(M, ScaledGram):
+        return M.dense(dtype).T
+    return np.array(M, dtype=dtype, order="F")
+
+
 def _minus_blocks(w: Whitened, D: list[np.ndarray]) -> np.ndarray:
     """``M − blkdiag(D)`` in one Fortran-ordered copy of ``M``, for LAPACK to factor or invert in place (the expression
     with a dense ``blkdiag(D)`` held three r×r: 4.8× the statistics in the feasibility check at C = 512 3×3)."""
-    A = np.array(w.M, dtype=np.float64, order="F")
+    A = fortran_copy(w.M)
     for g, Dg in enumerate(D):
         sl = w.cols(g)
         if sl.stop > sl.start:
             A[sl, sl] -= Dg
     return A
+
+
+def _inverse_minus_blocks(w: Whitened, D: list[np.ndarray]) -> np.ndarray:
+    """``(M − blkdiag(D))⁻¹``: from ``SINGLE_MIN_COLUMNS`` columns on by Cholesky in the one copy (``D`` is feasible:
+    ``M − D ⪰ MARGIN·I``), where numpy's LU inverse held three r×r beside it (3.2× the statistics at C = 512 3×3);
+    smaller problems keep the LU inverse's arithmetic."""
+    A = _minus_blocks(w, D)
+    if A.shape[0] >= SINGLE_MIN_COLUMNS:
+        X = _inv_spd(A, overwrite=True)
+        if X is not None:
+            return X
+        A = _minus_blocks(w, D)
+    return np.linalg.inv(A)
 
 
 def _feasible(w: Whitened, D: list[np.ndarray]) -> bool:
@@ -182,7 +213,7 @@ def optimize_shift(w: Whitened, t0: np.ndarray, relax_value, *, iterations: int 
             step = step0 / math.sqrt(local + 1)
         local += 1
         # supergradient of the relaxation value (original whitened basis), in units of ‖Y‖²
-        Xi = np.linalg.inv(_minus_blocks(w, D))
+        Xi = _inverse_minus_blocks(w, D)
         grad = []
         for g in range(C):
             sl = w.cols(g)
@@ -197,6 +228,7 @@ def optimize_shift(w: Whitened, t0: np.ndarray, relax_value, *, iterations: int 
                 Gg = (1.0 / zg - 1.0) * (Wg @ Wg.T) / w.target_sq
             Gg += mu * (np.linalg.inv(D[g]) - Xi[sl, sl])
             grad.append(0.5 * (Gg + Gg.T))
+        del Xi                  # (not kept beside the next step's rotated copy and its relaxation)
         if precondition:   # AdaGrad per block: channels whose gradients stay small still move
             acc = [h + float(np.sum(x * x)) for h, x in zip(acc, grad)] if acc else [float(np.sum(x * x)) for x in grad]
             grad = [x / math.sqrt(h) if h > 0 else x for x, h in zip(grad, acc)]
@@ -286,6 +318,23 @@ def _inv_spd(A: np.ndarray, *, overwrite: bool = False) -> np.ndarray | None:
     return _inv_from_factor(c)
 
 
+def _checked_factor(M, shift: np.ndarray, dtype) -> np.ndarray | None:
+    """The float64 Cholesky factor of ``M − diag(shift)`` that certifies a step (None when it is not positive
+    definite), lower, Fortran-ordered. For a Gram read lazily it is factored in panels read from the view (half an
+    r×r) and handed over in ``dtype`` panel by panel: a float64 copy of ``M`` and its single-precision cast were
+    1.4× the statistics beside the sizes' float32 ``M`` at C = 512 3×3. An array ``M``: one copy factored in place
+    (the lower factor in float64; the caller casts it)."""
+    if isinstance(M, ScaledGram):
+        try:
+            pf = factor_principal(M, None, -shift, panel_min=0)
+        except np.linalg.LinAlgError:
+            return None
+        return pf.release_lower(dtype)
+    Q = fortran_copy(M)
+    Q[np.diag_indices_from(Q)] -= shift
+    return _factors(Q)          # (Q's memory when it succeeded: no second name keeps it past its use)
+
+
 def _factors(A: np.ndarray, *, single: bool = False) -> np.ndarray | None:
     """The lower Cholesky factor of ``A`` (``A`` overwritten; float32 with ``single``), None when ``A`` is not
     positive definite. Only a float64 factor certifies feasibility."""
@@ -302,7 +351,7 @@ def inverse_basis(w: Whitened, Minv: np.ndarray | None = None) -> list[np.ndarra
         # (a basis only: float32 suffices above SINGLE_MIN_COLUMNS, and eigh below keeps U orthogonal)
         Minv = _inv_spd(w.M.astype(np.float32) if w.M.shape[0] >= SINGLE_MIN_COLUMNS else w.M)
         if Minv is None and w.M.shape[0] >= SINGLE_MIN_COLUMNS:
-            Minv = _inv_spd(w.M)
+            Minv = _inv_spd(fortran_copy(w.M), overwrite=True)
         if Minv is None:
             return [np.eye(w.cols(g).stop - w.cols(g).start) for g in range(w.n_channels)]
     out = []
@@ -470,7 +519,7 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
             X = _inv_spd(Q, overwrite=True)
             del Q
         if X is None and single:              # float32 cannot factor it: float64 can
-            Q = np.array(M, order="F")
+            Q = fortran_copy(M)
             Q[diag] -= d
             X = _inv_spd(Q, overwrite=True)
             del Q
@@ -480,10 +529,13 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
             break
         omega = np.sum(W * W, axis=1)
         Wf = W.astype(ft)
-        WWt = Wf @ Wf.T
+        if single:                             # K = A⁻¹ ∘ WWᵀ (PSD), WWᵀ a block of rows at a time: no r×r beside
+            step = max(1, r // 16)             # K, X and Mf (0.47× the statistics at C = 512 3×3)
+            for i in range(0, r, step):
+                K[i:i + step] *= Wf[i:i + step] @ Wf.T
+        else:
+            K *= Wf @ Wf.T
         del Wf
-        K *= WWt                               # K = A⁻¹ ∘ WWᵀ (PSD)
-        del WWt
         sp = (-1.0 / z ** 2)                   # ds/dz per channel
         spc = sp[g]
         # gradient
@@ -522,7 +574,10 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
         except np.linalg.LinAlgError:
             break
         T1 = scipy.linalg.cho_solve(cz, Fdz.T, check_finite=False)          # (C, r)
-        X -= Fdz.astype(ft) @ T1.astype(ft)    # Schur complement (negative definite)
+        if single:                             # Schur complement (negative definite), the r×r product in row blocks
+            subtract_product(X, Fdz.astype(ft), T1.astype(ft), block_entries=max(1 << 16, r * r // 16))
+        else:
+            X -= Fdz @ T1
         rhs = -Ld + T1.T @ Lz
         X *= -1.0
         step_d = None
@@ -567,11 +622,8 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
                 if not ok:
                     al *= 0.5
                     continue
-            Q = np.array(M, order="F")
-            Q[diag] -= shift
             checks += 1
-            qfac = _factors(Q)
-            del Q                   # (qfac is Q's memory when it succeeded: no second name keeps it past its use)
+            qfac = _checked_factor(M, shift, ft)
             if qfac is not None:
                 break
             al *= 0.5
@@ -580,7 +632,7 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
         factorizations += checks
         # (the next iteration inverts the check's factor in single precision: cast now, so that the float64
         # factor is not held through that iteration's other r×r work)
-        qfac = qfac.astype(ft) if single and qfac is not None else None
+        qfac = qfac.astype(ft, copy=False) if single and qfac is not None else None
         d = d + al * step_d
         z = z + al * step_z
         # a long step, or z already (nearly) optimal for d: close enough to the central path to lower μ

@@ -149,3 +149,56 @@ def test_forward_selection_keeps_no_copy_of_the_gram():
         tracemalloc.stop()
     assert mask.sum() == 40
     assert peak < 0.2 * G.nbytes, (peak, G.nbytes)
+
+
+def test_rotating_a_lazy_problem_keeps_it_lazy_and_equal_to_the_dense_rotation(lazy_always):
+    """``rotate`` of a problem read from the statistics folds the rotation into the whitening transforms."""
+    from solvers.selection.perspective import inverse_basis, rotate
+
+    p = _problem(20, 500, seed=6)
+    lazy, dense = whiten(p, lazy=True), whiten(p)
+    U = inverse_basis(dense)
+    rl, rd = rotate(lazy, U), rotate(dense, U)
+    assert isinstance(rl.M, BlockGram) and isinstance(rd.M, np.ndarray)
+    np.testing.assert_allclose(rl.M.dense(), rd.M, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rl.B, rd.B, rtol=0, atol=1e-12 * np.abs(rd.B).max())
+    np.testing.assert_allclose(lazy.M.dense(), dense.M, rtol=0, atol=1e-13)      # (the original view is unchanged)
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_block_sizes_on_the_view_match_the_dense_matrix(single, lazy_always):
+    """The interior-point sizes read a lazy rotated problem (float32 copies, float64 checks factored in panels from
+    the view): the same bound as on the dense matrix up to round-off, and a feasible shift."""
+    import solvers.selection.exact as ex
+    from solvers.selection.perspective import inverse_basis, rotate, saddle_sizes
+
+    p = _problem(16, 600, seed=7)
+    lazy, dense = whiten(p, lazy=True), whiten(p)
+    t = ex.choose_shift(dense)
+    S = ex._Search(p, 8, None, ex.Relaxation(dense, t), None, 1e-4)
+    nothing = np.zeros(p.n_channels, bool)
+    U = inverse_basis(dense)
+    out = []
+    for w in (lazy, dense):
+        out.append(saddle_sizes(rotate(w, U), 0.9 * t[w.col_group], lambda L, a: S.bound(L, a, nothing, ~nothing)[0],
+                                k=8, iterations=15, single=single))
+    (d_l, val_l, _, info_l), (d_d, val_d, _, _) = out
+    assert info_l["feasibility_checks"] >= 1
+    assert val_l == pytest.approx(val_d, rel=1e-3)
+    assert np.all(d_l > 0) and np.linalg.eigvalsh(rotate(dense, U).M - np.diag(d_l))[0] >= -1e-10
+
+
+def test_a_checked_factor_from_the_view_is_the_float64_factor_in_the_asked_precision(lazy_always):
+    from solvers.selection.perspective import _checked_factor
+
+    p = _problem(20, 500, seed=8)
+    M = whiten(p, lazy=True).M
+    D = M.dense()
+    lam = np.linalg.eigvalsh(D)[0]
+    shift = np.full(D.shape[0], 0.5 * lam)
+    want = np.linalg.cholesky(D - np.diag(shift))
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-6)):
+        L = _checked_factor(M, shift, dtype)
+        assert L.dtype == dtype and L.flags.f_contiguous and np.all(np.triu(L, 1) == 0)
+        np.testing.assert_allclose(L, want, rtol=0, atol=tol * np.abs(want).max())
+    assert _checked_factor(M, np.full(D.shape[0], 1.5 * lam), np.float32) is None      # not positive definite

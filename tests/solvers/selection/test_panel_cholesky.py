@@ -112,3 +112,15 @@ def test_principal_factors_agree_in_panels_and_in_lapack(lower):
         with pytest.raises(np.linalg.LinAlgError):
             factor_principal(M, idx, add - 10.0, panel_min=panel_min, lower=lower)
     assert np.array_equal(G, before)
+
+
+def test_releasing_the_lower_factor_gives_lapacks_factor_and_empties_the_panels():
+    from solvers.selection.panel_cholesky import factor_principal
+
+    rng = np.random.default_rng(4)
+    A = rng.normal(size=(300, 310))
+    M = A @ A.T / 300 + np.eye(300)
+    pf = factor_principal(M, None, 0.0, panel_min=0)
+    L = pf.release_lower(np.float32)
+    assert L.dtype == np.float32 and L.flags.f_contiguous and not pf.panels
+    np.testing.assert_allclose(L, np.linalg.cholesky(M), rtol=0, atol=1e-6)

@@ -199,3 +199,18 @@ def test_sizes_hold_no_copies_of_their_matrices_for_lapack(single, monkeypatch):
     monkeypatch.setattr(pe, "_factors", spy)
     _sizes(_conv_layer(12, 3, 600, seed=0), k=6, iterations=4, single=single)
     assert seen and all(seen)
+
+
+def test_block_ascent_inverse_from_cholesky_equals_the_lu_inverse(monkeypatch):
+    """Past SINGLE_MIN_COLUMNS the ascent's ``(M − blkdiag D)⁻¹`` comes from a Cholesky factor in its one copy."""
+    import solvers.selection.perspective as pe
+
+    p = make_problem(30, 6, 4, 2000, seed=2)
+    w = whiten(p)
+    lam = np.linalg.eigvalsh(w.M)[0]
+    D = [0.5 * lam * np.eye(w.cols(g).stop - w.cols(g).start) for g in range(w.n_channels)]
+    lu = pe._inverse_minus_blocks(w, D)
+    monkeypatch.setattr(pe, "SINGLE_MIN_COLUMNS", 0)
+    ch = pe._inverse_minus_blocks(w, D)
+    np.testing.assert_allclose(ch, lu, rtol=1e-10, atol=1e-10 * np.abs(lu).max())
+    assert np.array_equal(ch, ch.T)
