@@ -79,6 +79,7 @@ import scipy.linalg
 from solvers.selection.baselines import result_from_mask
 from solvers.selection.conditional import node_shift
 from solvers.errors import InvalidInputError, SolverError, SolverNotAvailableError
+from solvers.selection.block_gram import BlockGram
 from solvers.selection.greedy import (Whitened, backward_mask, backward_start_fits, densified, forward_mask, refit_seconds,
                                       whiten)
 from solvers.selection.panel_cholesky import factor_principal, solve_gathered
@@ -86,7 +87,6 @@ from solvers.selection.perspective import (SADDLE_MIN_ITERATIONS, SINGLE_MIN_COL
                                           eig_blocks, inverse_basis, optimize_shift, rotate, saddle_sizes)
 from solvers.selection.problem import SelectionProblem
 from solvers.selection.restart import reduce_problem
-from solvers.selection.block_gram import BlockGram
 from solvers.selection.scaled_gram import ScaledGram, gathered_product
 from solvers.selection.swap import improve_by_swaps
 from solvers.result import SelectionResult, Status

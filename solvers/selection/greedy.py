@@ -34,10 +34,10 @@ import scipy.linalg
 
 from solvers.errors import InvalidInputError
 from solvers.selection.baselines import result_from_mask
+from solvers.selection.block_gram import BlockGram
 from solvers.selection.linalg import subtract_product, symmetrize_in_place
 from solvers.selection.panel_cholesky import factor_principal, solve_gathered
 from solvers.selection.problem import SelectionProblem
-from solvers.selection.block_gram import BlockGram
 from solvers.selection.scaled_gram import ScaledGram
 from solvers.result import SelectionResult, Status
 

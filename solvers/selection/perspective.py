@@ -66,15 +66,14 @@ def rotate(w: Whitened, U: list[np.ndarray]) -> Whitened:
     ``w`` itself when every ``U[g]`` is the identity (one-column channels always: a lazy ``M`` stays lazy)."""
     if all(np.array_equal(u, np.eye(u.shape[0])) for u in U):
         return w
+    B = w.B.copy()
+    for g in range(w.n_channels):
+        sl = w.cols(g)
+        if sl.stop > sl.start:
+            B[sl] = U[g].T @ B[sl]
     if isinstance(w.M, BlockGram):          # (read from the statistics: the rotation joins the whitening transforms)
-        B = w.B.copy()
-        for g in range(w.n_channels):
-            sl = w.cols(g)
-            if sl.stop > sl.start:
-                B[sl] = U[g].T @ B[sl]
         return Whitened(M=w.M.rotated(U), B=B, target_sq=w.target_sq, col_group=w.col_group, starts=w.starts)
     M = w.M.copy()
-    B = w.B.copy()
     for g in range(w.n_channels):
         sl = w.cols(g)
         if sl.stop > sl.start:
@@ -83,7 +82,6 @@ def rotate(w: Whitened, U: list[np.ndarray]) -> Whitened:
         sl = w.cols(g)
         if sl.stop > sl.start:
             M[sl, :] = U[g].T @ M[sl, :]
-            B[sl] = U[g].T @ B[sl]
     symmetrize_in_place(M)
     for g in range(w.n_channels):
         sl = w.cols(g)

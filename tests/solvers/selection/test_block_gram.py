@@ -1,15 +1,13 @@
 """The whitened Gram of multi-column groups read from the statistics (BlockGram) against the dense whitening."""
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 
 import solvers.selection.greedy as gr
 from solvers import SelectionProblem, Status, select_channels
 from solvers.selection.block_gram import BlockGram
-from solvers.selection.greedy import densified, forward_mask, whiten
+from solvers.selection.greedy import densified, whiten
 from solvers.selection.scaled_gram import gathered_product
 
 
@@ -131,24 +129,14 @@ def test_forward_selection_and_swaps_never_densify_it(method, lazy_always, monke
 def test_forward_selection_keeps_no_copy_of_the_gram():
     """C = 400 channels of 9 columns (3,600 columns, Gram 104 MB): forward selection of 40 channels traces well
     under the statistics (the dense whitened copy alone was as large as them)."""
-    rng = np.random.default_rng(0)
-    C, q, m = 400, 9, 8
-    d = C * q
-    A = rng.normal(size=(d, d // 8))
-    G = A @ A.T + 0.5 * np.eye(d)
-    del A
-    W = rng.normal(size=(d, m)) * (rng.random((d, 1)) < 0.05)
-    cross = G @ W
-    p = SelectionProblem(G, cross, 1.1 * float(np.sum(W * cross)), np.repeat(np.arange(C), q))
-    assert d >= gr.LAZY_MIN_BLOCK_COLUMNS
-    tracemalloc.start()
-    try:
-        mask = forward_mask(p, 40, None)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    from tests.solvers.selection.test_scaled_gram import forward_selection_peak, planted_problem
+
+    C, q = 400, 9
+    p = planted_problem(np.repeat(np.arange(C), q), C * q // 8)
+    assert p.gram.shape[0] >= gr.LAZY_MIN_BLOCK_COLUMNS
+    mask, peak = forward_selection_peak(p, 40)
     assert mask.sum() == 40
-    assert peak < 0.2 * G.nbytes, (peak, G.nbytes)
+    assert peak < 0.2 * p.gram.nbytes, (peak, p.gram.nbytes)
 
 
 def test_rotating_a_lazy_problem_keeps_it_lazy_and_equal_to_the_dense_rotation(lazy_always):

@@ -93,22 +93,34 @@ def test_methods_choose_the_same_channels_with_the_lazy_gram(method, budget, mon
 def test_forward_selection_keeps_no_copy_of_the_gram():
     """C = 2,400 one-column channels (Gram 46 MB): forward selection of 40 channels traces well under the
     statistics (the dense whitened copy alone was as large as them)."""
-    rng = np.random.default_rng(0)
-    C, m = 2400, 8
-    A = rng.normal(size=(C, C // 4))
-    G = A @ A.T + 0.5 * np.eye(C)
-    W = rng.normal(size=(C, m)) * (rng.random((C, 1)) < 0.05)
-    cross = G @ W
-    p = SelectionProblem(G, cross, 1.1 * float(np.sum(W * cross)), np.arange(C))
+    C = 2400
+    p = planted_problem(np.arange(C), C // 4)
     assert C > gr.WHITEN_VECTOR_MIN_CHANNELS
+    mask, peak = forward_selection_peak(p, 40)
+    assert mask.sum() == 40
+    assert peak < 0.2 * p.gram.nbytes, (peak, p.gram.nbytes)
+
+
+def planted_problem(groups: np.ndarray, rank: int, m: int = 8, seed: int = 0) -> SelectionProblem:
+    """Statistics of a low-rank-plus-identity Gram over ``groups``' columns, ``Y`` planted on 5 % of the columns."""
+    rng = np.random.default_rng(seed)
+    d = groups.size
+    A = rng.normal(size=(d, rank))
+    G = A @ A.T + 0.5 * np.eye(d)
+    del A
+    W = rng.normal(size=(d, m)) * (rng.random((d, 1)) < 0.05)
+    cross = G @ W
+    return SelectionProblem(G, cross, 1.1 * float(np.sum(W * cross)), groups)
+
+
+def forward_selection_peak(p: SelectionProblem, k: int) -> tuple[np.ndarray, int]:
+    """Forward selection's set of ``k`` channels and the peak memory it traced."""
     tracemalloc.start()
     try:
-        mask = forward_mask(p, 40, None)
-        peak = tracemalloc.get_traced_memory()[1]
+        mask = forward_mask(p, k, None)
+        return mask, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert mask.sum() == 40
-    assert peak < 0.2 * G.nbytes, (peak, G.nbytes)
 
 
 def test_exacts_warm_start_keeps_a_lazy_gram_uncopied(monkeypatch):
