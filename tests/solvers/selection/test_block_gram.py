@@ -190,3 +190,21 @@ def test_a_checked_factor_from_the_view_is_the_float64_factor_in_the_asked_preci
         assert L.dtype == dtype and L.flags.f_contiguous and np.all(np.triu(L, 1) == 0)
         np.testing.assert_allclose(L, want, rtol=0, atol=tol * np.abs(want).max())
     assert _checked_factor(M, np.full(D.shape[0], 1.5 * lam), np.float32) is None      # not positive definite
+
+
+def test_exact_with_block_sizes_on_the_view_proves_the_brute_force_optimum(monkeypatch):
+    """The bank's 3×3 layer (C = 8, k = 4) on the view: warm start, interior-point sizes and the ascent's rotated
+    copies read it, the block root and the tree the arrays: the brute-force optimum, proven, as on the array."""
+    import solvers.selection.exact as ex
+    from tests.solvers.selection.bank import BANK, BANK_IDS, brute_force
+
+    monkeypatch.setattr(ex, "ENUMERATE_MAX", 0)
+    p, k = BANK[BANK_IDS.index("conv3x3_C8_k4")]
+    _, opt = brute_force(p, k)
+    dense = ex.select_exact(p, k=k, time_limit=30.0, lasso=False)
+    monkeypatch.setattr(gr, "LAZY_MIN_BLOCK_COLUMNS", 0)
+    lazy = ex.select_exact(p, k=k, time_limit=30.0, lasso=False)
+    assert lazy.status == dense.status == Status.OPTIMAL
+    assert lazy.info["shift_used"] == dense.info["shift_used"] == "block" and lazy.info["sizes_iterations"] > 0
+    assert lazy.objective == pytest.approx(opt, rel=1e-6) and np.array_equal(lazy.mask, dense.mask)
+    assert lazy.bound <= opt + 1e-9
