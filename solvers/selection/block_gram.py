@@ -47,7 +47,6 @@ class BlockGram(ScaledGram):
         self.starts = np.concatenate([[0], np.cumsum(rg)]).astype(np.int64)
         r = int(self.starts[-1])
         self.shape = (r, r)
-        self.plain = False
         self.col_group = np.repeat(np.arange(C), rg)
         self.local = np.arange(r) - self.starts[self.col_group]
         # (padded to the widest channel: pad columns read G's column 0, and their zero rows of T drop it again)

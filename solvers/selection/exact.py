@@ -531,8 +531,8 @@ class Relaxation:
         rowsq[T] = np.sum(np.multiply(VT, VT, out=VT), axis=1)
         del VT
         N = np.flatnonzero(~T)
-        step = N.size if N.size * WT.shape[0] <= DUAL_BLOCK_ENTRIES else max(1, DUAL_BLOCK_ENTRIES // WT.shape[0])
-        for lo in range(0, N.size, max(step, 1)):
+        step = max(1, N.size if N.size * WT.shape[0] <= DUAL_BLOCK_ENTRIES else DUAL_BLOCK_ENTRIES // WT.shape[0])
+        for lo in range(0, N.size, step):
             rows = N[lo:lo + step]
             VN = self.w.B[rows]
             VN -= gathered_product(self.w.M, rows, T, WT)       # (lazy Grams: in row blocks of their own)

@@ -316,18 +316,19 @@ def _inv_spd(A: np.ndarray, *, overwrite: bool = False) -> np.ndarray | None:
     return _inv_from_factor(c)
 
 
-def _checked_factor(M, shift: np.ndarray, dtype) -> np.ndarray | None:
+def _checked_factor(M, shift: np.ndarray, dtype):
     """The float64 Cholesky factor of ``M − diag(shift)`` that certifies a step (None when it is not positive
     definite), lower, Fortran-ordered. For a Gram read lazily it is factored in panels read from the view (half an
-    r×r) and handed over in ``dtype`` panel by panel: a float64 copy of ``M`` and its single-precision cast were
-    1.4× the statistics beside the sizes' float32 ``M`` at C = 512 3×3. An array ``M``: one copy factored in place
-    (the lower factor in float64; the caller casts it)."""
+    r×r) and handed over in ``dtype`` panel by panel (``dtype`` None: the caller keeps no factor, the panels are
+    returned as they are): a float64 copy of ``M`` and its single-precision cast were 1.4× the statistics beside the
+    sizes' float32 ``M`` at C = 512 3×3. An array ``M``: one copy factored in place (the lower factor in float64;
+    the caller casts it)."""
     if isinstance(M, ScaledGram):
         try:
             pf = factor_principal(M, None, -shift, panel_min=0)
         except np.linalg.LinAlgError:
             return None
-        return pf.release_lower(dtype)
+        return pf if dtype is None else pf.release_lower(dtype)
     Q = fortran_copy(M)
     Q[np.diag_indices_from(Q)] -= shift
     return _factors(Q)          # (Q's memory when it succeeded: no second name keeps it past its use)
@@ -621,7 +622,7 @@ def saddle_sizes(wr: Whitened, d0: np.ndarray, bound_of, *, k: int | None, budge
                     al *= 0.5
                     continue
             checks += 1
-            qfac = _checked_factor(M, shift, ft)
+            qfac = _checked_factor(M, shift, ft if single else None)
             if qfac is not None:
                 break
             al *= 0.5

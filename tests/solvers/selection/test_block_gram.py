@@ -9,6 +9,7 @@ from solvers import SelectionProblem, Status, select_channels
 from solvers.selection.block_gram import BlockGram
 from solvers.selection.greedy import densified, whiten
 from solvers.selection.scaled_gram import gathered_product
+from tests.solvers.selection.test_scaled_gram import forward_selection_peak, planted_problem, read_keys
 
 
 def _problem(C: int, n: int, *, q: int = 9, seed: int = 0, uneven: bool = True) -> SelectionProblem:
@@ -53,9 +54,7 @@ def test_reads_equal_the_dense_whitening(uneven, lazy_always):
     cols = rng.choice(r, 9, replace=False)
     rows = rng.choice(r, 40, replace=False)
     mask = rng.random(r) < 0.4
-    for key in [(slice(None), cols), slice(3, 17), np.ix_(rows, cols), np.ix_(cols, cols), np.ix_(mask, mask),
-                (slice(None), slice(5, 9)), (mask, slice(None)), (rows, slice(2, 30, 3)), (4, slice(None)),
-                (slice(None), 6), (5, 5), (slice(None), np.array([2, 2, 8]))]:
+    for key in read_keys(rows, cols, mask):
         got = M[key]
         assert np.shape(got) == np.shape(D[key]), key
         np.testing.assert_allclose(got, D[key], rtol=0, atol=1e-13, err_msg=str(key))
@@ -129,8 +128,6 @@ def test_forward_selection_and_swaps_never_densify_it(method, lazy_always, monke
 def test_forward_selection_keeps_no_copy_of_the_gram():
     """C = 400 channels of 9 columns (3,600 columns, Gram 104 MB): forward selection of 40 channels traces well
     under the statistics (the dense whitened copy alone was as large as them)."""
-    from tests.solvers.selection.test_scaled_gram import forward_selection_peak, planted_problem
-
     C, q = 400, 9
     p = planted_problem(np.repeat(np.arange(C), q), C * q // 8)
     assert p.gram.shape[0] >= gr.LAZY_MIN_BLOCK_COLUMNS

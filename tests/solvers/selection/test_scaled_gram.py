@@ -36,9 +36,7 @@ def test_reads_equal_the_dense_whitened_gram_bit_for_bit(dead, shuffled, monkeyp
     cols = rng.choice(r, 9, replace=False)
     rows = rng.choice(r, 7, replace=False)
     mask = rng.random(r) < 0.4
-    for key in [(slice(None), cols), slice(3, 17), np.ix_(rows, cols), np.ix_(cols, cols), np.ix_(mask, mask),
-                (slice(None), slice(5, 9)), (mask, slice(None)), (rows, slice(2, 30, 3)), (4, slice(None)),
-                (slice(None), 6), (5, 5), (slice(None), np.array([2, 2, 8]))]:
+    for key in read_keys(rows, cols, mask):
         assert np.array_equal(M[key], D[key]), key
     assert np.array_equal(M.astype(np.float32), D.astype(np.float32))
     sub = M[np.ix_(cols, cols)]
@@ -47,6 +45,13 @@ def test_reads_equal_the_dense_whitened_gram_bit_for_bit(dead, shuffled, monkeyp
     np.testing.assert_allclose(M @ X, D @ X, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(M @ X[:, 0], D @ X[:, 0], rtol=1e-12, atol=1e-12)
     assert np.array_equal(densified(lazy).M, D) and densified(dense) is dense
+
+
+def read_keys(rows: np.ndarray, cols: np.ndarray, mask: np.ndarray) -> list:
+    """Every kind of read a lazy Gram answers: slices, gathers, masks, scalars, repeated columns."""
+    return [(slice(None), cols), slice(3, 17), np.ix_(rows, cols), np.ix_(cols, cols), np.ix_(mask, mask),
+            (slice(None), slice(5, 9)), (mask, slice(None)), (rows, slice(2, 30, 3)), (4, slice(None)),
+            (slice(None), 6), (5, 5), (slice(None), np.array([2, 2, 8]))]
 
 
 def test_the_statistics_are_never_written(monkeypatch):
