@@ -294,8 +294,11 @@ def prune_selector(model, method: str, ratio: float, calib: list, args) -> tuple
             gaps.append(float(res.gap))
         if getattr(res, "status", None) is not None:
             statuses.append(str(getattr(res.status, "value", res.status)))
+    kept = {name: int(getattr(res, "k", 0) or 0) for name, res in (getattr(sel, "results_", None) or {}).items()}
+    site_gaps = {name: float(res.gap) for name, res in (getattr(sel, "results_", None) or {}).items()
+                 if getattr(res, "gap", None) is not None}
     info = {"worst_gap": max(gaps) if gaps else None, "statuses": sorted(set(statuses)), "allocation": allocation,
-            "solve_s": solve_s}
+            "solve_s": solve_s, "kept": kept, "site_gaps": site_gaps}
     return pruned, info
 
 
@@ -576,7 +579,8 @@ def scaling(args) -> list[dict]:
                          "mlp_solve_s": sum(v for k, v in solve.items() if k.endswith("mlp")),
                          "attn_solve_s": sum(v for k, v in solve.items() if k.endswith("self_attn")),
                          "peak_mb": mem.delta / 2**20, "stats_mb_computed": stats_bytes / 2**20,
-                         "worst_gap": info.get("worst_gap"), "tokens": args.calib_seqs * args.seq_len})
+                         "worst_gap": info.get("worst_gap"), "tokens": args.calib_seqs * args.seq_len,
+                         "kept": info.get("kept"), "site_gaps": info.get("site_gaps")})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

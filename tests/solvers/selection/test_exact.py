@@ -545,3 +545,58 @@ def test_single_precision_newton_shifts_are_certified(monkeypatch):
     t32 = choose_shift(w)
     assert np.all(t32 > 0) and t32.sum() == pytest.approx(t64.sum(), rel=0.05)
     assert np.linalg.eigvalsh(np.asarray(w.M) - np.diag(t32[w.col_group]))[0] > 0.0
+
+
+
+
+def _spy_warm_start(monkeypatch, p, *, lasso_mask=None, backward=True):
+    """Run exact's warm start heuristics with swaps that record their start and improve nothing (and a LASSO that
+    returns ``lasso_mask``); returns the calls in order and the search."""
+    import types
+
+    import solvers.selection.exact as ex
+    import solvers.selection.lasso as lasso_mod
+
+    calls = []
+
+    def no_swaps(problem, mask, **kw):
+        calls.append(("swap", np.asarray(mask, bool).copy()))
+        return np.asarray(mask, bool)
+
+    def fake_lasso(problem, k=None, time_limit=None):
+        calls.append(("lasso", None))
+        return types.SimpleNamespace(mask=np.asarray(lasso_mask, bool).copy())
+
+    monkeypatch.setattr(ex, "improve_by_swaps", no_swaps)
+    monkeypatch.setattr(lasso_mod, "select_lasso", fake_lasso)
+    if not backward:
+        monkeypatch.setattr(ex, "backward_start_fits", lambda w: False)
+    w = whiten(p)
+    S = ex._Search(p, p.n_channels // 3, None, Relaxation(w, np.zeros(p.n_channels)), None, TIGHT)
+    ex._warm_start_heuristics(S, w, use_lasso=lasso_mask is not None)
+    return calls, S
+
+
+def test_swaps_run_before_lasso_and_again_from_lassos_set(monkeypatch):
+    """The warm start swaps from greedy's set before LASSO runs (under a short limit LASSO took the whole share and
+    the swaps none), then swaps from LASSO's set too: swap search's local optimum depends on its start."""
+    p, k = BANK[BANK_IDS.index("greedy_trap_C6_k2")]       # greedy's set is not optimal here
+    assert k == p.n_channels // 3
+    opt_mask, opt = brute_force(p, k)
+    calls, S = _spy_warm_start(monkeypatch, p, lasso_mask=opt_mask, backward=False)
+    assert [c[0] for c in calls] == ["swap", "lasso", "swap"]
+    assert p.error(calls[0][1]) > opt * (1 + 1e-9)            # the first swaps started from greedy's set …
+    assert np.array_equal(calls[2][1], opt_mask)              # … the last from LASSO's
+    assert S.best_source == "lasso" and S.best_err / S.c == pytest.approx(opt, rel=1e-9)
+
+
+def test_swaps_start_from_backward_and_from_greedy_the_better_first(monkeypatch):
+    """Where greedy and backward end in different sets, swaps run from both, the better start first."""
+    from solvers.selection.greedy import backward_mask, forward_mask
+
+    p, k = BANK[BANK_IDS.index("greedy_trap_C6_k2")]
+    g, b = forward_mask(p, k, None), backward_mask(p, k, None)
+    assert not np.array_equal(g, b) and p.error(b) < p.error(g)
+    calls, _ = _spy_warm_start(monkeypatch, p)
+    assert [c[0] for c in calls] == ["swap", "swap"]
+    assert np.array_equal(calls[0][1], b) and np.array_equal(calls[1][1], g)

@@ -221,3 +221,20 @@ def test_backward_starts_only_where_its_inverse_fits_beside_the_statistics(monke
     assert one.info["start"] == "greedy" and one.info["start_error"] is None
     ex = select_exact(p, k=5, time_limit=30)
     assert "backward" not in ex.info["incumbents"] and "greedy" in ex.info["incumbents"]
+
+
+def test_select_swap_searches_from_both_starts_and_keeps_the_better_local_optimum():
+    """Swap search ends in a local optimum that depends on its start: here backward's set is the better start but
+    the swaps from greedy's end lower; select_swap returns that one (it searched from backward's only before)."""
+    from solvers.selection.greedy import backward_mask, forward_mask
+    from solvers.selection.swap import select_swap
+
+    p, k = make_problem(30, 1, 4, 60, 2, correlation=0.95), 10
+    g, b = forward_mask(p, k, None), backward_mask(p, k, None)
+    assert p.error(b) < p.error(g)
+    from_g, from_b = p.error(swap_search(p, g)[0]), p.error(swap_search(p, b)[0])
+    assert from_g < from_b * (1 - 1e-4)
+    res = select_swap(p, k=k)
+    assert res.objective == pytest.approx(from_g, rel=1e-9) and res.info["start"] == "greedy"
+    assert res.info["swap_errors"]["backward"] == pytest.approx(from_b, rel=1e-9)
+    assert res.info["start_error"] == pytest.approx(p.error(g), rel=1e-9)
