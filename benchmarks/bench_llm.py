@@ -287,18 +287,14 @@ def prune_selector(model, method: str, ratio: float, calib: list, args) -> tuple
     allocation = args.baseline_allocation if method in BASELINES else args.ours_allocation
     sel = ChannelSelector(method, params=1.0 - ratio, allocation=allocation, **kw).fit(model, calib)
     pruned = sel.prune(model)
-    gaps, statuses = [], []
-    solve_s = {name: float(getattr(res, "solve_time", float("nan"))) for name, res in (getattr(sel, "results_", None) or {}).items()}
-    for res in (getattr(sel, "results_", None) or {}).values():
-        if getattr(res, "gap", None) is not None:
-            gaps.append(float(res.gap))
-        if getattr(res, "status", None) is not None:
-            statuses.append(str(getattr(res.status, "value", res.status)))
-    kept = {name: int(getattr(res, "k", 0) or 0) for name, res in (getattr(sel, "results_", None) or {}).items()}
-    site_gaps = {name: float(res.gap) for name, res in (getattr(sel, "results_", None) or {}).items()
-                 if getattr(res, "gap", None) is not None}
-    info = {"worst_gap": max(gaps) if gaps else None, "statuses": sorted(set(statuses)), "allocation": allocation,
-            "solve_s": solve_s, "kept": kept, "site_gaps": site_gaps}
+    results = getattr(sel, "results_", None) or {}
+    solve_s = {name: float(getattr(res, "solve_time", float("nan"))) for name, res in results.items()}
+    kept = {name: int(getattr(res, "k", 0) or 0) for name, res in results.items()}
+    site_gaps = {name: float(res.gap) for name, res in results.items() if getattr(res, "gap", None) is not None}
+    statuses = [str(getattr(res.status, "value", res.status)) for res in results.values()
+                if getattr(res, "status", None) is not None]
+    info = {"worst_gap": max(site_gaps.values()) if site_gaps else None, "statuses": sorted(set(statuses)),
+            "allocation": allocation, "solve_s": solve_s, "kept": kept, "site_gaps": site_gaps}
     return pruned, info
 
 

@@ -871,10 +871,9 @@ def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
     lazy = isinstance(w.M, ScaledGram) and not isinstance(w.M, BlockGram)     # (one column per channel: C×C = r×r)
     if not S.timed_out() and backward_start_fits(w) and _affordable(w.M.shape[0], 3.0, S.deadline):
         m = backward_mask(p, k, budget, w=w, deadline=S.deadline)
+        e = S.offer(m, "backward")
         if not np.array_equal(m, starts[0][1]):
-            starts.append((S.offer(m, "backward"), m))
-        else:
-            S.offer(m, "backward")
+            starts.append((e, m))
     # Swaps from every start, the better first, and before LASSO: swap search ends in a local optimum that depends on
     # its start, and under a short limit LASSO took the warm start's whole share. On a trained LLaMA's 688-neuron MLP
     # sites (session 22) swaps from greedy's set beat those from backward's by 0.8 % on one site, swaps from LASSO's
