@@ -173,6 +173,32 @@ def test_block_sizes_on_the_view_match_the_dense_matrix(single, lazy_always):
     assert np.all(d_l > 0) and np.linalg.eigvalsh(rotate(dense, U).M - np.diag(d_l))[0] >= -1e-10
 
 
+def test_single_precision_sizes_on_the_view_keep_no_float32_copy_of_it(lazy_always):
+    """In single precision the sizes read ``M`` from the view each time they factor it: no float32 copy is kept
+    beside the iteration's r×r arrays (peak 4.2 float32 r×r here; 5.2 with the copy kept, session 22's code)."""
+    import tracemalloc
+
+    import solvers.selection.exact as ex
+    from solvers.selection.perspective import inverse_basis, rotate, saddle_sizes
+
+    p = _problem(60, 3000, seed=7, uneven=False)
+    lazy, dense = whiten(p, lazy=True), whiten(p)
+    t = ex.choose_shift(dense)
+    S = ex._Search(p, 30, None, ex.Relaxation(dense, t), None, 1e-4)
+    nothing = np.zeros(p.n_channels, bool)
+    wr = rotate(lazy, inverse_basis(dense))
+    r = wr.M.shape[0]
+    tracemalloc.start()
+    try:
+        d, val, _, info = saddle_sizes(wr, 0.9 * t[lazy.col_group], lambda L, a: S.bound(L, a, nothing, ~nothing)[0],
+                                       k=30, iterations=4, single=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info["iterations"] == 4 and val > 0
+    assert peak < 4.7 * (4 * r * r), peak / (4 * r * r)
+
+
 def test_a_checked_factor_from_the_view_is_the_float64_factor_in_the_asked_precision(lazy_always):
     from solvers.selection.perspective import _checked_factor
 
