@@ -40,7 +40,6 @@ DEFAULT_BENCH = REPO.parent / "shared" / "benchmarks" / "vnncomp2022_oval21"
 
 
 def study(onnx_path: Path, vnnlib_path: Path, seconds: float) -> dict:
-    import highspy
     import torch
 
     from mipprune.verification.bounds import _compute
@@ -76,12 +75,12 @@ def study(onnx_path: Path, vnnlib_path: Path, seconds: float) -> dict:
     row["lp_bound"] = float(h.getInfo().objective_function_value)
     row["time_lp"] = time.perf_counter() - t
 
-    trace: list[tuple[float, float, int]] = []
+    trace: list[tuple[float, float]] = []             # (seconds, root dual bound) per display line
     pool: dict = {}
 
     def on_log(e):
         d = e.data_out
-        trace.append((float(d.running_time), float(d.mip_dual_bound), int(d.mip_node_count)))
+        trace.append((round(float(d.running_time), 2), float(d.mip_dual_bound)))
 
     def on_pool(e):
         d = e.data_out
@@ -103,13 +102,11 @@ def study(onnx_path: Path, vnnlib_path: Path, seconds: float) -> dict:
     row["root_dual_bound"] = float(info.mip_dual_bound)
     row["root_time"] = time.perf_counter() - t0
     row["root_status"] = h2.modelStatusToString(h2.getModelStatus())
-    row["dual_bound_trace"] = [(round(s, 2), b) for s, b, _ in trace]
+    row["dual_bound_trace"] = trace
     row["pool_delivered"] = bool(pool)
     if pool:
         n = pool["n"]
-        inf = highspy.kHighsInf
-        lo = np.nan_to_num(pool["lower"], neginf=-inf, posinf=inf)
-        up = np.nan_to_num(pool["upper"], neginf=-inf, posinf=inf)
+        lo, up = pool["lower"], pool["upper"]                 # (HiGHS's own infinities: passed back as they are)
         h3 = to_highs(model, options={"solve_relaxation": True})
         h3.addRows(n, lo, up, pool["index"].size, pool["start"][:n].astype(np.int32),
                    pool["index"].astype(np.int32), pool["value"])

@@ -547,8 +547,6 @@ def test_single_precision_newton_shifts_are_certified(monkeypatch):
     assert np.linalg.eigvalsh(np.asarray(w.M) - np.diag(t32[w.col_group]))[0] > 0.0
 
 
-
-
 def _spy_warm_start(monkeypatch, p, *, lasso_mask=None, backward=True):
     """Run exact's warm start heuristics with swaps that record their start and improve nothing (and a LASSO that
     returns ``lasso_mask``); returns the calls in order and the search."""
