@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from mipprune.verification import crown
+from mipprune.verification.clauses import ConflictClauses
 from mipprune.verification.crown import TorchNet
 from solvers.network.spec import Spec
 
@@ -56,6 +57,7 @@ SCREEN = True            # bound both children with the parent's α/β first; op
 PGD_EVERY = 2.5          # first interval between PGD runs in a search (s; see _PgdClock) …
 PGD_BACKOFF = 1.5        # … stretched by this after each PGD that found nothing …
 PGD_EVERY_MAX = 30.0     # … up to this
+LEARN_DROP = (0.25, 0.5, 0.75)   # shares of a proven domain's literals (least important first) clauses try to drop
 
 
 # The intra-op threads of the searches in the current verify() call (verify(threads=...) sets it).
@@ -217,6 +219,14 @@ class _ReluState:
                          torch.arange(net.pool[j].shape[0], device=net.device) for j in range(self.L - 1)]
         self.slot_off = np.concatenate([[0], np.cumsum([i.numel() for i in self.slot_idx])]).astype(int)
         self.n_slots = int(self.slot_off[-1])
+        # the splittable neurons (root-unstable ReLUs) in the split vector, and their α/β slots
+        relu = [j for j in range(self.L - 1) if net.is_relu(j)]
+        self.split_idx = torch.cat([self.root_unstable[j] + int(self.offsets[j]) for j in relu]) if relu else \
+            torch.zeros(0, dtype=torch.long, device=net.device)
+        self.split_lower = torch.cat([a[0] for a in rl])[self.split_idx]
+        self.split_upper = torch.cat([b[0] for b in ru])[self.split_idx]
+        self.split_slot = torch.cat([torch.arange(self.slot_off[j], self.slot_off[j + 1], device=net.device)
+                                     for j in relu]) if relu else torch.zeros(0, dtype=torch.long, device=net.device)
 
     def optimize(self, lower, upper, C, c0, splits, alphas, betas, iters, deadline, out, lrs):
         """α/β-CROWN bound of ``C z_L + c0`` on a batch of domains from warm-started α/β. With
@@ -336,7 +346,7 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
              device="cpu", seed: int = 0, iters: int = 10, root_iters: int = 50, max_domains: int | None = None,
              batch: int = 32, intermediate: bool = False, candidates: int = 1, lr_alpha: float = 0.1,
              lr_beta: float = 0.05, joint: bool = True, fast32: bool = True,
-             max_store_bytes: int | None = None, screen: bool | None = None) -> BabResult:
+             max_store_bytes: int | None = None, screen: bool | None = None, clauses: bool = False) -> BabResult:
     """Branch and bound over ReLU splits on the open ``disjuncts`` of ``spec`` (box regions).
 
     ``root_lower[i]``, ``root_upper[i]`` (numpy, (n_i,)) are sound pre-activation bounds of block
@@ -351,7 +361,10 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     with the parent's α/β (one backward pass per child), and the neuron whose worse child bound is
     highest wins; children that this bound already proves are not bounded again. ``screen`` (default
     :data:`SCREEN`) does that last part with one candidate too: both children are first bounded with the
-    parent's α/β (one backward pass) and only those it leaves open are optimized.
+    parent's α/β (one backward pass) and only those it leaves open are optimized. ``clauses``: learn
+    conflict clauses from proven children (their splits without those whose β ≈ 0, kept where the
+    bound proves the shorter set too) and propagate them on every domain (implied splits, domains
+    inside a proven region dropped): :mod:`.clauses`; counts in ``info["clauses"]``.
 
     Memory: at most ``max_domains`` stored domains and ``max_store_bytes`` of their splits and α/β
     (default: :func:`store_limits` of the device); reaching either, or running the device out of
@@ -401,7 +414,8 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
         try:
             status = _search_rows(st, spec, [disjuncts[k] for k in grp], check, As, deadline,
                                   (max_domains, max_store_bytes), batch, iters, candidates, res, (lr_alpha, lr_beta),
-                                  root_scores=root_scores, screen=SCREEN if screen is None else screen)
+                                  root_scores=root_scores, screen=SCREEN if screen is None else screen,
+                                  learn=clauses)
         except torch.cuda.OutOfMemoryError:
             _out_of_memory(res, "domains")
             status = "unknown"
@@ -453,7 +467,8 @@ def _search_counterexample(check, cand: np.ndarray, pgd: _PgdClock, deadline: fl
 
 
 def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, deadline, limits, batch, iters,
-                 candidates, res: BabResult, lrs=(0.1, 0.05), root_scores=None, screen: bool = False) -> str:
+                 candidates, res: BabResult, lrs=(0.1, 0.05), root_scores=None, screen: bool = False,
+                 learn: bool = False) -> str:
     """Best-first ReLU-split search on ``disjuncts`` (each with the same number ``m`` of rows; a
     domain belongs to one of them, and is safe when one of its disjunct's rows is proven > 0);
     ``root_A`` (G, m, n_slots) the root's α per disjunct; ``limits`` (max domains, max bytes) of
@@ -482,6 +497,9 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     exhausted = 0          # domains with nothing left to split but not proven (need an exact solve)
     pgd = _PgdClock()
     lo1, hi1 = st.lo_in, st.hi_in
+    book = ConflictClauses(int(st.split_idx.numel()), net.device) if learn else None
+    if book is not None:
+        res.info["clauses"] = book.stats
 
     while heap:
         if deadline is not None and time.perf_counter() >= deadline:
@@ -499,6 +517,15 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         B = torch.stack([it[2] for it in items])
         tags = torch.tensor([it[3] for it in items], dtype=torch.long, device=net.device)
         parent = torch.tensor([sc for sc, _ in take], dtype=net.dtype, device=net.device)   # the parents' scores
+        if book is not None:   # clauses learned since these domains were stored
+            lits, gone = book.propagate(S[:, st.split_idx], tags)
+            S = S.clone()
+            S[:, st.split_idx] = lits
+            if bool(gone.any()):
+                keep = torch.nonzero(~gone)[:, 0]
+                S, A, B, tags, parent = S[keep], A[keep], B[keep], tags[keep], parent[keep]
+                if S.shape[0] == 0:
+                    continue
         P = S.shape[0]
         with torch.no_grad():
             lower, upper, splits = st.layers(S)
@@ -537,12 +564,16 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         children[ar, chosen] = 1
         children[ar + P, chosen] = -1
         cA, cB, ctags = A.repeat(2, 1, 1), B.repeat(2, 1, 1), tags.repeat(2)
-        todo = torch.arange(2 * P, device=net.device)
+        by_clause = torch.zeros(2 * P, dtype=torch.bool, device=net.device)
+        if book is not None:   # implied splits only shrink a child: the screening bound stays sound
+            lits, by_clause = book.propagate(children[:, st.split_idx], ctags)
+            children[:, st.split_idx] = lits
+        todo = torch.nonzero(~by_clause)[:, 0]
         lb_all = torch.full((2 * P, m), torch.inf, dtype=net.dtype, device=net.device)
         if fsb_lb is not None:   # children the parent's α/β already prove need no optimization
-            lb_all = fsb_lb
-            todo = torch.nonzero(~_domain_safe(fsb_lb, owner, 1))[:, 0]
-            res.info["screened"] = res.info.get("screened", 0) + 2 * P - todo.numel()
+            lb_all = torch.where(by_clause[:, None], lb_all, fsb_lb)
+            todo = torch.nonzero(~_domain_safe(fsb_lb, owner, 1) & ~by_clause)[:, 0]
+            res.info["screened"] = res.info.get("screened", 0) + 2 * P - todo.numel() - int(by_clause.sum())
         X = None
         if todo.numel():
             D = todo.numel()
@@ -558,6 +589,9 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         res.domains += 2 * P
         res.steps += 1
         safe = _domain_safe(lb_all, owner, 1)
+        if book is not None:
+            with torch.no_grad():
+                _learn(st, book, children, cA, cB, ctags, lb_all, safe & ~by_clause, Cs, c0s, owner)
         open_idx = torch.nonzero(~safe)[:, 0]
         if open_idx.numel():
             # candidates for the float64 re-check: the optimized children's bound minimizers
@@ -582,6 +616,73 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         res.message = f"{exhausted} fully split domain(s) left unproven (the bound is not exact there)"
         return "unknown"
     return "verified"
+
+
+def _learn(st: _ReluState, book: ConflictClauses, S, A, B, tags, lb, proven, Cs, c0s, owner) -> None:
+    """Clauses from the proven domains ``S[proven]`` (α/β ``A, B`` compact, bounds ``lb``). A split's
+    share of the proof is estimated from one backward pass: ``|ν_i|·(−u_i l_i)/(u_i − l_i)`` (what the
+    bound would lose to neuron ``i``'s triangle relaxation, ``ν`` its coefficient on the best row, root
+    bounds) plus ``|β_i|·max(−l_i, u_i)``; shorter literal sets drop the ``LEARN_DROP`` shares of the
+    least important literals, each is bounded again with the same α/β (one backward pass), and the
+    shortest one the bound proves becomes a clause (a proof of those literals alone, from the root's
+    bounds)."""
+    idx = torch.nonzero(proven)[:, 0]
+    if not idx.numel():
+        return
+    net = st.net
+    R = idx.numel()
+    lits = S[idx][:, st.split_idx]
+    n_full = (lits != 0).sum(1)
+    idx, lits, n_full = idx[n_full >= 2], lits[n_full >= 2], n_full[n_full >= 2]
+    R = idx.numel()
+    if not R:
+        return
+    t = tags[idx]
+    lo, hi = st.lo_in.expand(R, -1), st.hi_in.expand(R, -1)
+    alphas, betas = st.expand(A[idx], B[idx])
+    lower, upper, splits = st.layers(S[idx])
+    nus: dict = {}
+    crown.backward_bound(net, lower, upper, Cs[t], c0s[t], lo, hi, alphas=alphas, betas=betas, splits=splits,
+                         record=nus, want_x=False)
+    ar = torch.arange(R, device=net.device)
+    best = lb[idx].argmax(dim=1)
+    nu = torch.cat([nus[j][ar, best][:, st.root_unstable[j]] for j in range(st.L - 1) if net.is_relu(j)], dim=1)
+    beta = B[idx, best][:, st.split_slot].abs().to(net.dtype)
+    l, u = st.split_lower, st.split_upper
+    est = nu.abs() * (-l * u / (u - l)) + beta * torch.maximum(-l, u)
+    est = torch.where(lits != 0, est, torch.full_like(est, torch.inf))
+    order = torch.argsort(est, dim=1)                                  # least important literal first
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=net.device).expand(R, -1))
+    cands, owners = [], []
+    for f in LEARN_DROP:
+        drop = (f * n_full).floor().long()
+        c = torch.where(rank < drop[:, None], torch.zeros_like(lits), lits)
+        cands.append(c)
+        owners.append(ar)
+    short = torch.cat(cands)
+    who = torch.cat(owners)
+    n_short = (short != 0).sum(1)
+    live = (n_short > 0) & (n_short < n_full[who])
+    short, who = short[live], who[live]
+    K = who.numel()
+    if not K:
+        return
+    Sr = torch.zeros((K, st.n_hidden), dtype=S.dtype, device=S.device)
+    Sr[:, st.split_idx] = short
+    lower, upper, splits = st.layers(Sr)
+    lbr = crown.backward_bound(net, lower, upper, Cs[t[who]], c0s[t[who]], st.lo_in.expand(K, -1),
+                               st.hi_in.expand(K, -1), alphas={j: v[who] for j, v in alphas.items()},
+                               betas={j: v[who] for j, v in betas.items()}, splits=splits, want_x=False)[0]
+    ok = _domain_safe(lbr, owner, 1)
+    book.stats["tried"] = book.stats.get("tried", 0) + K
+    if not bool(ok.any()):
+        return
+    # per domain the shortest proven set (candidates of one domain are nested)
+    size = torch.where(ok, (short != 0).sum(1), torch.full_like(n_short[live], 1 << 30))
+    first = torch.full((R,), 1 << 30, dtype=size.dtype, device=net.device).scatter_reduce(0, who, size, reduce="amin")
+    pick = ok & (size == first[who])
+    book.add(short[pick], t[who[pick]])
 
 
 def _filtered_choice(st: _ReluState, S, lower, upper, alphas, betas, top_v, top_i, Cp, c0p, owner):

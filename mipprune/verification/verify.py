@@ -234,7 +234,8 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         set both). The message records what ran.
     bab_options : dict, optional
         Keyword options of ReLU branch and bound (:func:`mipprune.verification.bab.relu_bab`: e.g.
-        ``iters``, ``candidates``, ``intermediate``); for studies, the defaults are the measured best.
+        ``iters``, ``candidates``, ``intermediate``, ``clauses``); for studies, the defaults are the measured
+        best.
     threads : int
         Torch intra-op threads of the searches (branch and bound, split refinement); default 1, right
         when several queries share the machine (a pool over instances). A single query on an otherwise
@@ -278,7 +279,7 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
 
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")
 BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "candidates", "screen", "lr_alpha",
-               "lr_beta", "joint", "fast32", "max_store_bytes")
+               "lr_beta", "joint", "fast32", "max_store_bytes", "clauses")
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
 BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
@@ -697,7 +698,10 @@ def _bab_detail(what: str, device, r, when: str = "") -> str:
     """How a branch and bound ended, in one clause: its own message, domains, batches, root disjuncts."""
     root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
     screened = f"; {r.info['screened']} proven by the parent's α/β" if r.info.get("screened") else ""
-    return f"{what} on {device}{when}: {r.message} ({r.domains} domains, {r.steps} batches{screened}{root})"
+    cl = r.info.get("clauses")
+    clauses = (f"; clauses: {cl['learned']} learned of {cl.get('tried', 0)} tried, {cl['implied']} implied splits, "
+               f"{cl['pruned']} domains pruned") if cl else ""
+    return f"{what} on {device}{when}: {r.message} ({r.domains} domains, {r.steps} batches{screened}{clauses}{root})"
 
 
 def _bab_decides(network, spec, r) -> bool:

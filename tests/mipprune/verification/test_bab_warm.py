@@ -106,7 +106,7 @@ def test_warm_started_and_shrinking_optimization_stays_sound(seed, monkeypatch):
 
 
 OPTIONS = [{"candidates": 4}, {"intermediate": True}, {"iters": 3, "candidates": 3, "intermediate": True},
-           {"screen": True}, {"screen": False}]
+           {"screen": True}, {"screen": False}, {"clauses": True, "batch": 4}]
 
 
 @pytest.mark.parametrize("seed,eps", [(s, e) for s in range(4) for e in (0.1, 0.3)])
