@@ -12,7 +12,10 @@ this study measures what HiGHS's root cuts are worth on an instance, and whether
    where HiGHS hands it over (``cbMipGetCutPool``: only once the root's separation loop has ended);
 4. with a pool: the LP with the pool's cuts added, and how many of the cuts the incumbent violates (HiGHS's pool
    can hold cuts valid only for points better than the incumbent: usable to prove "no counterexample" only while
-   the incumbent's margin is positive).
+   the incumbent's margin is positive);
+5. with a pool: the same row bounded by back-substitution with the pool's cuts (and the disjunct's other rows, which
+   the MILP holds as constraints) entering through multipliers — GCP-CROWN (:mod:`mipprune.verification.cuts`) —
+   against the same optimizer without cuts (``--gcp-iters`` Adam steps each).
 
     python benchmarks/study_root_cuts.py --bench-dir ../shared/benchmarks/vnncomp2022_oval21 --filter img1052 \
         [--filter TEXT …] [--seconds 60] [--out benchmarks/out/study_root_cuts.json]
@@ -39,7 +42,40 @@ from rich.table import Table  # noqa: E402
 DEFAULT_BENCH = REPO.parent / "shared" / "benchmarks" / "vnncomp2022_oval21"
 
 
-def study(onnx_path: Path, vnnlib_path: Path, seconds: float) -> dict:
+def _gcp(blocks, bounds, model, A, b, r, pool, iters: int) -> dict:
+    """Row ``r`` of ``A y − b`` bounded by :func:`optimize_cut_bound` on the MILP's intermediate bounds, without
+    cuts, with the disjunct's other rows only, and with those and the pool's cuts (two-sided rows split)."""
+    import torch
+
+    from mipprune.verification import crown
+    from mipprune.verification.cuts import cuts_from_columns, optimize_cut_bound
+
+    tn = crown.TorchNet.from_blocks(blocks, dtype=torch.float64)
+    M, bias = model.out_map
+    others = np.delete(np.arange(A.shape[0]), r)
+    out_coef, out_d = sp.csr_matrix(A[others] @ M), b[others] - A[others] @ bias      # other rows: A_o y <= b_o
+    n = pool["n"]
+    P = sp.csr_matrix((pool["value"], pool["index"], pool["start"][:n + 1]), shape=(n, model.n_vars))
+    up, lo = pool["upper"], pool["lower"]
+    fin_up, fin_lo = np.abs(up) < 1e20, np.abs(lo) < 1e20
+    pool_coef = sp.vstack([P[fin_up], -P[fin_lo]])
+    pool_d = np.concatenate([up[fin_up], -lo[fin_lo]])
+    lower = [tn.tensor(a)[None] for a in bounds.lower[:-1]]
+    upper = [tn.tensor(a)[None] for a in bounds.upper[:-1]]
+    L, U = tn.box(model.col_lower[model.x_cols], model.col_upper[model.x_cols])
+    C, c0 = tn.tensor(A[r])[None, None], tn.tensor([-b[r]])[None]
+    res = {}
+    for name, coef, d in (("none", sp.csr_matrix((0, model.n_vars)), np.zeros(0)),
+                          ("rows", out_coef, out_d),
+                          ("rows+pool", sp.vstack([out_coef, pool_coef]), np.concatenate([out_d, pool_d]))):
+        cuts = cuts_from_columns(model, coef, d, tn)
+        t = time.perf_counter()
+        lb = optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=iters)
+        res[name] = {"bound": float(lb), "cuts": cuts.K, "seconds": time.perf_counter() - t}
+    return res
+
+
+def study(onnx_path: Path, vnnlib_path: Path, seconds: float, gcp_iters: int = 300) -> dict:
     import torch
 
     from mipprune.verification.bounds import _compute
@@ -66,6 +102,7 @@ def study(onnx_path: Path, vnnlib_path: Path, seconds: float) -> dict:
     offs = np.concatenate([[0], np.cumsum([A.shape[0] for A, _ in spec.disjuncts])])
     j = int(np.searchsorted(offs, int(np.argmin(margins)), side="right") - 1)
     A, b = spec.disjuncts[j]
+    r = int(np.argmax(margins[offs[j]:offs[j + 1]]))        # the row _disjunct_model minimizes
     model = _disjunct_model(build_milp(blocks, bounds.lower, bounds.upper, region), A, b, margins[offs[j]:offs[j + 1]])
     row.update(disjunct=j, vars=model.n_vars, rows=model.n_constraints, binaries=model.n_binaries)
 
@@ -118,6 +155,8 @@ def study(onnx_path: Path, vnnlib_path: Path, seconds: float) -> dict:
             act = cuts @ sol
             row["incumbent"] = float(model.cost @ sol + model.offset)
             row["cuts_violated_by_incumbent"] = int((np.maximum(act - up, lo - act) > 1e-6).sum())
+        if not any(blk.pool is not None for blk in blocks):
+            row["gcp"] = _gcp(blocks, bounds, model, A, b, r, pool, gcp_iters)
     return row
 
 
@@ -127,6 +166,7 @@ def main() -> None:
     ap.add_argument("--filter", action="append", default=[],
                     help="only instances whose 'onnx vnnlib' paths contain this text (repeatable: all must match)")
     ap.add_argument("--seconds", type=float, default=60.0, help="HiGHS root node time limit")
+    ap.add_argument("--gcp-iters", type=int, default=300, help="Adam steps of each cut-propagation bound")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "study_root_cuts.json")
     args = ap.parse_args()
     if not args.bench_dir.is_dir():
@@ -135,10 +175,10 @@ def main() -> None:
         todo = [(r[0], r[1]) for r in csv.reader(f) if r and all(t in f"{r[0]} {r[1]}" for t in args.filter)]
     rows = []
     for onnx_rel, vnn_rel in todo:
-        rows.append(study(args.bench_dir / onnx_rel, args.bench_dir / vnn_rel, args.seconds))
+        rows.append(study(args.bench_dir / onnx_rel, args.bench_dir / vnn_rel, args.seconds, args.gcp_iters))
     table = Table(title=f"Root bounds of the worst open disjunct: LP against HiGHS's root cuts ({args.seconds:g} s)")
     for col in ("instance", "α-CROWN", "LP", "root + cuts", "LP gap closed", "root s", "pool", "LP + pool",
-                "cuts violated by incumbent"):
+                "cuts violated by incumbent", "GCP: no cuts", "GCP: other rows", "GCP: rows + pool"):
         table.add_column(col, justify="left" if col == "instance" else "right")
     for r in rows:
         closed = (r["root_dual_bound"] - r["lp_bound"]) / max(-r["lp_bound"], 1e-12) if r["lp_bound"] < 0 else None
@@ -146,7 +186,8 @@ def main() -> None:
                       "–" if closed is None else f"{closed:.0%}", f"{r['root_time']:.0f}",
                       f"{r['pool_cuts']} at {r['pool_at']:.0f} s" if r["pool_delivered"] else "not delivered",
                       f"{r['lp_with_pool']:.4f}" if r["pool_delivered"] else "–",
-                      str(r.get("cuts_violated_by_incumbent", "–")))
+                      str(r.get("cuts_violated_by_incumbent", "–")),
+                      *(f"{r['gcp'][k]['bound']:.4f}" if "gcp" in r else "–" for k in ("none", "rows", "rows+pool")))
     Console(width=200).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"seconds": args.seconds, "rows": rows}, indent=1))

@@ -1,0 +1,130 @@
+"""Cutting planes in bound propagation (cuts.py): without cuts the indicator relaxation is CROWN's
+triangle; with valid cuts (each a MILP maximum) and any multipliers the bound stays below every
+sampled margin; a cut that states the optimum lets the bound reach it; cuts map from MILP columns."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mipprune.verification import crown
+from mipprune.verification.bounds import compute_bounds
+from mipprune.verification.cuts import Cuts, cut_bound, cuts_from_columns, optimize_cut_bound
+from solvers.errors import InvalidInputError
+from solvers.milp import build_milp, solve_highs
+from solvers.result import Status
+from tests.mipprune.verification.test_bounds import preactivations, random_net, sample_region
+
+
+def _setup(seed, sizes=(4, 8, 8, 8, 3), width=0.6):
+    rng = np.random.default_rng(seed)
+    net = random_net(rng, list(sizes))
+    c = rng.uniform(-0.5, 0.5, size=sizes[0])
+    lo, hi = c - width, c + width
+    b = compute_bounds(net, lo, hi, "crown")
+    tn = crown.TorchNet.from_blocks(net.to_affine_relu())
+    lower = [tn.tensor(a)[None] for a in b.lower[:-1]]
+    upper = [tn.tensor(a)[None] for a in b.upper[:-1]]
+    L, U = tn.box(lo, hi)
+    return rng, net, tn, b, lo, hi, lower, upper, L, U
+
+
+def _params(tn, lower, upper, m, rng=None):
+    al, ta, si = {}, {}, {}
+    for j in range(tn.n_layers - 1):
+        a, s, _, _ = crown.relaxation(lower[j], upper[j])
+        n = a.shape[1]
+        if rng is None:
+            al[j], ta[j] = a[:, None].expand(1, m, n).clone(), s[:, None].expand(1, m, n).clone()
+            si[j] = torch.zeros(1, m, n, dtype=tn.dtype)
+        else:
+            al[j] = tn.tensor(rng.uniform(0, 1, (1, m, n)))
+            ta[j] = tn.tensor(rng.uniform(0, 1, (1, m, n)))
+            si[j] = tn.tensor(rng.exponential(0.5, (1, m, n)))
+    return al, ta, si
+
+
+def _valid_cuts(rng, net, b, lo, hi, tn, K=6):
+    """K random cuts over the MILP's columns, each with ``d`` = its exact maximum (so valid and tight)."""
+    model = build_milp(net, b.lower, b.upper, lower=lo, upper=hi)
+    coef = np.zeros((K, model.n_vars))
+    d = np.zeros(K)
+    for k in range(K):
+        cols = rng.choice(model.n_vars, size=min(model.n_vars, 6), replace=False)
+        coef[k, cols] = rng.normal(size=cols.size)
+        sol = solve_highs(replace(model, cost=-coef[k]), time_limit=30)
+        assert sol.status == Status.OPTIMAL
+        d[k] = -sol.objective + 1e-9
+    return model, cuts_from_columns(model, coef, d, tn)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_without_cuts_the_indicator_relaxation_is_crowns_triangle(seed):
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
+    C = tn.tensor(rng.normal(size=(1, 4, 3)))
+    c0 = tn.tensor(rng.normal(size=(1, 4)))
+    empty = Cuts(torch.zeros(0, 4, dtype=tn.dtype), {}, {}, {}, torch.zeros(0, dtype=tn.dtype))
+    al, ta, si = _params(tn, lower, upper, 4)
+    lb, _ = cut_bound(tn, lower, upper, C, c0, L, U, empty, torch.zeros(1, 4, 0, dtype=tn.dtype), al, ta, si)
+    ref = crown.backward_bound(tn, lower, upper, C, c0, L, U)[0]
+    assert torch.allclose(lb, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_valid_cuts_with_any_multipliers_keep_the_bound_below_every_sample(seed):
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
+    _, cuts = _valid_cuts(rng, net, b, lo, hi, tn)
+    X = sample_region(rng, lo, hi, 4000)
+    zs = [torch.as_tensor(z) for z in preactivations(net, X)[:-1]]
+    assert bool((cuts.violation(torch.as_tensor(X), zs) <= 1e-7).all()), "a valid cut is never violated"
+    C = tn.tensor(rng.normal(size=(1, 3, 3)))
+    c0 = torch.zeros(1, 3, dtype=tn.dtype)
+    margins = (net.forward(X) @ C[0].numpy().T).min(axis=0)
+    for trial in range(5):
+        al, ta, si = _params(tn, lower, upper, 3, rng)
+        mu = tn.tensor(rng.exponential(1.0, (1, 3, cuts.K)))
+        lb, _ = cut_bound(tn, lower, upper, C, c0, L, U, cuts, mu, al, ta, si)
+        assert np.all(lb[0].numpy() <= margins + 1e-9), trial
+    best = optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=40)
+    assert np.all(best[0].numpy() <= margins + 1e-9)
+    plain = crown.backward_bound(tn, lower, upper, C, c0, L, U)[0]
+    assert bool((best >= plain - 1e-12).all())     # the first iterate is CROWN's bound
+
+
+def test_a_cut_that_states_the_optimum_lets_the_bound_reach_it():
+    """Cut ``−c·(W_L h_L) <= −(opt − c·b_L)`` (the objective's last layer, valid by the exact minimum):
+    the optimized bound reaches ``opt`` where CROWN and the cut-free optimization stay below it."""
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(1, width=1.0)
+    c = np.array([1.0, -1.0, 0.0])
+    model = build_milp(net, b.lower, b.upper, lower=lo, upper=hi)
+    opt = solve_highs(model.with_objective(c), time_limit=30).objective
+    M, bias = model.out_map
+    coef = -(M.T @ c)[None, :]
+    cuts = cuts_from_columns(model, coef, [-(opt - c @ bias)], tn)
+    C, c0 = tn.tensor(c)[None, None], torch.zeros(1, 1, dtype=tn.dtype)
+    plain = float(crown.backward_bound(tn, lower, upper, C, c0, L, U)[0])
+    free = float(optimize_cut_bound(tn, lower, upper, C, c0, L, U,
+                                    Cuts(cuts.X[:0], {}, {}, {}, cuts.d[:0]), iters=60))
+    with_cut = float(optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=150, lr_mu=0.05))
+    assert plain < opt - 0.05 and free < opt - 0.05
+    assert opt - 1e-3 * (1 + abs(opt)) <= with_cut <= opt + 1e-7
+    # μ = 1 cancels the objective's last layer exactly: the bound is the optimum itself
+    al, ta, si = _params(tn, lower, upper, 1)
+    exact, _ = cut_bound(tn, lower, upper, C, c0, L, U, cuts, torch.ones(1, 1, 1, dtype=tn.dtype), al, ta, si)
+    assert abs(float(exact) - opt) <= 1e-9 * (1 + abs(opt))
+
+
+def test_cuts_on_other_columns_and_max_pool_nets_are_refused():
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(0)
+    model = build_milp(net, b.lower, b.upper, lower=lo, upper=hi)
+    coef = np.zeros((1, model.n_vars + 1))
+    coef[0, -1] = 1.0
+    with pytest.raises(InvalidInputError, match="columns outside"):
+        cuts_from_columns(replace(model, col_lower=np.zeros(model.n_vars + 1)), coef, [0.0], tn)
+    pooled = crown.TorchNet(tn.W, tn.b, tn.device, tn.dtype, pool=[torch.zeros(8, 1, dtype=torch.long)] + [None] * 3)
+    empty = Cuts(torch.zeros(0, 4, dtype=tn.dtype), {}, {}, {}, torch.zeros(0, dtype=tn.dtype))
+    with pytest.raises(InvalidInputError, match="max pool"):
+        cut_bound(pooled, lower, upper, tn.tensor(np.ones((1, 1, 3))), torch.zeros(1, 1, dtype=tn.dtype), L, U,
+                  empty, torch.zeros(1, 1, 0, dtype=tn.dtype), {}, {}, {})
