@@ -16,7 +16,7 @@ solved.
 
     python benchmarks/bench_vnncomp.py [--network 256x2] [--filter TEXT] [--max-timeout S]
         [--timeout-scale F] [--jobs N] [--backend highs] [--baseline plain] [--out PATH.json]
-        [--instances SUBSET.csv] [--bab-options JSON] [--refine auto|split|off|…]
+        [--instances SUBSET.csv] [--bab-options JSON] [--refine auto|split|off|…] [--cuts auto|scip|off]
 
 Writes PATH.json (summary, per-instance rows, machine) and PATH.csv (one row per instance).
 """
@@ -158,6 +158,8 @@ def main() -> None:
                     help="torch threads of each instance's searches (verify's threads=; with --jobs 1, the idle cores)")
     ap.add_argument("--refine", default="auto", choices=["auto", "split", "after-lp", "instead-of-lp", "off"],
                     help="intermediate-bound refinement before ReLU branch and bound (verify's refine=)")
+    ap.add_argument("--cuts", default="auto", choices=["auto", "scip", "off"],
+                    help="SCIP root cuts in ReLU branch and bound (verify's cuts=; needs pyscipopt)")
     ap.add_argument("--family", choices=["vnncomp", "control"], default="vnncomp",
                     help="control: the small-input family (5 inputs, 6x50) instead of the VNN-COMP folder")
     ap.add_argument("--n-props", type=int, default=20, help="control family: number of properties")
@@ -175,7 +177,7 @@ def main() -> None:
     gt = read_ground_truth(gt_file) if gt_file.is_file() else {}
     machine = _machine()
     main_opts = {"complete": args.complete, "device": args.device, "refine": args.refine, "threads": args.threads,
-                 "precision": args.precision}
+                 "precision": args.precision, "cuts": args.cuts}
     if args.bab_options:
         main_opts["bab_options"] = json.loads(args.bab_options)
     rows, wall = _run(args, console, f"mipprune (bounds → attack → LP → {args.complete}: MILP or BaB)", main_opts)

@@ -40,6 +40,7 @@ import torch
 from mipprune.verification import crown
 from mipprune.verification.clauses import ConflictClauses
 from mipprune.verification.crown import TorchNet
+from mipprune.verification.cuts import Cuts, cut_bound, cuts_from_columns, optimize_cut_bound
 from solvers.network.spec import Spec
 
 __all__ = ["BabResult", "relu_bab", "input_bab", "spec_rows"]
@@ -207,9 +208,12 @@ class _ReluState:
     of each max-pool block. They warm-start the children's optimization; stored in float32, since
     any α in [0, 1] and β >= 0 gives a sound bound, their precision never matters for soundness."""
 
-    def __init__(self, net: TorchNet, rl, ru, lo_in, hi_in, intermediate: bool, fast32: bool = False):
+    def __init__(self, net: TorchNet, rl, ru, lo_in, hi_in, intermediate: bool, fast32: bool = False, cuts=None):
         self.net, self.rl, self.ru, self.lo_in, self.hi_in = net, rl, ru, lo_in, hi_in
         self.intermediate, self.fast32, self.net32 = intermediate, fast32, None
+        self.cuts = cuts          # cutting planes valid on the whole input box (GCP-CROWN bounds), or None
+        self.cut_mu = None        # (G, m, K) the root's cut multipliers per searched disjunct (children start there)
+        self.cuts32 = None
         self.L = net.n_layers
         widths = [a.shape[1] for a in rl]
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int)
@@ -228,7 +232,7 @@ class _ReluState:
         self.split_slot = torch.cat([torch.arange(self.slot_off[j], self.slot_off[j + 1], device=net.device)
                                      for j in relu]) if relu else torch.zeros(0, dtype=torch.long, device=net.device)
 
-    def optimize(self, lower, upper, C, c0, splits, alphas, betas, iters, deadline, out, lrs):
+    def optimize(self, lower, upper, C, c0, splits, alphas, betas, iters, deadline, out, lrs, mu=None):
         """α/β-CROWN bound of ``C z_L + c0`` on a batch of domains from warm-started α/β. With
         ``fast32`` (float64 nets) the Adam steps run in float32 (1.5x faster on a CPU, measured) and
         the bound is then evaluated once in float64 at their last α/β: the α ∈ [0, 1] and β >= 0 of
@@ -236,6 +240,9 @@ class _ReluState:
         and fills ``out`` with ``"alphas"``/``"betas"``."""
         net, D = self.net, C.shape[0]
         lo, hi = self.lo_in.expand(D, -1), self.hi_in.expand(D, -1)
+        if self.cuts is not None:   # GCP-CROWN: α, β, the indicator multipliers and μ together
+            return self._optimize_with_cuts(lower, upper, C, c0, lo, hi, splits, alphas, betas, iters, deadline, out,
+                                            lrs, mu)
         if not (self.fast32 and net.dtype == torch.float64) or iters <= 0:
             lb, X, _, _ = crown.optimize_bound(net, lower, upper, C, c0, lo, hi, splits=splits, iters=iters,
                                                alphas=alphas, betas=betas, deadline=deadline, out=out,
@@ -262,6 +269,36 @@ class _ReluState:
                     out["alphas"], out["betas"] = al, be
         lb = torch.maximum(lbs[0][0], lbs[1][0])
         X = torch.where((lbs[0][0] >= lbs[1][0])[..., None], lbs[0][1], lbs[1][1])
+        return lb, X
+
+    def _optimize_with_cuts(self, lower, upper, C, c0, lo, hi, splits, alphas, betas, iters, deadline, out, lrs, mu):
+        """:meth:`optimize` with the cuts: the Adam steps in float32 with ``fast32`` (as without cuts), the bound
+        then evaluated once in float64 with the float64 cuts at the last iterate (any α, τ ∈ [0, 1], σ, β, μ >= 0
+        give a sound bound)."""
+        net = self.net
+        kw = dict(iters=iters, lr=lrs[0], lr_beta=lrs[1], deadline=deadline)
+        if not (self.fast32 and net.dtype == torch.float64) or iters <= 0:
+            return optimize_cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, alphas=alphas, betas=betas,
+                                      splits=splits, mu=mu, out=out, want_x=True, **kw)
+        if self.net32 is None:
+            self.net32 = net.to_dtype(torch.float32)
+        if self.cuts32 is None:
+            self.cuts32 = self.cuts.to(torch.float32)
+        f = lambda t: t.float()  # noqa: E731
+        o32: dict = {}
+        optimize_cut_bound(self.net32, [f(t) for t in lower], [f(t) for t in upper], f(C), f(c0), f(lo), f(hi),
+                           self.cuts32, alphas={j: f(t) for j, t in alphas.items()},
+                           betas={j: f(t) for j, t in betas.items()}, splits={j: f(t) for j, t in splits.items()},
+                           mu=None if mu is None else f(mu), out=o32, **kw)
+        d = lambda t: t.to(net.dtype)  # noqa: E731
+        al = {j: d(t).clamp(0, 1) for j, t in o32["alphas"].items()}
+        ta = {j: d(t).clamp(0, 1) for j, t in o32["taus"].items()}
+        si = {j: d(t).clamp(min=0) for j, t in o32["sigmas"].items()}
+        be = {j: d(t).clamp(min=0) for j, t in o32["betas"].items()}
+        with torch.no_grad():
+            lb, X = cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, d(o32["mu_last"]).clamp(min=0), al, ta, si,
+                              betas=be or None, splits=splits if be else None)
+        out["alphas"], out["betas"] = al, be
         return lb, X
 
     def layers(self, S: torch.Tensor):
@@ -346,7 +383,8 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
              device="cpu", seed: int = 0, iters: int = 10, root_iters: int = 50, max_domains: int | None = None,
              batch: int = 32, intermediate: bool = False, candidates: int = 1, lr_alpha: float = 0.1,
              lr_beta: float = 0.05, joint: bool = True, fast32: bool = True,
-             max_store_bytes: int | None = None, screen: bool | None = None, clauses: bool = False) -> BabResult:
+             max_store_bytes: int | None = None, screen: bool | None = None, clauses: bool = False,
+             cuts: Cuts | None = None) -> BabResult:
     """Branch and bound over ReLU splits on the open ``disjuncts`` of ``spec`` (box regions).
 
     ``root_lower[i]``, ``root_upper[i]`` (numpy, (n_i,)) are sound pre-activation bounds of block
@@ -361,7 +399,10 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     with the parent's α/β (one backward pass per child), and the neuron whose worse child bound is
     highest wins; children that this bound already proves are not bounded again. ``screen`` (default
     :data:`SCREEN`) does that last part with one candidate too: both children are first bounded with the
-    parent's α/β (one backward pass) and only those it leaves open are optimized. ``clauses``: learn
+    parent's α/β (one backward pass) and only those it leaves open are optimized. ``cuts``: cutting planes
+    valid on the whole input box (:class:`.cuts.Cuts`, or a MILP's :class:`solvers.milp_cuts.RootCuts` on these
+    root bounds): the root and every optimized child are bounded with them (GCP-CROWN, float64; the root's
+    multipliers start each child's). ``clauses``: learn
     conflict clauses from proven children (their splits without those whose β ≈ 0, kept where the
     bound proves the shorter set too) and propagate them on every domain (implied splits, domains
     inside a proven region dropped): :mod:`.clauses`; counts in ``info["clauses"]``.
@@ -379,7 +420,9 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     # are all split but which is still open is left to an exact solve: "exhausted")
     rl = [net.tensor(a)[None, :] for a in root_lower[:L - 1]]
     ru = [net.tensor(a)[None, :] for a in root_upper[:L - 1]]
-    st = _ReluState(net, rl, ru, lo_in, hi_in, intermediate, fast32)
+    if cuts is not None and not isinstance(cuts, Cuts):   # a MILP's cuts (solvers.milp_cuts.RootCuts): on this net
+        cuts = cuts_from_columns(cuts.model, cuts.coef, cuts.rhs, net)
+    st = _ReluState(net, rl, ru, lo_in, hi_in, intermediate, fast32, cuts)
     check = _Checker(network, spec, seed)
     res = BabResult("unknown", domains=1, steps=0)
 
@@ -392,6 +435,13 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     lb, X, _, _ = crown.optimize_bound(net, lower, upper, Cz[None], c0[None], lo_in, hi_in, iters=root_iters,
                                        deadline=deadline, out=out)
     root_A, _ = st.compact(out.get("alphas", {}), {}, lower, upper, 1, C_np.shape[0])
+    root_mu = None
+    if cuts is not None and not bool(crown.proven(lb).all()):   # the root again, with the cuts (from α-CROWN's α)
+        oc: dict = {}
+        lbc = optimize_cut_bound(net, lower, upper, Cz[None], c0[None], lo_in, hi_in, cuts, iters=root_iters,
+                                 alphas=out.get("alphas"), deadline=deadline, out=oc)
+        res.info["root_lb_without_cuts"] = float(lb.min())
+        lb, root_mu = torch.maximum(lb, lbc), oc["mu"]
     per = _disjunct_scores(lb, torch.as_tensor(owner_np, device=net.device)[None, :], len(disjuncts))[0]
     res.info["root_lb"] = float(lb.min())
     x = check(X.reshape(-1, X.shape[-1]).cpu().numpy())
@@ -410,6 +460,8 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     groups = [open_d] if joint and len(set(n_rows.values())) == 1 else [[k] for k in open_d]
     for n_done, grp in enumerate(groups):
         As = torch.stack([root_A[0, np.nonzero(owner_np == k)[0]] for k in grp])
+        if root_mu is not None:
+            st.cut_mu = torch.stack([root_mu[0, np.nonzero(owner_np == k)[0]] for k in grp])
         root_scores = [float(per[k]) for k in grp]
         try:
             status = _search_rows(st, spec, [disjuncts[k] for k in grp], check, As, deadline,
@@ -581,7 +633,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             al_c, be_c = st.expand(cA[todo], cB[todo])
             out: dict = {}
             lb, X = st.optimize(lower_c, upper_c, Cs[ctags[todo]], c0s[ctags[todo]], splits_c, al_c, be_c, iters,
-                                deadline, out, lrs)
+                                deadline, out, lrs, mu=None if st.cut_mu is None else st.cut_mu[ctags[todo]])
             lb_all = lb_all.clone()
             lb_all[todo] = torch.maximum(lb_all[todo], lb) if fsb_lb is not None else lb
             nA, nB = st.compact(out.get("alphas", {}), out.get("betas", {}), lower_c, upper_c, D, m)

@@ -37,7 +37,8 @@ __all__ = ["Cuts", "cuts_from_columns", "cut_bound", "optimize_cut_bound"]
 @dataclass
 class Cuts:
     """``K`` cuts ``x·X + Σ_j (z_j·Z[j] + h_{j+1}·H[j] + δ_j·Q[j]) <= d``: ``X`` (K, n_0); ``Z``, ``H``,
-    ``Q``: block → (K, n_j) (missing blocks: zero); ``d`` (K,)."""
+    ``Q``: block → (K, n_j) (missing blocks: zero); ``d`` (K,). Solver cuts touch a few dozen columns
+    each: the products with the multipliers run on sparse copies (:meth:`times`)."""
 
     X: torch.Tensor
     Z: dict
@@ -45,9 +46,32 @@ class Cuts:
     Q: dict
     d: torch.Tensor
 
+    def __post_init__(self):
+        # per block the neurons whose indicator some cut uses: only they need the indicator relaxation (with
+        # no δ term the best choice of π is CROWN's triangle)
+        self.q_idx = {j: torch.nonzero((M != 0).any(0))[:, 0] for j, M in self.Q.items()}
+        self._sparse = {}
+        for kind, mats in (("X", {0: self.X}), ("Z", self.Z), ("H", self.H), ("Q", self.Q)):
+            for j, M in mats.items():
+                self._sparse[kind, j] = _sparse_pair(M) if bool((M != 0).any()) else None
+
     @property
     def K(self) -> int:
         return int(self.d.numel())
+
+    def to(self, dtype: torch.dtype) -> "Cuts":
+        """A copy in ``dtype`` (float32 steps whose bound is then evaluated with the float64 cuts)."""
+        f = lambda t: t.to(dtype)  # noqa: E731
+        return Cuts(f(self.X), {j: f(t) for j, t in self.Z.items()}, {j: f(t) for j, t in self.H.items()},
+                    {j: f(t) for j, t in self.Q.items()}, f(self.d))
+
+    def has(self, kind: str, j: int) -> bool:
+        return self._sparse.get((kind, j)) is not None
+
+    def times(self, mu: torch.Tensor, kind: str, j: int = 0) -> torch.Tensor:
+        """``mu @ M`` for ``mu`` (…, K) and the cut matrix ``M`` of ``kind`` ("X", "Z", "H", "Q") and block ``j``."""
+        MT, M = self._sparse[kind, j]
+        return crown._SparseRight.apply(mu, MT, M)
 
     def violation(self, x: torch.Tensor, zs: list) -> torch.Tensor:
         """``lhs − d`` (N, K) at inputs ``x`` (N, n_0) with pre-activations ``zs[j]`` (N, n_j): > 0 is
@@ -61,6 +85,14 @@ class Cuts:
             if j in self.Q:
                 lhs = lhs + (z > 0).to(z.dtype) @ self.Q[j].T
         return lhs
+
+
+def _sparse_pair(M: torch.Tensor):
+    """``(Mᵀ, M)`` as torch sparse CSR (for :class:`crown._SparseRight`: ``x @ M`` and its gradient)."""
+    import scipy.sparse as sp
+
+    A = sp.csr_matrix(M.detach().cpu().numpy())
+    return crown._csr(A.T, M.dtype, M.device), crown._csr(A, M.dtype, M.device)
 
 
 def cuts_from_columns(model, coef, d, net: TorchNet) -> Cuts:
@@ -95,8 +127,8 @@ def cuts_from_columns(model, coef, d, net: TorchNet) -> Cuts:
 
 
 def _indicator_relax(nu, q, l, u, alpha, tau, sigma):
-    """Back through an unstable-capable ReLU block with indicator coefficients: ``nu`` (D, m, n) on
-    ``h``, ``q`` (D, m, n) on ``δ``; returns ``Lz`` (D, m, n) and the constant (D, m)."""
+    """Back through ReLUs with indicator coefficients: ``nu`` (D, m, n) on ``h``, ``q`` (D, m, n) on ``δ``,
+    bounds ``l, u`` (D, n); returns ``Lz`` (D, m, n) and the constant (D, m)."""
     l, u = l[:, None, :], u[:, None, :]
     active, unstable = l >= 0, (l < 0) & (u > 0)
     rho = nu.clamp(max=0).neg() + sigma.clamp(min=0)
@@ -109,11 +141,28 @@ def _indicator_relax(nu, q, l, u, alpha, tau, sigma):
     return Lz, const
 
 
+def _relax_block(nu, q, l, u, relax, alpha, idx, tau, sigma):
+    """Back through ReLU block ``j``: CROWN's relaxation (lower slopes ``alpha`` on unstable neurons), and the
+    indicator relaxation on the neurons ``idx`` whose indicator a cut uses (``q`` (D, m, n) their coefficients,
+    ``tau``, ``sigma`` (D, m, |idx|))."""
+    a, s, t, unstable = relax
+    al = torch.where(unstable[:, None, :], alpha.clamp(0, 1), a[:, None, :]) if alpha is not None else a[:, None, :]
+    pos, neg = nu.clamp(min=0), nu.clamp(max=0)
+    Lz, const = pos * al + neg * s[:, None, :], (neg * t[:, None, :]).sum(-1)
+    if idx is None or not idx.numel():
+        return Lz, const
+    lz_i, c_i = _indicator_relax(nu[..., idx], q[..., idx], l[:, idx], u[:, idx], al[..., idx], tau, sigma)
+    const = const - (neg[..., idx] * t[:, None, idx]).sum(-1) + c_i
+    return Lz.index_copy(2, idx, lz_i), const
+
+
 def cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, mu, alphas: dict, taus: dict, sigmas: dict,
-              *, betas: dict | None = None, splits: dict | None = None):
-    """Lower bound of ``C z_L + c0`` (D, m) with ``cuts`` weighted by ``mu`` (D, m, K) >= 0; ``alphas``,
-    ``taus``, ``sigmas``: ReLU block → (D, m, n_j) (see the module docstring); ``lower[j], upper[j]``
-    (D, n_j) with any splits applied, ``betas``/``splits`` as in :func:`crown.backward_bound`.
+              *, betas: dict | None = None, splits: dict | None = None, relax: dict | None = None):
+    """Lower bound of ``C z_L + c0`` (D, m) with ``cuts`` weighted by ``mu`` (D, m, K) >= 0; ``alphas``: ReLU
+    block → (D, m, n_j) lower slopes; ``taus``, ``sigmas``: block → (D, m, |cuts.q_idx[j]|), the indicator
+    relaxation's parameters on the neurons whose indicator a cut uses (see the module docstring);
+    ``lower[j], upper[j]`` (D, n_j) with any splits applied, ``betas``/``splits`` as in
+    :func:`crown.backward_bound`; ``relax``: block → :func:`crown.relaxation` of its bounds (precomputed).
     Returns ``(lb (D, m), argmin (D, m, n_0))``."""
     if any(p is not None for p in net.pool[:-1]):
         raise InvalidInputError("cutting planes in the bound support ReLU blocks only; this network has a max pool")
@@ -132,59 +181,83 @@ def cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, mu, alphas
         nu = Lh.pop(i, None)
         if nu is None:
             nu = torch.zeros(Lz.shape[:2] + (net.W[i].shape[1],), dtype=Lz.dtype, device=Lz.device)
-        if j in cuts.H:
-            nu = nu + mu @ cuts.H[j]
-        q = mu @ cuts.Q[j] if j in cuts.Q else torch.zeros_like(nu)
-        Lz, c = _indicator_relax(nu, q, lower[j], upper[j], alphas[j], taus[j], sigmas[j])
+        if cuts.has("H", j):
+            nu = nu + cuts.times(mu, "H", j)
+        q = cuts.times(mu, "Q", j) if cuts.has("Q", j) else None
+        rel = relax[j] if relax is not None else crown.relaxation(lower[j], upper[j])
+        Lz, c = _relax_block(nu, q, lower[j], upper[j], rel, alphas.get(j), cuts.q_idx.get(j) if q is not None else None,
+                             taus.get(j), sigmas.get(j))
         const = const + c
-        if j in cuts.Z:
-            Lz = Lz + mu @ cuts.Z[j]
+        if cuts.has("Z", j):
+            Lz = Lz + cuts.times(mu, "Z", j)
         if betas is not None and j in betas:
             Lz = Lz - betas[j].clamp(min=0) * splits[j][:, None, :]
-    Lam = Lh.pop(0) + mu @ cuts.X
+    Lam = Lh.pop(0)
+    if cuts.has("X", 0):
+        Lam = Lam + cuts.times(mu, "X")
     return crown.concretize(Lam, const, lo, hi)
 
 
 def optimize_cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, *, iters: int = 50,
-                       lr: float = 0.05, lr_mu: float = 0.01, alphas: dict | None = None,
-                       deadline: float | None = None, out: dict | None = None):
-    """Best of ``iters`` Adam steps on ``α, τ, σ, μ`` of :func:`cut_bound` (no splits), from CROWN's
-    relaxation (or ``alphas``, e.g. α-CROWN's) and ``μ = 0`` — so the first iterate is the cut-free
-    bound. Returns ``lb (D, m)``; ``out`` receives the best bound's ``"mu"`` (D, m, K)."""
+                       lr: float = 0.05, lr_mu: float = 0.01, lr_beta: float = 0.05, alphas: dict | None = None,
+                       betas: dict | None = None, splits: dict | None = None, mu: torch.Tensor | None = None,
+                       deadline: float | None = None, out: dict | None = None, want_x: bool = False):
+    """Best of ``iters`` Adam steps on ``α, τ, σ, μ`` (and ``β`` on split domains) of :func:`cut_bound`, from
+    CROWN's relaxation or ``alphas`` (e.g. a parent's), ``betas`` (else 0), ``mu`` (D, m, K) (else 0: the first
+    iterate is then the cut-free bound). Returns ``lb (D, m)``, or ``(lb, argmin (D, m, n_0))`` with
+    ``want_x``; ``out`` receives the last iterate's ``"alphas"``, ``"betas"``, ``"taus"``, ``"sigmas"`` (block →
+    (D, m, n_j)) and ``"mu_last"``, and the best bound's ``"mu"`` (D, m, K)."""
     D, m = c0.shape
-    al, ta, si = {}, {}, {}
+    al, ta, si, be = {}, {}, {}, {}
+    relax = {j: crown.relaxation(lower[j], upper[j]) for j in range(net.n_layers - 1)}
     for j in range(net.n_layers - 1):
-        a, s, _, _ = crown.relaxation(lower[j], upper[j])
+        a, s, _, _ = relax[j]
         init = alphas[j] if alphas is not None and j in alphas else a[:, None, :].expand(D, m, -1)
         al[j] = init.detach().clone().requires_grad_(True)
-        ta[j] = s[:, None, :].expand(D, m, -1).clone().requires_grad_(True)
-        si[j] = torch.zeros(D, m, s.shape[1], dtype=net.dtype, device=net.device, requires_grad=True)
-    mu = torch.zeros(D, m, cuts.K, dtype=net.dtype, device=net.device, requires_grad=True)
-    opt = crown._Ascent([{"params": [*al.values(), *ta.values(), *si.values()], "lr": lr},
-                         {"params": [mu], "lr": lr_mu}])
-    best, best_mu = None, None
+        idx = cuts.q_idx.get(j)
+        if idx is not None and idx.numel():
+            ta[j] = s[:, None, idx].expand(D, m, -1).clone().requires_grad_(True)
+            si[j] = torch.zeros(D, m, idx.numel(), dtype=net.dtype, device=net.device, requires_grad=True)
+    for j, sj in (splits or {}).items():
+        if bool((sj != 0).any()):
+            init = betas[j] if betas is not None and j in betas else torch.zeros(D, m, sj.shape[1], dtype=net.dtype,
+                                                                                 device=net.device)
+            be[j] = init.detach().clone().requires_grad_(True)
+    mu = (torch.zeros(D, m, cuts.K, dtype=net.dtype, device=net.device) if mu is None else
+          mu.detach().clone()).requires_grad_(True)
+    groups = [{"params": [*al.values(), *ta.values(), *si.values()], "lr": lr}, {"params": [mu], "lr": lr_mu}]
+    if be:
+        groups.append({"params": list(be.values()), "lr": lr_beta})
+    opt = crown._Ascent(groups)
+    best = best_mu = best_X = None
     for _ in range(max(1, iters)):
         if best is not None and deadline is not None and time.perf_counter() > deadline:
             break
         opt.zero_grad()
-        lb, _ = cut_bound(net, lower, upper, C, c0, lo, hi, cuts, mu, al, ta, si)
+        lb, X = cut_bound(net, lower, upper, C, c0, lo, hi, cuts, mu, al, ta, si, betas=be or None,
+                          splits=splits if be else None, relax=relax)
         with torch.no_grad():
             if best is None:
-                best, best_mu = lb.detach().clone(), mu.detach().clamp(min=0).clone()
+                best, best_mu, best_X = lb.detach().clone(), mu.detach().clamp(min=0).clone(), X
             else:
                 better = lb > best
                 best = torch.where(better, lb, best)
                 best_mu = torch.where(better[..., None], mu.detach().clamp(min=0), best_mu)
+                if want_x:
+                    best_X = torch.where(better[..., None], X, best_X)
+        if bool(crown.proven(best).all()):
+            break
         lb.sum().backward()
         opt.step()
         with torch.no_grad():
-            for p in al.values():
+            for p in [*al.values(), *ta.values()]:
                 p.clamp_(0, 1)
-            for p in ta.values():
-                p.clamp_(0, 1)
-            for p in si.values():
+            for p in [*si.values(), *be.values(), mu]:
                 p.clamp_(min=0)
-            mu.clamp_(min=0)
     if out is not None:
-        out["mu"] = best_mu
-    return best
+        out["alphas"] = {j: p.detach() for j, p in al.items()}
+        out["betas"] = {j: p.detach() for j, p in be.items()}
+        out["taus"] = {j: p.detach() for j, p in ta.items()}
+        out["sigmas"] = {j: p.detach() for j, p in si.items()}
+        out["mu"], out["mu_last"] = best_mu, mu.detach()
+    return (best, best_X) if want_x else best

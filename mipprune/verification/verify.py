@@ -188,7 +188,7 @@ def _solve(model: MilpModel, backend: str, time_limit: float | None) -> MilpSolu
 def verify(network: Network, spec: Spec, *, time_limit: float | None = None, device="cpu", backend: str = "highs",
            bounds_method: str = "auto", attack: bool = True, seed: int = 0,
            complete: str = "auto", refine: str = "auto", bab_options: dict | None = None,
-           threads: int = 1, precision: str = "auto") -> VerificationResult:
+           threads: int = 1, precision: str = "auto", cuts: str = "auto") -> VerificationResult:
     """Prove that no input in ``spec``'s region reaches its unsafe outputs, or find one that does.
 
     Parameters
@@ -232,6 +232,13 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         with at least ``SPLIT_REFINE_MIN_HIDDEN`` hidden layers (``SPLIT_REFINE_AUTO``), the MILP
         one after the LP stage if ``REFINE_AUTO`` (off; see the README for the measurements that
         set both). The message records what ran.
+    cuts : {"auto", "scip", "off"}
+        Cutting planes in ReLU branch and bound (GCP-CROWN, :mod:`mipprune.verification.cuts`): SCIP's root
+        cuts of the worst open disjunct's MILP (:func:`solvers.milp_cuts.root_cuts`, ``CUT_ROUNDS`` separation
+        rounds, at most ``CUT_SHARE`` of the time left) enter every domain's bound through multipliers.
+        ``"auto"``: on networks the split refinement leaves alone (convolutional, no max pools), after a first
+        branch and bound of ``CUT_PROBE_SECONDS`` ended open, when pyscipopt is installed (``mipprune[scip]``);
+        ``"scip"``: before the first branch and bound, on any ReLU network without max pools; ``"off"``: never.
     bab_options : dict, optional
         Keyword options of ReLU branch and bound (:func:`mipprune.verification.bab.relu_bab`: e.g.
         ``iters``, ``candidates``, ``intermediate``, ``clauses``); for studies, the defaults are the measured
@@ -262,6 +269,8 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     bad = sorted(set(bab_options or {}) - set(BAB_OPTIONS))
     if bad:
         raise InvalidInputError(f"bab_options keys must be among {list(BAB_OPTIONS)}; got {bad}")
+    if cuts not in CUTS_MODES:
+        raise InvalidInputError(f"cuts must be one of {list(CUTS_MODES)}; got {cuts!r}")
     from mipprune.verification.bab import SEARCH_THREADS
     from mipprune.verification.crown import PRECISION, resolve_precision
 
@@ -271,7 +280,7 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     try:
         with _single_threaded_blas():
             return _verify(network, spec, clock, time_limit, backend, bounds_method, attack, seed, device, complete,
-                           refine, bab_options or {})
+                           refine, bab_options or {}, cuts)
     finally:
         PRECISION.reset(token_dtype)
         SEARCH_THREADS.reset(token)
@@ -280,6 +289,12 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")
 BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "candidates", "screen", "lr_alpha",
                "lr_beta", "joint", "fast32", "max_store_bytes", "clauses")
+CUTS_MODES = ("auto", "scip", "off")
+CUT_PROBE_SECONDS = 30.0      # cuts="auto": plain branch and bound first (OVAL21: 19 of the 20 it solves end within it)
+CUT_ROUNDS = 3                # SCIP's separation rounds at the root (OVAL21 deep img1052: 639 cuts in 34 s)
+CUT_SHARE = 0.25              # most of the time left that SCIP's root may take …
+CUT_MAX_SECONDS = 150.0       # … and at most this
+CUT_CHECK_POINTS = 64         # inputs of the box every cut is checked at (one violated: dropped)
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
 BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
@@ -355,7 +370,7 @@ def _single_threaded_blas():
 
 def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: str, bounds_method: str,
             attack: bool, seed: int, device: str = "cpu", complete: str = "auto",
-            refine: str = "auto", bab_options: dict | None = None) -> VerificationResult:
+            refine: str = "auto", bab_options: dict | None = None, cuts: str = "auto") -> VerificationResult:
     blocks = network.to_affine_relu()   # residual adds become skips, max pools their own blocks
     region = make_region(network.n_inputs, spec.lower, spec.upper, spec.l1_center, spec.l1_radius)
     path = choose_complete(complete, blocks, region)
@@ -516,6 +531,22 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
         # ReLU splits cannot make a max pool's relaxation exact: with max pools, branch and bound gets a
         # share of the time and the (exact) MILP the rest
         share = BAB_SHARE_WITH_MAXPOOL if any(b.pool is not None for b in blocks[:-1]) else None
+        use_cuts = _wants_cuts(cuts, blocks, notes)
+        if use_cuts and cuts == "auto":   # most queries end in a short plain search: cuts only for the rest
+            left = clock.left()
+            probe = CUT_PROBE_SECONDS / (left if left is not None else BAB_SECONDS_WITH_MAXPOOL)
+            if probe < 1.0:
+                r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout, probe,
+                             bab_options, why="cutting planes next")
+                if r.verdict is not Verdict.UNKNOWN or clock.out():
+                    return dataclasses.replace(r, message=r.message + "; " + "; ".join(notes)) if notes else r
+                notes.append(f"a first branch and bound ended open ({r.message})")
+        if use_cuts:
+            rc = _root_cuts(network, blocks, bounds, region, spec, lb, offs, open_, clock, notes)
+            if rc is not None:
+                bab_options = {**(bab_options or {}), "cuts": rc}
+            if clock.out():
+                return timeout("the root cuts")
         r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout, share,
                      bab_options)
         if notes:   # record the path (refinement, fallbacks) in the message
@@ -697,6 +728,8 @@ _RELU_BAB = "ReLU-splitting branch and bound (α/β-CROWN)"
 def _bab_detail(what: str, device, r, when: str = "") -> str:
     """How a branch and bound ended, in one clause: its own message, domains, batches, root disjuncts."""
     root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
+    if "root_lb_without_cuts" in r.info:
+        root += f" (root bound {r.info['root_lb']:.4g} with the cuts, {r.info['root_lb_without_cuts']:.4g} without)"
     screened = f"; {r.info['screened']} proven by the parent's α/β" if r.info.get("screened") else ""
     cl = r.info.get("clauses")
     clauses = (f"; clauses: {cl['learned']} learned of {cl.get('tried', 0)} tried, {cl['implied']} implied splits, "
@@ -719,6 +752,52 @@ def _bab_decision(network, spec, r, detail: str, clock: _Clock, path: str, resul
         return _falsified(network, spec, r.counterexample, clock, path, message=detail + "; re-checked in float64",
                           milp_vars=0, milp_binaries=0, milp_nodes=0)
     return result(Verdict.VERIFIED, path, detail)
+
+
+def _wants_cuts(cuts: str, blocks, notes: list) -> bool:
+    """Whether ReLU branch and bound gets SCIP's root cuts (see ``verify(cuts=…)``)."""
+    from solvers import milp_cuts
+
+    if cuts == "off" or any(b.pool is not None for b in blocks[:-1]):
+        return False
+    if cuts == "auto" and _fully_connected(blocks):
+        return False
+    if not milp_cuts.available():
+        if cuts == "scip":
+            notes.append("no cutting planes: pyscipopt is not installed (pip install 'mipprune[scip]')")
+        return False
+    return True
+
+
+def _root_cuts(network, blocks, bounds: Bounds, region: Region, spec: Spec, lb, offs, open_, clock: _Clock,
+               notes: list):
+    """SCIP's root cuts of the MILP on ``bounds`` minimizing the worst open row (no output constraints, so the
+    cuts hold for every input of the region), each checked at ``CUT_CHECK_POINTS`` inputs (a violated one is
+    dropped: numerically unsafe); ``None`` (with a note) when SCIP returns none."""
+    from solvers.milp import solution_from_input
+    from solvers.milp_cuts import root_cuts
+
+    t = time.perf_counter()
+    rows = np.concatenate([np.arange(offs[j], offs[j + 1]) for j in open_])
+    r = int(rows[np.argmin(lb[rows])])
+    j = int(np.searchsorted(offs, r, side="right") - 1)
+    A, b = spec.disjuncts[j]
+    model = build_milp(blocks, bounds.lower, bounds.upper, region).with_objective(A[r - offs[j]], -b[r - offs[j]])
+    share = clock.share(CUT_SHARE)
+    rc = root_cuts(model, rounds=CUT_ROUNDS, time_limit=CUT_MAX_SECONDS if share is None else
+                   min(CUT_MAX_SECONDS, share))
+    rng = np.random.default_rng(0)
+    X = rng.uniform(region.lower, region.upper, size=(CUT_CHECK_POINTS, region.lower.size))
+    X[0] = (region.lower + region.upper) / 2
+    V = np.stack([solution_from_input(model, blocks, x) for x in X])
+    ok = np.all(rc.coef @ V.T <= rc.rhs[:, None], axis=1)
+    clock.add("cuts", t)
+    fams = ", ".join(f"{n} {k}" for k, n in sorted(rc.info["families"].items(), key=lambda kv: -kv[1]))
+    notes.append(f"SCIP root cuts: {int(ok.sum())} of {rc.K} kept ({fams}; {CUT_ROUNDS} rounds, "
+                 f"{rc.seconds:.1f} s, its root bound {rc.bound:.4g} against α-CROWN's {lb[r]:.4g})")
+    if not ok.any():
+        return None
+    return dataclasses.replace(rc, coef=rc.coef[ok], rhs=rc.rhs[ok], model=model)
 
 
 def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,

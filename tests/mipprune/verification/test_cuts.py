@@ -31,18 +31,20 @@ def _setup(seed, sizes=(4, 8, 8, 8, 3), width=0.6):
     return rng, net, tn, b, lo, hi, lower, upper, L, U
 
 
-def _params(tn, lower, upper, m, rng=None):
+def _params(tn, lower, upper, m, rng=None, cuts=None):
+    """α (all neurons) and τ, σ (the neurons whose indicator a cut uses): CROWN's, or random with ``rng``."""
     al, ta, si = {}, {}, {}
     for j in range(tn.n_layers - 1):
         a, s, _, _ = crown.relaxation(lower[j], upper[j])
         n = a.shape[1]
+        idx = cuts.q_idx.get(j, torch.zeros(0, dtype=torch.long)) if cuts is not None else torch.zeros(0, dtype=torch.long)
         if rng is None:
-            al[j], ta[j] = a[:, None].expand(1, m, n).clone(), s[:, None].expand(1, m, n).clone()
-            si[j] = torch.zeros(1, m, n, dtype=tn.dtype)
+            al[j], ta[j] = a[:, None].expand(1, m, n).clone(), s[:, None, idx].expand(1, m, -1).clone()
+            si[j] = torch.zeros(1, m, idx.numel(), dtype=tn.dtype)
         else:
             al[j] = tn.tensor(rng.uniform(0, 1, (1, m, n)))
-            ta[j] = tn.tensor(rng.uniform(0, 1, (1, m, n)))
-            si[j] = tn.tensor(rng.exponential(0.5, (1, m, n)))
+            ta[j] = tn.tensor(rng.uniform(0, 1, (1, m, idx.numel())))
+            si[j] = tn.tensor(rng.exponential(0.5, (1, m, idx.numel())))
     return al, ta, si
 
 
@@ -52,7 +54,9 @@ def _valid_cuts(rng, net, b, lo, hi, tn, K=6):
     coef = np.zeros((K, model.n_vars))
     d = np.zeros(K)
     for k in range(K):
-        cols = rng.choice(model.n_vars, size=min(model.n_vars, 6), replace=False)
+        binaries = np.flatnonzero(model.integrality)      # every cut uses indicators: the δ-aware relaxation is tested
+        cols = np.union1d(rng.choice(binaries, size=min(binaries.size, 2), replace=False),
+                          rng.choice(model.n_vars, size=min(model.n_vars, 4), replace=False))
         coef[k, cols] = rng.normal(size=cols.size)
         sol = solve_highs(replace(model, cost=-coef[k]), time_limit=30)
         assert sol.status == Status.OPTIMAL
@@ -83,7 +87,7 @@ def test_valid_cuts_with_any_multipliers_keep_the_bound_below_every_sample(seed)
     c0 = torch.zeros(1, 3, dtype=tn.dtype)
     margins = (net.forward(X) @ C[0].numpy().T).min(axis=0)
     for trial in range(5):
-        al, ta, si = _params(tn, lower, upper, 3, rng)
+        al, ta, si = _params(tn, lower, upper, 3, rng, cuts)
         mu = tn.tensor(rng.exponential(1.0, (1, 3, cuts.K)))
         lb, _ = cut_bound(tn, lower, upper, C, c0, L, U, cuts, mu, al, ta, si)
         assert np.all(lb[0].numpy() <= margins + 1e-9), trial
@@ -111,7 +115,7 @@ def test_a_cut_that_states_the_optimum_lets_the_bound_reach_it():
     assert plain < opt - 0.05 and free < opt - 0.05
     assert opt - 1e-3 * (1 + abs(opt)) <= with_cut <= opt + 1e-7
     # μ = 1 cancels the objective's last layer exactly: the bound is the optimum itself
-    al, ta, si = _params(tn, lower, upper, 1)
+    al, ta, si = _params(tn, lower, upper, 1, cuts=cuts)
     exact, _ = cut_bound(tn, lower, upper, C, c0, L, U, cuts, torch.ones(1, 1, 1, dtype=tn.dtype), al, ta, si)
     assert abs(float(exact) - opt) <= 1e-9 * (1 + abs(opt))
 
@@ -128,3 +132,45 @@ def test_cuts_on_other_columns_and_max_pool_nets_are_refused():
     with pytest.raises(InvalidInputError, match="max pool"):
         cut_bound(pooled, lower, upper, tn.tensor(np.ones((1, 1, 3))), torch.zeros(1, 1, dtype=tn.dtype), L, U,
                   empty, torch.zeros(1, 1, 0, dtype=tn.dtype), {}, {}, {})
+
+
+def _root_cuts_of(net, spec, b):
+    from solvers.milp_cuts import root_cuts
+
+    A, bb = spec.disjuncts[0]
+    return root_cuts(build_milp(net, b.lower, b.upper, lower=spec.lower, upper=spec.upper).with_objective(A[0], -bb[0]),
+                     rounds=3, time_limit=30)
+
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.25), (2, 0.25), (3, 0.25), (5, 0.4)])
+def test_branch_and_bound_with_scip_root_cuts_decides_like_without(seed, eps):
+    pytest.importorskip("pyscipopt")
+    import time
+
+    from mipprune.verification.bab import relu_bab
+    from tests.mipprune.verification.test_bab import _case
+
+    net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
+    blocks = net.to_affine_relu()
+    b = compute_bounds(net, spec.lower, spec.upper, "crown")
+    rc = _root_cuts_of(net, spec, b)
+    disj = list(range(len(spec.disjuncts)))
+    runs = [relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=c)
+            for c in (None, rc)]
+    assert runs[0].status == runs[1].status and runs[0].status in ("verified", "falsified")
+    if runs[1].status == "falsified":
+        assert spec.is_counterexample(net, runs[1].counterexample)
+    elif runs[0].domains > 1:   # the cuts entered the root bound
+        assert rc.K > 0 and runs[1].info["root_lb"] >= runs[1].info["root_lb_without_cuts"]
+
+
+def test_verify_takes_cuts_and_says_what_they_did():
+    pytest.importorskip("pyscipopt")
+    from mipprune.verification.verify import verify
+    from tests.mipprune.verification.test_bab import _case
+
+    net, spec = _case(2, 0.25, (8, 24, 24, 24, 3))
+    r = verify(net, spec, time_limit=60, complete="bab", refine="off", cuts="scip")
+    assert r.verdict.value == "verified" and "SCIP root cuts" in r.message
+    with pytest.raises(InvalidInputError, match="cuts must be one of"):
+        verify(net, spec, time_limit=5, cuts="gomory")
