@@ -403,9 +403,10 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     valid on the whole input box (:class:`.cuts.Cuts`, or a MILP's :class:`solvers.milp_cuts.RootCuts` on these
     root bounds): the root and every optimized child are bounded with them (GCP-CROWN, float64; the root's
     multipliers start each child's). ``clauses``: learn
-    conflict clauses from proven children (their splits without those whose β ≈ 0, kept where the
-    bound proves the shorter set too) and propagate them on every domain (implied splits, domains
-    inside a proven region dropped): :mod:`.clauses`; counts in ``info["clauses"]``.
+    conflict clauses from proven children (their splits less the least important quarter, half or
+    three quarters, kept where the bound proves the shorter set too) and propagate them on every domain
+    (implied splits, domains inside a proven region dropped): :mod:`.clauses`; counts in
+    ``info["clauses"]``.
 
     Memory: at most ``max_domains`` stored domains and ``max_store_bytes`` of their splits and α/β
     (default: :func:`store_limits` of the device); reaching either, or running the device out of
@@ -682,7 +683,6 @@ def _learn(st: _ReluState, book: ConflictClauses, S, A, B, tags, lb, proven, Cs,
     if not idx.numel():
         return
     net = st.net
-    R = idx.numel()
     lits = S[idx][:, st.split_idx]
     n_full = (lits != 0).sum(1)
     idx, lits, n_full = idx[n_full >= 2], lits[n_full >= 2], n_full[n_full >= 2]

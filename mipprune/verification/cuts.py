@@ -25,6 +25,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from mipprune.verification import crown
@@ -37,10 +39,11 @@ __all__ = ["Cuts", "cuts_from_columns", "cut_bound", "optimize_cut_bound"]
 @dataclass
 class Cuts:
     """``K`` cuts ``x·X + Σ_j (z_j·Z[j] + h_{j+1}·H[j] + δ_j·Q[j]) <= d``: ``X`` (K, n_0); ``Z``, ``H``,
-    ``Q``: block → (K, n_j) (missing blocks: zero); ``d`` (K,). Solver cuts touch a few dozen columns
-    each: the products with the multipliers run on sparse copies (:meth:`times`)."""
+    ``Q``: block → (K, n_j) (missing blocks: zero), each a scipy.sparse matrix or a dense tensor; ``d`` (K,)
+    a tensor whose dtype and device the products take. Solver cuts touch a few dozen columns each: the
+    products with the multipliers run on sparse CSR copies (:meth:`times`), nothing dense is kept."""
 
-    X: torch.Tensor
+    X: object
     Z: dict
     H: dict
     Q: dict
@@ -49,11 +52,14 @@ class Cuts:
     def __post_init__(self):
         # per block the neurons whose indicator some cut uses: only they need the indicator relaxation (with
         # no δ term the best choice of π is CROWN's triangle)
-        self.q_idx = {j: torch.nonzero((M != 0).any(0))[:, 0] for j, M in self.Q.items()}
+        self.q_idx = {j: torch.as_tensor(np.unique(_scipy(M).tocoo().col), dtype=torch.long, device=self.d.device)
+                      for j, M in self.Q.items()}
         self._sparse = {}
         for kind, mats in (("X", {0: self.X}), ("Z", self.Z), ("H", self.H), ("Q", self.Q)):
             for j, M in mats.items():
-                self._sparse[kind, j] = _sparse_pair(M) if bool((M != 0).any()) else None
+                A = _scipy(M)
+                self._sparse[kind, j] = None if A.nnz == 0 else (
+                    crown._csr(A.T, self.d.dtype, self.d.device), crown._csr(A, self.d.dtype, self.d.device))
 
     @property
     def K(self) -> int:
@@ -61,9 +67,7 @@ class Cuts:
 
     def to(self, dtype: torch.dtype) -> "Cuts":
         """A copy in ``dtype`` (float32 steps whose bound is then evaluated with the float64 cuts)."""
-        f = lambda t: t.to(dtype)  # noqa: E731
-        return Cuts(f(self.X), {j: f(t) for j, t in self.Z.items()}, {j: f(t) for j, t in self.H.items()},
-                    {j: f(t) for j, t in self.Q.items()}, f(self.d))
+        return Cuts(self.X, self.Z, self.H, self.Q, self.d.to(dtype))
 
     def has(self, kind: str, j: int) -> bool:
         return self._sparse.get((kind, j)) is not None
@@ -76,53 +80,49 @@ class Cuts:
     def violation(self, x: torch.Tensor, zs: list) -> torch.Tensor:
         """``lhs − d`` (N, K) at inputs ``x`` (N, n_0) with pre-activations ``zs[j]`` (N, n_j): > 0 is
         a violated cut (for tests: a valid cut is never violated by the network's own points)."""
-        lhs = x @ self.X.T - self.d
-        for j, z in enumerate(zs):
-            if j in self.Z:
-                lhs = lhs + z @ self.Z[j].T
-            if j in self.H:
-                lhs = lhs + torch.relu(z) @ self.H[j].T
-            if j in self.Q:
-                lhs = lhs + (z > 0).to(z.dtype) @ self.Q[j].T
-        return lhs
+        z64 = [np.asarray(z, dtype=np.float64) for z in zs]
+        lhs = _scipy(self.X) @ np.asarray(x, dtype=np.float64).T - self.d.cpu().numpy()[:, None]
+        for j, z in enumerate(z64):
+            for mats, val in ((self.Z, z), (self.H, np.maximum(z, 0)), (self.Q, (z > 0).astype(np.float64))):
+                if j in mats:
+                    lhs = lhs + _scipy(mats[j]) @ val.T
+        return torch.as_tensor(lhs.T)
 
 
-def _sparse_pair(M: torch.Tensor):
-    """``(Mᵀ, M)`` as torch sparse CSR (for :class:`crown._SparseRight`: ``x @ M`` and its gradient)."""
-    import scipy.sparse as sp
-
-    A = sp.csr_matrix(M.detach().cpu().numpy())
-    return crown._csr(A.T, M.dtype, M.device), crown._csr(A, M.dtype, M.device)
+def _scipy(M) -> sp.csr_matrix:
+    return sp.csr_matrix(M.detach().cpu().numpy() if isinstance(M, torch.Tensor) else M)
 
 
 def cuts_from_columns(model, coef, d, net: TorchNet) -> Cuts:
     """Cuts ``coef @ v <= d`` over the columns ``v`` of a :func:`solvers.milp.build_milp` model
-    (``coef`` (K, n_vars) dense or scipy.sparse, ``d`` (K,)) as :class:`Cuts` on ``net``'s blocks; a cut
-    on any other column (an L1 region's helpers, max-pool binaries) is refused."""
-    import numpy as np
-    import scipy.sparse as sp
-
-    coef = sp.csr_matrix(coef).toarray() if sp.issparse(coef) else np.atleast_2d(np.asarray(coef, dtype=np.float64))
-    K = coef.shape[0]
-    used = np.zeros(coef.shape[1], bool)
-    used[model.x_cols] = True
-    X = net.tensor(coef[:, model.x_cols])
-    Z, H, Q = {}, {}, {}
+    (``coef`` (K, n_vars) dense or scipy.sparse, ``d`` (K,)) as :class:`Cuts` on ``net``'s blocks (sparse,
+    in ``net``'s dtype and device); a cut on any other column (an L1 region's helpers, max-pool binaries) is
+    refused."""
+    coef = sp.coo_matrix(coef if sp.issparse(coef) else np.atleast_2d(np.asarray(coef, dtype=np.float64)))
+    K, n_vars = coef.shape
+    # every column's place: kind (0 input, 1 pre-activation, 2 activation, 3 indicator), block, neuron
+    kind, block, neuron = np.full(n_vars, -1), np.zeros(n_vars, int), np.zeros(n_vars, int)
+    kind[model.x_cols], neuron[model.x_cols] = 0, np.arange(model.x_cols.size)
+    widths = []
     for j, (h_col, d_col) in enumerate(zip(model.unit_cols, model.binary_cols)):
-        n = h_col.size
-        zj, hj, qj = (np.zeros((K, n)) for _ in range(3))
-        alive, unstable = h_col >= 0, d_col >= 0
-        hj[:, alive] = coef[:, h_col[alive]]
-        qj[:, unstable] = coef[:, d_col[unstable]]
-        z_col = model.info["z_cols"][j]
-        if z_col.size:
-            zj[:, unstable] = coef[:, z_col]
-            used[z_col] = True
-        used[h_col[alive]] = used[d_col[unstable]] = True
-        Z[j], H[j], Q[j] = net.tensor(zj), net.tensor(hj), net.tensor(qj)
-    if np.any(coef[:, ~used] != 0):
+        widths.append(h_col.size)
+        alive, unstable = np.flatnonzero(h_col >= 0), np.flatnonzero(d_col >= 0)
+        for k, cols, at in ((2, h_col[alive], alive), (3, d_col[unstable], unstable),
+                            (1, model.info["z_cols"][j], unstable)):
+            if cols.size:
+                kind[cols], block[cols], neuron[cols] = k, j, at
+    if np.any(kind[coef.col] < 0):
         raise InvalidInputError("a cut uses MILP columns outside the network's inputs, pre-activations, "
                                 "activations and ReLU indicators (an L1 region or a max pool)")
+
+    def part(k, j, n):
+        sel = (kind[coef.col] == k) & (block[coef.col] == j)
+        return sp.csr_matrix((coef.data[sel], (coef.row[sel], neuron[coef.col[sel]])), shape=(K, n))
+
+    X = part(0, 0, model.x_cols.size)
+    Z = {j: part(1, j, n) for j, n in enumerate(widths)}
+    H = {j: part(2, j, n) for j, n in enumerate(widths)}
+    Q = {j: part(3, j, n) for j, n in enumerate(widths)}
     return Cuts(X, Z, H, Q, net.tensor(np.asarray(d, dtype=np.float64).reshape(K)))
 
 

@@ -794,7 +794,7 @@ def _root_cuts(network, blocks, bounds: Bounds, region: Region, spec: Spec, lb, 
     clock.add("cuts", t)
     fams = ", ".join(f"{n} {k}" for k, n in sorted(rc.info["families"].items(), key=lambda kv: -kv[1]))
     notes.append(f"SCIP root cuts: {int(ok.sum())} of {rc.K} kept ({fams}; {CUT_ROUNDS} rounds, "
-                 f"{rc.seconds:.1f} s, its root bound {rc.bound:.4g} against α-CROWN's {lb[r]:.4g})")
+                 f"{rc.seconds:.1f} s, its root bound {rc.bound:.4g} against {lb[r]:.4g} before branch and bound)")
     if not ok.any():
         return None
     return dataclasses.replace(rc, coef=rc.coef[ok], rhs=rc.rhs[ok], model=model)

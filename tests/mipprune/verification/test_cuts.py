@@ -174,3 +174,20 @@ def test_verify_takes_cuts_and_says_what_they_did():
     assert r.verdict.value == "verified" and "SCIP root cuts" in r.message
     with pytest.raises(InvalidInputError, match="cuts must be one of"):
         verify(net, spec, time_limit=5, cuts="gomory")
+
+
+def test_auto_cuts_stay_off_on_fully_connected_nets_and_without_pyscipopt(monkeypatch):
+    from mipprune.verification import verify as V
+    from solvers import milp_cuts
+
+    rng = np.random.default_rng(0)
+    blocks = random_net(rng, [4, 8, 8, 3]).to_affine_relu()
+    notes: list = []
+    monkeypatch.setattr(milp_cuts, "available", lambda: True)
+    assert not V._wants_cuts("auto", blocks, notes)        # the split refinement's networks
+    assert V._wants_cuts("scip", blocks, notes) and not V._wants_cuts("off", blocks, notes)
+    monkeypatch.setattr(V, "_fully_connected", lambda blocks: False)
+    assert V._wants_cuts("auto", blocks, notes) and not notes
+    monkeypatch.setattr(milp_cuts, "available", lambda: False)
+    assert not V._wants_cuts("auto", blocks, notes) and not notes   # silently: cuts are optional
+    assert not V._wants_cuts("scip", blocks, notes) and "pyscipopt is not installed" in notes[0]
