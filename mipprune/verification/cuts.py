@@ -168,6 +168,8 @@ def cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, mu, alphas
         raise InvalidInputError("cutting planes in the bound support ReLU blocks only; this network has a max pool")
     L = net.n_layers - 1
     mu = mu.clamp(min=0)
+    # the same walk as crown.backward_bound, with the cut terms added at each block; kept apart so that the
+    # cut-free hot path of branch and bound carries none of them
     Lh: dict = {}
     Lz, const = C, c0 - mu @ cuts.d
     for i in range(L, -1, -1):
