@@ -572,8 +572,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         parent = torch.tensor([sc for sc, _ in take], dtype=net.dtype, device=net.device)   # the parents' scores
         if book is not None:   # clauses learned since these domains were stored
             lits, gone = book.propagate(S[:, st.split_idx], tags)
-            S = S.clone()
-            S[:, st.split_idx] = lits
+            S[:, st.split_idx] = lits      # (S is this batch's own stack)
             if bool(gone.any()):
                 keep = torch.nonzero(~gone)[:, 0]
                 S, A, B, tags, parent = S[keep], A[keep], B[keep], tags[keep], parent[keep]
@@ -706,17 +705,12 @@ def _learn(st: _ReluState, book: ConflictClauses, S, A, B, tags, lb, proven, Cs,
     order = torch.argsort(est, dim=1)                                  # least important literal first
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=net.device).expand(R, -1))
-    cands, owners = [], []
-    for f in LEARN_DROP:
-        drop = (f * n_full).floor().long()
-        c = torch.where(rank < drop[:, None], torch.zeros_like(lits), lits)
-        cands.append(c)
-        owners.append(ar)
-    short = torch.cat(cands)
-    who = torch.cat(owners)
+    short = torch.cat([torch.where(rank < (f * n_full).floor().long()[:, None], torch.zeros_like(lits), lits)
+                       for f in LEARN_DROP])
+    who = ar.repeat(len(LEARN_DROP))
     n_short = (short != 0).sum(1)
     live = (n_short > 0) & (n_short < n_full[who])
-    short, who = short[live], who[live]
+    short, who, n_short = short[live], who[live], n_short[live]
     K = who.numel()
     if not K:
         return
@@ -731,7 +725,7 @@ def _learn(st: _ReluState, book: ConflictClauses, S, A, B, tags, lb, proven, Cs,
     if not bool(ok.any()):
         return
     # per domain the shortest proven set (candidates of one domain are nested)
-    size = torch.where(ok, (short != 0).sum(1), torch.full_like(n_short[live], 1 << 30))
+    size = torch.where(ok, n_short, torch.full_like(n_short, 1 << 30))
     first = torch.full((R,), 1 << 30, dtype=size.dtype, device=net.device).scatter_reduce(0, who, size, reduce="amin")
     pick = ok & (size == first[who])
     book.add(short[pick], t[who[pick]])

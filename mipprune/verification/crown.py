@@ -386,6 +386,23 @@ def _relax_back(net: TorchNet, j: int, nu: torch.Tensor, l: torch.Tensor, u: tor
     return Lz, const
 
 
+def _back_step(net: TorchNet, i: int, Lz: torch.Tensor, Lh: dict):
+    """One block of back-substitution: the coefficients ``Lz`` (D, m, n_i) on ``z_i`` pass through block ``i``'s
+    terms into ``Lh`` (activation index → its coefficients, summed over every block that reads it). Returns the
+    constant ``Lz @ b_i`` and, for ``i > 0``, the finished coefficients (D, m, |h_i|) on ``h_i``, taken out of
+    ``Lh`` (zeros when nothing later reads ``h_i``); ``None`` at the input block."""
+    const = Lz @ net.b[i]
+    for t, (k, W) in enumerate(net.terms(i)):
+        contrib = net.back(i, t, W, Lz)
+        Lh[k] = Lh[k] + contrib if k in Lh else contrib
+    if i == 0:
+        return const, None
+    nu = Lh.pop(i, None)
+    if nu is None:
+        nu = torch.zeros(Lz.shape[:2] + (net.W[i].shape[1],), dtype=Lz.dtype, device=Lz.device)
+    return const, nu
+
+
 def backward_bound(net: TorchNet, lower, upper, C: torch.Tensor, c0: torch.Tensor, lo: torch.Tensor,
                    hi: torch.Tensor, *, layer: int | None = None, alphas: dict | None = None,
                    betas: dict | None = None, splits: dict | None = None, record: dict | None = None,
@@ -407,16 +424,11 @@ def backward_bound(net: TorchNet, lower, upper, C: torch.Tensor, c0: torch.Tenso
     Lh: dict = {}
     Lz, const = C, c0
     for i in range(layer, -1, -1):
-        const = const + Lz @ net.b[i]
-        for t, (k, W) in enumerate(net.terms(i)):
-            contrib = net.back(i, t, W, Lz)
-            Lh[k] = Lh[k] + contrib if k in Lh else contrib
-        if i == 0:
+        c, nu = _back_step(net, i, Lz, Lh)
+        const = const + c
+        if nu is None:
             break
         j = i - 1
-        nu = Lh.pop(i, None)
-        if nu is None:   # nothing later reads h_i
-            nu = torch.zeros(Lz.shape[:2] + (net.W[i].shape[1],), dtype=Lz.dtype, device=Lz.device)
         if record is not None:
             record[j] = nu
         Lz, c = _relax_back(net, j, nu, lower[j], upper[j], None if alphas is None else alphas.get(j),

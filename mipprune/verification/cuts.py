@@ -168,21 +168,15 @@ def cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, mu, alphas
         raise InvalidInputError("cutting planes in the bound support ReLU blocks only; this network has a max pool")
     L = net.n_layers - 1
     mu = mu.clamp(min=0)
-    # the same walk as crown.backward_bound, with the cut terms added at each block; kept apart so that the
-    # cut-free hot path of branch and bound carries none of them
+    # crown.backward_bound's walk (its block step shared), with the cut terms added at each block
     Lh: dict = {}
     Lz, const = C, c0 - mu @ cuts.d
     for i in range(L, -1, -1):
-        const = const + Lz @ net.b[i]
-        for t, (k, W) in enumerate(net.terms(i)):
-            contrib = net.back(i, t, W, Lz)
-            Lh[k] = Lh[k] + contrib if k in Lh else contrib
-        if i == 0:
+        c, nu = crown._back_step(net, i, Lz, Lh)
+        const = const + c
+        if nu is None:
             break
         j = i - 1
-        nu = Lh.pop(i, None)
-        if nu is None:
-            nu = torch.zeros(Lz.shape[:2] + (net.W[i].shape[1],), dtype=Lz.dtype, device=Lz.device)
         if cuts.has("H", j):
             nu = nu + cuts.times(mu, "H", j)
         q = cuts.times(mu, "Q", j) if cuts.has("Q", j) else None
