@@ -58,6 +58,7 @@ SCREEN = True            # bound both children with the parent's α/β first; op
 PGD_EVERY = 2.5          # first interval between PGD runs in a search (s; see _PgdClock) …
 PGD_BACKOFF = 1.5        # … stretched by this after each PGD that found nothing …
 PGD_EVERY_MAX = 30.0     # … up to this
+CUT_ROOT_ITERS = 300     # Adam steps of the root's bound with cuts (its μ starts every child's; ~2-3 s on OVAL21)
 LEARN_DROP = (0.25, 0.5, 0.75)   # shares of a proven domain's literals (least important first) clauses try to drop
 
 
@@ -439,7 +440,8 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     root_mu = None
     if cuts is not None and not bool(crown.proven(lb).all()):   # the root again, with the cuts (from α-CROWN's α)
         oc: dict = {}
-        lbc = optimize_cut_bound(net, lower, upper, Cz[None], c0[None], lo_in, hi_in, cuts, iters=root_iters,
+        lbc = optimize_cut_bound(net, lower, upper, Cz[None], c0[None], lo_in, hi_in, cuts,
+                                 iters=max(root_iters, CUT_ROOT_ITERS),
                                  alphas=out.get("alphas"), deadline=deadline, out=oc)
         res.info["root_lb_without_cuts"] = float(lb.min())
         lb, root_mu = torch.maximum(lb, lbc), oc["mu"]

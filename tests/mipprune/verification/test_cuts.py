@@ -191,3 +191,46 @@ def test_auto_cuts_stay_off_on_fully_connected_nets_and_without_pyscipopt(monkey
     monkeypatch.setattr(milp_cuts, "available", lambda: False)
     assert not V._wants_cuts("auto", blocks, notes) and not notes   # silently: cuts are optional
     assert not V._wants_cuts("scip", blocks, notes) and "pyscipopt is not installed" in notes[0]
+
+
+def _lp_with_cuts(model, coef, d) -> float:
+    """The LP relaxation of ``model`` with the cuts ``coef @ v <= d`` added (HiGHS)."""
+    import scipy.sparse as sp
+
+    from solvers.milp import to_highs
+
+    lp = replace(model, A=sp.vstack([model.A, sp.csr_matrix(coef)]).tocsr(),
+                 row_lower=np.concatenate([model.row_lower, np.full(len(d), -np.inf)]),
+                 row_upper=np.concatenate([model.row_upper, d]), integrality=np.zeros_like(model.integrality))
+    h = to_highs(lp)
+    h.run()
+    return float(h.getInfo().objective_function_value)
+
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.25), (3, 0.25), (5, 0.4)])
+def test_the_default_steps_bring_the_cut_bound_close_to_the_lp_with_the_same_cuts(seed, eps):
+    """GCP-CROWN is the Lagrangian dual of the LP relaxation with the cuts (same intermediate bounds): the
+    optimized bound never exceeds that LP, and 300 default steps (``cuts.LR_MU`` on μ) close most of the gap
+    from α-CROWN to it (here 93-98 %; the step size matters on OVAL21, see ``LR_MU``)."""
+    pytest.importorskip("pyscipopt")
+    from solvers.milp_cuts import root_cuts
+    from tests.mipprune.verification.test_bab import _case
+
+    net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
+    b = compute_bounds(net, spec.lower, spec.upper, "crown")
+    A, bb = spec.disjuncts[0]
+    model = build_milp(net, b.lower, b.upper, lower=spec.lower, upper=spec.upper).with_objective(A[0], -bb[0])
+    rc = root_cuts(model, rounds=3, time_limit=30)
+    tn = crown.TorchNet.from_blocks(net.to_affine_relu())
+    cuts = cuts_from_columns(model, rc.coef, rc.rhs, tn)
+    lower = [tn.tensor(a)[None] for a in b.lower[:-1]]
+    upper = [tn.tensor(a)[None] for a in b.upper[:-1]]
+    L, U = tn.box(spec.lower, spec.upper)
+    C, c0 = tn.tensor(A[:1])[None], tn.tensor(-bb[:1])[None]
+    out: dict = {}
+    alpha = float(crown.optimize_bound(tn, lower, upper, C, c0, L, U, iters=300, out=out)[0])
+    lp = _lp_with_cuts(model, rc.coef, rc.rhs)
+    gcp = float(optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=300, alphas=out["alphas"]))
+    assert gcp <= lp + 1e-6 * (1 + abs(lp))
+    if lp - alpha > 1e-3:   # the cuts move the LP: most of that is reached
+        assert gcp >= alpha + 0.8 * (lp - alpha), (alpha, gcp, lp)
