@@ -235,7 +235,8 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
     cuts : {"auto", "scip", "off"}
         Cutting planes in ReLU branch and bound (GCP-CROWN, :mod:`mipprune.verification.cuts`): SCIP's root
         cuts of the worst open disjunct's MILP (:func:`solvers.milp_cuts.root_cuts`, ``CUT_ROUNDS`` separation
-        rounds, at most ``CUT_SHARE`` of the time left) enter every domain's bound through multipliers.
+        rounds, at most ``CUT_SHARE`` of the time left), then, while that time box allows, those of each other
+        open disjunct the first cuts leave open at the root, enter every domain's bound through multipliers.
         ``"auto"``: on networks the split refinement leaves alone (convolutional, no max pools), after a first
         branch and bound of ``CUT_PROBE_SECONDS`` ended open, when pyscipopt is installed (``mipprune[scip]``);
         ``"scip"``: before the first branch and bound, on any ReLU network without max pools; ``"off"``: never.
@@ -772,32 +773,80 @@ def _wants_cuts(cuts: str, blocks, notes: list) -> bool:
 def _root_cuts(network, blocks, bounds: Bounds, region: Region, spec: Spec, lb, offs, open_, clock: _Clock,
                notes: list):
     """SCIP's root cuts of the MILP on ``bounds`` minimizing the worst open row (no output constraints, so the
-    cuts hold for every input of the region), each checked at ``CUT_CHECK_POINTS`` inputs (a violated one is
-    dropped: numerically unsafe); ``None`` (with a note) when SCIP returns none."""
+    cuts hold for every input of the region); then, while the time box allows, those of the worst row of each
+    other open disjunct that these cuts leave open at the root (:func:`_rows_open_with_cuts`), all together.
+    Each cut is checked at ``CUT_CHECK_POINTS`` inputs (a violated one is dropped: numerically unsafe);
+    ``None`` (with a note) when SCIP returns none."""
+    import scipy.sparse as sp
+
     from solvers.milp import solution_from_input
     from solvers.milp_cuts import root_cuts
 
     t = time.perf_counter()
-    rows = np.concatenate([np.arange(offs[j], offs[j + 1]) for j in open_])
-    r = int(rows[np.argmin(lb[rows])])
-    j = int(np.searchsorted(offs, r, side="right") - 1)
-    A, b = spec.disjuncts[j]
-    model = build_milp(blocks, bounds.lower, bounds.upper, region).with_objective(A[r - offs[j]], -b[r - offs[j]])
+    worst = {j: int(offs[j] + np.argmin(lb[offs[j]:offs[j + 1]])) for j in open_}
+    order = sorted(open_, key=lambda j: lb[worst[j]])
+    base = build_milp(blocks, bounds.lower, bounds.upper, region)
+
+    def cuts_of(j, limit):
+        A, b = spec.disjuncts[j]
+        k = worst[j] - offs[j]
+        return root_cuts(base.with_objective(A[k], -b[k]), rounds=CUT_ROUNDS, time_limit=limit)
+
     share = clock.share(CUT_SHARE)
-    rc = root_cuts(model, rounds=CUT_ROUNDS, time_limit=CUT_MAX_SECONDS if share is None else
-                   min(CUT_MAX_SECONDS, share))
+    budget = CUT_MAX_SECONDS if share is None else min(CUT_MAX_SECONDS, share)
+    found = [cuts_of(order[0], budget)]
+    spent = found[0].seconds
+    rest = order[1:]
+    if rest and budget - spent >= found[0].seconds:   # the others: only those these cuts leave open
+        rest = _rows_open_with_cuts(blocks, bounds, region, spec, [worst[j] for j in rest], found[0], base, rest)
+    for j in rest:
+        if budget - spent < max(rc.seconds for rc in found):   # the next one would not fit
+            break
+        found.append(cuts_of(j, budget - spent))
+        spent += found[-1].seconds
+    coef = sp.vstack([rc.coef for rc in found]).tocsr()
+    rhs = np.concatenate([rc.rhs for rc in found])
     rng = np.random.default_rng(0)
     X = rng.uniform(region.lower, region.upper, size=(CUT_CHECK_POINTS, region.lower.size))
     X[0] = (region.lower + region.upper) / 2
-    V = np.stack([solution_from_input(model, blocks, x) for x in X])
-    ok = np.all(rc.coef @ V.T <= rc.rhs[:, None], axis=1)
+    V = np.stack([solution_from_input(base, blocks, x) for x in X])
+    ok = np.all(coef @ V.T <= rhs[:, None], axis=1)
     clock.add("cuts", t)
-    fams = ", ".join(f"{n} {k}" for k, n in sorted(rc.info["families"].items(), key=lambda kv: -kv[1]))
-    notes.append(f"SCIP root cuts: {int(ok.sum())} of {rc.K} kept ({fams}; {CUT_ROUNDS} rounds, "
-                 f"{rc.seconds:.1f} s, its root bound {rc.bound:.4g} against {lb[r]:.4g} before branch and bound)")
+    fams: dict = {}
+    for rc in found:
+        for name, n in rc.info["families"].items():
+            fams[name] = fams.get(name, 0) + n
+    fams_s = ", ".join(f"{n} {k}" for k, n in sorted(fams.items(), key=lambda kv: -kv[1]))
+    r0 = worst[order[0]]
+    notes.append(f"SCIP root cuts: {int(ok.sum())} of {rhs.size} kept ({fams_s}; {CUT_ROUNDS} rounds, "
+                 f"{len(found)} of {len(open_)} open disjunct(s)' MILPs, {spent:.1f} s; its root bound "
+                 f"{found[0].bound:.4g} against {lb[r0]:.4g} before branch and bound)")
     if not ok.any():
         return None
-    return dataclasses.replace(rc, coef=rc.coef[ok], rhs=rc.rhs[ok], model=model)
+    return dataclasses.replace(found[0], coef=coef[ok], rhs=rhs[ok], seconds=spent, model=base)
+
+
+def _rows_open_with_cuts(blocks, bounds: Bounds, region: Region, spec: Spec, rows, rc, model, disjuncts) -> list:
+    """The ``disjuncts`` whose row in ``rows`` (global row indices, one each) the cuts ``rc`` leave open at the
+    root: GCP-CROWN's bound (``bab.CUT_ROOT_ITERS`` steps, on ``bounds``) of those rows <= 0."""
+    import torch
+
+    from mipprune.verification import crown
+    from mipprune.verification.bab import CUT_ROOT_ITERS, torch_threads
+    from mipprune.verification.cuts import cuts_from_columns, optimize_cut_bound
+
+    C_all, d_all = _rows(spec)
+    with torch_threads():
+        net = crown.TorchNet.from_blocks(blocks, dtype=torch.float64)
+        L = net.n_layers
+        lower = [net.tensor(a)[None] for a in bounds.lower[:L - 1]]
+        upper = [net.tensor(a)[None] for a in bounds.upper[:L - 1]]
+        lo, hi = net.box(region.lower, region.upper)
+        cuts = cuts_from_columns(model, rc.coef, rc.rhs, net)
+        lbc = optimize_cut_bound(net, lower, upper, net.tensor(C_all[rows])[None], net.tensor(d_all[rows])[None],
+                                 lo, hi, cuts, iters=CUT_ROOT_ITERS)[0]
+    proven = crown.proven(lbc.detach()).cpu().numpy()
+    return [j for j, p in zip(disjuncts, proven) if not p]
 
 
 def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,

@@ -3,6 +3,7 @@ triangle; with valid cuts (each a MILP maximum) and any multipliers the bound st
 sampled margin; a cut that states the optimum lets the bound reach it; cuts map from MILP columns."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -234,3 +235,51 @@ def test_the_default_steps_bring_the_cut_bound_close_to_the_lp_with_the_same_cut
     assert gcp <= lp + 1e-6 * (1 + abs(lp))
     if lp - alpha > 1e-3:   # the cuts move the LP: most of that is reached
         assert gcp >= alpha + 0.8 * (lp - alpha), (alpha, gcp, lp)
+
+
+def test_root_cuts_come_from_every_disjunct_the_first_cuts_leave_open():
+    """``verify._root_cuts``: SCIP's cuts of the worst open row's MILP, then those of the other open disjuncts
+    the first cuts do not prove at the root; the union holds at network points and says how many MILPs."""
+    pytest.importorskip("pyscipopt")
+    from solvers.milp import solution_from_input
+    from mipprune.verification import verify as V
+    from tests.mipprune.verification.test_bab import _case
+
+    for seed in range(12):   # a case with two disjuncts open after CROWN
+        net, spec = _case(seed, 0.3, (8, 24, 24, 24, 3))
+        blocks = net.to_affine_relu()
+        b = compute_bounds(net, spec.lower, spec.upper, "crown")
+        lb = V._row_margins(blocks, b, _region(spec), spec)[0]
+        offs = np.concatenate([[0], np.cumsum([A.shape[0] for A, _ in spec.disjuncts])])
+        open_ = V._open(lb, offs)
+        if len(open_) >= 2:
+            break
+    else:
+        pytest.skip("no case with two open disjuncts")
+    region = _region(spec)
+    notes: list = []
+    rc = V._root_cuts(net, blocks, b, region, spec, lb, offs, open_, V._Clock(120.0), notes)
+    assert rc is not None and rc.K > 0
+    m = re.search(r"(\d+) of (\d+) open disjunct", notes[-1])
+    from solvers.milp_cuts import root_cuts
+
+    worst = {j: int(offs[j] + np.argmin(lb[offs[j]:offs[j + 1]])) for j in open_}
+    j0 = min(open_, key=lambda j: lb[worst[j]])
+    A, bb = spec.disjuncts[j0]
+    alone = root_cuts(rc.model.with_objective(A[worst[j0] - offs[j0]], -bb[worst[j0] - offs[j0]]),
+                      rounds=V.CUT_ROUNDS)
+    others = [j for j in open_ if j != j0]
+    still = V._rows_open_with_cuts(blocks, b, _region(spec), spec, [worst[j] for j in others], alone, rc.model,
+                                   others)
+    assert m and int(m.group(2)) == len(open_) and int(m.group(1)) == 1 + len(still)   # (SCIP's 0.3 s fit)
+    assert rc.K >= alone.K + (len(still) > 0)
+    rng = np.random.default_rng(1)
+    X = rng.uniform(spec.lower, spec.upper, size=(500, spec.lower.size))
+    Vs = np.stack([solution_from_input(rc.model, blocks, x) for x in X])
+    assert np.all(rc.coef @ Vs.T <= rc.rhs[:, None] + 1e-9)
+
+
+def _region(spec):
+    from solvers.network.spec import make_region
+
+    return make_region(spec.lower.size, spec.lower, spec.upper, spec.l1_center, spec.l1_radius)
