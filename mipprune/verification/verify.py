@@ -829,15 +829,13 @@ def _root_cuts(network, blocks, bounds: Bounds, region: Region, spec: Spec, lb, 
 def _rows_open_with_cuts(blocks, bounds: Bounds, region: Region, spec: Spec, rows, rc, model, disjuncts) -> list:
     """The ``disjuncts`` whose row in ``rows`` (global row indices, one each) the cuts ``rc`` leave open at the
     root: GCP-CROWN's bound (``bab.CUT_ROOT_ITERS`` steps, on ``bounds``) of those rows <= 0."""
-    import torch
-
     from mipprune.verification import crown
     from mipprune.verification.bab import CUT_ROOT_ITERS, torch_threads
     from mipprune.verification.cuts import cuts_from_columns, optimize_cut_bound
 
     C_all, d_all = _rows(spec)
-    with torch_threads():
-        net = crown.TorchNet.from_blocks(blocks, dtype=torch.float64)
+    with torch_threads():   # (a choice, not a proof: the call's precision, like the search's)
+        net = crown.TorchNet.from_blocks(blocks)
         L = net.n_layers
         lower = [net.tensor(a)[None] for a in bounds.lower[:L - 1]]
         upper = [net.tensor(a)[None] for a in bounds.upper[:L - 1]]
