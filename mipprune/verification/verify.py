@@ -49,6 +49,7 @@ answer is UNKNOWN (the message says why).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import time
@@ -792,8 +793,7 @@ def _root_cuts(network, blocks, bounds: Bounds, region: Region, spec: Spec, lb, 
         k = worst[j] - offs[j]
         return root_cuts(base.with_objective(A[k], -b[k]), rounds=CUT_ROUNDS, time_limit=limit)
 
-    share = clock.share(CUT_SHARE)
-    budget = CUT_MAX_SECONDS if share is None else min(CUT_MAX_SECONDS, share)
+    budget = clock.share(CUT_SHARE, CUT_MAX_SECONDS)
     found = [cuts_of(order[0], budget)]
     spent = found[0].seconds
     rest = order[1:]
@@ -812,11 +812,8 @@ def _root_cuts(network, blocks, bounds: Bounds, region: Region, spec: Spec, lb, 
     V = np.stack([solution_from_input(base, blocks, x) for x in X])
     ok = np.all(coef @ V.T <= rhs[:, None], axis=1)
     clock.add("cuts", t)
-    fams: dict = {}
-    for rc in found:
-        for name, n in rc.info["families"].items():
-            fams[name] = fams.get(name, 0) + n
-    fams_s = ", ".join(f"{n} {k}" for k, n in sorted(fams.items(), key=lambda kv: -kv[1]))
+    fams = sum((collections.Counter(rc.info["families"]) for rc in found), collections.Counter())
+    fams_s = ", ".join(f"{n} {k}" for k, n in fams.most_common())
     r0 = worst[order[0]]
     notes.append(f"SCIP root cuts: {int(ok.sum())} of {rhs.size} kept ({fams_s}; {CUT_ROUNDS} rounds, "
                  f"{len(found)} of {len(open_)} open disjunct(s)' MILPs, {spent:.1f} s; its root bound "
