@@ -20,7 +20,10 @@ memory stays bounded (hitting the cap ends the search as ``unknown``, with the r
   first bounded with the parent's α/β (one backward pass, ``SCREEN``): those it proves are not
   optimized (OVAL21 base img3568: 43 % of the children). Open domains feed
   counterexample search: the bound minimizers are re-checked in float64, and PGD starts from them
-  every 2.5 s at first, less often the longer it finds nothing (``_PgdClock``).
+  every 2.5 s at first, less often the longer it finds nothing (``_PgdClock``). Cutting planes
+  (GCP-CROWN, :mod:`.cuts`) enter every domain's bound, given at the start (``cuts``) or joining the
+  running search (``cut_source``: its domains are kept, only the root's cut multipliers are optimized
+  anew). The frontier is logged every ``LOG_EVERY`` s at DEBUG level.
 * :func:`input_bab` — for networks with few inputs: domains are input boxes, bounded by backward
   CROWN (intermediate layers too); a box is split in half along the coordinate with the
   largest ``|Λ_d|·width_d`` (smart branching on the worst row).
@@ -31,6 +34,7 @@ import contextlib
 import contextvars
 import heapq
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +48,9 @@ from mipprune.verification.cuts import Cuts, cut_bound, cuts_from_columns, optim
 from solvers.network.spec import Spec
 
 __all__ = ["BabResult", "relu_bab", "input_bab", "spec_rows"]
+
+_log = logging.getLogger(__name__)
+LOG_EVERY = 20.0         # seconds between progress lines of a search (logging, DEBUG)
 
 STEP_SECONDS = 0.5       # target wall time of one batch (adapts the batch size)
 TORCH_THREADS = 1        # intra-op threads during a search (see torch_threads)
@@ -385,7 +392,7 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
              batch: int = 32, intermediate: bool = False, candidates: int = 1, lr_alpha: float = 0.1,
              lr_beta: float = 0.05, joint: bool = True, fast32: bool = True,
              max_store_bytes: int | None = None, screen: bool | None = None, clauses: bool = False,
-             cuts: Cuts | None = None) -> BabResult:
+             cuts: Cuts | None = None, cut_source=None) -> BabResult:
     """Branch and bound over ReLU splits on the open ``disjuncts`` of ``spec`` (box regions).
 
     ``root_lower[i]``, ``root_upper[i]`` (numpy, (n_i,)) are sound pre-activation bounds of block
@@ -403,7 +410,12 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     parent's α/β (one backward pass) and only those it leaves open are optimized. ``cuts``: cutting planes
     valid on the whole input box (:class:`.cuts.Cuts`, or a MILP's :class:`solvers.milp_cuts.RootCuts` on these
     root bounds): the root and every optimized child are bounded with them (GCP-CROWN, float64; the root's
-    multipliers start each child's). ``clauses``: learn
+    multipliers start each child's). ``cut_source``: cuts that join the running search (e.g. a MILP solver's,
+    computed only once a plain search has not ended): an object with ``due() -> bool``, asked before every
+    step, and ``__call__(frontier) -> cuts or None``, called when due with the open disjuncts' worst stored
+    bounds (disjunct index → bound); the cuts returned replace the current ones (pass the union), the root's
+    multipliers are optimized with them and disjuncts they prove at the root leave the search (the stored
+    domains keep their bounds: cuts only tighten). ``clauses``: learn
     conflict clauses from proven children (their splits less the least important quarter, half or
     three quarters, kept where the bound proves the shorter set too) and propagate them on every domain
     (implied splits, domains inside a proven region dropped): :mod:`.clauses`; counts in
@@ -463,14 +475,14 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     groups = [open_d] if joint and len(set(n_rows.values())) == 1 else [[k] for k in open_d]
     for n_done, grp in enumerate(groups):
         As = torch.stack([root_A[0, np.nonzero(owner_np == k)[0]] for k in grp])
-        if root_mu is not None:
-            st.cut_mu = torch.stack([root_mu[0, np.nonzero(owner_np == k)[0]] for k in grp])
+        # the root's cut multipliers of these rows (cuts that joined an earlier group's search: computed anew)
+        st.cut_mu = None if root_mu is None else torch.stack([root_mu[0, np.nonzero(owner_np == k)[0]] for k in grp])
         root_scores = [float(per[k]) for k in grp]
         try:
             status = _search_rows(st, spec, [disjuncts[k] for k in grp], check, As, deadline,
                                   (max_domains, max_store_bytes), batch, iters, candidates, res, (lr_alpha, lr_beta),
                                   root_scores=root_scores, screen=SCREEN if screen is None else screen,
-                                  learn=clauses)
+                                  learn=clauses, cut_source=cut_source)
         except torch.cuda.OutOfMemoryError:
             _out_of_memory(res, "domains")
             status = "unknown"
@@ -523,7 +535,7 @@ def _search_counterexample(check, cand: np.ndarray, pgd: _PgdClock, deadline: fl
 
 def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, deadline, limits, batch, iters,
                  candidates, res: BabResult, lrs=(0.1, 0.05), root_scores=None, screen: bool = False,
-                 learn: bool = False) -> str:
+                 learn: bool = False, cut_source=None) -> str:
     """Best-first ReLU-split search on ``disjuncts`` (each with the same number ``m`` of rows; a
     domain belongs to one of them, and is safe when one of its disjunct's rows is proven > 0);
     ``root_A`` (G, m, n_slots) the root's α per disjunct; ``limits`` (max domains, max bytes) of
@@ -546,8 +558,13 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     G = len(disjuncts)
     per_domain = st.n_hidden + 2 * 4 * m * st.n_slots + 200     # int8 splits, float32 α and β, bookkeeping
     max_domains = max(1, min(limits[0], limits[1] // per_domain))
-    push(torch.zeros((G, st.n_hidden), dtype=torch.int8, device=net.device), root_A, torch.zeros_like(root_A),
-         range(G), torch.full((G,), -np.inf) if root_scores is None else torch.tensor(root_scores, dtype=torch.float64))
+    roots = torch.arange(G)
+    if st.cuts is not None and st.cut_mu is None:   # cuts that joined an earlier group's search
+        roots = torch.nonzero(~_adopt_cuts(st, st.cuts, root_A, Cs, c0s, deadline, res).cpu())[:, 0]
+    scores = torch.full((G,), -np.inf) if root_scores is None else torch.tensor(root_scores, dtype=torch.float64)
+    A0 = root_A[roots.to(root_A.device)]
+    push(torch.zeros((roots.numel(), st.n_hidden), dtype=torch.int8, device=net.device), A0, torch.zeros_like(A0),
+         roots.tolist(), scores[roots])
     batcher = _Batcher(batch)
     exhausted = 0          # domains with nothing left to split but not proven (need an exact solve)
     pgd = _PgdClock()
@@ -555,8 +572,29 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     book = ConflictClauses(int(st.split_idx.numel()), net.device) if learn else None
     if book is not None:
         res.info["clauses"] = book.stats
+    t_start = t_log = time.perf_counter()
 
     while heap:
+        if _log.isEnabledFor(logging.DEBUG) and time.perf_counter() - t_log >= LOG_EVERY:
+            t_log = time.perf_counter()
+            _log.debug("relu_bab %.0f s: frontier %.5g, %d open, %d domains", t_log - t_start, heap[0][0], len(heap),
+                       res.domains)
+        if cut_source is not None and cut_source.due():
+            frontier: dict = {}
+            for score, k in heap:
+                g = store[k][3]
+                frontier[disjuncts[g]] = min(frontier.get(disjuncts[g], np.inf), score)
+            new = cut_source(frontier)
+            if new is not None:
+                proven = _adopt_cuts(st, new, root_A, Cs, c0s, deadline, res)
+                if bool(proven.any()):   # disjuncts the cuts prove at the root: their domains are done
+                    done = proven.tolist()
+                    for k in [k for k, it in store.items() if done[it[3]]]:
+                        del store[k]
+                    heap = [e for e in heap if e[1] in store]
+                    heapq.heapify(heap)
+                    if not heap:
+                        break
         if deadline is not None and time.perf_counter() >= deadline:
             res.message = f"{len(heap)} open domains"
             res.info["open_lb"] = heap[0][0]
@@ -670,6 +708,27 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         res.message = f"{exhausted} fully split domain(s) left unproven (the bound is not exact there)"
         return "unknown"
     return "verified"
+
+
+def _adopt_cuts(st: _ReluState, cuts, root_A: torch.Tensor, Cs, c0s, deadline, res: BabResult) -> torch.Tensor:
+    """Cuts joining a running search: they replace ``st.cuts``; the root's multipliers (every child's start) are
+    optimized with them (``CUT_ROOT_ITERS`` steps from the root's α ``root_A`` (G, m, n_slots), rows ``Cs, c0s``
+    (G, m, ·)). Returns which of the G disjuncts the cuts prove at the root ((G,) bool)."""
+    net = st.net
+    if not isinstance(cuts, Cuts):   # a MILP's cuts (solvers.milp_cuts.RootCuts): on this net
+        cuts = cuts_from_columns(cuts.model, cuts.coef, cuts.rhs, net)
+    G = Cs.shape[0]
+    lower, upper, _ = st.layers(torch.zeros((G, st.n_hidden), dtype=torch.int8, device=net.device))
+    alphas, _ = st.expand(root_A, torch.zeros_like(root_A))
+    out: dict = {}
+    lb = optimize_cut_bound(net, lower, upper, Cs, c0s, st.lo_in.expand(G, -1), st.hi_in.expand(G, -1), cuts,
+                            iters=CUT_ROOT_ITERS, alphas=alphas, deadline=deadline, out=out)
+    st.cuts, st.cuts32, st.cut_mu = cuts, None, out["mu"]
+    owner = torch.zeros((1, Cs.shape[1]), dtype=torch.long, device=net.device)
+    proven = _domain_safe(lb, owner, 1)
+    res.info.setdefault("cuts_joined", []).append(
+        {"domains": res.domains, "cuts": cuts.K, "root_lb": float(lb.min()), "proven": int(proven.sum())})
+    return proven
 
 
 def _learn(st: _ReluState, book: ConflictClauses, S, A, B, tags, lb, proven, Cs, c0s, owner) -> None:

@@ -234,13 +234,14 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         one after the LP stage if ``REFINE_AUTO`` (off; see the README for the measurements that
         set both). The message records what ran.
     cuts : {"auto", "scip", "off"}
-        Cutting planes in ReLU branch and bound (GCP-CROWN, :mod:`mipprune.verification.cuts`): SCIP's root
-        cuts of the worst open disjunct's MILP (:func:`solvers.milp_cuts.root_cuts`, ``CUT_ROUNDS`` separation
-        rounds, at most ``CUT_SHARE`` of the time left), then, while that time box allows, those of each other
-        open disjunct the first cuts leave open at the root, enter every domain's bound through multipliers.
-        ``"auto"``: on networks the split refinement leaves alone (convolutional, no max pools), after a first
-        branch and bound of ``CUT_PROBE_SECONDS`` ended open, when pyscipopt is installed (``mipprune[scip]``);
-        ``"scip"``: before the first branch and bound, on any ReLU network without max pools; ``"off"``: never.
+        Cutting planes in ReLU branch and bound (GCP-CROWN, :mod:`mipprune.verification.cuts`): they join the
+        running search (its domains kept) and enter every domain's bound after it through multipliers. First
+        SCIP's root cuts of the MILP of the disjunct the search finds worst (:func:`solvers.milp_cuts.root_cuts`,
+        ``CUT_ROUNDS`` separation rounds, at most ``CUT_SHARE`` of the time left), then, ``CUT_STAGE_SECONDS``
+        later, while that time box allows, those of each disjunct the search still has open (:class:`_ScipCuts`).
+        ``"auto"``: on networks the split refinement leaves alone (convolutional, no max pools), once the
+        search has run ``CUT_PROBE_SECONDS`` without ending, when pyscipopt is installed (``mipprune[scip]``);
+        ``"scip"``: at the search's first step, on any ReLU network without max pools; ``"off"``: never.
     bab_options : dict, optional
         Keyword options of ReLU branch and bound (:func:`mipprune.verification.bab.relu_bab`: e.g.
         ``iters``, ``candidates``, ``intermediate``, ``clauses``); for studies, the defaults are the measured
@@ -292,11 +293,13 @@ COMPLETE_METHODS = ("auto", "milp", "bab", "input")
 BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "candidates", "screen", "lr_alpha",
                "lr_beta", "joint", "fast32", "max_store_bytes", "clauses")
 CUTS_MODES = ("auto", "scip", "off")
-CUT_PROBE_SECONDS = 30.0      # cuts="auto": plain branch and bound first (OVAL21: 19 of the 20 it solves end within it)
+CUT_PROBE_SECONDS = 30.0      # cuts="auto": they join after this much plain search (OVAL21: 19 of the 20 it solves end
+                              # within it; the search goes on from its domains: wide img3458 607 s -> 116 s)
 CUT_ROUNDS = 3                # SCIP's separation rounds at the root (OVAL21 deep img1052: 639 cuts in 34 s)
 CUT_SHARE = 0.25              # most of the time left that SCIP's root may take …
 CUT_MAX_SECONDS = 150.0       # … and at most this
 CUT_CHECK_POINTS = 64         # inputs of the box every cut is checked at (one violated: dropped)
+CUT_STAGE_SECONDS = 30.0      # search with the first cuts before the other open disjuncts' MILPs are asked
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
 BAB_SECONDS_WITH_MAXPOOL = 60.0  # … and its seconds when there is no time limit
 INPUT_SPLIT_MAX_INPUTS = 16   # input splitting pays only in low dimension (boxes halve per split)
@@ -533,22 +536,9 @@ def _verify(network: Network, spec: Spec, clock: _Clock, time_limit, backend: st
         # ReLU splits cannot make a max pool's relaxation exact: with max pools, branch and bound gets a
         # share of the time and the (exact) MILP the rest
         share = BAB_SHARE_WITH_MAXPOOL if any(b.pool is not None for b in blocks[:-1]) else None
-        use_cuts = _wants_cuts(cuts, blocks, notes)
-        if use_cuts and cuts == "auto":   # most queries end in a short plain search: cuts only for the rest
-            left = clock.left()
-            probe = CUT_PROBE_SECONDS / (left if left is not None else BAB_SECONDS_WITH_MAXPOOL)
-            if probe < 1.0:
-                r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout, probe,
-                             bab_options, why="cutting planes next")
-                if r.verdict is not Verdict.UNKNOWN or clock.out():
-                    return dataclasses.replace(r, message=r.message + "; " + "; ".join(notes)) if notes else r
-                notes.append(f"a first branch and bound ended open ({r.message})")
-        if use_cuts:
-            rc = _root_cuts(network, blocks, bounds, region, spec, lb, offs, open_, clock, notes)
-            if rc is not None:
-                bab_options = {**(bab_options or {}), "cuts": rc}
-            if clock.out():
-                return timeout("the root cuts")
+        if _wants_cuts(cuts, blocks, notes):   # they join the search once it has run a while (auto) or at once
+            bab_options = {**(bab_options or {}), "cut_source": _ScipCuts(
+                blocks, bounds, region, spec, lb, offs, clock, notes, CUT_PROBE_SECONDS if cuts == "auto" else 0.0)}
         r = _run_bab(network, spec, blocks, bounds, open_, clock, device, seed, "bab", result, timeout, share,
                      bab_options)
         if notes:   # record the path (refinement, fallbacks) in the message
@@ -771,77 +761,93 @@ def _wants_cuts(cuts: str, blocks, notes: list) -> bool:
     return True
 
 
-def _root_cuts(network, blocks, bounds: Bounds, region: Region, spec: Spec, lb, offs, open_, clock: _Clock,
-               notes: list):
-    """SCIP's root cuts of the MILP on ``bounds`` minimizing the worst open row (no output constraints, so the
-    cuts hold for every input of the region); then, while the time box allows, those of the worst row of each
-    other open disjunct that these cuts leave open at the root (:func:`_rows_open_with_cuts`), all together.
-    Each cut is checked at ``CUT_CHECK_POINTS`` inputs (a violated one is dropped: numerically unsafe);
-    ``None`` (with a note) when SCIP returns none."""
-    import scipy.sparse as sp
+class _ScipCuts:
+    """SCIP's root cuts joining ReLU branch and bound (its ``cut_source``), in two stages: once the search has
+    run ``first_after`` seconds, the cuts of the MILP minimizing the worst open disjunct's worst row (the
+    search's frontier says which; the MILP has no output constraints, so its cuts hold on the whole region);
+    ``CUT_STAGE_SECONDS`` of search with them later, those of each disjunct the search still has open, worst
+    first, while the time box (``CUT_SHARE`` of the time left when the first call starts, at most
+    ``CUT_MAX_SECONDS``) holds another call as long as the longest so far. Each cut is checked at
+    ``CUT_CHECK_POINTS`` inputs of the region (a violated one is dropped: numerically unsafe). Searches that end
+    within ``first_after`` never pay for SCIP; those that end soon after the first cuts never pay for the rest
+    (OVAL21 base img3568: 72 s with one disjunct's cuts, 128 s when every open disjunct's came first)."""
 
-    from solvers.milp import solution_from_input
-    from solvers.milp_cuts import root_cuts
+    def __init__(self, blocks, bounds: Bounds, region: Region, spec: Spec, lb, offs, clock: _Clock, notes: list,
+                 first_after: float):
+        self.blocks, self.bounds, self.region, self.spec, self.clock, self.notes = blocks, bounds, region, spec, \
+            clock, notes
+        self.base = None          # the MILP, built at the first call (searches that end before it never pay)
+        self.worst = {j: int(offs[j] + np.argmin(lb[offs[j]:offs[j + 1]])) for j in range(len(offs) - 1)}
+        self.offs = offs
+        self.next_at = time.perf_counter() + first_after
+        self.t0 = time.perf_counter()
+        self.found: list = []      # the RootCuts of each MILP asked, with the disjunct it minimized
+        self.kept = None           # (coef, rhs) of the checked union
+        self.budget = None
+        self.seconds = 0.0         # wall time of the calls (SCIP and the checks)
+        rng = np.random.default_rng(0)
+        X = rng.uniform(region.lower, region.upper, size=(CUT_CHECK_POINTS, region.lower.size))
+        X[0] = (region.lower + region.upper) / 2
+        self.points = X
 
-    t = time.perf_counter()
-    worst = {j: int(offs[j] + np.argmin(lb[offs[j]:offs[j + 1]])) for j in open_}
-    order = sorted(open_, key=lambda j: lb[worst[j]])
-    base = build_milp(blocks, bounds.lower, bounds.upper, region)
+    def due(self) -> bool:
+        return self.next_at is not None and time.perf_counter() >= self.next_at
 
-    def cuts_of(j, limit):
-        A, b = spec.disjuncts[j]
-        k = worst[j] - offs[j]
-        return root_cuts(base.with_objective(A[k], -b[k]), rounds=CUT_ROUNDS, time_limit=limit)
+    def _cuts_of(self, j, limit):
+        from solvers.milp_cuts import root_cuts
 
-    budget = clock.share(CUT_SHARE, CUT_MAX_SECONDS)
-    found = [cuts_of(order[0], budget)]
-    spent = found[0].seconds
-    rest = order[1:]
-    if rest and budget - spent >= found[0].seconds:   # the others: only those these cuts leave open
-        rest = _rows_open_with_cuts(blocks, bounds, region, spec, [worst[j] for j in rest], found[0], base, rest)
-    for j in rest:
-        if budget - spent < max(rc.seconds for rc in found):   # the next one would not fit
-            break
-        found.append(cuts_of(j, budget - spent))
-        spent += found[-1].seconds
-    coef = sp.vstack([rc.coef for rc in found]).tocsr()
-    rhs = np.concatenate([rc.rhs for rc in found])
-    rng = np.random.default_rng(0)
-    X = rng.uniform(region.lower, region.upper, size=(CUT_CHECK_POINTS, region.lower.size))
-    X[0] = (region.lower + region.upper) / 2
-    V = np.stack([solution_from_input(base, blocks, x) for x in X])
-    ok = np.all(coef @ V.T <= rhs[:, None], axis=1)
-    clock.add("cuts", t)
-    fams = sum((collections.Counter(rc.info["families"]) for rc in found), collections.Counter())
-    fams_s = ", ".join(f"{n} {k}" for k, n in fams.most_common())
-    r0 = worst[order[0]]
-    notes.append(f"SCIP root cuts: {int(ok.sum())} of {rhs.size} kept ({fams_s}; {CUT_ROUNDS} rounds, "
-                 f"{len(found)} of {len(open_)} open disjunct(s)' MILPs, {spent:.1f} s; its root bound "
-                 f"{found[0].bound:.4g} against {lb[r0]:.4g} before branch and bound)")
-    if not ok.any():
-        return None
-    return dataclasses.replace(found[0], coef=coef[ok], rhs=rhs[ok], seconds=spent, model=base)
+        A, b = self.spec.disjuncts[j]
+        k = self.worst[j] - self.offs[j]
+        return root_cuts(self.base.with_objective(A[k], -b[k]), rounds=CUT_ROUNDS, time_limit=limit)
 
+    def __call__(self, frontier: dict):
+        """The union of all cuts so far (a :class:`RootCuts` on ``self.base``), or ``None`` when this stage added
+        none; ``frontier``: open disjunct → the search's worst stored bound of it."""
+        import scipy.sparse as sp
 
-def _rows_open_with_cuts(blocks, bounds: Bounds, region: Region, spec: Spec, rows, rc, model, disjuncts) -> list:
-    """The ``disjuncts`` whose row in ``rows`` (global row indices, one each) the cuts ``rc`` leave open at the
-    root: GCP-CROWN's bound (``bab.CUT_ROOT_ITERS`` steps, on ``bounds``) of those rows <= 0."""
-    from mipprune.verification import crown
-    from mipprune.verification.bab import CUT_ROOT_ITERS, torch_threads
-    from mipprune.verification.cuts import cuts_from_columns, optimize_cut_bound
+        from solvers.milp import solution_from_input
 
-    C_all, d_all = _rows(spec)
-    with torch_threads():   # (a choice, not a proof: the call's precision, like the search's)
-        net = crown.TorchNet.from_blocks(blocks)
-        L = net.n_layers
-        lower = [net.tensor(a)[None] for a in bounds.lower[:L - 1]]
-        upper = [net.tensor(a)[None] for a in bounds.upper[:L - 1]]
-        lo, hi = net.box(region.lower, region.upper)
-        cuts = cuts_from_columns(model, rc.coef, rc.rhs, net)
-        lbc = optimize_cut_bound(net, lower, upper, net.tensor(C_all[rows])[None], net.tensor(d_all[rows])[None],
-                                 lo, hi, cuts, iters=CUT_ROOT_ITERS)[0]
-    proven = crown.proven(lbc.detach()).cpu().numpy()
-    return [j for j, p in zip(disjuncts, proven) if not p]
+        t = time.perf_counter()
+        if self.base is None:
+            self.base = build_milp(self.blocks, self.bounds.lower, self.bounds.upper, self.region)
+        first = not self.found
+        asked = {j for j, _ in self.found}
+        order = [j for j in sorted(frontier, key=frontier.get) if j not in asked]
+        if first:
+            self.budget = self.clock.share(CUT_SHARE, CUT_MAX_SECONDS)
+            order = order[:1]
+        spent = sum(rc.seconds for _, rc in self.found)
+        new = []
+        for j in order:
+            if self.found and self.budget - spent < max(rc.seconds for _, rc in self.found):   # would not fit
+                break
+            new.append(self._cuts_of(j, self.budget - spent))
+            self.found.append((j, new[-1]))
+            spent += new[-1].seconds
+        self.next_at = time.perf_counter() + CUT_STAGE_SECONDS if first else None   # two stages at most
+        if new:
+            coef = sp.vstack([rc.coef for rc in new]).tocsr()
+            rhs = np.concatenate([rc.rhs for rc in new])
+            V = np.stack([solution_from_input(self.base, self.blocks, x) for x in self.points])
+            ok = np.all(coef @ V.T <= rhs[:, None], axis=1)
+            fams = sum((collections.Counter(rc.info["families"]) for rc in new), collections.Counter())
+            after = f"after {t - self.t0:.0f} s of branch and bound" if t - self.t0 >= 1 else "before branch and bound"
+            what = (f"the worst open disjunct's MILP (its root bound {new[0].bound:.4g}, the search's frontier "
+                    f"{frontier[order[0]]:.4g})" if first else f"{len(new)} more open disjunct(s)' MILPs")
+            self.notes.append(f"SCIP root cuts {after}: {int(ok.sum())} of {rhs.size} kept from {what} ("
+                              + ", ".join(f"{n} {k}" for k, n in fams.most_common())
+                              + f"; {CUT_ROUNDS} rounds, {sum(rc.seconds for rc in new):.1f} s)")
+            if ok.any():
+                coef, rhs = coef[ok], rhs[ok]
+                if self.kept is not None:
+                    coef, rhs = sp.vstack([self.kept[0], coef]).tocsr(), np.concatenate([self.kept[1], rhs])
+                self.kept = (coef, rhs)
+                new = [dataclasses.replace(new[0], coef=coef, rhs=rhs, seconds=spent, model=self.base)]
+            else:
+                new = []
+        self.clock.add("cuts", t)
+        self.seconds += time.perf_counter() - t
+        return new[0] if new else None
 
 
 def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device, seed, path, result, timeout,
@@ -866,7 +872,8 @@ def _run_bab(network, spec, blocks, bounds: Bounds, open_, clock: _Clock, device
     if r.status == "timeout" and share is not None and not clock.out():
         r.status = "unknown"
         r.message = f"stopped after its share ({100 * share:.0f} %) of the time, {why}; " + r.message
-    clock.add(path, t)
+    source = (bab_options or {}).get("cut_source")
+    clock.add(path, t + (source.seconds if source is not None else 0.0))   # (its SCIP time is the "cuts" stage's)
     detail = _bab_detail(what, device, r)
     decided = _bab_decision(network, spec, r, detail, clock, path, result)
     if decided is not None:

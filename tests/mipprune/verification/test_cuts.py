@@ -237,15 +237,12 @@ def test_the_default_steps_bring_the_cut_bound_close_to_the_lp_with_the_same_cut
         assert gcp >= alpha + 0.8 * (lp - alpha), (alpha, gcp, lp)
 
 
-def test_root_cuts_come_from_every_disjunct_the_first_cuts_leave_open():
-    """``verify._root_cuts``: SCIP's cuts of the worst open row's MILP, then those of the other open disjuncts
-    the first cuts do not prove at the root; the union holds at network points and says how many MILPs."""
-    pytest.importorskip("pyscipopt")
-    from solvers.milp import solution_from_input
+def _two_open_disjuncts(seeds=range(12)):
+    """A case whose CROWN bounds leave two disjuncts open, with its blocks, bounds and margins."""
     from mipprune.verification import verify as V
     from tests.mipprune.verification.test_bab import _case
 
-    for seed in range(12):   # a case with two disjuncts open after CROWN
+    for seed in seeds:
         net, spec = _case(seed, 0.3, (8, 24, 24, 24, 3))
         blocks = net.to_affine_relu()
         b = compute_bounds(net, spec.lower, spec.upper, "crown")
@@ -253,30 +250,97 @@ def test_root_cuts_come_from_every_disjunct_the_first_cuts_leave_open():
         offs = np.concatenate([[0], np.cumsum([A.shape[0] for A, _ in spec.disjuncts])])
         open_ = V._open(lb, offs)
         if len(open_) >= 2:
-            break
-    else:
-        pytest.skip("no case with two open disjuncts")
-    region = _region(spec)
-    notes: list = []
-    rc = V._root_cuts(net, blocks, b, region, spec, lb, offs, open_, V._Clock(120.0), notes)
-    assert rc is not None and rc.K > 0
-    m = re.search(r"(\d+) of (\d+) open disjunct", notes[-1])
-    from solvers.milp_cuts import root_cuts
+            return net, spec, blocks, b, lb, offs, open_
+    pytest.skip("no case with two open disjuncts")
 
-    worst = {j: int(offs[j] + np.argmin(lb[offs[j]:offs[j + 1]])) for j in open_}
-    j0 = min(open_, key=lambda j: lb[worst[j]])
-    A, bb = spec.disjuncts[j0]
-    alone = root_cuts(rc.model.with_objective(A[worst[j0] - offs[j0]], -bb[worst[j0] - offs[j0]]),
-                      rounds=V.CUT_ROUNDS)
-    others = [j for j in open_ if j != j0]
-    still = V._rows_open_with_cuts(blocks, b, _region(spec), spec, [worst[j] for j in others], alone, rc.model,
-                                   others)
-    assert m and int(m.group(2)) == len(open_) and int(m.group(1)) == 1 + len(still)   # (SCIP's 0.3 s fit)
-    assert rc.K >= alone.K + (len(still) > 0)
-    rng = np.random.default_rng(1)
-    X = rng.uniform(spec.lower, spec.upper, size=(500, spec.lower.size))
-    Vs = np.stack([solution_from_input(rc.model, blocks, x) for x in X])
-    assert np.all(rc.coef @ Vs.T <= rc.rhs[:, None] + 1e-9)
+
+class _Source:
+    """A cut source for ``relu_bab``: due at its ``after``-th question, once; records the frontiers it was given."""
+
+    def __init__(self, cuts, after=2):
+        self.cuts, self.after, self.asked, self.frontiers = cuts, after, 0, []
+
+    def due(self):
+        self.asked += 1
+        return self.asked == self.after
+
+    def __call__(self, frontier):
+        self.frontiers.append(dict(frontier))
+        return self.cuts
+
+
+def test_cuts_that_join_a_running_search_prove_their_disjuncts_at_the_root_and_end_it():
+    """Cuts arriving mid-search (``cut_source``): the root's multipliers are optimized with them, and disjuncts
+    they prove at the root leave the search. Here each open disjunct gets the cut 'its margin >= half its MILP
+    minimum' (valid: the MILP is exact), so every disjunct is proven the moment the cuts join."""
+    import time
+
+    import scipy.sparse as sp
+
+    from mipprune.verification.bab import relu_bab
+    from solvers.milp_cuts import RootCuts
+
+    net, spec, blocks, b, lb, offs, open_ = _two_open_disjuncts([5])   # (safe: both MILP minima > 0.17)
+    base = build_milp(net, b.lower, b.upper, lower=spec.lower, upper=spec.upper)
+    M, bias = base.out_map
+    rows, rhs = [], []
+    for j in open_:
+        A, bb = spec.disjuncts[j]
+        k = int(np.argmin(lb[offs[j]:offs[j + 1]]))
+        sol = solve_highs(base.with_objective(A[k], -bb[k]), time_limit=60)
+        assert sol.status == Status.OPTIMAL
+        if sol.objective <= 0:
+            pytest.skip("a falsifiable case")
+        scale = 100.0   # the same inequality, scaled: μ's small steps reach it in a few iterations
+        rows.append(-scale * np.asarray(M.T @ A[k]).reshape(-1))
+        rhs.append(scale * (A[k] @ bias - bb[k] - sol.objective / 2))
+    cuts = RootCuts(sp.csr_matrix(np.array(rows)), np.array(rhs), None, 0.0, model=base)
+    plain = relu_bab(net, spec, blocks, b.lower, b.upper, open_, deadline=time.perf_counter() + 60, root_iters=0)
+    src = _Source(cuts)
+    r = relu_bab(net, spec, blocks, b.lower, b.upper, open_, deadline=time.perf_counter() + 60, root_iters=0,
+                 cut_source=src)
+    assert plain.status == r.status == "verified"
+    if plain.steps <= 1:
+        pytest.skip("the plain search ended before the cuts were due")
+    joined = r.info["cuts_joined"][0]
+    assert set(src.frontiers[0]) <= set(open_) and src.frontiers[0]   # the disjuncts still open, with bounds
+    assert joined["proven"] == len(src.frontiers[0]) and joined["root_lb"] > 0
+    assert r.steps == 1 < plain.steps   # one step before the cuts, none after
+
+
+def test_scip_cuts_join_in_two_stages_the_second_only_for_disjuncts_still_open(monkeypatch):
+    """``verify._ScipCuts``: the first call asks SCIP for the worst open disjunct's MILP only; the second,
+    ``CUT_STAGE_SECONDS`` later, for the disjuncts the search still has open that have no cuts of their own
+    (none here when the frontier lists only the first); then it is never due again. The union holds at
+    network points."""
+    pytest.importorskip("pyscipopt")
+    from mipprune.verification import verify as V
+    from solvers.milp import solution_from_input
+
+    net, spec, blocks, b, lb, offs, open_ = _two_open_disjuncts()
+    region = _region(spec)
+    monkeypatch.setattr(V, "CUT_STAGE_SECONDS", 0.0)
+    frontier = {j: float(np.min(lb[offs[j]:offs[j + 1]])) for j in open_}
+    worst = min(frontier, key=frontier.get)
+    for still_open in ({worst}, set(open_)):
+        notes: list = []
+        src = V._ScipCuts(blocks, b, region, spec, lb, offs, V._Clock(120.0), notes, first_after=0.0)
+        assert src.due()
+        first = src({j: frontier[j] for j in open_})
+        assert [j for j, _ in src.found] == [worst] and first is not None and "worst open disjunct" in notes[0]
+        assert src.due()
+        union = src({j: frontier[j] for j in still_open})
+        assert not src.due()
+        assert [j for j, _ in src.found] == [worst, *sorted(still_open - {worst}, key=frontier.get)]
+        if still_open == {worst}:
+            assert union is None and len(notes) == 1
+            continue
+        assert union is not None and union.K >= first.K and "more open disjunct(s)' MILPs" in notes[1]
+        rng = np.random.default_rng(1)
+        X = rng.uniform(spec.lower, spec.upper, size=(500, spec.lower.size))
+        Vs = np.stack([solution_from_input(union.model, blocks, x) for x in X])
+        assert np.all(union.coef @ Vs.T <= union.rhs[:, None] + 1e-9)
+        assert src.seconds > 0 and "cuts" in src.clock.stages
 
 
 def _region(spec):
