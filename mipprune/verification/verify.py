@@ -297,7 +297,8 @@ CUT_PROBE_SECONDS = 30.0      # cuts="auto": they join after this much plain sea
                               # within it; the search goes on from its domains: wide img3458 607 s -> 116 s)
 CUT_ROUNDS = 3                # SCIP's separation rounds at the root (OVAL21 deep img1052: 639 cuts in 34 s)
 CUT_SHARE = 0.25              # most of the time left that SCIP's root may take …
-CUT_MAX_SECONDS = 150.0       # … and at most this
+CUT_MAX_SECONDS = 200.0       # … and at most this (150 s left deep img4405 one disjunct's MILP: frontier -0.069
+                              # at 720 s; with two -0.027)
 CUT_CHECK_POINTS = 64         # inputs of the box every cut is checked at (one violated: dropped)
 CUT_STAGE_SECONDS = 30.0      # search with the first cuts before the other open disjuncts' MILPs are asked
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
@@ -722,6 +723,9 @@ def _bab_detail(what: str, device, r, when: str = "") -> str:
     root = f"; {r.info['root_open']} disjunct(s) open after the root α-CROWN" if "root_open" in r.info else ""
     if "root_lb_without_cuts" in r.info:
         root += f" (root bound {r.info['root_lb']:.4g} with the cuts, {r.info['root_lb_without_cuts']:.4g} without)"
+    for c in r.info.get("cuts_joined", []):
+        root += (f"; {c['cuts']} cuts joined after {c['domains']} domains (root bound with them {c['root_lb']:.4g}, "
+                 f"{c['proven']} disjunct(s) proven there)")
     screened = f"; {r.info['screened']} proven by the parent's α/β" if r.info.get("screened") else ""
     cl = r.info.get("clauses")
     clauses = (f"; clauses: {cl['learned']} learned of {cl.get('tried', 0)} tried, {cl['implied']} implied splits, "
@@ -770,7 +774,7 @@ class _ScipCuts:
     ``CUT_MAX_SECONDS``) holds another call as long as the longest so far. Each cut is checked at
     ``CUT_CHECK_POINTS`` inputs of the region (a violated one is dropped: numerically unsafe). Searches that end
     within ``first_after`` never pay for SCIP; those that end soon after the first cuts never pay for the rest
-    (OVAL21 base img3568: 72 s with one disjunct's cuts, 128 s when every open disjunct's came first)."""
+    (OVAL21 base img3568: 54 s; 128 s when every open disjunct's cuts came first, before a new search)."""
 
     def __init__(self, blocks, bounds: Bounds, region: Region, spec: Spec, lb, offs, clock: _Clock, notes: list,
                  first_after: float):

@@ -172,7 +172,8 @@ def test_verify_takes_cuts_and_says_what_they_did():
 
     net, spec = _case(2, 0.25, (8, 24, 24, 24, 3))
     r = verify(net, spec, time_limit=60, complete="bab", refine="off", cuts="scip")
-    assert r.verdict.value == "verified" and "SCIP root cuts" in r.message
+    assert r.verdict.value == "verified" and "SCIP root cuts before branch and bound" in r.message
+    assert re.search(r"\d+ cuts joined after 1 domains", r.message)   # cuts="scip": at the search's first step
     with pytest.raises(InvalidInputError, match="cuts must be one of"):
         verify(net, spec, time_limit=5, cuts="gomory")
 
