@@ -296,9 +296,9 @@ CUTS_MODES = ("auto", "scip", "off")
 CUT_PROBE_SECONDS = 30.0      # cuts="auto": they join after this much plain search (OVAL21: 19 of the 20 it solves end
                               # within it; the search goes on from its domains: wide img3458 607 s -> 116 s)
 CUT_ROUNDS = 3                # SCIP's separation rounds at the root (OVAL21 deep img1052: 639 cuts in 34 s)
-CUT_SHARE = 0.25              # most of the time left that SCIP's root may take …
-CUT_MAX_SECONDS = 200.0       # … and at most this (150 s left deep img4405 one disjunct's MILP: frontier -0.069
-                              # at 720 s; with two -0.027)
+CUT_SHARE = 0.3               # most of the time left that SCIP's roots may take …
+CUT_MAX_SECONDS = 200.0       # … and at most this (150 s left deep img4405 one of its nine disjuncts' MILPs: frontier
+                              # -0.069 at 720 s; with three -0.015)
 CUT_CHECK_POINTS = 64         # inputs of the box every cut is checked at (one violated: dropped)
 CUT_STAGE_SECONDS = 30.0      # search with the first cuts before the other open disjuncts' MILPs are asked
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
@@ -771,7 +771,7 @@ class _ScipCuts:
     search's frontier says which; the MILP has no output constraints, so its cuts hold on the whole region);
     ``CUT_STAGE_SECONDS`` of search with them later, those of each disjunct the search still has open, worst
     first, while the time box (``CUT_SHARE`` of the time left when the first call starts, at most
-    ``CUT_MAX_SECONDS``) holds another call as long as the longest so far. Each cut is checked at
+    ``CUT_MAX_SECONDS``) holds half the longest call so far (SCIP stops at the box's end). Each cut is checked at
     ``CUT_CHECK_POINTS`` inputs of the region (a violated one is dropped: numerically unsafe). Searches that end
     within ``first_after`` never pay for SCIP; those that end soon after the first cuts never pay for the rest
     (OVAL21 base img3568: 54 s; 128 s when every open disjunct's cuts came first, before a new search)."""
@@ -823,7 +823,9 @@ class _ScipCuts:
         spent = sum(rc.seconds for _, rc in self.found)
         new = []
         for j in order:
-            if self.found and self.budget - spent < max(rc.seconds for _, rc in self.found):   # would not fit
+            # the next call while the box holds half the longest so far (SCIP stops at the box's end and hands over
+            # the cuts it has: deep img4405's roots took 81-100 s, then 39 s for a second disjunct)
+            if self.found and self.budget - spent < 0.5 * max(rc.seconds for _, rc in self.found):
                 break
             new.append(self._cuts_of(j, self.budget - spent))
             self.found.append((j, new[-1]))
