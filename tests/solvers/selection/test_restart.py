@@ -73,17 +73,24 @@ def test_a_restarted_search_certifies_the_brute_force_optimum(case, monkeypatch)
     assert "restarts" not in select_exact(p, k=k, rel_gap=TIGHT, lasso=False).info
 
 
-def test_restarts_nest_under_a_budget_and_keep_it():
-    (p, budget) = BUDGET_BANK[BUDGET_IDS.index("costs_C10_b12")]
-    _, opt = brute_force(p, budget=budget)
-    res = select_exact(p, budget=budget, rel_gap=TIGHT, lasso=False)
-    assert len(res.info["restarts"]) >= 2           # the restarted problem's root fixed more: it restarted too
-    assert all(r["k"] is None for r in res.info["restarts"])
-    # (every restart's root bound in the original problem's units: the nested ones too)
-    assert all(r["root_bound"] <= opt + 1e-9 for r in res.info["restarts"])
-    assert p.costs[res.mask].sum() <= budget + 1e-12
-    assert res.status is Status.OPTIMAL and res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13)
-    assert res.bound <= opt + 1e-9
+def test_restarts_under_a_budget_keep_it_nested_or_not():
+    """Every restart under a budget (a nested one too: the restarted problem's root may fix enough to restart
+    again) keeps the budget, reports its root bound in the original problem's units and certifies brute force's
+    optimum. Whether a given problem restarts, and how deep, turns on BLAS round-off near the fixing threshold
+    (costs_C10_b12: twice with two OpenBLAS threads, once with one, on an AMD EPYC), so the test takes every
+    restart the budget bank gets and asks for at least one."""
+    n = 0
+    for (p, budget) in BUDGET_BANK:
+        _, opt = brute_force(p, budget=budget)
+        res = select_exact(p, budget=budget, rel_gap=TIGHT, lasso=False)
+        restarts = res.info.get("restarts", [])
+        n += len(restarts)
+        assert all(r["k"] is None for r in restarts)
+        assert all(r["root_bound"] <= opt + 1e-9 for r in restarts)
+        assert p.costs[res.mask].sum() <= budget + 1e-12
+        assert res.status is Status.OPTIMAL and res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13)
+        assert res.bound <= opt + 1e-9
+    assert n >= 1
 
 
 def test_a_restart_keeps_the_time_limit_and_a_valid_bound(monkeypatch):

@@ -88,7 +88,14 @@ def test_methods_choose_the_same_channels_with_the_lazy_gram(method, budget, mon
     assert np.array_equal(lazy.mask, dense.mask)
     assert lazy.objective == pytest.approx(dense.objective, rel=1e-9)
     if method == "exact":
-        assert lazy.status == dense.status and lazy.bound == pytest.approx(dense.bound, rel=1e-6, abs=1e-12)
+        # both proven to the default gap (where each search stops turns on BLAS round-off: the bounds differed by
+        # 2.4e-6 relative with one OpenBLAS thread and 5.2e-5 with two, on an AMD EPYC)
+        assert lazy.status == dense.status
+        if lazy.status.value == "optimal":
+            for r in (lazy, dense):
+                assert r.objective * (1 - ex.DEFAULT_GAP) - 1e-12 <= r.bound <= r.objective + 1e-12
+        else:   # (the fallback ascent: the same steps on the same numbers)
+            assert lazy.bound == pytest.approx(dense.bound, rel=1e-6, abs=1e-12)
         assert lazy.info.get("skipped_root") == dense.info.get("skipped_root")
         assert lazy.info.get("cut_steps") == dense.info.get("cut_steps")
         if lazy.info.get("skipped_root") and not budget:
