@@ -434,8 +434,8 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     # are all split but which is still open is left to an exact solve: "exhausted")
     rl = [net.tensor(a)[None, :] for a in root_lower[:L - 1]]
     ru = [net.tensor(a)[None, :] for a in root_upper[:L - 1]]
-    if cuts is not None and not isinstance(cuts, Cuts):   # a MILP's cuts (solvers.milp_cuts.RootCuts): on this net
-        cuts = cuts_from_columns(cuts.model, cuts.coef, cuts.rhs, net)
+    if cuts is not None:
+        cuts = _on_net(cuts, net)
     st = _ReluState(net, rl, ru, lo_in, hi_in, intermediate, fast32, cuts)
     check = _Checker(network, spec, seed)
     res = BabResult("unknown", domains=1, steps=0)
@@ -710,13 +710,18 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     return "verified"
 
 
+def _on_net(cuts, net: TorchNet) -> Cuts:
+    """``cuts`` as :class:`.cuts.Cuts` on ``net`` (a MILP's :class:`solvers.milp_cuts.RootCuts` is mapped from its
+    columns)."""
+    return cuts if isinstance(cuts, Cuts) else cuts_from_columns(cuts.model, cuts.coef, cuts.rhs, net)
+
+
 def _adopt_cuts(st: _ReluState, cuts, root_A: torch.Tensor, Cs, c0s, deadline, res: BabResult) -> torch.Tensor:
     """Cuts joining a running search: they replace ``st.cuts``; the root's multipliers (every child's start) are
     optimized with them (``CUT_ROOT_ITERS`` steps from the root's α ``root_A`` (G, m, n_slots), rows ``Cs, c0s``
     (G, m, ·)). Returns which of the G disjuncts the cuts prove at the root ((G,) bool)."""
     net = st.net
-    if not isinstance(cuts, Cuts):   # a MILP's cuts (solvers.milp_cuts.RootCuts): on this net
-        cuts = cuts_from_columns(cuts.model, cuts.coef, cuts.rhs, net)
+    cuts = _on_net(cuts, net)
     G = Cs.shape[0]
     lower, upper, _ = st.layers(torch.zeros((G, st.n_hidden), dtype=torch.int8, device=net.device))
     alphas, _ = st.expand(root_A, torch.zeros_like(root_A))

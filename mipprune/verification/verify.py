@@ -780,9 +780,9 @@ class _ScipCuts:
                  first_after: float):
         self.blocks, self.bounds, self.region, self.spec, self.clock, self.notes = blocks, bounds, region, spec, \
             clock, notes
-        self.base = None          # the MILP, built at the first call (searches that end before it never pay)
-        self.worst = {j: int(offs[j] + np.argmin(lb[offs[j]:offs[j + 1]])) for j in range(len(offs) - 1)}
-        self.offs = offs
+        self.base = None          # the MILP, built at the first call (searches that end before it never pay) …
+        self.V = None             # … with its columns at the check points
+        self.worst = {j: int(np.argmin(lb[offs[j]:offs[j + 1]])) for j in range(len(offs) - 1)}   # row in disjunct
         self.next_at = time.perf_counter() + first_after
         self.t0 = time.perf_counter()
         self.found: list = []      # the RootCuts of each MILP asked, with the disjunct it minimized
@@ -801,7 +801,7 @@ class _ScipCuts:
         from solvers.milp_cuts import root_cuts
 
         A, b = self.spec.disjuncts[j]
-        k = self.worst[j] - self.offs[j]
+        k = self.worst[j]
         return root_cuts(self.base.with_objective(A[k], -b[k]), rounds=CUT_ROUNDS, time_limit=limit)
 
     def __call__(self, frontier: dict):
@@ -814,6 +814,7 @@ class _ScipCuts:
         t = time.perf_counter()
         if self.base is None:
             self.base = build_milp(self.blocks, self.bounds.lower, self.bounds.upper, self.region)
+            self.V = np.stack([solution_from_input(self.base, self.blocks, x) for x in self.points])
         first = not self.found
         asked = {j for j, _ in self.found}
         order = [j for j in sorted(frontier, key=frontier.get) if j not in asked]
@@ -834,8 +835,7 @@ class _ScipCuts:
         if new:
             coef = sp.vstack([rc.coef for rc in new]).tocsr()
             rhs = np.concatenate([rc.rhs for rc in new])
-            V = np.stack([solution_from_input(self.base, self.blocks, x) for x in self.points])
-            ok = np.all(coef @ V.T <= rhs[:, None], axis=1)
+            ok = np.all(coef @ self.V.T <= rhs[:, None], axis=1)
             fams = sum((collections.Counter(rc.info["families"]) for rc in new), collections.Counter())
             after = f"after {t - self.t0:.0f} s of branch and bound" if t - self.t0 >= 1 else "before branch and bound"
             what = (f"the worst open disjunct's MILP (its root bound {new[0].bound:.4g}, the search's frontier "
