@@ -295,10 +295,11 @@ BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "c
 CUTS_MODES = ("auto", "scip", "off")
 CUT_PROBE_SECONDS = 30.0      # cuts="auto": they join after this much plain search (OVAL21: 19 of the 20 it solves end
                               # within it; the search goes on from its domains: wide img3458 607 s -> 116 s)
-CUT_ROUNDS = 3                # SCIP's separation rounds at the root (OVAL21 deep img1052: 639 cuts in 34 s)
+CUT_ROUNDS = 3                # SCIP's separation rounds at the root (OVAL21 deep img1052: 585 cuts in 8 s; 8 rounds
+                              # tighten wide img9916's root -1.39 -> -1.28 in 3x the time)
 CUT_SHARE = 0.3               # most of the time left that SCIP's roots may take …
-CUT_MAX_SECONDS = 200.0       # … and at most this (150 s left deep img4405 one of its nine disjuncts' MILPs: frontier
-                              # -0.069 at 720 s; with three -0.015)
+CUT_MAX_SECONDS = 200.0       # … and at most this (deep img4405: 8 of its 9 disjuncts' MILPs in 160 s, unsat in 410 s;
+                              # with SCIP's default LP, 1-3 of them in 95-200 s and a time-out)
 CUT_CHECK_POINTS = 64         # inputs of the box every cut is checked at (one violated: dropped)
 CUT_STAGE_SECONDS = 30.0      # search with the first cuts before the other open disjuncts' MILPs are asked
 BAB_SHARE_WITH_MAXPOOL = 0.5     # share of the time left that ReLU branch and bound gets on max-pool nets
@@ -825,7 +826,7 @@ class _ScipCuts:
         new = []
         for j in order:
             # the next call while the box holds half the longest so far (SCIP stops at the box's end and hands over
-            # the cuts it has: deep img4405's roots took 81-100 s, then 39 s for a second disjunct)
+            # the cuts it has; deep img4405's roots take about 20 s each)
             if self.found and self.budget - spent < 0.5 * max(rc.seconds for _, rc in self.found):
                 break
             new.append(self._cuts_of(j, self.budget - spent))
