@@ -295,8 +295,9 @@ BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "c
 CUTS_MODES = ("auto", "scip", "off")
 CUT_PROBE_SECONDS = 30.0      # cuts="auto": they join after this much plain search (OVAL21: 19 of the 20 it solves end
                               # within it; the search goes on from its domains: wide img3458 607 s -> 116 s)
-CUT_ROUNDS = 3                # SCIP's separation rounds at the root (OVAL21 deep img1052: 585 cuts in 8 s; 8 rounds
-                              # tighten wide img9916's root -1.39 -> -1.28 in 3x the time)
+CUT_ROUNDS = 8                # SCIP's separation rounds at the root (3 before session 27's faster root LP; with 8:
+                              # deep img4405 unsat 407 -> 331 s, wide img9916's frontier at 720 s -0.174 -> -0.131,
+                              # the medium ones ~10 % slower)
 CUT_SHARE = 0.3               # most of the time left that SCIP's roots may take …
 CUT_MAX_SECONDS = 200.0       # … and at most this (deep img4405: 8 of its 9 disjuncts' MILPs in 160 s, unsat in 410 s;
                               # with SCIP's default LP, 1-3 of them in 95-200 s and a time-out)
