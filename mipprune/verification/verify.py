@@ -299,7 +299,7 @@ CUT_ROUNDS = 8                # SCIP's separation rounds at the root (3 before s
                               # deep img4405 unsat 407 -> 331 s, wide img9916's frontier at 720 s -0.174 -> -0.131,
                               # the medium ones ~10 % slower)
 CUT_SHARE = 0.3               # most of the time left that SCIP's roots may take …
-CUT_MAX_SECONDS = 200.0       # … and at most this (deep img4405: 8 of its 9 disjuncts' MILPs in 160 s, unsat in 410 s;
+CUT_MAX_SECONDS = 200.0       # … and at most this (deep img4405: 6 of its 9 disjuncts' MILPs in 200 s, unsat in 331 s;
                               # with SCIP's default LP, 1-3 of them in 95-200 s and a time-out)
 CUT_CHECK_POINTS = 64         # inputs of the box every cut is checked at (one violated: dropped)
 CUT_STAGE_SECONDS = 30.0      # search with the first cuts before the other open disjuncts' MILPs are asked
@@ -827,7 +827,7 @@ class _ScipCuts:
         new = []
         for j in order:
             # the next call while the box holds half the longest so far (SCIP stops at the box's end and hands over
-            # the cuts it has; deep img4405's roots take about 20 s each)
+            # the cuts it has; deep img4405's roots take 30-35 s each with 8 rounds)
             if self.found and self.budget - spent < 0.5 * max(rc.seconds for _, rc in self.found):
                 break
             new.append(self._cuts_of(j, self.budget - spent))
