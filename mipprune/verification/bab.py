@@ -44,7 +44,7 @@ import torch
 from mipprune.verification import crown
 from mipprune.verification.clauses import ConflictClauses
 from mipprune.verification.crown import TorchNet
-from mipprune.verification.cuts import Cuts, cut_bound, cuts_from_columns, optimize_cut_bound
+from mipprune.verification.cuts import LR_MU, Cuts, cut_bound, cuts_from_columns, optimize_cut_bound
 from solvers.network.spec import Spec
 
 __all__ = ["BabResult", "relu_bab", "input_bab", "spec_rows"]
@@ -66,6 +66,11 @@ PGD_EVERY = 2.5          # first interval between PGD runs in a search (s; see _
 PGD_BACKOFF = 1.5        # … stretched by this after each PGD that found nothing …
 PGD_EVERY_MAX = 30.0     # … up to this
 CUT_ROOT_ITERS = 300     # Adam steps of the root's bound with cuts (its μ starts every child's; ~2-3 s on OVAL21)
+# Steps (α and τ, σ; β; μ) of a child whose parent was bounded with the same cuts: it starts from the parent's
+# α, β, μ, τ, σ (its "cut state"), so small steps refine instead of re-climbing (OVAL21 wide img9916, 64 frontier
+# domains, 10 steps: −0.207 from the root's μ at (0.1, 0.05, 0.001); −0.102 inherited at these)
+CUT_CHILD_LRS = (0.02, 0.02, 0.0002)
+CUT_STATE_DTYPE = torch.float16   # stored cut states: a warm start only (any μ, σ >= 0, τ ∈ [0, 1] is sound)
 LEARN_DROP = (0.25, 0.5, 0.75)   # shares of a proven domain's literals (least important first) clauses try to drop
 
 
@@ -222,6 +227,10 @@ class _ReluState:
         self.cuts = cuts          # cutting planes valid on the whole input box (GCP-CROWN bounds), or None
         self.cut_mu = None        # (G, m, K) the root's cut multipliers per searched disjunct (children start there)
         self.cuts32 = None
+        self.cut_gen = 0          # bumped whenever the cuts change; a domain's cut state is of one generation …
+        self.cut_base_gen = 0     # … and carries over from this one on (the cuts since extend its cuts) …
+        self.cut_layouts = {0: self._layout()} if cuts is not None else {}   # … by each generation's layout
+        self._root_tau = {}
         self.L = net.n_layers
         widths = [a.shape[1] for a in rl]
         self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int)
@@ -240,17 +249,19 @@ class _ReluState:
         self.split_slot = torch.cat([torch.arange(self.slot_off[j], self.slot_off[j + 1], device=net.device)
                                      for j in relu]) if relu else torch.zeros(0, dtype=torch.long, device=net.device)
 
-    def optimize(self, lower, upper, C, c0, splits, alphas, betas, iters, deadline, out, lrs, mu=None):
+    def optimize(self, lower, upper, C, c0, splits, alphas, betas, iters, deadline, out, lrs, mu=None, state=None):
         """α/β-CROWN bound of ``C z_L + c0`` on a batch of domains from warm-started α/β. With
         ``fast32`` (float64 nets) the Adam steps run in float32 (1.5x faster on a CPU, measured) and
         the bound is then evaluated once in float64 at their last α/β: the α ∈ [0, 1] and β >= 0 of
         any iterate give a sound bound, the float32 steps only choose them. Returns ``(lb, argmin)``
-        and fills ``out`` with ``"alphas"``/``"betas"``."""
+        and fills ``out`` with ``"alphas"``/``"betas"``. With cuts, ``state`` (D, m, :meth:`cut_state_width`) a
+        parent's packed μ, τ, σ to start from (else ``mu`` and the default τ, σ), ``lrs`` then three (α, β, μ), and
+        ``out["cut_state"]`` receives the children's."""
         net, D = self.net, C.shape[0]
         lo, hi = self.lo_in.expand(D, -1), self.hi_in.expand(D, -1)
         if self.cuts is not None:   # GCP-CROWN: α, β, the indicator multipliers and μ together
             return self._optimize_with_cuts(lower, upper, C, c0, lo, hi, splits, alphas, betas, iters, deadline, out,
-                                            lrs, mu)
+                                            lrs, mu, state)
         if not (self.fast32 and net.dtype == torch.float64) or iters <= 0:
             lb, X, _, _ = crown.optimize_bound(net, lower, upper, C, c0, lo, hi, splits=splits, iters=iters,
                                                alphas=alphas, betas=betas, deadline=deadline, out=out,
@@ -279,15 +290,25 @@ class _ReluState:
         X = torch.where((lbs[0][0] >= lbs[1][0])[..., None], lbs[0][1], lbs[1][1])
         return lb, X
 
-    def _optimize_with_cuts(self, lower, upper, C, c0, lo, hi, splits, alphas, betas, iters, deadline, out, lrs, mu):
+    def _optimize_with_cuts(self, lower, upper, C, c0, lo, hi, splits, alphas, betas, iters, deadline, out, lrs, mu,
+                            state=None):
         """:meth:`optimize` with the cuts: the Adam steps in float32 with ``fast32`` (as without cuts), the bound
         then evaluated once in float64 with the float64 cuts at the last iterate (any α, τ ∈ [0, 1], σ, β, μ >= 0
         give a sound bound)."""
         net = self.net
         kw = dict(iters=iters, lr=lrs[0], lr_beta=lrs[1], deadline=deadline)
+        if len(lrs) > 2:
+            kw["lr_mu"] = lrs[2]
+        taus = sigmas = None
+        if state is not None:
+            mu, taus, sigmas = self.unpack_cut_state(state)
         if not (self.fast32 and net.dtype == torch.float64) or iters <= 0:
-            return optimize_cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, alphas=alphas, betas=betas,
-                                      splits=splits, mu=mu, out=out, want_x=True, **kw)
+            o: dict = {}
+            lb, X = optimize_cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, alphas=alphas, betas=betas,
+                                       splits=splits, mu=mu, taus=taus, sigmas=sigmas, out=o, want_x=True, **kw)
+            out.update(o)
+            out["cut_state"] = self.pack_cut_state(o["mu_last"], o["taus"], o["sigmas"])
+            return lb, X
         if self.net32 is None:
             self.net32 = net.to_dtype(torch.float32)
         if self.cuts32 is None:
@@ -297,17 +318,88 @@ class _ReluState:
         optimize_cut_bound(self.net32, [f(t) for t in lower], [f(t) for t in upper], f(C), f(c0), f(lo), f(hi),
                            self.cuts32, alphas={j: f(t) for j, t in alphas.items()},
                            betas={j: f(t) for j, t in betas.items()}, splits={j: f(t) for j, t in splits.items()},
-                           mu=None if mu is None else f(mu), out=o32, **kw)
+                           mu=None if mu is None else f(mu), taus=None if taus is None else {j: f(t) for j, t in taus.items()},
+                           sigmas=None if sigmas is None else {j: f(t) for j, t in sigmas.items()}, out=o32, **kw)
         d = lambda t: t.to(net.dtype)  # noqa: E731
         al = {j: d(t).clamp(0, 1) for j, t in o32["alphas"].items()}
         ta = {j: d(t).clamp(0, 1) for j, t in o32["taus"].items()}
         si = {j: d(t).clamp(min=0) for j, t in o32["sigmas"].items()}
         be = {j: d(t).clamp(min=0) for j, t in o32["betas"].items()}
+        mu_last = d(o32["mu_last"]).clamp(min=0)
         with torch.no_grad():
-            lb, X = cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, d(o32["mu_last"]).clamp(min=0), al, ta, si,
+            lb, X = cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, mu_last, al, ta, si,
                               betas=be or None, splits=splits if be else None)
         out["alphas"], out["betas"] = al, be
+        out["cut_state"] = self.pack_cut_state(mu_last, ta, si)
         return lb, X
+
+    def _q_blocks(self) -> list:
+        return [j for j in sorted(self.cuts.q_idx) if self.cuts.q_idx[j].numel()]
+
+    def _layout(self):
+        return self.cuts.K, {j: self.cuts.q_idx[j] for j in self._q_blocks()}
+
+    def set_cuts(self, cuts: Cuts, mu: torch.Tensor) -> None:
+        """New cuts (and the root's multipliers ``mu`` with them): a new generation of cut states; stored states
+        of older ones carry over where the new cuts extend theirs (:meth:`Cuts.extends`)."""
+        old = self.cuts
+        self.cut_gen += 1
+        if old is None or not cuts.extends(old):
+            self.cut_base_gen = self.cut_gen
+        self.cuts, self.cuts32, self.cut_mu = cuts, None, mu
+        self.cut_layouts[self.cut_gen] = self._layout()
+
+    def current_state(self, held):
+        """A stored ``(generation, state (m, width))`` as a state of the current cuts, or ``None`` where it does
+        not carry over: the old cuts' μ in place (the new ones' 0), τ and σ by neuron (the new indicator
+        neurons': the root's upper slope and 0; a domain's unsplit neurons keep the root's bounds)."""
+        if held is None or held[0] < self.cut_base_gen:
+            return None
+        gen, W = held
+        if gen == self.cut_gen:
+            return W
+        K_old, q_old = self.cut_layouts[gen]
+        new = torch.zeros((W.shape[0], self.cut_state_width()), dtype=W.dtype, device=W.device)
+        new[:, :K_old] = W[:, :K_old]
+        old_at, at_o = {}, K_old
+        for j, idx in q_old.items():
+            old_at[j] = at_o
+            at_o += 2 * idx.numel()
+        at = self.cuts.K
+        for j in self._q_blocks():
+            idx = self.cuts.q_idx[j]
+            n = idx.numel()
+            if j not in self._root_tau:
+                self._root_tau[j] = crown.relaxation(self.rl[j], self.ru[j])[1][0]
+            new[:, at:at + n] = self._root_tau[j][idx].to(W.dtype)
+            if j in q_old:
+                pos = torch.searchsorted(idx, q_old[j])
+                n_o, o = q_old[j].numel(), old_at[j]
+                new[:, at + pos] = W[:, o:o + n_o]
+                new[:, at + n + pos] = W[:, o + n_o:o + 2 * n_o]
+            at += 2 * n
+        return new
+
+    def cut_state_width(self) -> int:
+        """Numbers per row of a packed cut state: μ (K), then τ and σ of each block's indicator neurons."""
+        return self.cuts.K + 2 * sum(int(self.cuts.q_idx[j].numel()) for j in self._q_blocks())
+
+    def pack_cut_state(self, mu: torch.Tensor, taus: dict, sigmas: dict) -> torch.Tensor:
+        """``mu`` (D, m, K), ``taus``/``sigmas`` (block → (D, m, ·)) → (D, m, :meth:`cut_state_width`) in
+        :data:`CUT_STATE_DTYPE`."""
+        parts = [mu.detach()] + [t[j].detach() for j in self._q_blocks() for t in (taus, sigmas)]
+        return torch.cat([p.to(CUT_STATE_DTYPE) for p in parts], dim=-1)
+
+    def unpack_cut_state(self, state: torch.Tensor):
+        """Inverse of :meth:`pack_cut_state`, in the net's dtype: ``(mu, taus, sigmas)``."""
+        dt = self.net.dtype
+        K = self.cuts.K
+        mu, at, taus, sigmas = state[..., :K].to(dt), K, {}, {}
+        for j in self._q_blocks():
+            n = int(self.cuts.q_idx[j].numel())
+            taus[j], sigmas[j] = state[..., at:at + n].to(dt), state[..., at + n:at + 2 * n].to(dt)
+            at += 2 * n
+        return mu, taus, sigmas
 
     def layers(self, S: torch.Tensor):
         """``S`` (D, n_hidden) int8 → per-block ``lower, upper`` (D, n_j) with the splits applied
@@ -549,15 +641,21 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     heap: list = []
     store: dict[int, tuple] = {}
 
-    def push(S, A, B, tags, scores):
+    def push(S, A, B, tags, scores, W=None):
+        # a domain: its splits, α, β, disjunct and (with cuts) its cut state, of the cuts' generation it holds for
         for r in range(S.shape[0]):
             k = next(counter)
-            store[k] = (S[r], A[r], B[r], int(tags[r]))
+            store[k] = (S[r], A[r], B[r], int(tags[r]), None if W is None else (st.cut_gen, W[r]))
             heapq.heappush(heap, (float(scores[r]), k))
 
+    def domain_limit() -> int:
+        per_domain = st.n_hidden + 2 * 4 * m * st.n_slots + 200     # int8 splits, float32 α and β, bookkeeping
+        if st.cuts is not None:                                    # … and the cut state
+            per_domain += torch.finfo(CUT_STATE_DTYPE).bits // 8 * m * st.cut_state_width()
+        return max(1, min(limits[0], limits[1] // per_domain))
+
     G = len(disjuncts)
-    per_domain = st.n_hidden + 2 * 4 * m * st.n_slots + 200     # int8 splits, float32 α and β, bookkeeping
-    max_domains = max(1, min(limits[0], limits[1] // per_domain))
+    max_domains = domain_limit()
     roots = torch.arange(G)
     if st.cuts is not None and st.cut_mu is None:   # cuts that joined an earlier group's search
         roots = torch.nonzero(~_adopt_cuts(st, st.cuts, root_A, Cs, c0s, deadline, res).cpu())[:, 0]
@@ -587,6 +685,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             new = cut_source(frontier)
             if new is not None:
                 proven = _adopt_cuts(st, new, root_A, Cs, c0s, deadline, res)
+                max_domains = domain_limit()
                 if bool(proven.any()):   # disjuncts the cuts prove at the root: their domains are done
                     done = proven.tolist()
                     for k in [k for k, it in store.items() if done[it[3]]]:
@@ -610,12 +709,16 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         B = torch.stack([it[2] for it in items])
         tags = torch.tensor([it[3] for it in items], dtype=torch.long, device=net.device)
         parent = torch.tensor([sc for sc, _ in take], dtype=net.dtype, device=net.device)   # the parents' scores
+        # the parents' cut states where they hold for the current cuts (a list: most batches mix in none)
+        states = [st.current_state(it[4]) for it in items]
+        pidx = torch.arange(len(items))       # each row's place in ``items`` through the filters below
         if book is not None:   # clauses learned since these domains were stored
             lits, gone = book.propagate(S[:, st.split_idx], tags)
             S[:, st.split_idx] = lits      # (S is this batch's own stack)
             if bool(gone.any()):
                 keep = torch.nonzero(~gone)[:, 0]
                 S, A, B, tags, parent = S[keep], A[keep], B[keep], tags[keep], parent[keep]
+                pidx = pidx[keep.cpu()]
                 if S.shape[0] == 0:
                     continue
         P = S.shape[0]
@@ -637,6 +740,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             keep = torch.nonzero(ok)[:, 0]
             S, A, B, tags, top_v, top_i = S[keep], A[keep], B[keep], tags[keep], top_v[keep], top_i[keep]
             parent = parent[keep]
+            pidx = pidx[keep.cpu()]
             lower, upper = [t[keep] for t in lower], [t[keep] for t in upper]
             alphas = {j: t[keep] for j, t in alphas.items()}
             betas = {j: t[keep] for j, t in betas.items()}
@@ -667,17 +771,11 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             todo = torch.nonzero(~_domain_safe(fsb_lb, owner, 1) & ~by_clause)[:, 0]
             res.info["screened"] = res.info.get("screened", 0) + 2 * P - todo.numel() - int(by_clause.sum())
         X = None
+        cW = None
         if todo.numel():
-            D = todo.numel()
-            lower_c, upper_c, splits_c = st.layers(children[todo])
-            al_c, be_c = st.expand(cA[todo], cB[todo])
-            out: dict = {}
-            lb, X = st.optimize(lower_c, upper_c, Cs[ctags[todo]], c0s[ctags[todo]], splits_c, al_c, be_c, iters,
-                                deadline, out, lrs, mu=None if st.cut_mu is None else st.cut_mu[ctags[todo]])
             lb_all = lb_all.clone()
-            lb_all[todo] = torch.maximum(lb_all[todo], lb) if fsb_lb is not None else lb
-            nA, nB = st.compact(out.get("alphas", {}), out.get("betas", {}), lower_c, upper_c, D, m)
-            cA[todo], cB[todo] = nA, nB
+            X, cW = _bound_children(st, children, cA, cB, ctags, todo, states, pidx, Cs, c0s, iters, deadline, lrs,
+                                    lb_all, fsb_lb is not None)
         res.domains += 2 * P
         res.steps += 1
         safe = _domain_safe(lb_all, owner, 1)
@@ -701,13 +799,59 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
                     return "falsified"
             push(children[open_idx], cA[open_idx], cB[open_idx], ctags[open_idx],
                  # a parent's bound holds on its children: order them by the better of the two
-                 torch.maximum(lb_all[open_idx].max(dim=1).values, parent.repeat(2)[open_idx]))
+                 torch.maximum(lb_all[open_idx].max(dim=1).values, parent.repeat(2)[open_idx]),
+                 None if cW is None else cW[open_idx])
         res.max_queue = max(res.max_queue, len(heap))
         batcher.update(P, time.perf_counter() - ts)
     if exhausted:
         res.message = f"{exhausted} fully split domain(s) left unproven (the bound is not exact there)"
         return "unknown"
     return "verified"
+
+
+def _bound_children(st: _ReluState, children, cA, cB, ctags, todo, states, pidx, Cs, c0s, iters, deadline, lrs,
+                    lb_all, screened: bool):
+    """Optimize the children ``todo`` (indices into the 2P ``children``; child ``r``'s parent is row ``r mod P``,
+    ``items[pidx[r mod P]]``) in place: their bounds into ``lb_all`` (the larger with the screening bound when
+    ``screened``), their α/β into ``cA, cB``. With cuts, children whose parent has a cut state (``states``, by
+    item) start from it with :data:`CUT_CHILD_LRS`, the others from the root's μ with ``lrs``; returns the
+    bound minimizers ``X`` (|todo|, m, n_0) and the cut states of all 2P children ((2P, m, ·), ``None`` without
+    cuts; rows not in ``todo`` are zero)."""
+    net = st.net
+    P = pidx.numel()
+    m = Cs.shape[1]
+    has = torch.tensor([states[int(pidx[int(r) % P])] is not None for r in todo.tolist()], dtype=torch.bool)
+    parts = [(todo[~has.to(todo.device)], None)]
+    if st.cuts is not None and bool(has.any()):
+        parts = [(todo[~has.to(todo.device)], None), (todo[has.to(todo.device)], True)]
+    X = None
+    cW = None if st.cuts is None else torch.zeros((children.shape[0], m, st.cut_state_width()), dtype=CUT_STATE_DTYPE,
+                                                  device=net.device)
+    for idx, inherit in parts:
+        if not idx.numel():
+            continue
+        D = idx.numel()
+        lower_c, upper_c, splits_c = st.layers(children[idx])
+        al_c, be_c = st.expand(cA[idx], cB[idx])
+        out: dict = {}
+        kw = {}
+        if inherit:
+            kw["state"] = torch.stack([states[int(pidx[int(r) % P])] for r in idx.tolist()])
+            rates = CUT_CHILD_LRS
+        else:
+            kw["mu"] = None if st.cut_mu is None else st.cut_mu[ctags[idx]]
+            rates = lrs if st.cuts is None else (*lrs[:2], LR_MU)
+        lb, Xp = st.optimize(lower_c, upper_c, Cs[ctags[idx]], c0s[ctags[idx]], splits_c, al_c, be_c, iters,
+                             deadline, out, rates, **kw)
+        lb_all[idx] = torch.maximum(lb_all[idx], lb) if screened else lb
+        nA, nB = st.compact(out.get("alphas", {}), out.get("betas", {}), lower_c, upper_c, D, m)
+        cA[idx], cB[idx] = nA, nB
+        if cW is not None:
+            cW[idx] = out["cut_state"]
+        if X is None:
+            X = torch.empty((children.shape[0], *Xp.shape[1:]), dtype=Xp.dtype, device=Xp.device)
+        X[idx] = Xp
+    return X[todo], cW
 
 
 def _on_net(cuts, net: TorchNet) -> Cuts:
@@ -728,7 +872,7 @@ def _adopt_cuts(st: _ReluState, cuts, root_A: torch.Tensor, Cs, c0s, deadline, r
     out: dict = {}
     lb = optimize_cut_bound(net, lower, upper, Cs, c0s, st.lo_in.expand(G, -1), st.hi_in.expand(G, -1), cuts,
                             iters=CUT_ROOT_ITERS, alphas=alphas, deadline=deadline, out=out)
-    st.cuts, st.cuts32, st.cut_mu = cuts, None, out["mu"]
+    st.set_cuts(cuts, out["mu"])
     owner = torch.zeros((1, Cs.shape[1]), dtype=torch.long, device=net.device)
     proven = _domain_safe(lb, owner, 1)
     res.info.setdefault("cuts_joined", []).append(

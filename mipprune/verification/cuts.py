@@ -74,6 +74,23 @@ class Cuts:
         """A copy in ``dtype`` (float32 steps whose bound is then evaluated with the float64 cuts)."""
         return Cuts(self.X, self.Z, self.H, self.Q, self.d.to(dtype))
 
+    def extends(self, other: "Cuts") -> bool:
+        """Whether this set's first ``other.K`` cuts are ``other``'s, in order (a union grown by appending: the
+        multipliers of ``other``'s cuts carry over)."""
+        K = other.K
+        if self.K < K or not torch.equal(self.d[:K].cpu(), other.d.to(self.d.dtype).cpu()):
+            return False
+        for mine, theirs in (({0: self.X}, {0: other.X}), (self.Z, other.Z), (self.H, other.H), (self.Q, other.Q)):
+            for j in set(mine) | set(theirs):
+                a = _scipy(mine[j])[:K] if j in mine else None
+                b = _scipy(theirs[j]) if j in theirs else None
+                if a is None or b is None:   # a block only one side has: no cut of ``other`` may use it
+                    if (a if a is not None else b).nnz:
+                        return False
+                elif a.shape != b.shape or (a != b).nnz:
+                    return False
+        return True
+
     def has(self, kind: str, j: int) -> bool:
         return self._sparse.get((kind, j)) is not None
 
@@ -202,6 +219,7 @@ def cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, mu, alphas
 def optimize_cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, *, iters: int = 50,
                        lr: float = 0.05, lr_mu: float = LR_MU, lr_beta: float = 0.05, alphas: dict | None = None,
                        betas: dict | None = None, splits: dict | None = None, mu: torch.Tensor | None = None,
+                       taus: dict | None = None, sigmas: dict | None = None,
                        deadline: float | None = None, out: dict | None = None, want_x: bool = False):
     """Best of ``iters`` Adam steps on ``α, τ, σ, μ`` (and ``β`` on split domains) of :func:`cut_bound`, from
     CROWN's relaxation or ``alphas`` (e.g. a parent's), ``betas`` (else 0), ``mu`` (D, m, K) (else 0: the first
@@ -217,8 +235,10 @@ def optimize_cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, *
         al[j] = init.detach().clone().requires_grad_(True)
         idx = cuts.q_idx.get(j)
         if idx is not None and idx.numel():
-            ta[j] = s[:, None, idx].expand(D, m, -1).clone().requires_grad_(True)
-            si[j] = torch.zeros(D, m, idx.numel(), dtype=net.dtype, device=net.device, requires_grad=True)
+            ta[j] = (taus[j] if taus is not None and j in taus else s[:, None, idx].expand(D, m, -1)).detach().clone() \
+                .requires_grad_(True)
+            si[j] = (sigmas[j].detach().clone() if sigmas is not None and j in sigmas else
+                     torch.zeros(D, m, idx.numel(), dtype=net.dtype, device=net.device)).requires_grad_(True)
     for j, sj in (splits or {}).items():
         if bool((sj != 0).any()):
             init = betas[j] if betas is not None and j in betas else torch.zeros(D, m, sj.shape[1], dtype=net.dtype,

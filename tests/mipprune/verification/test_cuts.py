@@ -348,3 +348,99 @@ def _region(spec):
     from solvers.network.spec import make_region
 
     return make_region(spec.lower.size, spec.lower, spec.upper, spec.l1_center, spec.l1_radius)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_packed_cut_state_gives_back_the_bound_it_was_packed_at(seed):
+    """A domain's cut state (μ, τ, σ) is stored packed in float16 for its children to start from: unpacked, it
+    bounds the same domain as before to float16's precision, and the optimization started from it begins at
+    that bound."""
+    from mipprune.verification.bab import _ReluState
+
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
+    model, cuts = _valid_cuts(rng, net, b, lo, hi, tn)
+    C, c0 = tn.tensor(rng.normal(size=(1, 1, 3))), tn.tensor([[0.0]])
+    st = _ReluState(tn, lower, upper, L, U, False, cuts=cuts)
+    out: dict = {}
+    optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=40, out=out)
+    al, ta, si, mu = out["alphas"], out["taus"], out["sigmas"], out["mu_last"].clamp(min=0)
+    packed = st.pack_cut_state(mu, ta, si)
+    assert packed.dtype == torch.float16 and packed.shape == (1, 1, st.cut_state_width())
+    mu2, ta2, si2 = st.unpack_cut_state(packed)
+    exact = float(cut_bound(tn, lower, upper, C, c0, L, U, cuts, mu, al, ta, si)[0])
+    again = float(cut_bound(tn, lower, upper, C, c0, L, U, cuts, mu2, al, ta2, si2)[0])
+    assert abs(again - exact) <= 2e-3 * (1 + abs(exact))
+    first: dict = {}   # one step from the packed state: its first iterate is that bound
+    start = float(optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=1, alphas=al, mu=mu2, taus=ta2,
+                                     sigmas=si2, out=first))
+    assert start == pytest.approx(again, abs=1e-9)
+
+
+def test_children_start_from_their_parents_cut_state_in_the_search(monkeypatch):
+    """With cuts, every child whose parent was bounded with the same cuts starts from the parent's μ, τ, σ (and
+    the smaller steps ``CUT_CHILD_LRS``), the others from the root's μ; the verdict is the plain search's."""
+    pytest.importorskip("pyscipopt")
+    import time
+
+    from mipprune.verification import bab
+    from tests.mipprune.verification.test_bab import _case
+
+    calls = []
+    orig = bab._ReluState.optimize
+
+    def spy(self, *a, **kw):
+        calls.append((kw.get("state") is not None, tuple(a[10])))
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(bab._ReluState, "optimize", spy)
+    for seed, eps in [(0, 0.25), (3, 0.25), (5, 0.4), (2, 0.25)]:
+        net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
+        blocks = net.to_affine_relu()
+        b = compute_bounds(net, spec.lower, spec.upper, "crown")
+        rc = _root_cuts_of(net, spec, b)
+        disj = list(range(len(spec.disjuncts)))
+        plain = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60)
+        calls.clear()
+        r = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=rc,
+                         screen=False)
+        assert r.status == plain.status
+        if sum(1 for inherited, _ in calls if inherited) == 0:
+            continue
+        assert all(lrs == bab.CUT_CHILD_LRS for inherited, lrs in calls if inherited)
+        assert not calls[0][0]     # the root's children: from the root's μ
+        return
+    pytest.skip("no case took two generations of children with the cuts")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cut_states_carry_over_to_cuts_that_extend_theirs(seed):
+    """Cuts that join a search are a union grown by appending: a domain's state for the older cuts carries over
+    (their μ in place, the new cuts' 0, τ and σ by neuron) and bounds the domain as before; cuts that do not
+    extend the old ones void the old states."""
+    from mipprune.verification.bab import _ReluState
+
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
+    model, cuts9 = _valid_cuts(rng, net, b, lo, hi, tn, K=9)
+    from mipprune.verification.cuts import _scipy
+
+    def part(rows):
+        return Cuts(_scipy(cuts9.X)[rows], {j: _scipy(A)[rows] for j, A in cuts9.Z.items()},
+                    {j: _scipy(A)[rows] for j, A in cuts9.H.items()}, {j: _scipy(A)[rows] for j, A in cuts9.Q.items()},
+                    cuts9.d[rows])
+    cuts5, other = part(np.arange(5)), part(np.array([1, 0, 2, 3, 4]))
+    assert cuts9.extends(cuts5) and cuts5.extends(cuts5) and not cuts5.extends(cuts9) and not cuts9.extends(other)
+    C, c0 = tn.tensor(rng.normal(size=(1, 1, 3))), tn.tensor([[0.0]])
+    st = _ReluState(tn, lower, upper, L, U, False, cuts=cuts5)
+    out: dict = {}
+    optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts5, iters=40, out=out)
+    held = (st.cut_gen, st.pack_cut_state(out["mu_last"].clamp(min=0), out["taus"], out["sigmas"])[0])
+    mu5, ta5, si5 = st.unpack_cut_state(held[1][None])
+    before = float(cut_bound(tn, lower, upper, C, c0, L, U, cuts5, mu5, out["alphas"], ta5, si5)[0])
+    st.set_cuts(cuts9, None)
+    mu9, ta9, si9 = st.unpack_cut_state(st.current_state(held)[None])
+    assert mu9.shape[-1] == 9 and bool((mu9[..., 5:] == 0).all()) and torch.equal(mu9[..., :5], mu5)
+    after = float(cut_bound(tn, lower, upper, C, c0, L, U, cuts9, mu9, out["alphas"], ta9, si9)[0])
+    # (the new indicator neurons' τ is the root's upper slope in float16: CROWN's triangle to its precision)
+    assert after == pytest.approx(before, abs=2e-3 * (1 + abs(before)))
+    st.set_cuts(other, None)
+    assert st.current_state(held) is None and st.current_state((st.cut_gen, held[1])) is not None
