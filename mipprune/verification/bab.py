@@ -68,8 +68,9 @@ PGD_EVERY_MAX = 30.0     # … up to this
 CUT_ROOT_ITERS = 300     # Adam steps of the root's bound with cuts (its μ starts every child's; ~2-3 s on OVAL21)
 # Steps (α and τ, σ; β; μ) of a child whose parent was bounded with the same cuts: it starts from the parent's
 # α, β, μ, τ, σ (its "cut state"), so small steps refine instead of re-climbing (OVAL21 wide img9916, 64 frontier
-# domains, 10 steps: −0.207 from the root's μ at (0.1, 0.05, 0.001); −0.102 inherited at these)
-CUT_CHILD_LRS = (0.02, 0.02, 0.0002)
+# domains, 10 steps: −0.207 from the root's μ and CROWN's τ, σ at (0.1, 0.05, 0.001), where they start at −0.456;
+# from their own state −0.170 at those steps, −0.103 at (0.02, 0.02, 0.0002), −0.100 at these)
+CUT_CHILD_LRS = (0.01, 0.01, 0.0001)
 CUT_STATE_DTYPE = torch.float16   # stored cut states: a warm start only (any μ, σ >= 0, τ ∈ [0, 1] is sound)
 LEARN_DROP = (0.25, 0.5, 0.75)   # shares of a proven domain's literals (least important first) clauses try to drop
 
@@ -501,8 +502,8 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     :data:`SCREEN`) does that last part with one candidate too: both children are first bounded with the
     parent's α/β (one backward pass) and only those it leaves open are optimized. ``cuts``: cutting planes
     valid on the whole input box (:class:`.cuts.Cuts`, or a MILP's :class:`solvers.milp_cuts.RootCuts` on these
-    root bounds): the root and every optimized child are bounded with them (GCP-CROWN, float64; the root's
-    multipliers start each child's). ``cut_source``: cuts that join the running search (e.g. a MILP solver's,
+    root bounds): the root and every optimized child are bounded with them (GCP-CROWN, float64; each child
+    starts from its parent's multipliers, :data:`CUT_CHILD_LRS`, or the root's where the parent has none). ``cut_source``: cuts that join the running search (e.g. a MILP solver's,
     computed only once a plain search has not ended): an object with ``due() -> bool``, asked before every
     step, and ``__call__(frontier) -> cuts or None``, called when due with the open disjuncts' worst stored
     bounds (disjunct index → bound); the cuts returned replace the current ones (pass the union), the root's
@@ -625,6 +626,24 @@ def _search_counterexample(check, cand: np.ndarray, pgd: _PgdClock, deadline: fl
     return x
 
 
+class _StateBudget:
+    """Bytes of the stored cut states, admitted while they fit in what the stored domains (``per_domain`` bytes
+    each) leave of the store's bound ``limit``: cut states never end a search, they only stop being kept."""
+
+    def __init__(self, limit: int, per_domain: int):
+        self.limit, self.per_domain, self.held = limit, per_domain, 0
+
+    def admit(self, n_domains: int, nbytes: int) -> bool:
+        """Keep a state of ``nbytes`` beside ``n_domains`` stored domains? (Counted as held when it is.)"""
+        if self.per_domain * n_domains + self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
 def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, deadline, limits, batch, iters,
                  candidates, res: BabResult, lrs=(0.1, 0.05), root_scores=None, screen: bool = False,
                  learn: bool = False, cut_source=None) -> str:
@@ -641,21 +660,27 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     heap: list = []
     store: dict[int, tuple] = {}
 
+    per_domain = st.n_hidden + 2 * 4 * m * st.n_slots + 200     # int8 splits, float32 α and β, bookkeeping
+    max_domains = max(1, min(limits[0], limits[1] // per_domain))
+    budget = _StateBudget(limits[1], per_domain)
+
     def push(S, A, B, tags, scores, W=None):
-        # a domain: its splits, α, β, disjunct and (with cuts) its cut state, of the cuts' generation it holds for
+        # a domain: its splits, α, β, disjunct and (with cuts) its cut state, of the cuts' generation it holds
+        # for; a state that would not fit the memory bound is not kept (that child starts from the root's μ)
+        wb = 0 if W is None else W[0].numel() * W.element_size()
         for r in range(S.shape[0]):
             k = next(counter)
-            store[k] = (S[r], A[r], B[r], int(tags[r]), None if W is None else (st.cut_gen, W[r]))
+            keep = W is not None and budget.admit(len(store) + 1, wb)
+            store[k] = (S[r], A[r], B[r], int(tags[r]), (st.cut_gen, W[r]) if keep else None)
             heapq.heappush(heap, (float(scores[r]), k))
 
-    def domain_limit() -> int:
-        per_domain = st.n_hidden + 2 * 4 * m * st.n_slots + 200     # int8 splits, float32 α and β, bookkeeping
-        if st.cuts is not None:                                    # … and the cut state
-            per_domain += torch.finfo(CUT_STATE_DTYPE).bits // 8 * m * st.cut_state_width()
-        return max(1, min(limits[0], limits[1] // per_domain))
+    def pop(k):
+        it = store.pop(k)
+        if it[4] is not None:
+            budget.release(it[4][1].numel() * it[4][1].element_size())
+        return it
 
     G = len(disjuncts)
-    max_domains = domain_limit()
     roots = torch.arange(G)
     if st.cuts is not None and st.cut_mu is None:   # cuts that joined an earlier group's search
         roots = torch.nonzero(~_adopt_cuts(st, st.cuts, root_A, Cs, c0s, deadline, res).cpu())[:, 0]
@@ -685,11 +710,10 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             new = cut_source(frontier)
             if new is not None:
                 proven = _adopt_cuts(st, new, root_A, Cs, c0s, deadline, res)
-                max_domains = domain_limit()
                 if bool(proven.any()):   # disjuncts the cuts prove at the root: their domains are done
                     done = proven.tolist()
                     for k in [k for k, it in store.items() if done[it[3]]]:
-                        del store[k]
+                        pop(k)
                     heap = [e for e in heap if e[1] in store]
                     heapq.heapify(heap)
                     if not heap:
@@ -703,7 +727,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
             return "unknown"
         ts = time.perf_counter()
         take = [heapq.heappop(heap) for _ in range(batcher.take(len(heap), deadline))]
-        items = [store.pop(k) for _, k in take]
+        items = [pop(k) for _, k in take]
         S = torch.stack([it[0] for it in items])
         A = torch.stack([it[1] for it in items])
         B = torch.stack([it[2] for it in items])

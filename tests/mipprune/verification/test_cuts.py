@@ -444,3 +444,17 @@ def test_cut_states_carry_over_to_cuts_that_extend_theirs(seed):
     assert after == pytest.approx(before, abs=2e-3 * (1 + abs(before)))
     st.set_cuts(other, None)
     assert st.current_state(held) is None and st.current_state((st.cut_gen, held[1])) is not None
+
+
+def test_cut_states_are_kept_only_within_the_stores_memory_bound():
+    """Cut states fill what the stored domains leave of the store's bound and never end a search: one that does
+    not fit is not kept (that child starts from the root's μ), and room comes back as domains leave."""
+    from mipprune.verification.bab import _StateBudget
+
+    b = _StateBudget(limit=1000, per_domain=100)
+    assert b.admit(5, 300) and b.held == 300          # 500 + 300 <= 1000
+    assert not b.admit(6, 200) and b.held == 300      # 600 + 300 + 200 > 1000: not kept, not counted
+    assert b.admit(6, 100) and b.held == 400
+    b.release(300)
+    assert b.admit(6, 200) and b.held == 300
+    assert not b.admit(10, 1)                         # the domains alone fill the bound
