@@ -223,7 +223,8 @@ def optimize_cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, *
                        deadline: float | None = None, out: dict | None = None, want_x: bool = False):
     """Best of ``iters`` Adam steps on ``α, τ, σ, μ`` (and ``β`` on split domains) of :func:`cut_bound`, from
     CROWN's relaxation or ``alphas`` (e.g. a parent's), ``betas`` (else 0), ``mu`` (D, m, K) (else 0: the first
-    iterate is then the cut-free bound). Returns ``lb (D, m)``, or ``(lb, argmin (D, m, n_0))`` with
+    iterate is then the cut-free bound), ``taus``, ``sigmas`` (block → (D, m, |cuts.q_idx[j]|); else CROWN's
+    upper slope and 0). Returns ``lb (D, m)``, or ``(lb, argmin (D, m, n_0))`` with
     ``want_x``; ``out`` receives the last iterate's ``"alphas"``, ``"betas"``, ``"taus"``, ``"sigmas"`` (block →
     (D, m, n_j)) and ``"mu_last"``, and the best bound's ``"mu"`` (D, m, K)."""
     D, m = c0.shape
