@@ -44,7 +44,7 @@ import torch
 from mipprune.verification import crown
 from mipprune.verification.clauses import ConflictClauses
 from mipprune.verification.crown import TorchNet
-from mipprune.verification.cuts import LR_MU, Cuts, cut_bound, cuts_from_columns, optimize_cut_bound
+from mipprune.verification.cuts import Cuts, cut_bound, cuts_from_columns, optimize_cut_bound
 from solvers.network.spec import Spec
 
 __all__ = ["BabResult", "relu_bab", "input_bab", "spec_rows"]
@@ -256,7 +256,7 @@ class _ReluState:
         the bound is then evaluated once in float64 at their last α/β: the α ∈ [0, 1] and β >= 0 of
         any iterate give a sound bound, the float32 steps only choose them. Returns ``(lb, argmin)``
         and fills ``out`` with ``"alphas"``/``"betas"``. With cuts, ``state`` (D, m, :meth:`cut_state_width`) a
-        parent's packed μ, τ, σ to start from (else ``mu`` and the default τ, σ), ``lrs`` then three (α, β, μ), and
+        parent's packed μ, τ, σ to start from (else ``mu`` and the default τ, σ), ``lrs`` (α, β[, μ]), and
         ``out["cut_state"]`` receives the children's."""
         net, D = self.net, C.shape[0]
         lo, hi = self.lo_in.expand(D, -1), self.hi_in.expand(D, -1)
@@ -304,11 +304,9 @@ class _ReluState:
         if state is not None:
             mu, taus, sigmas = self.unpack_cut_state(state)
         if not (self.fast32 and net.dtype == torch.float64) or iters <= 0:
-            o: dict = {}
             lb, X = optimize_cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, alphas=alphas, betas=betas,
-                                       splits=splits, mu=mu, taus=taus, sigmas=sigmas, out=o, want_x=True, **kw)
-            out.update(o)
-            out["cut_state"] = self.pack_cut_state(o["mu_last"], o["taus"], o["sigmas"])
+                                       splits=splits, mu=mu, taus=taus, sigmas=sigmas, out=out, want_x=True, **kw)
+            out["cut_state"] = self.pack_cut_state(out["mu_last"], out["taus"], out["sigmas"])
             return lb, X
         if self.net32 is None:
             self.net32 = net.to_dtype(torch.float32)
@@ -503,8 +501,9 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     parent's α/β (one backward pass) and only those it leaves open are optimized. ``cuts``: cutting planes
     valid on the whole input box (:class:`.cuts.Cuts`, or a MILP's :class:`solvers.milp_cuts.RootCuts` on these
     root bounds): the root and every optimized child are bounded with them (GCP-CROWN, float64; each child
-    starts from its parent's multipliers, :data:`CUT_CHILD_LRS`, or the root's where the parent has none). ``cut_source``: cuts that join the running search (e.g. a MILP solver's,
-    computed only once a plain search has not ended): an object with ``due() -> bool``, asked before every
+    starts from its parent's multipliers, :data:`CUT_CHILD_LRS`, or the root's where the parent has none).
+    ``cut_source``: cuts that join the running search (e.g. a MILP solver's, computed only once a plain search
+    has not ended): an object with ``due() -> bool``, asked before every
     step, and ``__call__(frontier) -> cuts or None``, called when due with the open disjuncts' worst stored
     bounds (disjunct index → bound); the cuts returned replace the current ones (pass the union), the root's
     multipliers are optimized with them and disjuncts they prove at the root leave the search (the stored
@@ -844,14 +843,12 @@ def _bound_children(st: _ReluState, children, cA, cB, ctags, todo, states, pidx,
     net = st.net
     P = pidx.numel()
     m = Cs.shape[1]
-    has = torch.tensor([states[int(pidx[int(r) % P])] is not None for r in todo.tolist()], dtype=torch.bool)
-    parts = [(todo[~has.to(todo.device)], None)]
-    if st.cuts is not None and bool(has.any()):
-        parts = [(todo[~has.to(todo.device)], None), (todo[has.to(todo.device)], True)]
+    has = torch.tensor([states[int(pidx[int(r) % P])] is not None for r in todo.tolist()], dtype=torch.bool,
+                       device=todo.device)   # (all False without cuts)
     X = None
     cW = None if st.cuts is None else torch.zeros((children.shape[0], m, st.cut_state_width()), dtype=CUT_STATE_DTYPE,
                                                   device=net.device)
-    for idx, inherit in parts:
+    for idx, inherit in ((todo[~has], False), (todo[has], True)):
         if not idx.numel():
             continue
         D = idx.numel()
@@ -864,7 +861,7 @@ def _bound_children(st: _ReluState, children, cA, cB, ctags, todo, states, pidx,
             rates = CUT_CHILD_LRS
         else:
             kw["mu"] = None if st.cut_mu is None else st.cut_mu[ctags[idx]]
-            rates = lrs if st.cuts is None else (*lrs[:2], LR_MU)
+            rates = lrs
         lb, Xp = st.optimize(lower_c, upper_c, Cs[ctags[idx]], c0s[ctags[idx]], splits_c, al_c, be_c, iters,
                              deadline, out, rates, **kw)
         lb_all[idx] = torch.maximum(lb_all[idx], lb) if screened else lb
