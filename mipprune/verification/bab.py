@@ -69,8 +69,14 @@ CUT_ROOT_ITERS = 300     # Adam steps of the root's bound with cuts (its μ star
 # Steps (α and τ, σ; β; μ) of a child whose parent was bounded with the same cuts: it starts from the parent's
 # α, β, μ, τ, σ (its "cut state"), so small steps refine instead of re-climbing (OVAL21 wide img9916, 64 frontier
 # domains, 10 steps: −0.207 from the root's μ and CROWN's τ, σ at (0.1, 0.05, 0.001), where they start at −0.456;
-# from their own state −0.170 at those steps, −0.103 at (0.02, 0.02, 0.0002), −0.100 at these)
-CUT_CHILD_LRS = (0.01, 0.01, 0.0001)
+# from their own state −0.170 at those steps, −0.103 at (0.02, 0.02, 0.0002), −0.100 at (0.01, 0.01, 0.0001)) …
+CUT_CHILD_LRS = (0.02, 0.02, 0.0002)
+# … and Adam's moments of μ, τ, σ go on from the parent's (packed beside its state, float16, as the store's room
+# allows): its first steps are then not Adam's fresh lr·sign(g) on every multiplier. 64 frontier domains after
+# 400 s, four generations of 10 steps down the worse child: −0.083 → +0.003 restarting Adam, +0.012 going on
+# with the moments, +0.019 with them at these steps (twice the steps above; +0.001 restarting); the moments of α,
+# β add nothing (+0.003), those of μ alone +0.012, √v alone +0.008
+CUT_MOMENTS = True
 CUT_STATE_DTYPE = torch.float16   # stored cut states: a warm start only (any μ, σ >= 0, τ ∈ [0, 1] is sound)
 LEARN_DROP = (0.25, 0.5, 0.75)   # shares of a proven domain's literals (least important first) clauses try to drop
 
@@ -250,19 +256,21 @@ class _ReluState:
         self.split_slot = torch.cat([torch.arange(self.slot_off[j], self.slot_off[j + 1], device=net.device)
                                      for j in relu]) if relu else torch.zeros(0, dtype=torch.long, device=net.device)
 
-    def optimize(self, lower, upper, C, c0, splits, alphas, betas, iters, deadline, out, lrs, mu=None, state=None):
+    def optimize(self, lower, upper, C, c0, splits, alphas, betas, iters, deadline, out, lrs, mu=None, state=None,
+                 moment_rows=None):
         """α/β-CROWN bound of ``C z_L + c0`` on a batch of domains from warm-started α/β. With
         ``fast32`` (float64 nets) the Adam steps run in float32 (1.5x faster on a CPU, measured) and
         the bound is then evaluated once in float64 at their last α/β: the α ∈ [0, 1] and β >= 0 of
         any iterate give a sound bound, the float32 steps only choose them. Returns ``(lb, argmin)``
-        and fills ``out`` with ``"alphas"``/``"betas"``. With cuts, ``state`` (D, m, :meth:`cut_state_width`) a
-        parent's packed μ, τ, σ to start from (else ``mu`` and the default τ, σ), ``lrs`` (α, β[, μ]), and
-        ``out["cut_state"]`` receives the children's."""
+        and fills ``out`` with ``"alphas"``/``"betas"``. With cuts, ``state`` (D, m, :meth:`cut_state_width`, or
+        three times that with Adam's moments) a parent's packed μ, τ, σ to start from (else ``mu`` and the default
+        τ, σ), ``moment_rows`` (D,) bool the rows whose moments are real (the others zero padding), ``lrs`` (α,
+        β[, μ]), and ``out["cut_state"]`` receives the children's (with their moments: :data:`CUT_MOMENTS`)."""
         net, D = self.net, C.shape[0]
         lo, hi = self.lo_in.expand(D, -1), self.hi_in.expand(D, -1)
         if self.cuts is not None:   # GCP-CROWN: α, β, the indicator multipliers and μ together
             return self._optimize_with_cuts(lower, upper, C, c0, lo, hi, splits, alphas, betas, iters, deadline, out,
-                                            lrs, mu, state)
+                                            lrs, mu, state, moment_rows)
         if not (self.fast32 and net.dtype == torch.float64) or iters <= 0:
             lb, X, _, _ = crown.optimize_bound(net, lower, upper, C, c0, lo, hi, splits=splits, iters=iters,
                                                alphas=alphas, betas=betas, deadline=deadline, out=out,
@@ -292,7 +300,7 @@ class _ReluState:
         return lb, X
 
     def _optimize_with_cuts(self, lower, upper, C, c0, lo, hi, splits, alphas, betas, iters, deadline, out, lrs, mu,
-                            state=None):
+                            state=None, moment_rows=None):
         """:meth:`optimize` with the cuts: the Adam steps in float32 with ``fast32`` (as without cuts), the bound
         then evaluated once in float64 with the float64 cuts at the last iterate (any α, τ ∈ [0, 1], σ, β, μ >= 0
         give a sound bound)."""
@@ -300,13 +308,19 @@ class _ReluState:
         kw = dict(iters=iters, lr=lrs[0], lr_beta=lrs[1], deadline=deadline)
         if len(lrs) > 2:
             kw["lr_mu"] = lrs[2]
-        taus = sigmas = None
+        taus = sigmas = moments = None
         if state is not None:
             mu, taus, sigmas = self.unpack_cut_state(state)
+            moments = self.unpack_moments(state)
+            if moments is not None:   # rows without moments (zero-padded) start them afresh
+                moments = (*moments, torch.ones(state.shape[0], dtype=torch.bool, device=state.device)
+                           if moment_rows is None else moment_rows)
         if not (self.fast32 and net.dtype == torch.float64) or iters <= 0:
             lb, X = optimize_cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, alphas=alphas, betas=betas,
-                                       splits=splits, mu=mu, taus=taus, sigmas=sigmas, out=out, want_x=True, **kw)
-            out["cut_state"] = self.pack_cut_state(out["mu_last"], out["taus"], out["sigmas"])
+                                       splits=splits, mu=mu, taus=taus, sigmas=sigmas, moments=moments, out=out,
+                                       want_x=True, **kw)
+            out["cut_state"] = self.pack_cut_state(out["mu_last"], out["taus"], out["sigmas"],
+                                                   out["moments"] if CUT_MOMENTS else None)
             return lb, X
         if self.net32 is None:
             self.net32 = net.to_dtype(torch.float32)
@@ -318,7 +332,8 @@ class _ReluState:
                            self.cuts32, alphas={j: f(t) for j, t in alphas.items()},
                            betas={j: f(t) for j, t in betas.items()}, splits={j: f(t) for j, t in splits.items()},
                            mu=None if mu is None else f(mu), taus=None if taus is None else {j: f(t) for j, t in taus.items()},
-                           sigmas=None if sigmas is None else {j: f(t) for j, t in sigmas.items()}, out=o32, **kw)
+                           sigmas=None if sigmas is None else {j: f(t) for j, t in sigmas.items()},
+                           moments=None if moments is None else _cast_moments(moments, f), out=o32, **kw)
         d = lambda t: t.to(net.dtype)  # noqa: E731
         al = {j: d(t).clamp(0, 1) for j, t in o32["alphas"].items()}
         ta = {j: d(t).clamp(0, 1) for j, t in o32["taus"].items()}
@@ -329,7 +344,7 @@ class _ReluState:
             lb, X = cut_bound(net, lower, upper, C, c0, lo, hi, self.cuts, mu_last, al, ta, si,
                               betas=be or None, splits=splits if be else None)
         out["alphas"], out["betas"] = al, be
-        out["cut_state"] = self.pack_cut_state(mu_last, ta, si)
+        out["cut_state"] = self.pack_cut_state(mu_last, ta, si, o32["moments"] if CUT_MOMENTS else None)
         return lb, X
 
     def _q_blocks(self) -> list:
@@ -379,18 +394,29 @@ class _ReluState:
             at += 2 * n
         return new
 
-    def cut_state_width(self) -> int:
-        """Numbers per row of a packed cut state: μ (K), then τ and σ of each block's indicator neurons."""
-        return self.cuts.K + 2 * sum(int(self.cuts.q_idx[j].numel()) for j in self._q_blocks())
+    def cut_state_width(self, gen: int | None = None) -> int:
+        """Numbers per row of a packed cut state (of the cuts of generation ``gen``, default the current ones): μ
+        (K), then τ and σ of each block's indicator neurons."""
+        K, q = self.cut_layouts[self.cut_gen if gen is None else gen]
+        return K + 2 * sum(int(idx.numel()) for idx in q.values())
 
-    def pack_cut_state(self, mu: torch.Tensor, taus: dict, sigmas: dict) -> torch.Tensor:
+    def pack_cut_state(self, mu: torch.Tensor, taus: dict, sigmas: dict, moments=None) -> torch.Tensor:
         """``mu`` (D, m, K), ``taus``/``sigmas`` (block → (D, m, ·)) → (D, m, :meth:`cut_state_width`) in
-        :data:`CUT_STATE_DTYPE`."""
-        parts = [mu.detach()] + [t[j].detach() for j in self._q_blocks() for t in (taus, sigmas)]
-        return torch.cat([p.to(CUT_STATE_DTYPE) for p in parts], dim=-1)
+        :data:`CUT_STATE_DTYPE`; with ``moments`` (``(m, v)``, each ``(mu, taus, sigmas)``: Adam's bias-corrected
+        moments, :func:`.cuts.optimize_cut_bound`'s ``out["moments"]``) three times as wide: the state, ``m``, and
+        ``√v`` (float16 holds √v of gradients down to 1e-4 as normal numbers, v itself only to 1e-2)."""
+        def flat(mu, taus, sigmas):
+            parts = [mu.detach()] + [t[j].detach() for j in self._q_blocks() for t in (taus, sigmas)]
+            return torch.cat([p.to(CUT_STATE_DTYPE) for p in parts], dim=-1)
+        if moments is None:
+            return flat(mu, taus, sigmas)
+        m, v = moments
+        return torch.cat([flat(mu, taus, sigmas), flat(*m),
+                          flat(v[0].sqrt(), {j: t.sqrt() for j, t in v[1].items()},
+                               {j: t.sqrt() for j, t in v[2].items()})], dim=-1)
 
     def unpack_cut_state(self, state: torch.Tensor):
-        """Inverse of :meth:`pack_cut_state`, in the net's dtype: ``(mu, taus, sigmas)``."""
+        """Inverse of :meth:`pack_cut_state` (the state part), in the net's dtype: ``(mu, taus, sigmas)``."""
         dt = self.net.dtype
         K = self.cuts.K
         mu, at, taus, sigmas = state[..., :K].to(dt), K, {}, {}
@@ -399,6 +425,16 @@ class _ReluState:
             taus[j], sigmas[j] = state[..., at:at + n].to(dt), state[..., at + n:at + 2 * n].to(dt)
             at += 2 * n
         return mu, taus, sigmas
+
+    def unpack_moments(self, state: torch.Tensor):
+        """The moments :meth:`pack_cut_state` packed beside the state, ``(m, v)`` each ``(mu, taus, sigmas)`` in
+        the net's dtype, or ``None`` where the state has none."""
+        w = self.cut_state_width()
+        if state.shape[-1] == w:
+            return None
+        m = self.unpack_cut_state(state[..., w:2 * w])
+        r_mu, r_ta, r_si = self.unpack_cut_state(state[..., 2 * w:])
+        return m, (r_mu ** 2, {j: t ** 2 for j, t in r_ta.items()}, {j: t ** 2 for j, t in r_si.items()})
 
     def layers(self, S: torch.Tensor):
         """``S`` (D, n_hidden) int8 → per-block ``lower, upper`` (D, n_j) with the splits applied
@@ -625,12 +661,25 @@ def _search_counterexample(check, cand: np.ndarray, pgd: _PgdClock, deadline: fl
     return x
 
 
-class _StateBudget:
-    """Bytes of the stored cut states, admitted while they fit in what the stored domains (``per_domain`` bytes
-    each) leave of the store's bound ``limit``: cut states never end a search, they only stop being kept."""
+def _cast_moments(moments, f):
+    """``(m, v, rows)`` of :func:`.cuts.optimize_cut_bound` with ``f`` applied to every tensor of ``m`` and ``v``."""
+    def one(x):
+        return f(x[0]), {j: f(t) for j, t in x[1].items()}, {j: f(t) for j, t in x[2].items()}
+    return one(moments[0]), one(moments[1]), moments[2]
 
-    def __init__(self, limit: int, per_domain: int):
+
+class _StateBudget:
+    """The cut states of a search's stored domains, kept while they fit in what the stored domains (``per_domain``
+    bytes each) leave of the store's bound ``limit``: cut states never end a search, they only stop being kept.
+    ``store``: the search's key → ``(splits, A, B, disjunct, (generation, state) | None)``; ``width_of(gen)``: a
+    state's width without its moments for the cuts of generation ``gen``. Where a child's state does not fit, the
+    stored domains of higher bounds (searched later, if at all) give up theirs first: their moments, then their
+    states."""
+
+    def __init__(self, limit: int, per_domain: int, store: dict | None = None, width_of=None):
         self.limit, self.per_domain, self.held = limit, per_domain, 0
+        self.store, self.width_of = store, width_of
+        self.kept: list = []   # (−bound, key) of stored domains holding a state, highest bound first (some stale)
 
     def admit(self, n_domains: int, nbytes: int) -> bool:
         """Keep a state of ``nbytes`` beside ``n_domains`` stored domains? (Counted as held when it is.)"""
@@ -641,6 +690,43 @@ class _StateBudget:
 
     def release(self, nbytes: int) -> None:
         self.held -= nbytes
+
+    def hold(self, n_domains: int, state: torch.Tensor, width: int) -> torch.Tensor | None:
+        """What to keep of a packed cut ``state`` (m, ·) beside ``n_domains`` stored domains: all of it, else its
+        first ``width`` columns (the state without its moments), else nothing; a copy (not a view that would keep
+        its batch alive), counted as held."""
+        for w in (state.shape[-1], width) if state.shape[-1] > width else (width,):
+            if self.admit(n_domains, state.shape[0] * w * state.element_size()):
+                return state[:, :w].clone()
+        return None
+
+    def keep(self, key: int, bound: float, n_domains: int, state: torch.Tensor, width: int) -> torch.Tensor | None:
+        """:meth:`hold` for the domain ``key`` of ``bound`` about to be stored, making room from stored domains of
+        higher bounds where all of ``state`` does not fit; the domain then counts among those holding a state."""
+        while True:
+            held = self.hold(n_domains, state, width)
+            if (held is not None and held.shape[-1] == state.shape[-1]) or not self.kept or -self.kept[0][0] <= bound:
+                break
+            if held is not None:
+                self.release(held.numel() * held.element_size())
+            self._strip(*heapq.heappop(self.kept))
+        if held is not None:
+            heapq.heappush(self.kept, (-bound, key))
+        return held
+
+    def _strip(self, neg_bound: float, key: int) -> None:
+        it = self.store.get(key)
+        if it is None or it[4] is None:   # gone, or stripped already
+            return
+        gen, W = it[4]
+        self.release(W.numel() * W.element_size())
+        w = self.width_of(gen)
+        less = None
+        if W.shape[-1] > w:   # its moments go, its state stays
+            less = (gen, W[:, :w].clone())
+            self.held += less[1].numel() * less[1].element_size()
+            heapq.heappush(self.kept, (neg_bound, key))
+        self.store[key] = (*it[:4], less)
 
 
 def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, deadline, limits, batch, iters,
@@ -661,16 +747,15 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
 
     per_domain = st.n_hidden + 2 * 4 * m * st.n_slots + 200     # int8 splits, float32 α and β, bookkeeping
     max_domains = max(1, min(limits[0], limits[1] // per_domain))
-    budget = _StateBudget(limits[1], per_domain)
+    budget = _StateBudget(limits[1], per_domain, store, st.cut_state_width)
 
     def push(S, A, B, tags, scores, W=None):
         # a domain: its splits, α, β, disjunct and (with cuts) its cut state, of the cuts' generation it holds
-        # for; a state that would not fit the memory bound is not kept (that child starts from the root's μ)
-        wb = 0 if W is None else W[0].numel() * W.element_size()
+        # for, within the store's memory bound (_StateBudget; a child without one starts from the root's μ)
         for r in range(S.shape[0]):
             k = next(counter)
-            keep = W is not None and budget.admit(len(store) + 1, wb)
-            store[k] = (S[r], A[r], B[r], int(tags[r]), (st.cut_gen, W[r]) if keep else None)
+            held = None if W is None else budget.keep(k, float(scores[r]), len(store) + 1, W[r], st.cut_state_width())
+            store[k] = (S[r], A[r], B[r], int(tags[r]), None if held is None else (st.cut_gen, held))
             heapq.heappush(heap, (float(scores[r]), k))
 
     def pop(k):
@@ -699,8 +784,8 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
     while heap:
         if _log.isEnabledFor(logging.DEBUG) and time.perf_counter() - t_log >= LOG_EVERY:
             t_log = time.perf_counter()
-            _log.debug("relu_bab %.0f s: frontier %.5g, %d open, %d domains", t_log - t_start, heap[0][0], len(heap),
-                       res.domains)
+            _log.debug("relu_bab %.0f s: frontier %.5g, %d open, %d domains, cut states %.0f MB", t_log - t_start,
+                       heap[0][0], len(heap), res.domains, budget.held / 2 ** 20)
         if cut_source is not None and cut_source.due():
             frontier: dict = {}
             for score, k in heap:
@@ -846,8 +931,9 @@ def _bound_children(st: _ReluState, children, cA, cB, ctags, todo, states, pidx,
     has = torch.tensor([states[int(pidx[int(r) % P])] is not None for r in todo.tolist()], dtype=torch.bool,
                        device=todo.device)   # (all False without cuts)
     X = None
-    cW = None if st.cuts is None else torch.zeros((children.shape[0], m, st.cut_state_width()), dtype=CUT_STATE_DTYPE,
-                                                  device=net.device)
+    cW = None if st.cuts is None else torch.zeros(
+        (children.shape[0], m, (3 if CUT_MOMENTS else 1) * st.cut_state_width()), dtype=CUT_STATE_DTYPE,
+        device=net.device)
     for idx, inherit in ((todo[~has], False), (todo[has], True)):
         if not idx.numel():
             continue
@@ -857,7 +943,13 @@ def _bound_children(st: _ReluState, children, cA, cB, ctags, todo, states, pidx,
         out: dict = {}
         kw = {}
         if inherit:
-            kw["state"] = torch.stack([states[int(pidx[int(r) % P])] for r in idx.tolist()])
+            held = [states[int(pidx[int(r) % P])] for r in idx.tolist()]
+            w = st.cut_state_width()
+            rows = torch.tensor([h.shape[-1] > w for h in held], dtype=torch.bool, device=net.device)
+            if bool(rows.any()):   # parents kept with their moments (the others padded: theirs start at zero)
+                held = [h if h.shape[-1] > w else torch.cat([h, h.new_zeros(h.shape[0], 2 * w)], -1) for h in held]
+                kw["moment_rows"] = rows
+            kw["state"] = torch.stack(held)
             rates = CUT_CHILD_LRS
         else:
             kw["mu"] = None if st.cut_mu is None else st.cut_mu[ctags[idx]]

@@ -576,6 +576,31 @@ class _Ascent:
     def __init__(self, groups, betas=(0.9, 0.999), eps=1e-8):
         self.groups, (self.b1, self.b2), self.eps, self.t = groups, betas, eps, 0
         self.state = [[(torch.zeros_like(p), torch.zeros_like(p)) for p in g["params"]] for g in groups]
+        self.warm_rows: dict = {}   # (group, param) → rows (dim 0) whose moments started from earlier steps
+
+    def warm(self, group: int, index: int, m: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
+        """Start the moments of parameter ``index`` of ``group`` at ``m``, ``v`` (its shape: bias-corrected
+        estimates from earlier steps, e.g. a parent domain's) on the rows ``rows`` (dim 0, bool): those rows then
+        need no bias correction; the others start at zero as usual."""
+        p = self.groups[group]["params"][index]
+        r = rows.view(-1, *[1] * (p.dim() - 1))
+        m0, v0 = self.state[group][index]
+        self.state[group][index] = (torch.where(r, m.to(p.dtype), m0), torch.where(r, v.to(p.dtype), v0))
+        self.warm_rows[group, index] = r
+
+    def moments(self, group: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bias-corrected ``(m, v)`` of parameter ``index`` of ``group`` (what :meth:`warm` takes)."""
+        m, v = self.state[group][index]
+        c1, c2 = self._corrections(group, index)
+        return m / c1, v / c2
+
+    def _corrections(self, group: int, index: int):
+        c1, c2 = 1 - self.b1 ** max(self.t, 1), 1 - self.b2 ** max(self.t, 1)
+        r = self.warm_rows.get((group, index))
+        if r is None:
+            return c1, c2
+        one = torch.ones((), dtype=self.state[group][index][0].dtype, device=r.device)
+        return torch.where(r, one, c1 * one), torch.where(r, one, c2 * one)
 
     def keep(self, mask: torch.Tensor) -> None:
         """Keep only the rows ``mask`` (along dim 0) of every parameter and its moments; the
@@ -583,6 +608,7 @@ class _Ascent:
         for g, st in zip(self.groups, self.state):
             g["params"] = [p.detach()[mask].requires_grad_(True) for p in g["params"]]
             st[:] = [(m[mask], v[mask]) for m, v in st]
+        self.warm_rows = {k: r[mask] for k, r in self.warm_rows.items()}
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -592,11 +618,11 @@ class _Ascent:
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
-        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
-        for g, st in zip(self.groups, self.state):
-            for p, (m, v) in zip(g["params"], st):
+        for gi, (g, st) in enumerate(zip(self.groups, self.state)):
+            for pi, (p, (m, v)) in enumerate(zip(g["params"], st)):
                 if p.grad is None:
                     continue
+                c1, c2 = self._corrections(gi, pi)
                 m.mul_(self.b1).add_(p.grad, alpha=1 - self.b1)
                 v.mul_(self.b2).addcmul_(p.grad, p.grad, value=1 - self.b2)
                 p.add_(g["lr"] * (m / c1) / ((v / c2).sqrt() + self.eps))

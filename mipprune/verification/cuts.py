@@ -219,14 +219,17 @@ def cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, mu, alphas
 def optimize_cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, *, iters: int = 50,
                        lr: float = 0.05, lr_mu: float = LR_MU, lr_beta: float = 0.05, alphas: dict | None = None,
                        betas: dict | None = None, splits: dict | None = None, mu: torch.Tensor | None = None,
-                       taus: dict | None = None, sigmas: dict | None = None,
+                       taus: dict | None = None, sigmas: dict | None = None, moments=None,
                        deadline: float | None = None, out: dict | None = None, want_x: bool = False):
     """Best of ``iters`` Adam steps on ``α, τ, σ, μ`` (and ``β`` on split domains) of :func:`cut_bound`, from
     CROWN's relaxation or ``alphas`` (e.g. a parent's), ``betas`` (else 0), ``mu`` (D, m, K) (else 0: the first
     iterate is then the cut-free bound), ``taus``, ``sigmas`` (block → (D, m, |cuts.q_idx[j]|); else CROWN's
-    upper slope and 0). Returns ``lb (D, m)``, or ``(lb, argmin (D, m, n_0))`` with
+    upper slope and 0). ``moments``: ``(m, v, rows)``, Adam's bias-corrected moments of μ, τ, σ to go on from
+    (``m`` and ``v`` each ``(mu, taus, sigmas)`` shaped like them) on the domains ``rows`` (D,) bool, e.g. a
+    parent's (the others start at zero). Returns ``lb (D, m)``, or ``(lb, argmin (D, m, n_0))`` with
     ``want_x``; ``out`` receives the last iterate's ``"alphas"``, ``"betas"``, ``"taus"``, ``"sigmas"`` (block →
-    (D, m, n_j)) and ``"mu_last"``, and the best bound's ``"mu"`` (D, m, K)."""
+    (D, m, n_j)) and ``"mu_last"``, the best bound's ``"mu"`` (D, m, K), and ``"moments"``: ``(m, v)`` of μ, τ,
+    σ after the last step in the form ``moments`` takes."""
     D, m = c0.shape
     al, ta, si, be = {}, {}, {}, {}
     relax = {j: crown.relaxation(lower[j], upper[j]) for j in range(net.n_layers - 1)}
@@ -251,6 +254,15 @@ def optimize_cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, *
     if be:
         groups.append({"params": list(be.values()), "lr": lr_beta})
     opt = crown._Ascent(groups)
+    # where μ, τ_j, σ_j sit in the groups: their moments can start from earlier steps and are handed back
+    slots = {"mu": (1, 0), **{("tau", j): (0, len(al) + i) for i, j in enumerate(ta)},
+             **{("sigma", j): (0, len(al) + len(ta) + i) for i, j in enumerate(si)}}
+    if moments is not None:
+        (m_mu, m_ta, m_si), (v_mu, v_ta, v_si), rows = moments
+        start = {"mu": (m_mu, v_mu), **{("tau", j): (m_ta[j], v_ta[j]) for j in ta},
+                 **{("sigma", j): (m_si[j], v_si[j]) for j in si}}
+        for key, (gi, pi) in slots.items():
+            opt.warm(gi, pi, *start[key], rows)
     best = best_mu = best_X = None
     for _ in range(max(1, iters)):
         if best is not None and deadline is not None and time.perf_counter() > deadline:
@@ -282,4 +294,7 @@ def optimize_cut_bound(net: TorchNet, lower, upper, C, c0, lo, hi, cuts: Cuts, *
         out["taus"] = {j: p.detach() for j, p in ta.items()}
         out["sigmas"] = {j: p.detach() for j, p in si.items()}
         out["mu"], out["mu_last"] = best_mu, mu.detach()
+        mom = {key: opt.moments(gi, pi) for key, (gi, pi) in slots.items()}
+        out["moments"] = tuple((mom["mu"][w], {j: mom["tau", j][w] for j in ta}, {j: mom["sigma", j][w] for j in si})
+                               for w in (0, 1))
     return (best, best_X) if want_x else best

@@ -173,3 +173,23 @@ def test_sparse_products_give_the_dense_bounds_and_gradients(monkeypatch):
     X = torch.as_tensor(rng.uniform(c - 0.05, c + 0.05, size=(400, 144)))
     assert bool((o1[0][None] <= (sp.forward(X) @ C[0].T) + 1e-9).all())
     assert sp.to_dtype(torch.float32).sparse[0][0].W.dtype == torch.float32
+
+
+def test_adam_rows_warmed_with_earlier_moments_step_on_from_them():
+    """``_Ascent.warm``: rows that start from earlier (bias-corrected) moments take Adam's step from them with no
+    bias correction, the other rows take a fresh Adam's first step (``lr·sign(g)``), and ``moments`` hands back
+    the bias-corrected moments in the form ``warm`` takes."""
+    p = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    opt = crown._Ascent([{"params": [p], "lr": 0.1}])
+    m0 = torch.tensor([[0.5, -0.2, 0.0], [9.0, 9.0, 9.0]], dtype=torch.float64)
+    v0 = torch.tensor([[1.0, 0.04, 0.01], [9.0, 9.0, 9.0]], dtype=torch.float64)
+    opt.warm(0, 0, m0, v0, torch.tensor([True, False]))
+    g = torch.tensor([[0.3, 0.1, -0.5], [0.3, 0.1, -0.5]], dtype=torch.float64)
+    p.grad = g.clone()
+    opt.step()
+    m1, v1 = 0.9 * m0[0] + 0.1 * g[0], 0.999 * v0[0] + 0.001 * g[0] ** 2
+    assert torch.allclose(p[0].detach(), 0.1 * m1 / (v1.sqrt() + 1e-8))
+    assert torch.allclose(p[1].detach(), 0.1 * g[1].sign(), atol=1e-7)
+    m, v = opt.moments(0, 0)
+    assert torch.allclose(m[0], m1) and torch.allclose(v[0], v1)
+    assert torch.allclose(m[1], g[1]) and torch.allclose(v[1], g[1] ** 2)    # one step, bias-corrected

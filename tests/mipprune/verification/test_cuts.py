@@ -458,3 +458,106 @@ def test_cut_states_are_kept_only_within_the_stores_memory_bound():
     b.release(300)
     assert b.admit(6, 200) and b.held == 300
     assert not b.admit(10, 1)                         # the domains alone fill the bound
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_cut_state_packs_its_adam_moments_beside_it(seed):
+    """Children go on with their parent's Adam moments of μ, τ, σ: packed (float16, √v for v) three times as wide
+    as the state, they come back to float16's precision; a state packed without them has none (Adam's warm start
+    itself: ``test_crown.test_adam_rows_warmed_with_earlier_moments_step_on_from_them``)."""
+    from mipprune.verification.bab import _ReluState
+
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
+    _, cuts = _valid_cuts(rng, net, b, lo, hi, tn)
+    C, c0 = tn.tensor(rng.normal(size=(1, 1, 3))), tn.tensor([[0.0]])
+    st = _ReluState(tn, lower, upper, L, U, False, cuts=cuts)
+    out: dict = {}
+    optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=20, out=out)
+    (m_mu, m_ta, m_si), (v_mu, v_ta, v_si) = out["moments"]
+    assert m_mu.shape == out["mu_last"].shape and bool((v_mu >= 0).all()) and bool((v_mu > 0).any())
+    w = st.cut_state_width()
+    plain = st.pack_cut_state(out["mu_last"], out["taus"], out["sigmas"])
+    packed = st.pack_cut_state(out["mu_last"], out["taus"], out["sigmas"], out["moments"])
+    assert plain.shape[-1] == w and packed.shape[-1] == 3 * w and torch.equal(packed[..., :w], plain)
+    assert st.unpack_moments(plain) is None
+    (mm, mt, ms), (vm, vt, vs) = st.unpack_moments(packed)
+    close = lambda a, b: torch.allclose(a, b, rtol=2e-3, atol=1e-4)  # noqa: E731
+    assert close(mm, m_mu) and close(vm.sqrt(), v_mu.sqrt())
+    assert all(close(mt[j], m_ta[j]) and close(vt[j].sqrt(), v_ta[j].sqrt()) for j in m_ta)
+    assert all(close(ms[j], m_si[j]) and close(vs[j].sqrt(), v_si[j].sqrt()) for j in m_si)
+
+
+def test_children_go_on_with_their_parents_moments_in_the_search(monkeypatch):
+    """In the search, children of parents kept with their moments get them (``moment_rows``), and the verdict
+    stays the plain search's."""
+    pytest.importorskip("pyscipopt")
+    import time
+
+    from mipprune.verification import bab
+    from tests.mipprune.verification.test_bab import _case
+
+    calls = []
+    orig = bab._ReluState.optimize
+
+    def spy(self, *a, **kw):
+        st = kw.get("state")
+        rows = kw.get("moment_rows")
+        calls.append((st is not None and st.shape[-1] == 3 * self.cut_state_width() and bool(rows.any()),
+                      st is not None))
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(bab._ReluState, "optimize", spy)
+    for seed, eps in [(0, 0.25), (3, 0.25), (5, 0.4), (2, 0.25)]:
+        net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
+        blocks = net.to_affine_relu()
+        b = compute_bounds(net, spec.lower, spec.upper, "crown")
+        rc = _root_cuts_of(net, spec, b)
+        disj = list(range(len(spec.disjuncts)))
+        plain = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60)
+        calls.clear()
+        r = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=rc)
+        assert r.status == plain.status
+        if not any(with_moments for with_moments, _ in calls):
+            continue
+        return
+    pytest.skip("no case took two generations of children with the cuts")
+
+
+def test_a_state_that_does_not_fit_with_its_moments_is_kept_without_them():
+    """The store keeps a child's cut state with its moments where they fit, else the state alone, else nothing."""
+    from mipprune.verification.bab import _StateBudget
+
+    state = torch.arange(12, dtype=torch.float16).reshape(1, 12)       # a state of width 4 and its two moments
+    b = _StateBudget(limit=1000, per_domain=100)
+    full = b.hold(5, state, 4)                                         # 500 + 24 <= 1000
+    assert torch.equal(full, state) and full.data_ptr() != state.data_ptr() and b.held == 24
+    b2 = _StateBudget(limit=520, per_domain=100)
+    part = b2.hold(5, state, 4)                                        # 500 + 24 > 520 >= 500 + 8
+    assert torch.equal(part, state[:, :4]) and b2.held == 8
+    assert _StateBudget(limit=505, per_domain=100).hold(5, state, 4) is None
+
+
+def test_domains_searched_later_give_up_their_moments_then_their_states_first():
+    """Where a child's state with its moments does not fit, stored domains of higher bounds (popped later, if at
+    all) give theirs up: their moments first, then their states; domains of lower bounds keep theirs."""
+    from mipprune.verification.bab import _StateBudget
+
+    store: dict = {}
+    b = _StateBudget(limit=60, per_domain=0, store=store, width_of=lambda gen: 4)   # bytes: 24 whole, 8 state
+    full = lambda v: torch.full((1, 12), float(v), dtype=torch.float16)  # noqa: E731  (state 4 wide + moments)
+
+    def put(key, bound):
+        held = b.keep(key, bound, len(store) + 1, full(key), 4)
+        store[key] = (None, None, None, 0, None if held is None else (0, held))
+        return held
+
+    assert put(1, -0.5).shape[-1] == 12 and put(2, -0.1).shape[-1] == 12 and b.held == 48   # both fit whole
+    assert put(3, -0.3).shape[-1] == 12                      # room from the domain of the highest bound (key 2) …
+    assert store[2][4][1].shape[-1] == 4 and torch.equal(store[2][4][1], full(2)[:, :4])   # … which keeps its state
+    assert store[1][4][1].shape[-1] == 12 and b.held == 24 + 24 + 8
+    assert put(4, -0.9).shape[-1] == 12                      # key 2 gives up its state, key 3 its moments
+    assert store[2][4] is None and store[3][4][1].shape[-1] == 4 and store[1][4][1].shape[-1] == 12
+    assert b.held == sum(v[4][1].numel() * 2 for v in store.values() if v[4] is not None)
+    held = put(5, 0.7)                                       # the highest bound of all: takes what is left
+    assert held is None or held.shape[-1] < 12
+    assert store[1][4][1].shape[-1] == 12 and store[4][4][1].shape[-1] == 12
