@@ -350,19 +350,26 @@ def _region(spec):
     return make_region(spec.lower.size, spec.lower, spec.upper, spec.l1_center, spec.l1_radius)
 
 
+def _optimized_with_cuts(seed, iters):
+    """A small net with valid cuts, one output row bounded by ``iters`` steps of the cut bound: ``(tn, cuts, lower,
+    upper, L, U, C, c0, st, out)`` with ``st`` a search's :class:`bab._ReluState` and ``out`` the optimizer's."""
+    from mipprune.verification.bab import _ReluState
+
+    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
+    _, cuts = _valid_cuts(rng, net, b, lo, hi, tn)
+    C, c0 = tn.tensor(rng.normal(size=(1, 1, 3))), tn.tensor([[0.0]])
+    st = _ReluState(tn, lower, upper, L, U, False, cuts=cuts)
+    out: dict = {}
+    optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=iters, out=out)
+    return tn, cuts, lower, upper, L, U, C, c0, st, out
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_packed_cut_state_gives_back_the_bound_it_was_packed_at(seed):
     """A domain's cut state (μ, τ, σ) is stored packed in float16 for its children to start from: unpacked, it
     bounds the same domain as before to float16's precision, and the optimization started from it begins at
     that bound."""
-    from mipprune.verification.bab import _ReluState
-
-    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
-    model, cuts = _valid_cuts(rng, net, b, lo, hi, tn)
-    C, c0 = tn.tensor(rng.normal(size=(1, 1, 3))), tn.tensor([[0.0]])
-    st = _ReluState(tn, lower, upper, L, U, False, cuts=cuts)
-    out: dict = {}
-    optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=40, out=out)
+    tn, cuts, lower, upper, L, U, C, c0, st, out = _optimized_with_cuts(seed, 40)
     al, ta, si, mu = out["alphas"], out["taus"], out["sigmas"], out["mu_last"].clamp(min=0)
     packed = st.pack_cut_state(mu, ta, si)
     assert packed.dtype == torch.float16 and packed.shape == (1, 1, st.cut_state_width())
@@ -378,7 +385,8 @@ def test_a_packed_cut_state_gives_back_the_bound_it_was_packed_at(seed):
 
 def test_children_start_from_their_parents_cut_state_in_the_search(monkeypatch):
     """With cuts, every child whose parent was bounded with the same cuts starts from the parent's μ, τ, σ (and
-    the smaller steps ``CUT_CHILD_LRS``), the others from the root's μ; the verdict is the plain search's."""
+    the smaller steps ``CUT_CHILD_LRS``), going on with its Adam moments where the parent kept them
+    (``moment_rows``), the others from the root's μ; the verdict is the plain search's."""
     pytest.importorskip("pyscipopt")
     import time
 
@@ -389,7 +397,9 @@ def test_children_start_from_their_parents_cut_state_in_the_search(monkeypatch):
     orig = bab._ReluState.optimize
 
     def spy(self, *a, **kw):
-        calls.append((kw.get("state") is not None, tuple(a[10])))
+        state, rows = kw.get("state"), kw.get("moment_rows")
+        calls.append((state is not None, tuple(a[10]), rows is not None and bool(rows.any())
+                      and state.shape[-1] == 3 * self.cut_state_width()))
         return orig(self, *a, **kw)
 
     monkeypatch.setattr(bab._ReluState, "optimize", spy)
@@ -404,10 +414,11 @@ def test_children_start_from_their_parents_cut_state_in_the_search(monkeypatch):
         r = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=rc,
                          screen=False)
         assert r.status == plain.status
-        if sum(1 for inherited, _ in calls if inherited) == 0:
+        if sum(1 for inherited, _, _ in calls if inherited) == 0:
             continue
-        assert all(lrs == bab.CUT_CHILD_LRS for inherited, lrs in calls if inherited)
+        assert all(lrs == bab.CUT_CHILD_LRS for inherited, lrs, _ in calls if inherited)
         assert not calls[0][0]     # the root's children: from the root's μ
+        assert any(with_moments for _, _, with_moments in calls)
         return
     pytest.skip("no case took two generations of children with the cuts")
 
@@ -465,14 +476,7 @@ def test_a_cut_state_packs_its_adam_moments_beside_it(seed):
     """Children go on with their parent's Adam moments of μ, τ, σ: packed (float16, √v for v) three times as wide
     as the state, they come back to float16's precision; a state packed without them has none (Adam's warm start
     itself: ``test_crown.test_adam_rows_warmed_with_earlier_moments_step_on_from_them``)."""
-    from mipprune.verification.bab import _ReluState
-
-    rng, net, tn, b, lo, hi, lower, upper, L, U = _setup(seed)
-    _, cuts = _valid_cuts(rng, net, b, lo, hi, tn)
-    C, c0 = tn.tensor(rng.normal(size=(1, 1, 3))), tn.tensor([[0.0]])
-    st = _ReluState(tn, lower, upper, L, U, False, cuts=cuts)
-    out: dict = {}
-    optimize_cut_bound(tn, lower, upper, C, c0, L, U, cuts, iters=20, out=out)
+    st, out = _optimized_with_cuts(seed, 20)[-2:]
     (m_mu, m_ta, m_si), (v_mu, v_ta, v_si) = out["moments"]
     assert m_mu.shape == out["mu_last"].shape and bool((v_mu >= 0).all()) and bool((v_mu > 0).any())
     w = st.cut_state_width()
@@ -485,42 +489,6 @@ def test_a_cut_state_packs_its_adam_moments_beside_it(seed):
     assert close(mm, m_mu) and close(vm.sqrt(), v_mu.sqrt())
     assert all(close(mt[j], m_ta[j]) and close(vt[j].sqrt(), v_ta[j].sqrt()) for j in m_ta)
     assert all(close(ms[j], m_si[j]) and close(vs[j].sqrt(), v_si[j].sqrt()) for j in m_si)
-
-
-def test_children_go_on_with_their_parents_moments_in_the_search(monkeypatch):
-    """In the search, children of parents kept with their moments get them (``moment_rows``), and the verdict
-    stays the plain search's."""
-    pytest.importorskip("pyscipopt")
-    import time
-
-    from mipprune.verification import bab
-    from tests.mipprune.verification.test_bab import _case
-
-    calls = []
-    orig = bab._ReluState.optimize
-
-    def spy(self, *a, **kw):
-        st = kw.get("state")
-        rows = kw.get("moment_rows")
-        calls.append((st is not None and st.shape[-1] == 3 * self.cut_state_width() and bool(rows.any()),
-                      st is not None))
-        return orig(self, *a, **kw)
-
-    monkeypatch.setattr(bab._ReluState, "optimize", spy)
-    for seed, eps in [(0, 0.25), (3, 0.25), (5, 0.4), (2, 0.25)]:
-        net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
-        blocks = net.to_affine_relu()
-        b = compute_bounds(net, spec.lower, spec.upper, "crown")
-        rc = _root_cuts_of(net, spec, b)
-        disj = list(range(len(spec.disjuncts)))
-        plain = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60)
-        calls.clear()
-        r = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=rc)
-        assert r.status == plain.status
-        if not any(with_moments for with_moments, _ in calls):
-            continue
-        return
-    pytest.skip("no case took two generations of children with the cuts")
 
 
 def test_a_state_that_does_not_fit_with_its_moments_is_kept_without_them():
