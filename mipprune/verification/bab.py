@@ -672,7 +672,7 @@ class _StateBudget:
     """The cut states of a search's stored domains, kept while they fit in what the stored domains (``per_domain``
     bytes each) leave of the store's bound ``limit``: cut states never end a search, they only stop being kept.
     ``store``: the search's key → ``(splits, A, B, disjunct, (generation, state) | None)``; ``width_of(gen)``: a
-    state's width without its moments for the cuts of generation ``gen``. Where a child's state does not fit, the
+    state's width without its moments for the cuts of generation ``gen`` (``None``: the current ones). Where a child's state does not fit, the
     stored domains of higher bounds (searched later, if at all) give up theirs first: their moments, then their
     states."""
 
@@ -700,9 +700,11 @@ class _StateBudget:
                 return state[:, :w].clone()
         return None
 
-    def keep(self, key: int, bound: float, n_domains: int, state: torch.Tensor, width: int) -> torch.Tensor | None:
-        """:meth:`hold` for the domain ``key`` of ``bound`` about to be stored, making room from stored domains of
-        higher bounds where all of ``state`` does not fit; the domain then counts among those holding a state."""
+    def keep(self, key: int, bound: float, n_domains: int, state: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`hold` of a state of the current cuts for the domain ``key`` of ``bound`` about to be stored, making
+        room from stored domains of higher bounds where all of ``state`` does not fit; the domain then counts among
+        those holding a state."""
+        width = self.width_of(None)
         while True:
             held = self.hold(n_domains, state, width)
             if (held is not None and held.shape[-1] == state.shape[-1]) or not self.kept or -self.kept[0][0] <= bound:
@@ -754,7 +756,7 @@ def _search_rows(st: _ReluState, spec, disjuncts, check, root_A: torch.Tensor, d
         # for, within the store's memory bound (_StateBudget; a child without one starts from the root's μ)
         for r in range(S.shape[0]):
             k = next(counter)
-            held = None if W is None else budget.keep(k, float(scores[r]), len(store) + 1, W[r], st.cut_state_width())
+            held = None if W is None else budget.keep(k, float(scores[r]), len(store) + 1, W[r])
             store[k] = (S[r], A[r], B[r], int(tags[r]), None if held is None else (st.cut_gen, held))
             heapq.heappush(heap, (float(scores[r]), k))
 

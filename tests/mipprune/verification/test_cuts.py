@@ -515,7 +515,7 @@ def test_domains_searched_later_give_up_their_moments_then_their_states_first():
     full = lambda v: torch.full((1, 12), float(v), dtype=torch.float16)  # noqa: E731  (state 4 wide + moments)
 
     def put(key, bound):
-        held = b.keep(key, bound, len(store) + 1, full(key), 4)
+        held = b.keep(key, bound, len(store) + 1, full(key))
         store[key] = (None, None, None, 0, None if held is None else (0, held))
         return held
 
