@@ -79,3 +79,25 @@ def test_the_small_input_family_on_the_device():
             assert r.verdict in (Verdict.VERIFIED, Verdict.FALSIFIED), r.message
             if r.verdict is Verdict.FALSIFIED:
                 assert spec.is_counterexample(net, r.counterexample)
+
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.25), (2, 0.25), (5, 0.4)])
+def test_branch_and_bound_with_scip_root_cuts_on_the_device_decides_like_on_the_cpu(seed, eps):
+    """The cut-aware bound (GCP-CROWN multipliers, children's cut states with their Adam moments) on the
+    device: the same verdict as the CPU's float64 search with the same cuts, a counterexample re-checked."""
+    pytest.importorskip("pyscipopt")
+    from tests.mipprune.verification.test_bab import _case
+    from tests.mipprune.verification.test_cuts import _root_cuts_of
+
+    net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
+    blocks = net.to_affine_relu()
+    b = compute_bounds(net, spec.lower, spec.upper, "crown")
+    rc = _root_cuts_of(net, spec, b)
+    disj = list(range(len(spec.disjuncts)))
+    runs = [relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=rc,
+                     device=device) for device in ("cpu", DEVICE)]
+    assert runs[0].status == runs[1].status and runs[1].status in ("verified", "falsified"), runs[1].message
+    if runs[1].status == "falsified":
+        assert spec.is_counterexample(net, runs[1].counterexample)
+    elif runs[1].domains > 1:   # the cuts entered the device's root bound as they did the CPU's
+        assert runs[1].info["root_lb"] >= runs[1].info["root_lb_without_cuts"] - 1e-6
