@@ -86,14 +86,9 @@ def test_branch_and_bound_with_scip_root_cuts_on_the_device_decides_like_on_the_
     """The cut-aware bound (GCP-CROWN multipliers, children's cut states with their Adam moments) on the
     device: the same verdict as the CPU's float64 search with the same cuts, a counterexample re-checked."""
     pytest.importorskip("pyscipopt")
-    from tests.mipprune.verification.test_bab import _case
-    from tests.mipprune.verification.test_cuts import _root_cuts_of
+    from tests.mipprune.verification.test_cuts import _cut_search_case
 
-    net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
-    blocks = net.to_affine_relu()
-    b = compute_bounds(net, spec.lower, spec.upper, "crown")
-    rc = _root_cuts_of(net, spec, b)
-    disj = list(range(len(spec.disjuncts)))
+    net, spec, blocks, b, rc, disj = _cut_search_case(seed, eps)
     runs = [relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=rc,
                      device=device) for device in ("cpu", DEVICE)]
     assert runs[0].status == runs[1].status and runs[1].status in ("verified", "falsified"), runs[1].message

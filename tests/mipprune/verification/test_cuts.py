@@ -143,19 +143,24 @@ def _root_cuts_of(net, spec, b):
                      rounds=3, time_limit=30)
 
 
+def _cut_search_case(seed, eps):
+    """A small net's robustness query with SCIP's root cuts of its first disjunct: ``(net, spec, blocks, b, rc,
+    disjuncts)``, ``b`` the CROWN bounds the search starts from."""
+    from tests.mipprune.verification.test_bab import _case
+
+    net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
+    b = compute_bounds(net, spec.lower, spec.upper, "crown")
+    return net, spec, net.to_affine_relu(), b, _root_cuts_of(net, spec, b), list(range(len(spec.disjuncts)))
+
+
 @pytest.mark.parametrize("seed,eps", [(0, 0.25), (2, 0.25), (3, 0.25), (5, 0.4)])
 def test_branch_and_bound_with_scip_root_cuts_decides_like_without(seed, eps):
     pytest.importorskip("pyscipopt")
     import time
 
     from mipprune.verification.bab import relu_bab
-    from tests.mipprune.verification.test_bab import _case
 
-    net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
-    blocks = net.to_affine_relu()
-    b = compute_bounds(net, spec.lower, spec.upper, "crown")
-    rc = _root_cuts_of(net, spec, b)
-    disj = list(range(len(spec.disjuncts)))
+    net, spec, blocks, b, rc, disj = _cut_search_case(seed, eps)
     runs = [relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=c)
             for c in (None, rc)]
     assert runs[0].status == runs[1].status and runs[0].status in ("verified", "falsified")
@@ -391,7 +396,6 @@ def test_children_start_from_their_parents_cut_state_in_the_search(monkeypatch):
     import time
 
     from mipprune.verification import bab
-    from tests.mipprune.verification.test_bab import _case
 
     calls = []
     orig = bab._ReluState.optimize
@@ -404,11 +408,7 @@ def test_children_start_from_their_parents_cut_state_in_the_search(monkeypatch):
 
     monkeypatch.setattr(bab._ReluState, "optimize", spy)
     for seed, eps in [(0, 0.25), (3, 0.25), (5, 0.4), (2, 0.25)]:
-        net, spec = _case(seed, eps, (8, 24, 24, 24, 3))
-        blocks = net.to_affine_relu()
-        b = compute_bounds(net, spec.lower, spec.upper, "crown")
-        rc = _root_cuts_of(net, spec, b)
-        disj = list(range(len(spec.disjuncts)))
+        net, spec, blocks, b, rc, disj = _cut_search_case(seed, eps)
         plain = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60)
         calls.clear()
         r = bab.relu_bab(net, spec, blocks, b.lower, b.upper, disj, deadline=time.perf_counter() + 60, cuts=rc,
