@@ -411,9 +411,7 @@ class _ReluState:
         if moments is None:
             return flat(mu, taus, sigmas)
         m, v = moments
-        return torch.cat([flat(mu, taus, sigmas), flat(*m),
-                          flat(v[0].sqrt(), {j: t.sqrt() for j, t in v[1].items()},
-                               {j: t.sqrt() for j, t in v[2].items()})], dim=-1)
+        return torch.cat([flat(mu, taus, sigmas), flat(*m), flat(*_map_cut_state(torch.sqrt, v))], dim=-1)
 
     def unpack_cut_state(self, state: torch.Tensor):
         """Inverse of :meth:`pack_cut_state` (the state part), in the net's dtype: ``(mu, taus, sigmas)``."""
@@ -433,8 +431,7 @@ class _ReluState:
         if state.shape[-1] == w:
             return None
         m = self.unpack_cut_state(state[..., w:2 * w])
-        r_mu, r_ta, r_si = self.unpack_cut_state(state[..., 2 * w:])
-        return m, (r_mu ** 2, {j: t ** 2 for j, t in r_ta.items()}, {j: t ** 2 for j, t in r_si.items()})
+        return m, _map_cut_state(torch.square, self.unpack_cut_state(state[..., 2 * w:]))
 
     def layers(self, S: torch.Tensor):
         """``S`` (D, n_hidden) int8 → per-block ``lower, upper`` (D, n_j) with the splits applied
@@ -661,11 +658,14 @@ def _search_counterexample(check, cand: np.ndarray, pgd: _PgdClock, deadline: fl
     return x
 
 
+def _map_cut_state(f, x):
+    """``f`` applied to every tensor of ``x = (mu, taus, sigmas)`` (``taus``, ``sigmas``: block → tensor)."""
+    return f(x[0]), {j: f(t) for j, t in x[1].items()}, {j: f(t) for j, t in x[2].items()}
+
+
 def _cast_moments(moments, f):
     """``(m, v, rows)`` of :func:`.cuts.optimize_cut_bound` with ``f`` applied to every tensor of ``m`` and ``v``."""
-    def one(x):
-        return f(x[0]), {j: f(t) for j, t in x[1].items()}, {j: f(t) for j, t in x[2].items()}
-    return one(moments[0]), one(moments[1]), moments[2]
+    return _map_cut_state(f, moments[0]), _map_cut_state(f, moments[1]), moments[2]
 
 
 class _StateBudget:
