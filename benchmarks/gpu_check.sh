@@ -12,6 +12,9 @@
 #   fp64        float32 against float64 bound engines on the GPU (what a proof costs there): three OVAL21
 #               instances that need thousands of domains, one at a time, each in both precisions, cap 60 s
 #               (or CAP_S if lower)
+#   conv        conv blocks as cuDNN convolutions against CSR products (`--bab-options '{"conv": true}'`, opt-in:
+#               on 2 CPU cores no faster in whole searches, session 31): wide img8517 and img3458, deep img1052,
+#               one at a time, each both ways, cap 60 s (or CAP_S if lower); compare times and domains
 #   one_by_one  the 4 OVAL21 time-outs above and the 5 MNIST ones with an unsat consensus, ONE AT A TIME
 #               (the whole GPU each: processes sharing a GPU time-slice it), each capped at CAP_S, while
 #               time lasts
@@ -132,6 +135,18 @@ if has fp64; then
         [ "$(left)" -gt 150 ] || { log "stopped: $(left) s left"; break; }
         PREC=$prec vnncomp vnncomp2022_oval21 gpu_fp64.csv "fp64_$prec" 1 "$c64"
         grep -E "^\s+\[" "$W/fp64_${prec}_$DEV.log"
+    done
+fi
+
+if has conv; then
+    cc=$((CAP < 60 ? CAP : 60))
+    log "VNN-COMP on $DEV: conv products against CSR, one instance at a time, cap $cc s"
+    subset vnncomp2022_oval21 'img(8517|3458|1052)-' gpu_conv.csv
+    for way in csr conv; do
+        [ "$(left)" -gt 200 ] || { log "stopped: $(left) s left"; break; }
+        opts='{}'; [ $way = conv ] && opts='{"conv": true}'
+        vnncomp vnncomp2022_oval21 gpu_conv.csv "conv_$way" 1 "$cc" "$opts"
+        grep -E "^\s+\[" "$W/conv_${way}_$DEV.log"
     done
 fi
 

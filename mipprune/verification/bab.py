@@ -228,9 +228,10 @@ class _ReluState:
     of each max-pool block. They warm-start the children's optimization; stored in float32, since
     any α in [0, 1] and β >= 0 gives a sound bound, their precision never matters for soundness."""
 
-    def __init__(self, net: TorchNet, rl, ru, lo_in, hi_in, intermediate: bool, fast32: bool = False, cuts=None):
+    def __init__(self, net: TorchNet, rl, ru, lo_in, hi_in, intermediate: bool, fast32: bool = False, cuts=None,
+                 conv: bool = False):
         self.net, self.rl, self.ru, self.lo_in, self.hi_in = net, rl, ru, lo_in, hi_in
-        self.intermediate, self.fast32, self.net32 = intermediate, fast32, None
+        self.intermediate, self.fast32, self.net32, self.conv = intermediate, fast32, None, conv
         self.cuts = cuts          # cutting planes valid on the whole input box (GCP-CROWN bounds), or None
         self.cut_mu = None        # (G, m, K) the root's cut multipliers per searched disjunct (children start there)
         self.cuts32 = None
@@ -277,7 +278,7 @@ class _ReluState:
                                                lr_alpha=lrs[0], lr_beta=lrs[1])
             return lb, X
         if self.net32 is None:
-            self.net32 = net.to_dtype(torch.float32)
+            self.net32 = net.to_dtype(torch.float32, self.conv)
         f = lambda t: t.float()  # noqa: E731
         o32: dict = {}
         crown.optimize_bound(self.net32, [f(t) for t in lower], [f(t) for t in upper], f(C), f(c0), f(lo), f(hi),
@@ -323,7 +324,7 @@ class _ReluState:
                                                    out["moments"] if CUT_MOMENTS else None)
             return lb, X
         if self.net32 is None:
-            self.net32 = net.to_dtype(torch.float32)
+            self.net32 = net.to_dtype(torch.float32, self.conv)
         if self.cuts32 is None:
             self.cuts32 = self.cuts.to(torch.float32)
         f = lambda t: t.float()  # noqa: E731
@@ -516,7 +517,7 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
              batch: int = 32, intermediate: bool = False, candidates: int = 1, lr_alpha: float = 0.1,
              lr_beta: float = 0.05, joint: bool = True, fast32: bool = True,
              max_store_bytes: int | None = None, screen: bool | None = None, clauses: bool = False,
-             cuts: Cuts | None = None, cut_source=None) -> BabResult:
+             cuts: Cuts | None = None, cut_source=None, conv: bool = False) -> BabResult:
     """Branch and bound over ReLU splits on the open ``disjuncts`` of ``spec`` (box regions).
 
     ``root_lower[i]``, ``root_upper[i]`` (numpy, (n_i,)) are sound pre-activation bounds of block
@@ -544,14 +545,15 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     conflict clauses from proven children (their splits less the least important quarter, half or
     three quarters, kept where the bound proves the shorter set too) and propagate them on every domain
     (implied splits, domains inside a proven region dropped): :mod:`.clauses`; counts in
-    ``info["clauses"]``.
+    ``info["clauses"]``. ``conv``: conv blocks compute their float32 products by ``conv2d`` / ``conv_transpose2d``
+    instead of CSR (:data:`.crown.CONV_DTYPE`; opt-in: no faster on 2 CPU cores in whole searches).
 
     Memory: at most ``max_domains`` stored domains and ``max_store_bytes`` of their splits and α/β
     (default: :func:`store_limits` of the device); reaching either, or running the device out of
     memory, ends the search as ``unknown`` with the reason.
     """
     t0 = time.perf_counter()
-    net = TorchNet.from_blocks(blocks, device)
+    net = TorchNet.from_blocks(blocks, device, conv=conv)
     max_domains, max_store_bytes = store_limits(net.device, max_domains, max_store_bytes)
     L = net.n_layers
     lo_in, hi_in = net.box(spec.lower, spec.upper)
@@ -561,7 +563,7 @@ def relu_bab(network, spec: Spec, blocks, root_lower, root_upper, disjuncts, *, 
     ru = [net.tensor(a)[None, :] for a in root_upper[:L - 1]]
     if cuts is not None:
         cuts = _on_net(cuts, net)
-    st = _ReluState(net, rl, ru, lo_in, hi_in, intermediate, fast32, cuts)
+    st = _ReluState(net, rl, ru, lo_in, hi_in, intermediate, fast32, cuts, conv)
     check = _Checker(network, spec, seed)
     res = BabResult("unknown", domains=1, steps=0)
 

@@ -33,6 +33,7 @@ never taken from this module without the float64 forward re-check of the caller.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import dataclass
 
@@ -91,6 +92,13 @@ def _loosen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 SPARSE_MAX_DENSITY = 0.25   # weight matrices sparser than this (e.g. convolutions as matrices) …
 SPARSE_MIN_SIZE = 1 << 16   # … and at least this large use sparse products (OVAL21 convs: 5-30x faster, measured)
+# with ``conv=True`` (opt-in, branch and bound's ``bab_options={"conv": True}``) convolutions of that size run as
+# conv2d / conv_transpose2d in this dtype (the float32 steps of branch and bound, CUDA's default). On OVAL21's convs
+# on 2 CPU threads they are 1-4x faster than CSR per product at 64-2,048 rows, but whole searches gained nothing
+# (24 solved instances: median 4.1 -> 4.8 s; deep img1052 1.6x the domains per second, the proof no sooner); in
+# float64 torch's CPU convolutions (no oneDNN kernel) are up to 2.5x slower than CSR (session 31). Not yet measured
+# on a GPU, where cuDNN against cuSPARSE may differ.
+CONV_DTYPE = torch.float32
 
 
 def _csr(M, dtype, device) -> torch.Tensor:
@@ -127,21 +135,26 @@ class _SparseRight(torch.autograd.Function):
 class _SparseTerm:
     """A weight matrix ``W`` (n_out, n_in) as sparse CSR ``W``, ``W.T`` and ``|W|`` (torch)."""
 
-    def __init__(self, W, WT, Wabs):
+    def __init__(self, W, WT, Wabs, M=None, conv=None):
         self.W, self.WT, self.Wabs = W, WT, Wabs
+        self.M, self.conv = M, conv   # the scipy matrix and its convolution hint, for a change of dtype
 
     @classmethod
-    def maybe(cls, M, dtype, device) -> "_SparseTerm | None":
+    def maybe(cls, M, dtype, device, conv=None) -> "_SparseTerm | None":
         import scipy.sparse as sps
 
         M = sps.csr_matrix(M)
         size = M.shape[0] * M.shape[1]
         if size < SPARSE_MIN_SIZE or M.nnz > SPARSE_MAX_DENSITY * size:
             return None
-        return cls(_csr(M, dtype, device), _csr(M.T, dtype, device), _csr(abs(M), dtype, device))
+        return cls(_csr(M, dtype, device), _csr(M.T, dtype, device), _csr(abs(M), dtype, device), M, conv)
 
-    def to(self, dtype) -> "_SparseTerm":
-        return _SparseTerm(self.W.to(dtype), self.WT.to(dtype), self.Wabs.to(dtype))
+    def to(self, dtype, conv: bool = False) -> "_SparseTerm | _ConvTerm":
+        if conv and self.conv is not None and dtype == CONV_DTYPE:
+            term = _ConvTerm.maybe(self.M, self.conv, dtype, self.W.device)
+            if term is not None:
+                return term
+        return _SparseTerm(self.W.to(dtype), self.WT.to(dtype), self.Wabs.to(dtype), self.M, self.conv)
 
     def back(self, Lz: torch.Tensor) -> torch.Tensor:
         """``Lz @ W`` (…, n_out) → (…, n_in)."""
@@ -152,6 +165,90 @@ class _SparseTerm:
         if absolute:
             return (self.Wabs @ h.reshape(-1, h.shape[-1]).T.contiguous()).T.reshape(*h.shape[:-1], -1)
         return _SparseRight.apply(h, self.W, self.WT)
+
+
+def _ieee_convs(device: torch.device):
+    """cuDNN convolutions in full float32 (TF32, on by default for cuDNN, rounds their inputs to 10 bits, ~5e-4:
+    beyond ``slack``)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    c = torch.backends.cudnn
+    return c.flags(enabled=c.enabled, benchmark=c.benchmark, deterministic=c.deterministic, allow_tf32=False,
+                   fp32_precision=None)
+
+
+class _ConvTerm:
+    """A block weight that is one convolution (:class:`~solvers.network.layers.ConvGeometry`), applied by
+    ``conv2d`` / ``conv_transpose2d`` instead of its sparse matrix, in ``CONV_DTYPE`` (see there).
+
+    The geometry is a hint from the IR: every term is checked against the matrix on random vectors
+    (:meth:`matches`) before use, in its own dtype and device, and a mismatch keeps the sparse product."""
+
+    PROBES = 3
+
+    def __init__(self, K: torch.Tensor, g, output_padding: tuple[int, int]):
+        self.K, self.Kabs, self.g, self.output_padding = K, K.abs(), g, output_padding
+
+    @classmethod
+    def maybe(cls, M, g, dtype, device) -> "_ConvTerm | None":
+        """The convolution ``g`` as a term for the matrix ``M`` (scipy, (n_out, n_in)), or ``None``."""
+        if (g is None or M.shape != (int(np.prod(g.out_shape)), int(np.prod(g.in_shape)))
+                or M.shape[0] * M.shape[1] < SPARSE_MIN_SIZE):   # small: a dense product is as fast
+            return None
+        (_, H, W), (_, oh, ow), (kh, kw) = g.in_shape, g.out_shape, g.kernel.shape[2:]
+        # conv_transpose2d's output is short by what the strides dropped at the far edge: pad it back
+        op = tuple(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+                   for n, o, s, p, d, k in zip((H, W), (oh, ow), g.stride, g.padding, g.dilation, (kh, kw)))
+        if any(not 0 <= e < max(s, d) for e, s, d in zip(op, g.stride, g.dilation)):
+            return None
+        term = cls(torch.as_tensor(g.kernel, dtype=dtype, device=device), g, op)
+        return term if term.matches(M) else None
+
+    def to(self, dtype, conv: bool = False) -> "_ConvTerm | _SparseTerm | None":
+        """This term in ``dtype``: the convolution in ``CONV_DTYPE`` (with ``conv``), the CSR (or dense) product
+        otherwise."""
+        return _fast_term(self._M, self.g, dtype, self.K.device, conv)
+
+    def matches(self, M) -> bool:
+        """Whether ``back``, ``fwd`` and ``fwd(absolute)`` equal ``M``'s products on random vectors, to this
+        dtype's round-off (relative to ``|M| |x|``)."""
+        self._M = M
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((self.PROBES, M.shape[1])), rng.standard_normal((self.PROBES, M.shape[0]))
+        xt, yt = (torch.as_tensor(a, dtype=self.K.dtype, device=self.K.device) for a in (x, y))
+        x, y = xt.double().cpu().numpy(), yt.double().cpu().numpy()   # the probes as this dtype rounds them
+        A = abs(M)
+        tol = 1e-10 if self.K.dtype == torch.float64 else 1e-5   # TF32's errors would be ~1e-4 here (caught)
+        with torch.no_grad():
+            got = [self.fwd(xt), self.back(yt), self.fwd(xt, absolute=True)]
+        want = [(M @ x.T).T, (M.T @ y.T).T, (A @ x.T).T]
+        scale = [(A @ abs(x).T).T, (A.T @ abs(y).T).T, (A @ abs(x).T).T]
+        return all(g.shape == w.shape and bool(np.all(np.abs(g.double().cpu().numpy() - w) <= tol * (sc + 1e-30)))
+                   for g, w, sc in zip(got, want, scale))
+
+    def back(self, Lz: torch.Tensor) -> torch.Tensor:
+        """``Lz @ W`` (…, n_out) → (…, n_in)."""
+        g, sh = self.g, Lz.shape[:-1]
+        with _ieee_convs(Lz.device):
+            x = torch.nn.functional.conv_transpose2d(Lz.reshape(-1, *g.out_shape), self.K, stride=g.stride,
+                                                     padding=g.padding, output_padding=self.output_padding,
+                                                     dilation=g.dilation)
+        return x.reshape(*sh, -1)
+
+    def fwd(self, h: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+        """``h @ W.T`` (…, n_in) → (…, n_out) (``|W|`` with ``absolute``: each entry is one kernel weight)."""
+        g, sh = self.g, h.shape[:-1]
+        with _ieee_convs(h.device):
+            z = torch.nn.functional.conv2d(h.reshape(-1, *g.in_shape), self.Kabs if absolute else self.K,
+                                           stride=g.stride, padding=g.padding, dilation=g.dilation)
+        return z.reshape(*sh, -1)
+
+
+def _fast_term(M, geometry, dtype, device, conv: bool = False):
+    """The product for a weight matrix ``M`` (scipy): with ``conv``, its convolution ``geometry`` in
+    ``CONV_DTYPE`` (checked); else its CSR; else ``None`` (dense)."""
+    term = _ConvTerm.maybe(M, geometry, dtype, device) if conv and dtype == CONV_DTYPE else None
+    return term or _SparseTerm.maybe(M, dtype, device, geometry)
 
 
 @dataclass
@@ -166,7 +263,7 @@ class TorchNet:
     dtype: torch.dtype
     skips: list = None
     pool: list = None
-    sparse: list = None   # per block, aligned with terms(i): a _SparseTerm or None (dense products)
+    sparse: list = None   # per block, aligned with terms(i): a _ConvTerm, a _SparseTerm or None (dense products)
 
     def __post_init__(self):
         self.skips = self.skips or [[] for _ in self.W]
@@ -174,7 +271,9 @@ class TorchNet:
         self.sparse = self.sparse or [[None] * len(self.terms(i)) for i in range(len(self.W))]
 
     @classmethod
-    def from_blocks(cls, blocks, device="cpu", dtype: torch.dtype | None = None) -> "TorchNet":
+    def from_blocks(cls, blocks, device="cpu", dtype: torch.dtype | None = None, conv: bool = False) -> "TorchNet":
+        """Torch copies of ``blocks``; with ``conv``, conv blocks (``AffineBlock.conv``) compute in float32 by
+        ``conv2d`` / ``conv_transpose2d`` (:data:`CONV_DTYPE`)."""
         dev = resolve_device(device)
         dt = dtype or PRECISION.get() or (torch.float64 if dev.type == "cpu" else torch.float32)
         dense = lambda M: torch.as_tensor(np.asarray(M.toarray()), dtype=dt, device=dev)  # noqa: E731
@@ -183,14 +282,16 @@ class TorchNet:
         skips = [[(k, dense(M)) for k, M in blk.skips] for blk in blocks]
         pool = [None if blk.pool is None else torch.as_tensor(np.asarray(blk.pool), dtype=torch.long, device=dev)
                 for blk in blocks]
-        sparse = [[_SparseTerm.maybe(M, dt, dev) for M in [blk.weight] + [S for _, S in blk.skips]] for blk in blocks]
+        sparse = [[_fast_term(blk.weight, getattr(blk, "conv", None), dt, dev, conv)]
+                  + [_SparseTerm.maybe(S, dt, dev) for _, S in blk.skips] for blk in blocks]
         return cls(W, b, dev, dt, skips, pool, sparse)
 
-    def to_dtype(self, dtype: torch.dtype) -> "TorchNet":
-        """A copy in ``dtype`` (e.g. float32 for optimization steps whose bounds are re-evaluated in float64)."""
+    def to_dtype(self, dtype: torch.dtype, conv: bool = False) -> "TorchNet":
+        """A copy in ``dtype`` (e.g. float32 for optimization steps whose bounds are re-evaluated in float64);
+        ``conv`` as in :meth:`from_blocks`."""
         return TorchNet([w.to(dtype) for w in self.W], [b.to(dtype) for b in self.b], self.device, dtype,
                         [[(k, M.to(dtype)) for k, M in sk] for sk in self.skips], self.pool,
-                        [[None if sp is None else sp.to(dtype) for sp in row] for row in self.sparse])
+                        [[None if sp is None else sp.to(dtype, conv) for sp in row] for row in self.sparse])
 
     def back(self, i: int, t: int, W: torch.Tensor, Lz: torch.Tensor) -> torch.Tensor:
         """``Lz @ W`` for term ``t`` of block ``i`` (``W`` its dense matrix), sparse when it pays."""

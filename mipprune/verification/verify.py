@@ -244,8 +244,8 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
         ``"scip"``: at the search's first step, on any ReLU network without max pools; ``"off"``: never.
     bab_options : dict, optional
         Keyword options of ReLU branch and bound (:func:`mipprune.verification.bab.relu_bab`: e.g.
-        ``iters``, ``candidates``, ``intermediate``, ``clauses``); for studies, the defaults are the measured
-        best.
+        ``iters``, ``candidates``, ``intermediate``, ``clauses``, ``conv``); for studies, the defaults are the
+        measured best.
     threads : int
         Torch intra-op threads of the searches (branch and bound, split refinement); default 1, right
         when several queries share the machine (a pool over instances). A single query on an otherwise
@@ -291,7 +291,7 @@ def verify(network: Network, spec: Spec, *, time_limit: float | None = None, dev
 
 COMPLETE_METHODS = ("auto", "milp", "bab", "input")
 BAB_OPTIONS = ("iters", "root_iters", "batch", "max_domains", "intermediate", "candidates", "screen", "lr_alpha",
-               "lr_beta", "joint", "fast32", "max_store_bytes", "clauses")
+               "lr_beta", "joint", "fast32", "max_store_bytes", "clauses", "conv")
 CUTS_MODES = ("auto", "scip", "off")
 CUT_PROBE_SECONDS = 30.0      # cuts="auto": they join after this much plain search (OVAL21: 19 of the 20 it solves end
                               # within it; the search goes on from its domains: wide img3458 607 s -> 116 s)

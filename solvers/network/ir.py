@@ -20,8 +20,8 @@ import scipy.sparse as sp
 
 from solvers.errors import InvalidInputError, UnsupportedLayerError
 from solvers.network.onnx import read_onnx
-from solvers.network.layers import (LAYER_TYPES, Add, AffineBlock, Branch, Conv2d, Dense, Flatten, MaxPool2d, Normalize,
-                                     ReLU, Shape, check_layer_finite, is_plain)
+from solvers.network.layers import (LAYER_TYPES, Add, AffineBlock, Branch, Conv2d, ConvGeometry, Dense, Flatten,
+                                     MaxPool2d, Normalize, ReLU, Shape, check_layer_finite, is_plain)
 
 
 @dataclass(eq=False)
@@ -127,19 +127,21 @@ class Network:
         of both operands' affine expressions, which may read earlier activations ``h_k`` (the block's
         ``skips``); a network ending in ReLU or MaxPool2d gets an identity last block.
         """
-        # every activation as an affine expression of materialized h_k: ({k: CSR}, bias, k if it is h_k)
+        # every activation as an affine expression of materialized h_k: ({k: CSR}, bias, k if it is h_k,
+        # the ConvGeometry if it is exactly one convolution of the latest h_k)
         eye = lambda n: sp.identity(n, format="csr")  # noqa: E731
-        exprs = [({0: eye(self.n_inputs)}, np.zeros(self.n_inputs), 0)]
+        exprs = [({0: eye(self.n_inputs)}, np.zeros(self.n_inputs), 0, None)]
         blocks: list[AffineBlock] = []
         relu_h: set[int] = set()   # h_k that are ReLU outputs (a second ReLU on them is the identity)
 
         def materialize(expr, pool=None) -> AffineBlock:
-            terms, bias, _ = expr
+            terms, bias, _, conv = expr
             i = len(blocks)
             n = bias.size
             W = terms.get(i, sp.csr_matrix((n, blocks[-1].n_act if blocks else self.n_inputs)))
             skips = tuple((k, M.tocsr()) for k, M in sorted(terms.items()) if k != i)
-            blk = AffineBlock(W.tocsr(), bias.copy(), skips, pool)
+            conv = conv if not skips and set(terms) == {i} else None
+            blk = AffineBlock(W.tocsr(), bias.copy(), skips, pool, conv)
             for M in [blk.weight] + [M for _, M in skips]:
                 M.eliminate_zeros()
             return blk
@@ -153,7 +155,7 @@ class Network:
                 terms = dict(cur[0])
                 for k, M in exprs[layer.source][0].items():
                     terms[k] = (terms[k] + M).tocsr() if k in terms else M
-                exprs.append((terms, cur[1] + exprs[layer.source][1], None))
+                exprs.append((terms, cur[1] + exprs[layer.source][1], None, None))
             elif isinstance(layer, (ReLU, MaxPool2d)):
                 if isinstance(layer, ReLU) and cur[2] in relu_h:
                     exprs.append(cur)
@@ -164,11 +166,13 @@ class Network:
                 if pool is None:
                     relu_h.add(k)
                 n = blocks[-1].n_act
-                exprs.append(({k: eye(n)}, np.zeros(n), k))
+                exprs.append(({k: eye(n)}, np.zeros(n), k, None))
             else:
                 W, b = layer.as_matrix(shape)
                 W = sp.csr_matrix(W)
-                exprs.append(({k: (W @ M).tocsr() for k, M in cur[0].items()}, W @ cur[1] + b, None))
+                # a convolution straight on a materialized h_k keeps its geometry (fast products)
+                conv = ConvGeometry.of(layer, shape) if isinstance(layer, Conv2d) and cur[2] is not None else None
+                exprs.append(({k: (W @ M).tocsr() for k, M in cur[0].items()}, W @ cur[1] + b, None, conv))
         blocks.append(materialize(exprs[-1]))
         return blocks
 

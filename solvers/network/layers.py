@@ -330,6 +330,25 @@ def check_folded(layers, names, what: str) -> None:
         raise InvalidInputError(f"{exc} (after folding {what} into it)") from None
 
 
+@dataclass(frozen=True, eq=False)
+class ConvGeometry:
+    """A block weight that is exactly one :class:`Conv2d` of the block's input: its ``kernel`` (out, in,
+    kh, kw), ``stride``, ``padding``, ``dilation`` and the (C, H, W) shapes it maps between. A hint for
+    convolution-structured products (the bound engine checks it against the matrix before use)."""
+
+    kernel: np.ndarray
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    in_shape: Shape
+    out_shape: Shape
+
+    @classmethod
+    def of(cls, conv: "Conv2d", in_shape: Shape) -> "ConvGeometry":
+        return cls(np.array(conv.weight, dtype=np.float64), conv.stride, conv.padding, conv.dilation,
+                   tuple(in_shape), tuple(conv.output_shape(in_shape)))
+
+
 @dataclass(eq=False)
 class AffineBlock:
     """Block ``i`` of the verification form: ``z_i = weight @ h_i + Σ_k skips[k] @ h_k + bias`` on
@@ -338,13 +357,15 @@ class AffineBlock:
 
     ``weight`` CSR (n_i, |h_i|); ``skips`` a tuple of ``(k, CSR (n_i, |h_k|))`` with ``k < i``: the
     residual connections (``h_0`` is the network input); ``pool`` (|h_{i+1}|, window) int indices into
-    ``z_i``, every entry valid (padding repeats a real element).
+    ``z_i``, every entry valid (padding repeats a real element). ``conv``: where ``weight`` is one
+    convolution of ``h_i`` (no layer folded into it), its :class:`ConvGeometry`; ``None`` otherwise.
     """
 
     weight: sp.csr_matrix
     bias: np.ndarray
     skips: tuple = ()
     pool: np.ndarray | None = None
+    conv: ConvGeometry | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

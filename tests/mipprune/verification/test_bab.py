@@ -185,3 +185,27 @@ def test_pgd_runs_less_often_the_longer_it_finds_nothing(monkeypatch):
     assert np.all(np.diff(gaps) >= -0.11)                      # never more often than before
     assert gaps[-1] <= bab.PGD_EVERY_MAX + 0.11 and gaps.max() > 4 * bab.PGD_EVERY
     assert 8 <= len(times) < 200 / bab.PGD_EVERY / 2        # fewer than half the fixed schedule's 80
+
+
+@pytest.mark.parametrize("eps", [0.025, 0.03])   # verified after a split / falsified at the root
+def test_relu_bab_with_convolution_products_decides_like_with_csr(monkeypatch, eps):
+    """``conv=True``: the float32 steps run the conv blocks as conv2d / conv_transpose2d (they are called), and
+    the search decides as with CSR products and as the MILP."""
+    from mipprune.verification import crown
+    from tests.mipprune.verification.test_crown import _conv_net
+    from tests.mipprune.verification.test_residual_pooling import _robustness
+
+    rng = np.random.default_rng(5)
+    net = _conv_net(rng)
+    spec = _robustness(net, rng.uniform(-1, 1, size=net.n_inputs), eps)
+    truth = verify(net, spec, time_limit=60, complete="milp").verdict
+    calls = []
+    real = crown._ConvTerm.back
+    monkeypatch.setattr(crown._ConvTerm, "back", lambda self, Lz: calls.append(1) or real(self, Lz))
+    blocks, b = net.to_affine_relu(), compute_bounds(net, spec.lower, spec.upper, "crown")
+    for conv in (False, True):
+        r = relu_bab(net, spec, blocks, b.lower, b.upper, list(range(len(spec.disjuncts))),
+                     deadline=time.perf_counter() + 30, conv=conv, root_iters=0)
+        assert r.status == {Verdict.VERIFIED: "verified", Verdict.FALSIFIED: "falsified"}[truth], (conv, r.message)
+        assert (len(calls) > 0) == (conv and r.domains > 1)
+    assert truth == (Verdict.VERIFIED if eps < 0.03 else Verdict.FALSIFIED)

@@ -2,6 +2,8 @@
 init, α/β optimization never loosens and stays below sampled minima (also on split domains)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -144,11 +146,28 @@ def _conv_net(rng):
                     Dense(w(3, 144), 0.2 * rng.normal(size=3))], (1, 12, 12))
 
 
-def test_sparse_products_give_the_dense_bounds_and_gradients(monkeypatch):
+def _without_conv_hints(blocks):
+    return [dataclasses.replace(b, conv=None) for b in blocks]
+
+
+def test_conv_and_sparse_products_give_the_dense_bounds_and_gradients(monkeypatch):
+    """The same bounds, α gradients, optimized bounds and forward pass from the convolutions' own products
+    (``conv2d`` / ``conv_transpose2d``, here in float64 to compare at 1e-9), their CSR matrices and dense
+    matrices. The convolutions are opt-in (``conv=True``) and only in float32 (the searches' steps)."""
     rng = np.random.default_rng(3)
     blocks = _conv_net(rng).to_affine_relu()
-    sp = crown.TorchNet.from_blocks(blocks)
-    assert sp.sparse[0][0] is not None and sp.sparse[1][0] is not None and sp.sparse[2][0] is None
+    kinds = lambda net: [type(row[0]).__name__ for row in net.sparse]  # noqa: E731
+    csr, conv = ["_SparseTerm", "_SparseTerm", "NoneType"], ["_ConvTerm", "_ConvTerm", "NoneType"]
+    default = crown.TorchNet.from_blocks(blocks)
+    assert kinds(default) == csr and kinds(default.to_dtype(torch.float32)) == csr
+    assert kinds(crown.TorchNet.from_blocks(blocks, conv=True)) == csr          # float64 keeps CSR
+    assert kinds(default.to_dtype(torch.float32, conv=True)) == conv
+    assert kinds(default.to_dtype(torch.float32, conv=True).to_dtype(torch.float64)) == csr
+    monkeypatch.setattr(crown, "CONV_DTYPE", torch.float64)
+    cv = crown.TorchNet.from_blocks(blocks, conv=True)
+    assert [type(row[0]).__name__ for row in cv.sparse] == ["_ConvTerm", "_ConvTerm", "NoneType"]
+    sp = crown.TorchNet.from_blocks(_without_conv_hints(blocks))
+    assert [type(row[0]).__name__ for row in sp.sparse] == ["_SparseTerm", "_SparseTerm", "NoneType"]
     monkeypatch.setattr(crown, "SPARSE_MIN_SIZE", 1 << 40)
     dn = crown.TorchNet.from_blocks(blocks)
     assert all(s is None for row in dn.sparse for s in row)
@@ -157,7 +176,7 @@ def test_sparse_products_give_the_dense_bounds_and_gradients(monkeypatch):
     C = sp.tensor(rng.normal(size=(2, 3)))[None]
     c0 = torch.zeros(1, 2, dtype=torch.float64)
     res = []
-    for tn in (sp, dn):
+    for tn in (cv, sp, dn):
         lower, upper = crown.crown_intermediate(tn, lo, hi)
         lb0 = crown.backward_bound(tn, lower[:-1], upper[:-1], C, c0, lo, hi)[0]
         alphas = {j: crown.relaxation(lower[j], upper[j])[0][:, None, :].expand(1, 2, -1).clone().requires_grad_(True)
@@ -166,13 +185,36 @@ def test_sparse_products_give_the_dense_bounds_and_gradients(monkeypatch):
         lb.sum().backward()
         lbo = crown.optimize_bound(tn, lower[:-1], upper[:-1], C, c0, lo, hi, iters=5)[0]
         res.append((lower, upper, lb0, [alphas[j].grad for j in range(2)], lbo, tn.forward(lo)))
-    (l1, u1, b1, g1, o1, f1), (l2, u2, b2, g2, o2, f2) = res
-    for a, b in zip(l1 + u1 + [b1, o1, f1] + g1, l2 + u2 + [b2, o2, f2] + g2):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+    (l1, u1, b1, g1, o1, f1) = res[0]
+    for other in res[1:]:
+        (l2, u2, b2, g2, o2, f2) = other
+        for a, b in zip(l1 + u1 + [b1, o1, f1] + g1, l2 + u2 + [b2, o2, f2] + g2):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
     # and sound: the optimized bound stays below sampled margins
     X = torch.as_tensor(rng.uniform(c - 0.05, c + 0.05, size=(400, 144)))
     assert bool((o1[0][None] <= (sp.forward(X) @ C[0].T) + 1e-9).all())
     assert sp.to_dtype(torch.float32).sparse[0][0].W.dtype == torch.float32
+
+
+def test_a_conv_hint_that_does_not_match_its_matrix_is_not_used():
+    """The IR's convolution geometry is only a hint: a block whose matrix was changed after the fact (here its
+    kernel's first weight), or whose shapes do not fit, keeps the sparse product of the matrix itself."""
+    rng = np.random.default_rng(4)
+    blocks = _conv_net(rng).to_affine_relu()
+    g = blocks[0].conv
+    stale = dataclasses.replace(g, kernel=g.kernel + np.eye(1, g.kernel.size).reshape(g.kernel.shape))
+    wrong_shape = dataclasses.replace(g, in_shape=(1, 11, 13))
+    for hint in (stale, wrong_shape):
+        net = crown.TorchNet.from_blocks([dataclasses.replace(blocks[0], conv=hint)] + blocks[1:], dtype=torch.float32,
+                                         conv=True)
+        assert type(net.sparse[0][0]).__name__ == "_SparseTerm"
+        assert type(net.to_dtype(torch.float64).to_dtype(torch.float32, conv=True).sparse[0][0]).__name__ == "_SparseTerm"
+    # and a sound one passes the same check in float32 (the optimizer's steps)
+    net = crown.TorchNet.from_blocks(blocks).to_dtype(torch.float32, conv=True)
+    assert type(net.sparse[0][0]).__name__ == "_ConvTerm"
+    x = torch.as_tensor(rng.normal(size=(5, 144)), dtype=torch.float32)
+    want = torch.as_tensor(blocks[0].weight @ x.double().numpy().T).T
+    assert torch.allclose(net.sparse[0][0].fwd(x).double(), want, atol=1e-5)
 
 
 def test_adam_rows_warmed_with_earlier_moments_step_on_from_them():

@@ -96,3 +96,27 @@ def test_branch_and_bound_with_scip_root_cuts_on_the_device_decides_like_on_the_
         assert spec.is_counterexample(net, runs[1].counterexample)
     elif runs[1].domains > 1:   # the cuts entered the device's root bound as they did the CPU's
         assert runs[1].info["root_lb"] >= runs[1].info["root_lb_without_cuts"] - 1e-6
+
+
+def test_convolutions_on_the_device_use_their_own_products_in_full_float32():
+    """With ``conv=True`` a conv block's products run as conv2d / conv_transpose2d on the device (cuDNN's TF32, on by default,
+    would fail the term's check against the matrix and fall back to CSR) and give the CPU's float64 bounds to
+    float32 round-off."""
+    from mipprune.verification import crown
+    from tests.mipprune.verification.test_crown import _conv_net
+
+    rng = np.random.default_rng(3)
+    blocks = _conv_net(rng).to_affine_relu()
+    dev = crown.TorchNet.from_blocks(blocks, DEVICE, dtype=torch.float32, conv=True)
+    assert [type(row[0]).__name__ for row in dev.sparse] == ["_ConvTerm", "_ConvTerm", "NoneType"]
+    cpu = crown.TorchNet.from_blocks(blocks)
+    c = rng.uniform(-1, 1, size=144)
+    bounds = []
+    for tn in (dev, cpu):
+        lo, hi = tn.tensor(c - 0.05)[None], tn.tensor(c + 0.05)[None]
+        lower, upper = crown.crown_intermediate(tn, lo, hi)
+        bounds.append([torch.cat([x.double().cpu().flatten() for x in xs]) for xs in (lower, upper)])
+    (l32, u32), (l64, u64) = bounds
+    # float32's bounds contain float64's (loosened by its 1e-4 slack) and stay within that slack of them
+    assert bool((l32 <= l64 + 1e-9).all() and (u32 >= u64 - 1e-9).all())
+    assert torch.allclose(l32, l64, rtol=1e-3, atol=1e-3) and torch.allclose(u32, u64, rtol=1e-3, atol=1e-3)

@@ -80,3 +80,27 @@ def test_non_finite_arrays_are_refused_when_the_network_is_assembled():
     conv.bias = np.array([np.nan])
     with pytest.raises(InvalidInputError, match=r"layer 0 \(Conv2d 'conv2d_0'\) bias must be finite; got 1"):
         Network([conv], input_shape=(1, 3, 3))
+
+
+def test_blocks_keep_the_geometry_of_a_convolution_only_where_it_is_the_whole_weight():
+    """``AffineBlock.conv`` names the convolution whose matrix is the block's weight: a conv straight on the
+    input or on a ReLU output; not after a layer folded into it (Normalize, AvgPool), nor with a residual Add."""
+    from solvers.network.layers import AvgPool2d
+
+    rng = np.random.default_rng(0)
+    conv = lambda cin, cout, **kw: Conv2d(rng.normal(size=(cout, cin, 3, 3)), rng.normal(size=cout), **kw)  # noqa: E731
+    net = Network([conv(1, 2, padding=1), ReLU(), conv(2, 2, stride=2, padding=1), ReLU(),
+                   AvgPool2d((2, 2)), conv(2, 3, padding=1), ReLU(), conv(3, 3, padding=1), Add(source=6), ReLU(),
+                   Flatten(), Dense(rng.normal(size=(4, 12)))], (1, 8, 8))
+    blocks = net.to_affine_relu()
+    assert [b.conv is not None for b in blocks] == [True, True, False, False, False]
+    for blk, layer, shape in ((blocks[0], net.layers[0], (1, 8, 8)), (blocks[1], net.layers[2], (2, 8, 8))):
+        g = blk.conv
+        assert (g.in_shape, g.out_shape) == (shape, layer.output_shape(shape))
+        assert (g.stride, g.padding) == (layer.stride, layer.padding)
+        assert np.array_equal(layer.as_matrix(shape)[0].toarray(), blk.weight.toarray())
+        g.kernel[...] = 0.0   # its own copy: the layer's weights are untouched
+        assert np.any(layer.weight != 0)
+    normalized = Network([Normalize(np.array(0.1), np.array(0.3)), conv(1, 2, padding=1), ReLU(), Flatten(),
+                          Dense(rng.normal(size=(1, 128)))], (1, 8, 8))
+    assert [b.conv is None for b in normalized.to_affine_relu()] == [True, True]
