@@ -150,11 +150,9 @@ class _SparseTerm:
         return cls(_csr(M, dtype, device), _csr(M.T, dtype, device), _csr(abs(M), dtype, device), M, conv)
 
     def to(self, dtype, conv: bool = False) -> "_SparseTerm | _ConvTerm":
-        if conv and self.conv is not None and dtype == CONV_DTYPE:
-            term = _ConvTerm.maybe(self.M, self.conv, dtype, self.W.device)
-            if term is not None:
-                return term
-        return _SparseTerm(self.W.to(dtype), self.WT.to(dtype), self.Wabs.to(dtype), self.M, self.conv)
+        """This term in ``dtype``; with ``conv``, its convolution where :meth:`_ConvTerm.maybe` gives one."""
+        return ((conv and _ConvTerm.maybe(self.M, self.conv, dtype, self.W.device))
+                or _SparseTerm(self.W.to(dtype), self.WT.to(dtype), self.Wabs.to(dtype), self.M, self.conv))
 
     def back(self, Lz: torch.Tensor) -> torch.Tensor:
         """``Lz @ W`` (…, n_out) → (…, n_in)."""
@@ -186,13 +184,14 @@ class _ConvTerm:
 
     PROBES = 3
 
-    def __init__(self, K: torch.Tensor, g, output_padding: tuple[int, int]):
-        self.K, self.Kabs, self.g, self.output_padding = K, K.abs(), g, output_padding
+    def __init__(self, K: torch.Tensor, g, output_padding: tuple[int, int], M):
+        self.K, self.Kabs, self.g, self.output_padding, self.M = K, K.abs(), g, output_padding, M
 
     @classmethod
     def maybe(cls, M, g, dtype, device) -> "_ConvTerm | None":
-        """The convolution ``g`` as a term for the matrix ``M`` (scipy, (n_out, n_in)), or ``None``."""
-        if (g is None or M.shape != (int(np.prod(g.out_shape)), int(np.prod(g.in_shape)))
+        """The convolution ``g`` as a term for the matrix ``M`` (scipy, (n_out, n_in)) in ``dtype``, or ``None``
+        (``dtype`` other than ``CONV_DTYPE``, no or a mismatched ``g``, a small matrix)."""
+        if (dtype != CONV_DTYPE or g is None or M.shape != (int(np.prod(g.out_shape)), int(np.prod(g.in_shape)))
                 or M.shape[0] * M.shape[1] < SPARSE_MIN_SIZE):   # small: a dense product is as fast
             return None
         (_, H, W), (_, oh, ow), (kh, kw) = g.in_shape, g.out_shape, g.kernel.shape[2:]
@@ -201,18 +200,18 @@ class _ConvTerm:
                    for n, o, s, p, d, k in zip((H, W), (oh, ow), g.stride, g.padding, g.dilation, (kh, kw)))
         if any(not 0 <= e < max(s, d) for e, s, d in zip(op, g.stride, g.dilation)):
             return None
-        term = cls(torch.as_tensor(g.kernel, dtype=dtype, device=device), g, op)
-        return term if term.matches(M) else None
+        term = cls(torch.as_tensor(g.kernel, dtype=dtype, device=device), g, op, M)
+        return term if term.matches() else None
 
     def to(self, dtype, conv: bool = False) -> "_ConvTerm | _SparseTerm | None":
         """This term in ``dtype``: the convolution in ``CONV_DTYPE`` (with ``conv``), the CSR (or dense) product
         otherwise."""
-        return _fast_term(self._M, self.g, dtype, self.K.device, conv)
+        return _fast_term(self.M, self.g, dtype, self.K.device, conv)
 
-    def matches(self, M) -> bool:
-        """Whether ``back``, ``fwd`` and ``fwd(absolute)`` equal ``M``'s products on random vectors, to this
-        dtype's round-off (relative to ``|M| |x|``)."""
-        self._M = M
+    def matches(self) -> bool:
+        """Whether ``back``, ``fwd`` and ``fwd(absolute)`` equal the matrix ``M``'s products on random vectors, to
+        this dtype's round-off (relative to ``|M| |x|``)."""
+        M = self.M
         rng = np.random.default_rng(0)
         x, y = rng.standard_normal((self.PROBES, M.shape[1])), rng.standard_normal((self.PROBES, M.shape[0]))
         xt, yt = (torch.as_tensor(a, dtype=self.K.dtype, device=self.K.device) for a in (x, y))
@@ -247,8 +246,7 @@ class _ConvTerm:
 def _fast_term(M, geometry, dtype, device, conv: bool = False):
     """The product for a weight matrix ``M`` (scipy): with ``conv``, its convolution ``geometry`` in
     ``CONV_DTYPE`` (checked); else its CSR; else ``None`` (dense)."""
-    term = _ConvTerm.maybe(M, geometry, dtype, device) if conv and dtype == CONV_DTYPE else None
-    return term or _SparseTerm.maybe(M, dtype, device, geometry)
+    return (conv and _ConvTerm.maybe(M, geometry, dtype, device)) or _SparseTerm.maybe(M, dtype, device, geometry)
 
 
 @dataclass
@@ -282,7 +280,7 @@ class TorchNet:
         skips = [[(k, dense(M)) for k, M in blk.skips] for blk in blocks]
         pool = [None if blk.pool is None else torch.as_tensor(np.asarray(blk.pool), dtype=torch.long, device=dev)
                 for blk in blocks]
-        sparse = [[_fast_term(blk.weight, getattr(blk, "conv", None), dt, dev, conv)]
+        sparse = [[_fast_term(blk.weight, blk.conv, dt, dev, conv)]
                   + [_SparseTerm.maybe(S, dt, dev) for _, S in blk.skips] for blk in blocks]
         return cls(W, b, dev, dt, skips, pool, sparse)
 

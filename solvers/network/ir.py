@@ -140,7 +140,7 @@ class Network:
             n = bias.size
             W = terms.get(i, sp.csr_matrix((n, blocks[-1].n_act if blocks else self.n_inputs)))
             skips = tuple((k, M.tocsr()) for k, M in sorted(terms.items()) if k != i)
-            conv = conv if not skips and set(terms) == {i} else None
+            conv = conv if set(terms) == {i} else None   # the whole weight, no skips
             blk = AffineBlock(W.tocsr(), bias.copy(), skips, pool, conv)
             for M in [blk.weight] + [M for _, M in skips]:
                 M.eliminate_zeros()
