@@ -436,11 +436,6 @@ class Relaxation:
         """Drop the cached recent solves (two r×m weights) that :meth:`dual` reuses."""
         self._recent = []
 
-    def reads(self, w: Whitened) -> None:
-        """Read ``M`` from ``w`` from now on: the same problem, ``M`` as an array or as a view of the statistics."""
-        self.forget()
-        self.w = w
-
     def solve(self, z: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float]:
         """Relaxed weights ``W(z)`` (r×m) and value ``F(z)`` (energy) at ``z`` in [0, 1]^C.
 
@@ -868,7 +863,7 @@ def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
     # would overrun the warm start, and where that inverse would double the memory (a Gram read lazily, or past
     # BACKWARD_START_MAX_COLUMNS: forward selection and swaps then give the incumbent; on 12 population layers of
     # 1,200–1,500 channels forward + swaps matched backward + swaps on every one)
-    lazy = isinstance(w.M, ScaledGram) and not isinstance(w.M, BlockGram)     # (one column per channel: C×C = r×r)
+    lazy = isinstance(w.M, ScaledGram)          # (one column per channel past LAZY_MIN_CHANNELS, or a BlockGram)
     if not S.timed_out() and backward_start_fits(w) and _affordable(w.M.shape[0], 3.0, S.deadline):
         m = backward_mask(p, k, budget, w=w, deadline=S.deadline)
         e = S.offer(m, "backward")
@@ -882,7 +877,9 @@ def _warm_start_heuristics(S: _Search, w: Whitened, use_lasso: bool) -> None:
         if math.isfinite(e):
             _offer_swaps(S, w, m)
     # (LASSO builds its own C×C channel Gram: past LASSO_WARM_MAX_CHANNELS that doubles the memory, and for a Gram read
-    # lazily (one column per channel past LAZY_MIN_CHANNELS) it is a second copy of the statistics)
+    # lazily (one column per channel past LAZY_MIN_CHANNELS) it is a second copy of the statistics; for a BlockGram
+    # its group problem's own arrays took exact's warm start to 1.13× the statistics at C = 1,024 3×3, session 32,
+    # where swaps from greedy's set reach the same incumbent)
     if use_lasso and budget is None and not S.timed_out() and p.n_channels < LASSO_WARM_MAX_CHANNELS and not lazy:
         try:
             from solvers.selection.lasso import select_lasso
@@ -1473,7 +1470,7 @@ def _block_shift(S: _Search, w: Whitened, t: np.ndarray, stop: float | None, ite
     S.deadline = stop
 
     def relax_value(wr, d, z):
-        S.rel = Relaxation(densified(wr), d)      # (a rotated view of a multi-column group: factored many times)
+        S.rel = Relaxation(wr, d)    # (a rotated view of a multi-column group stays a view: see select_exact)
         lb, z, _, _ = _relax(S, nothing, nothing, np.full(C, 0.5) if z is None else z, SHIFT_FW_STEPS,
                              converge=True)
         W, _ = S.rel.solve(z, nothing)
@@ -1853,13 +1850,12 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                     else start + WARM_SHARE * float(time_limit) if root_fits
                     else start + CUT_WARM_SHARE * float(time_limit) if cut_fits else deadline)
     info["time_warm"] = time.perf_counter() - start
-    # (multi-column groups: the warm start read M from the statistics; the scalar shift, its root and the tree factor
-    # all of M many times over, where each read of a BlockGram is a gather and two block transforms (a half-size
-    # factorization at C = 512 3×3: 0.29 s against 0.13 s), so they get the array; the block sizes, whose own r×r
-    # arrays are the peak, the view again)
-    lazy_w = w if isinstance(w.M, BlockGram) else None
-    if lazy_w is not None:
-        w = densified(w)
+    # (multi-column groups read from the statistics (a BlockGram) stay views throughout: the scalar shift, its root,
+    # the block shifts' relaxations and the tree factor what they need from the view. Each read is a gather and two
+    # block transforms (a half-size factorization at C = 512 3×3: 0.29 s against 0.13 s from an array), but the array
+    # was a second copy of the statistics: session 32 measured exact at 60 s with the view kept at C = 512 3×3 peak
+    # 1.54× instead of 2.0× (gap 3.93 % against 3.95 %) and at C = 1,024 3×3 0.60× instead of 1.57× (5.73 / 5.74 %))
+    lazy_view = isinstance(w.M, BlockGram)
     if backend == "bnb" and budget is None and math.comb(C, k) <= ENUMERATE_MAX:
         # Few enough sets to evaluate them all (each an exact refit): the optimum, proven by
         # enumeration — the relaxation cannot beat that on ill-conditioned small layers.
@@ -1886,7 +1882,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     if _inherit is not None and _affordable(w.M.shape[0], 4.0, deadline):
         inherited = _inherited_shift(w, whitening, _inherit)
     shift_fits = inherited is None and _affordable(w.M.shape[0], 4.0, deadline)
-    if shift_fits and not one_column_ascent:
+    if shift_fits and not one_column_ascent and not lazy_view:
         w = densified(w)             # (the block shift search subtracts and factors all of M, many times)
     if inherited is not None:
         # (a cheap restart: the parent root's shifts, valid for the Schur complement; no shift search)
@@ -1973,10 +1969,6 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         stop = None if deadline is None else min(deadline, t_opt + share * float(time_limit))
         U = d = None
         z_start, sizes_lb = root_z, -math.inf
-        if lazy_w is not None:
-            # (the scalar relaxation reads the view until it is needed again: no array of M beside the sizes')
-            w = lazy_w
-            rel.reads(w)
         if shift == "block":
             found = _newton_blocks(S, w, t, stop, shift_iterations)
             if found is not None:
@@ -1991,7 +1983,9 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
             if D is not None:
                 U, d = eig_blocks(D)
         if U is not None:
-            S.rel = Relaxation(densified(rotate(w, U)), d)
+            wr = rotate(w, U)
+            S.rel = Relaxation(wr if lazy_view else densified(wr), d)
+            del wr
             root_steps = (ROOT_ITERATIONS_AFTER_SIZES if backend == "bnb" and sizes_lb > -math.inf
                           else ROOT_ITERATIONS)
             lb2, z2, L2, a2 = _relax(S, nothing, nothing, z_start, max(fw_iterations, root_steps),
@@ -2004,11 +1998,6 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
                 S.rel = rel
         info["shift_used"] = shift if rel.w is not w else "scalar"
         info["shift_time"] = time.perf_counter() - t_opt
-        if lazy_w is not None and rel.w is lazy_w:
-            # (the scalar relaxation goes on: the array again; where the block one won, w stays the view: the tree
-            # factors the rotated array, and the restart's Schur complement and the all-channel bound read w once)
-            w = densified(lazy_w)
-            rel.reads(w)
     if (ascent_may_follow and info["shift_used"] == "scalar"
             and root_lb < S.threshold and "W" in scalar_root and not S.timed_out()
             and rel.covers_all and rel.shifted.any()):
