@@ -133,6 +133,37 @@ def test_single_precision_newton_systems_reach_the_double_precision_bound():
     assert info1["feasibility_checks"] >= 1
 
 
+def test_a_float32_newton_system_that_factors_only_when_damped_does_not_end_the_sizes(monkeypatch):
+    """Where the first three regularizations of a float32 Newton system do not factor (simulated: the r×r system
+    fails three times per iteration), the stronger ones step on: the sizes run all their iterations and their bound
+    stays valid (before session 32 they ended at the first such system, at C = 512 3×3 with a third of their time
+    left and the bound still climbing)."""
+    import scipy.linalg
+
+    import solvers.selection.perspective as pe
+
+    p = _conv_layer(12, 8, 238, 0)
+    r = whiten(p).M.shape[0]
+    real = scipy.linalg.cho_factor
+    fails = {"left": 0, "raised": 0}
+
+    def flaky(A, *args, **kwargs):
+        if A.shape[0] != r:                  # (the z block, factored once per iteration before the r×r system)
+            fails["left"] = 3
+        elif fails["left"]:
+            fails["left"] -= 1
+            fails["raised"] += 1
+            raise np.linalg.LinAlgError("simulated: not positive definite in float32")
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(pe.scipy.linalg, "cho_factor", flaky)
+    opt = brute_force(p, 6)[1]
+    *_, wr, d, val, z, info = _sizes(p, k=6, single=True, iterations=6)
+    assert info["iterations"] == 6 and fails["raised"] >= 3 * 5
+    assert 0 < val / p.target_sq <= opt * (1 + 1e-9)
+    assert np.linalg.eigvalsh(wr.M - np.diag(d))[0] >= -1e-12 and np.all(d > 0)
+
+
 @pytest.mark.parametrize("n", [5, 256, 300, 513])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_spd_inverse_is_the_full_symmetric_inverse(n, dtype):
