@@ -232,6 +232,52 @@ def test_sizes_hold_no_copies_of_their_matrices_for_lapack(single, monkeypatch):
     assert seen and all(seen)
 
 
+@pytest.mark.parametrize("single", [False, True])
+def test_sizes_factor_their_newton_system_in_its_own_memory_and_give_it_back_on_failure(single, monkeypatch):
+    """The r×r Newton system is factored in place (Fortran order, ``overwrite_a``): no third r×r beside the
+    iteration's two. A factorization that fails overwrote part of the system; the regularized retry sees the whole
+    system again (its lower triangle restored, the diagonal regularized), and the sizes' bound is the one a
+    copying factorization gives."""
+    import scipy.linalg
+
+    import solvers.selection.perspective as pe
+
+    p = _conv_layer(12, 3, 600, seed=0)
+    r = whiten(p).M.shape[0]
+    real = scipy.linalg.cho_factor
+    calls = {"r": 0, "inplace": 0}
+
+    def spy(A, *args, **kwargs):
+        if A.shape[0] == r:
+            calls["r"] += 1
+            calls["inplace"] += bool(kwargs.get("overwrite_a")) and A.flags.f_contiguous
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(pe.scipy.linalg, "cho_factor", spy)
+    _sizes(p, k=6, iterations=4, single=single)
+    assert calls["r"] >= 1 and calls["inplace"] == calls["r"]
+
+    # a failed first attempt (simulated after LAPACK has overwritten the system) is retried on the whole system
+    attempts = []
+
+    def fail_first(A, *args, **kwargs):
+        if A.shape[0] == r and not attempts:
+            attempts.append(np.array(A))
+            A[np.triu_indices(r)] = 0.0           # (clobbered, as a failing LAPACK factorization leaves it)
+            raise np.linalg.LinAlgError("simulated")
+        if A.shape[0] == r and len(attempts) == 1:
+            attempts.append(np.array(A))
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(pe.scipy.linalg, "cho_factor", fail_first)
+    _sizes(p, k=6, iterations=1, single=single)
+    first, retry = attempts
+    reg = pe.SINGLE_REGULARIZATIONS[1] if single else 1e-12
+    np.testing.assert_array_equal(np.tril(retry, -1), np.tril(first, -1))
+    np.testing.assert_array_equal(np.triu(retry, 1), np.tril(first, -1).T)
+    np.testing.assert_allclose(np.diag(retry), np.diag(first) * (1 + reg), rtol=1e-6)
+
+
 def test_block_ascent_inverse_from_cholesky_equals_the_lu_inverse(monkeypatch):
     """Past SINGLE_MIN_COLUMNS the ascent's ``(M − blkdiag D)⁻¹`` comes from a Cholesky factor in its one copy."""
     import solvers.selection.perspective as pe
