@@ -1160,10 +1160,17 @@ def _expand(S: _Search, node: _Node, max_iter: int) -> list[tuple]:
 _WORKER: dict = {}
 
 
-def _worker_init(S: _Search) -> None:
+def _worker_init(state) -> None:
+    """``state``: the search, pickled with its large arrays in shared memory (:class:`SharedPickle`'s bytes)."""
+    import pickle
+
     from solvers.selection.linalg import one_blas_thread
 
-    _WORKER["search"] = S
+    try:
+        _WORKER["search"] = pickle.loads(state)
+    except FileNotFoundError:
+        # (started after the search ended and its segments were removed: shutdown cancelled every task it could get)
+        _WORKER["search"] = None
     _WORKER["blas"] = one_blas_thread()      # (applied on construction; kept for the process's life)
 
 
@@ -1182,17 +1189,26 @@ def _worker_expand(node: _Node, best_err: float, seconds_left: float | None, max
 
 def _bnb_parallel(S: _Search, root_z: np.ndarray, max_iter: int, workers: int) -> tuple[float, int]:
     """:func:`_bnb` with ``workers`` processes (spawned: forking a process whose BLAS runs threads can
-    deadlock), each on one BLAS thread with its own copy of the relaxation's statistics."""
+    deadlock), each on one BLAS thread. The relaxation's large arrays reach them through shared memory, mapped
+    read-only by all (:mod:`solvers.selection.shared_arrays`; where ``/dev/shm`` lacks room, each worker unpickles
+    a copy of its own)."""
     import concurrent.futures as cf
     import multiprocessing
+
+    from solvers.selection.shared_arrays import SharedPickle
 
     C = S.p.n_channels
     seq = itertools.count()
     heap = [_Node(-math.inf, 0, next(seq), np.zeros(C, bool), np.zeros(C, bool), root_z)]
     running: dict = {}
     nodes = 0
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(S,))
+    shared = SharedPickle(S)
+    try:
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_worker_init, initargs=(shared.data,))
+    except BaseException:
+        shared.close()
+        raise
     try:
         while (heap or running) and not S.timed_out():
             while heap and len(running) < workers and heap[0].bound < S.threshold:
@@ -1218,6 +1234,7 @@ def _bnb_parallel(S: _Search, root_z: np.ndarray, max_iter: int, workers: int) -
                     heapq.heappush(heap, _Node(ch[0], ch[1], next(seq), *ch[2:]))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        shared.close()           # (workers that mapped the arrays keep their mappings until they exit)
     # nodes still in the heap or in a worker are open: the bound is their smallest
     open_bounds = [n.bound for n in heap] + [n.bound for n in running.values()]
     return min([*open_bounds, S.pruned_min, S.best_err]), nodes
@@ -1733,10 +1750,12 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
         The root always gets ``ROOT_ITERATIONS``.
     workers : int
         Processes that bound the tree's nodes in parallel (``backend="bnb"``; default 1: in this
-        process). Each is spawned with one BLAS thread and its own copy of the whitened statistics
-        (``r² + r·m`` floats, r whitened columns), so the memory grows by that much per worker; the warm
-        start and the root stay in this process. A script that calls it with ``workers > 1`` needs the
-        usual ``if __name__ == "__main__":`` guard of Python's process pools. ``info["workers"]`` says how
+        process). Each is spawned with one BLAS thread; the relaxation's large arrays (the whitened statistics,
+        ``r² + r·m`` floats for r whitened columns) are copied once into shared memory and mapped read-only by
+        every worker (:mod:`solvers.selection.shared_arrays`; where ``/dev/shm`` lacks room, each worker
+        unpickles a copy of its own, as before session 32); the warm start and the root stay in this process.
+        A script that calls it with ``workers > 1`` needs the usual ``if __name__ == "__main__":`` guard of
+        Python's process pools. ``info["workers"]`` says how
         many the tree used (absent when no tree ran: enumeration, or nothing to select).
     restart : bool
         ``backend="bnb"``: when the root's reduced-cost fixing settles at least ``RESTART_MIN_SHARE`` of the
@@ -1854,7 +1873,8 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
     # the block shifts' relaxations and the tree factor what they need from the view. Each read is a gather and two
     # block transforms (a half-size factorization at C = 512 3×3: 0.29 s against 0.13 s from an array), but the array
     # was a second copy of the statistics: session 32 measured exact at 60 s with the view kept at C = 512 3×3 peak
-    # 1.54× instead of 2.0× (gap 3.93 % against 3.95 %) and at C = 1,024 3×3 0.60× instead of 1.57× (5.73 / 5.74 %))
+    # 1.54× instead of 2.0× (gap 3.93 % against 3.95 %; 1.46× once the sizes factored in place) and at C = 1,024 3×3
+    # 0.60× instead of 1.57× (5.73 / 5.74 %))
     lazy_view = isinstance(w.M, BlockGram)
     if backend == "bnb" and budget is None and math.comb(C, k) <= ENUMERATE_MAX:
         # Few enough sets to evaluate them all (each an exact refit): the optimum, proven by
