@@ -138,18 +138,22 @@ def test_time_limit_gives_time_limit_status_with_a_valid_incumbent(backend):
     assert res.gap > 1e-4
 
 
-def test_parallel_branch_and_bound_finds_the_brute_force_optimum():
+def test_parallel_branch_and_bound_finds_the_brute_force_optimum(monkeypatch):
     """Two worker processes bound the nodes; the incumbents they find and their prunings come back to
     the main process: the same certified optimum as brute force, on a cardinality and a budget problem."""
+    import solvers.selection.exact as ex
+
+    monkeypatch.setattr(ex, "ENUMERATE_MAX", 0)     # (C = 12, k = 2 is 66 sets: the tree, not the enumeration)
     (p, k), (pb, budget) = BANK[BANK_IDS.index("correlated_C12_k2")], BUDGET_BANK[0]   # 15 and 29 nodes
     _, opt = brute_force(p, k)
     res = select_exact(p, k=k, rel_gap=TIGHT, lasso=False, warm_start=False, workers=2)
-    assert res.status is Status.OPTIMAL and res.iterations > 1
+    assert res.status is Status.OPTIMAL and res.iterations > 1 and res.info["workers"] == 2
     assert res.objective == pytest.approx(opt, rel=1e-9, abs=1e-13) and res.bound <= opt + 1e-9
     assert res.info["incumbents"]["bnb"] >= opt - 1e-12      # the workers' sets are merged (no warm start)
     _, opt_b = brute_force(pb, budget=budget)
     res_b = select_exact(pb, budget=budget, rel_gap=TIGHT, lasso=False, workers=2)
     assert res_b.status is Status.OPTIMAL and pb.costs[res_b.mask].sum() <= budget + 1e-12
+    assert res_b.info["workers"] == 2 and res_b.iterations > 1
     assert res_b.objective == pytest.approx(opt_b, rel=1e-9, abs=1e-13) and res_b.bound <= opt_b + 1e-9
 
 
