@@ -89,6 +89,12 @@ class SharedPickle:
         buf = io.BytesIO()
         try:
             _Sharer(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        except OSError:
+            # (no segment could be made, e.g. /dev/shm not writable here: the plain pickle, as without room)
+            self.close()
+            self.shared_bytes = 0
+            self.data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            return
         except BaseException:
             self.close()
             raise

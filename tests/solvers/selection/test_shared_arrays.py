@@ -63,6 +63,23 @@ def test_without_room_in_dev_shm_the_plain_pickle_is_used(monkeypatch):
     assert back["x"].flags.writeable
 
 
+def test_where_no_segment_can_be_made_the_plain_pickle_is_used(monkeypatch):
+    from multiprocessing import shared_memory
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("simulated: /dev/shm is not writable")
+
+    monkeypatch.setattr(sa, "SHARE_MIN_BYTES", 1000)
+    monkeypatch.setattr(sa, "_free_shm_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(shared_memory, "SharedMemory", refuse)
+    x = np.ones((100, 100))
+    with SharedPickle({"x": x, "y": [x]}) as shared:
+        assert shared.shared_bytes == 0
+        back = pickle.loads(shared.data)
+    np.testing.assert_array_equal(back["x"], x)
+    assert back["y"][0] is back["x"] and back["x"].flags.writeable
+
+
 @needs_shm
 def test_parallel_branch_and_bound_on_shared_read_only_arrays_proves_the_brute_force_optimum(monkeypatch):
     """Every array of the search's state goes to the two workers through shared memory, mapped read-only: no node
