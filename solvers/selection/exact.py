@@ -1202,39 +1202,35 @@ def _bnb_parallel(S: _Search, root_z: np.ndarray, max_iter: int, workers: int) -
     heap = [_Node(-math.inf, 0, next(seq), np.zeros(C, bool), np.zeros(C, bool), root_z)]
     running: dict = {}
     nodes = 0
-    shared = SharedPickle(S)
-    try:
+    # (the segments are removed on leaving: workers that mapped the arrays keep their mappings until they exit)
+    with SharedPickle(S) as shared:
         pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_worker_init, initargs=(shared.data,))
-    except BaseException:
-        shared.close()
-        raise
-    try:
-        while (heap or running) and not S.timed_out():
-            while heap and len(running) < workers and heap[0].bound < S.threshold:
-                node = heapq.heappop(heap)
-                nodes += 1
-                left = None if S.deadline is None else S.deadline - time.perf_counter()
-                running[pool.submit(_worker_expand, node, S.best_err, left, max_iter)] = node
-            if not running:                   # every open node is pruned: the incumbent is optimal
-                break
-            wait = None if S.deadline is None else max(S.deadline - time.perf_counter(), 0.0)
-            done, _ = cf.wait(running, timeout=wait, return_when=cf.FIRST_COMPLETED)
-            for f in done:
-                running.pop(f)
-                children, mask, err, source, sources, pruned, shifts, solves = f.result()
-                if mask is not None and err < S.best_err - 1e-14 * S.c:
-                    S.best_err, S.best_mask, S.best_source = err, mask, source
-                for src, e in sources.items():
-                    S.sources[src] = min(e, S.sources.get(src, math.inf))
-                S.pruned_min = min(S.pruned_min, pruned)
-                S.node_shifts += shifts
-                S.rel.solves += solves
-                for ch in children:
-                    heapq.heappush(heap, _Node(ch[0], ch[1], next(seq), *ch[2:]))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        shared.close()           # (workers that mapped the arrays keep their mappings until they exit)
+        try:
+            while (heap or running) and not S.timed_out():
+                while heap and len(running) < workers and heap[0].bound < S.threshold:
+                    node = heapq.heappop(heap)
+                    nodes += 1
+                    left = None if S.deadline is None else S.deadline - time.perf_counter()
+                    running[pool.submit(_worker_expand, node, S.best_err, left, max_iter)] = node
+                if not running:                   # every open node is pruned: the incumbent is optimal
+                    break
+                wait = None if S.deadline is None else max(S.deadline - time.perf_counter(), 0.0)
+                done, _ = cf.wait(running, timeout=wait, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    running.pop(f)
+                    children, mask, err, source, sources, pruned, shifts, solves = f.result()
+                    if mask is not None and err < S.best_err - 1e-14 * S.c:
+                        S.best_err, S.best_mask, S.best_source = err, mask, source
+                    for src, e in sources.items():
+                        S.sources[src] = min(e, S.sources.get(src, math.inf))
+                    S.pruned_min = min(S.pruned_min, pruned)
+                    S.node_shifts += shifts
+                    S.rel.solves += solves
+                    for ch in children:
+                        heapq.heappush(heap, _Node(ch[0], ch[1], next(seq), *ch[2:]))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
     # nodes still in the heap or in a worker are open: the bound is their smallest
     open_bounds = [n.bound for n in heap] + [n.bound for n in running.values()]
     return min([*open_bounds, S.pruned_min, S.best_err]), nodes
@@ -2003,9 +1999,7 @@ def select_exact(problem: SelectionProblem, *, k: int | None = None, budget: flo
             if D is not None:
                 U, d = eig_blocks(D)
         if U is not None:
-            wr = rotate(w, U)
-            S.rel = Relaxation(wr if lazy_view else densified(wr), d)
-            del wr
+            S.rel = Relaxation(rotate(w, U), d)     # (w: an array, or a BlockGram kept a view)
             root_steps = (ROOT_ITERATIONS_AFTER_SIZES if backend == "bnb" and sizes_lb > -math.inf
                           else ROOT_ITERATIONS)
             lb2, z2, L2, a2 = _relax(S, nothing, nothing, z_start, max(fw_iterations, root_steps),

@@ -104,9 +104,12 @@ class SharedPickle:
         """Remove the segments (idempotent)."""
         for seg in self._segments:
             try:
-                seg.close()
                 seg.unlink()
-            except (FileNotFoundError, BufferError):     # (already gone / still viewed here: removed at exit)
+            except FileNotFoundError:                    # (already gone)
+                pass
+            try:
+                seg.close()
+            except BufferError:                          # (still viewed in this process: unmapped at exit)
                 pass
         self._segments = []
 
