@@ -127,27 +127,26 @@ if has mnist_full || has oval_open; then
     for f in "$W"/mnist_full_"$DEV".log "$W"/oval_open4_"$DEV".log; do [ -f "$f" ] && tail -n 30 "$f"; done
 fi
 
-if has fp64; then
-    c64=$((CAP < 60 ? CAP : 60))
-    log "VNN-COMP on $DEV: float32 against float64, one instance at a time, cap $c64 s"
-    subset vnncomp2022_oval21 'img(3568|8517|4168)-' gpu_fp64.csv
-    for prec in float32 float64; do
-        [ "$(left)" -gt 150 ] || { log "stopped: $(left) s left"; break; }
-        PREC=$prec vnncomp vnncomp2022_oval21 gpu_fp64.csv "fp64_$prec" 1 "$c64"
-        grep -E "^\s+\[" "$W/fp64_${prec}_$DEV.log"
+ab() {   # ab NAME WHAT PATTERN MIN_LEFT WAY...: OVAL21 instances matching PATTERN, one at a time, each the ways
+    # in turn (WAY = label/precision/bab_options), cap 60 s (or CAP if lower); a way starts only with MIN_LEFT s left
+    local name=$1 what=$2 pattern=$3 min=$4 c=$((CAP < 60 ? CAP : 60)) way label prec opts
+    shift 4
+    log "VNN-COMP on $DEV: $what, one instance at a time, cap $c s"
+    subset vnncomp2022_oval21 "$pattern" "gpu_$name.csv"
+    for way in "$@"; do
+        IFS=/ read -r label prec opts <<< "$way"
+        [ "$(left)" -gt "$min" ] || { log "stopped: $(left) s left"; break; }
+        PREC=$prec vnncomp vnncomp2022_oval21 "gpu_$name.csv" "${name}_$label" 1 "$c" "$opts"
+        grep -E "^\s+\[" "$W/${name}_${label}_$DEV.log"
     done
+}
+
+if has fp64; then
+    ab fp64 "float32 against float64" 'img(3568|8517|4168)-' 150 float32/float32/ float64/float64/
 fi
 
 if has conv; then
-    cc=$((CAP < 60 ? CAP : 60))
-    log "VNN-COMP on $DEV: conv products against CSR, one instance at a time, cap $cc s"
-    subset vnncomp2022_oval21 'img(8517|3458|1052)-' gpu_conv.csv
-    for way in csr conv; do
-        [ "$(left)" -gt 200 ] || { log "stopped: $(left) s left"; break; }
-        opts='{}'; [ $way = conv ] && opts='{"conv": true}'
-        vnncomp vnncomp2022_oval21 gpu_conv.csv "conv_$way" 1 "$cc" "$opts"
-        grep -E "^\s+\[" "$W/conv_${way}_$DEV.log"
-    done
+    ab conv "conv products against CSR" 'img(8517|3458|1052)-' 200 "csr/$PREC/{}" "conv/$PREC/{\"conv\": true}"
 fi
 
 if has one_by_one; then
